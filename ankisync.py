@@ -1,0 +1,3815 @@
+#!/usr/bin/env python3
+"""ankisync: a self-hosted Anki sync server in one file.
+
+Copy this file anywhere Python 3.9 or newer runs, add a user and start it:
+
+    python3 ankisync.py adduser alice
+    python3 ankisync.py serve
+
+Then point your Anki clients at it (the page at http://HOST:27701/ shows the exact
+address for each client generation):
+
+    Anki 2.1.57+, AnkiDroid 2.16+, AnkiMobile    http://HOST:27701/
+    Anki 2.1.28 - 2.1.56                         SYNC_ENDPOINT=http://HOST:27701/sync/
+                                                 SYNC_ENDPOINT_MEDIA=http://HOST:27701/msync/
+    AnkiDroid up to 2.15                         sync URL http://HOST:27701/
+                                                 media URL http://HOST:27701/msync/
+
+Both protocol generations are spoken: the modern one (sync version 11: an
+``anki-sync`` header and zstd bodies) and the legacy one (versions 8 to 10:
+multipart forms and gzip). Each user's collection is a schema-11 SQLite file in
+``<data>/<user>/collection.anki2``, next to ``media/`` and ``media.db``, the same
+layout as Anki's own sync server, so a data folder can move between the two.
+
+Nothing but the Python standard library is needed. zstd comes from
+``compression.zstd`` (Python 3.14+), from the system's libzstd, or from the pure
+Python decoder below, in that order.
+
+The file reads top to bottom in the order a request flows: limits, errors,
+configuration, users, codecs, collection store, collection sync, media sync, HTTP,
+command line.
+
+License: GNU Affero General Public License v3.0 or later.
+"""
+
+import argparse
+import base64
+import configparser
+import ctypes
+import ctypes.util
+import datetime
+import getpass
+import hashlib
+import hmac
+import html
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import ssl
+import struct
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import urllib.parse
+import zipfile
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("ankisync")
+
+
+# ---------------------------------------------------------------------------
+# Constants and limits
+#   Every limit the server enforces, each with the reason for its value.
+# ---------------------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+DEFAULT_PORT = 27701                # the port Anki's community servers settled on
+DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
+DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
+SESSION_TIMEOUT = 300               # seconds: a client that vanished mid-sync releases its transaction
+SOCKET_TIMEOUT = 120                # seconds of silence before a stalled client loses its thread
+LOCK_WAIT = 60                      # seconds a request waits for the same user's other device
+SPOOL_MEMORY_MAX = 1 * MIB          # bodies above this go to a temporary file, not RAM
+IO_BLOCK = 256 * 1024               # read/write granularity for streamed bodies
+JSON_PAYLOAD_MAX = 200 * MIB        # a JSON body is parsed in memory; nothing legitimate comes near
+MULTIPART_MAX_PARTS = 16            # legacy forms carry at most six parts (c, k, sk, s, v, data)
+MULTIPART_HEADER_MAX = 8 * 1024     # part headers are one or two short lines
+MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
+CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
+GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
+HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
+PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
+PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
+CLOCK_SKEW_NOTE = 300               # clients refuse to sync when clocks differ by more (informational)
+
+MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
+MEDIA_UPLOAD_MAX_FILES = 25         # entries in one uploadChanges zip (official)
+MEDIA_FILE_MAX = 100 * MIB          # largest single media file (official)
+MEDIA_META_MAX = 50 * 1024          # the upload `_meta` entry is read up to this size (official)
+MEDIA_DOWNLOAD_FILES_MAX = 25       # names in one downloadFiles request (official)
+MEDIA_DOWNLOAD_BYTES = 2_621_440    # a downloadFiles zip stops after passing 2.5 MiB (official)
+MEDIA_NAME_MAX_BYTES = 255          # longest file name in UTF-8 (official)
+
+UPLOAD_CORRUPT = "Your upload was corrupt. Please use Check Database, or restore from backup."
+UPLOAD_TOO_LARGE = "collection exceeds size limit"
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+# ---------------------------------------------------------------------------
+# Errors
+#   One exception root. It carries the HTTP status and a one-line reason that
+#   the client (or curl) sees instead of a traceback.
+# ---------------------------------------------------------------------------
+
+class SyncError(Exception):
+    """A request that cannot be served; `status` is the HTTP answer."""
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def bad_request(reason):
+    return SyncError(400, reason)
+
+
+class CorruptCollection(SyncError):
+    """An uploaded or stored collection that cannot be read or converted."""
+
+    def __init__(self, reason):
+        super().__init__(400, reason)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+#   ankisync.ini, then the official server's environment variables on top, so
+#   ankisync drops in where `python -m anki.syncserver` ran.
+# ---------------------------------------------------------------------------
+
+class Config:
+    """Every setting the server reads, with its default."""
+
+    def __init__(self):
+        self.host = "0.0.0.0"
+        self.port = DEFAULT_PORT
+        self.data = "ankisync-data"
+        self.base_path = "/"
+        self.max_payload_mb = DEFAULT_MAX_PAYLOAD_MB
+        self.session_timeout = SESSION_TIMEOUT
+        self.log_level = "INFO"
+        self.zstd = "auto"
+        self.certfile = ""
+        self.keyfile = ""
+        self.env_users = []          # (name, password or PHC hash) from SYNC_USERn
+        self.passwords_hashed = False
+        self.source = None           # the ini file read, if any
+
+    @property
+    def max_payload(self):
+        return self.max_payload_mb * MIB
+
+    @property
+    def max_decompressed(self):
+        return self.max_payload * DECOMPRESSED_FACTOR
+
+    @classmethod
+    def load(cls, path=None, environ=None):
+        environ = os.environ if environ is None else environ
+        config = cls()
+        default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ankisync.ini")
+        if path is None and os.path.exists(default):
+            path = default
+        folder = os.path.dirname(os.path.abspath(__file__))
+        if path is not None:
+            if not os.path.exists(path):
+                raise SystemExit("ankisync: config file %s does not exist" % path)
+            config.read_ini(path)
+            folder = os.path.dirname(os.path.abspath(path))
+        config.read_environ(environ)
+        # A relative data folder lives beside the ini, whatever the working directory.
+        config.data = os.path.join(folder, os.path.expanduser(config.data))
+        return config
+
+    def read_ini(self, path):
+        parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
+        try:
+            parser.read(path, encoding="utf-8")
+        except configparser.Error as e:
+            raise SystemExit("ankisync: cannot read %s: %s" % (path, str(e).splitlines()[0]))
+        self.source = path
+        section = parser["server"] if parser.has_section("server") else {}
+        try:
+            self.host = section.get("host", self.host).strip() or self.host
+            self.port = int(section.get("port", self.port))
+            self.data = section.get("data", self.data).strip() or self.data
+            self.base_path = section.get("base_path", self.base_path).strip() or "/"
+            self.max_payload_mb = int(section.get("max_payload_mb", self.max_payload_mb))
+            self.session_timeout = int(section.get("session_timeout", self.session_timeout))
+            self.log_level = section.get("log_level", self.log_level).strip().upper()
+            self.zstd = section.get("zstd", self.zstd).strip().lower() or "auto"
+            self.certfile = section.get("certfile", "").strip()
+            self.keyfile = section.get("keyfile", "").strip()
+        except ValueError as e:
+            raise SystemExit("ankisync: %s: a number is expected (%s)" % (path, e))
+
+    def read_environ(self, environ):
+        try:
+            if environ.get("SYNC_BASE"):
+                self.data = environ["SYNC_BASE"]
+            if environ.get("SYNC_HOST"):
+                self.host = environ["SYNC_HOST"]
+            if environ.get("SYNC_PORT"):
+                self.port = int(environ["SYNC_PORT"])
+            if environ.get("MAX_SYNC_PAYLOAD_MEGS"):
+                self.max_payload_mb = int(environ["MAX_SYNC_PAYLOAD_MEGS"])
+        except ValueError as e:
+            raise SystemExit("ankisync: SYNC_PORT and MAX_SYNC_PAYLOAD_MEGS take numbers (%s)" % e)
+        if environ.get("ANKISYNC_ZSTD"):
+            self.zstd = environ["ANKISYNC_ZSTD"].strip().lower()
+        self.passwords_hashed = bool(environ.get("PASSWORDS_HASHED"))
+        number = 1
+        while environ.get("SYNC_USER%d" % number):
+            name, sep, secret = environ["SYNC_USER%d" % number].partition(":")
+            if not sep:
+                raise SystemExit("ankisync: SYNC_USER%d must look like name:password" % number)
+            self.env_users.append((name, secret))
+            number += 1
+
+    def normalized_base_path(self):
+        """The prefix as '/anki/' or '/', however it was typed."""
+        parts = [p for p in self.base_path.split("/") if p]
+        return "/" + "".join(p + "/" for p in parts)
+
+
+# ---------------------------------------------------------------------------
+# Users
+#   auth.db in the data folder: salted PBKDF2 password hashes and the host keys
+#   handed out at login. The CLI writes the same file while the server runs.
+# ---------------------------------------------------------------------------
+
+def hash_password(password, rounds=PBKDF2_ROUNDS):
+    """A PHC string, the format the official server reads with PASSWORDS_HASHED."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds, PBKDF2_LENGTH)
+    return "$pbkdf2-sha256$i=%d,l=%d$%s$%s" % (rounds, PBKDF2_LENGTH, b64_nopad(salt), b64_nopad(digest))
+
+
+def verify_password(password, phc):
+    try:
+        _, scheme, params, salt, expected = phc.split("$")
+        settings = dict(p.split("=", 1) for p in params.split(","))
+        if scheme != "pbkdf2-sha256":
+            return False
+        salt, expected = b64_decode_nopad(salt), b64_decode_nopad(expected)
+        rounds = int(settings.get("i", PBKDF2_ROUNDS))
+    except ValueError:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds, len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+def b64_nopad(data):
+    return base64.b64encode(data).decode("ascii").rstrip("=")
+
+
+def b64_decode_nopad(text):
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise ValueError("bad base64")
+
+
+def check_username(name):
+    if not USERNAME_PATTERN.match(name or ""):
+        raise ValueError(
+            "bad user name %r: use 1-64 letters, digits and . _ @ + - (not starting with "
+            "a symbol); the name becomes a folder name" % (name,))
+
+
+class UserStore:
+    """Users, password hashes and host keys in <data>/auth.db."""
+
+    def __init__(self, folder):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "auth.db")
+        # Costs the same as a real check, so an unknown name takes as long as a wrong password.
+        self.decoy_hash = hash_password(secrets.token_hex(8))
+        with self.connect() as db:
+            db.executescript("""
+                create table if not exists users (
+                    name text primary key, hash text not null, created integer not null);
+                create table if not exists hostkeys (
+                    hkey text primary key, name text not null, created integer not null);
+                create index if not exists ix_hostkeys_name on hostkeys (name);
+            """)
+
+    def connect(self):
+        # WAL lets `adduser` write while the server reads; the timeout rides out short locks.
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("pragma journal_mode=wal")
+        return db
+
+    def names(self):
+        with self.connect() as db:
+            return [row[0] for row in db.execute("select name from users order by name")]
+
+    def exists(self, name):
+        with self.connect() as db:
+            return db.execute("select 1 from users where name=?", (name,)).fetchone() is not None
+
+    def add(self, name, password=None, phc=None):
+        check_username(name)
+        phc = phc or hash_password(password)
+        with self.connect() as db:
+            try:
+                db.execute("insert into users values (?, ?, ?)", (name, phc, int(time.time())))
+            except sqlite3.IntegrityError:
+                raise ValueError("user %r already exists: use `passwd %s` to change the password"
+                                 % (name, name))
+
+    def set_password(self, name, password=None, phc=None):
+        """A new password also logs every device out: their host keys die with it."""
+        phc = phc or hash_password(password)
+        with self.connect() as db:
+            if not db.execute("update users set hash=? where name=?", (phc, name)).rowcount:
+                raise ValueError("no user %r: see `lsuser` for the names" % (name,))
+            db.execute("delete from hostkeys where name=?", (name,))
+
+    def delete(self, name):
+        with self.connect() as db:
+            if not db.execute("delete from users where name=?", (name,)).rowcount:
+                raise ValueError("no user %r: see `lsuser` for the names" % (name,))
+            db.execute("delete from hostkeys where name=?", (name,))
+
+    def hash_of(self, name):
+        with self.connect() as db:
+            row = db.execute("select hash from users where name=?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def login(self, name, password):
+        """A fresh host key for a right name and password, else None."""
+        phc = self.hash_of(name)
+        ok = verify_password(password, phc or self.decoy_hash)
+        if not (phc and ok):
+            return None
+        hkey = secrets.token_hex(20)
+        with self.connect() as db:
+            db.execute("insert into hostkeys values (?, ?, ?)", (hkey, name, int(time.time())))
+            db.execute("""delete from hostkeys where name=? and hkey not in (
+                select hkey from hostkeys where name=? order by created desc limit ?)""",
+                       (name, name, HOST_KEYS_PER_USER))
+        return hkey
+
+    def user_for_key(self, hkey):
+        if not hkey:
+            return None
+        with self.connect() as db:
+            row = db.execute("select name from hostkeys where hkey=?", (hkey,)).fetchone()
+        return row[0] if row else None
+
+    def apply_environment(self, env_users, hashed):
+        """SYNC_USERn: create the user, or change the password when it differs."""
+        for name, secret in env_users:
+            phc = secret if hashed else None
+            current = self.hash_of(name)
+            if current is None:
+                self.add(name, password=secret, phc=phc)
+            elif (phc and phc != current) or (not phc and not verify_password(secret, current)):
+                self.set_password(name, password=secret, phc=phc)
+
+
+# ---------------------------------------------------------------------------
+# Codecs
+#   Bodies arrive chunked or with a length, wrapped in zstd (v11) or in a
+#   multipart form with gzip (legacy). Everything streams through bounded
+#   buffers; large bodies land in a temporary file in the data folder.
+# ---------------------------------------------------------------------------
+
+class Spool:
+    """Bytes kept in memory while small, moved to a temporary file when large."""
+
+    def __init__(self, folder, limit, what="body"):
+        self.folder = folder
+        self.limit = limit
+        self.what = what
+        self.size = 0
+        self.memory = io.BytesIO()
+        self.file = None
+        self.path = None
+
+    def write(self, data):
+        self.size += len(data)
+        if self.size > self.limit:
+            raise SyncError(413, "%s larger than %d MiB: raise max_payload_mb if this is intended"
+                            % (self.what, self.limit // MIB))
+        if self.file is None and self.size > SPOOL_MEMORY_MAX:
+            fd, self.path = tempfile.mkstemp(prefix=".spool-", dir=self.folder)
+            self.file = os.fdopen(fd, "w+b")
+            self.file.write(self.memory.getvalue())
+            self.memory = None
+        (self.file or self.memory).write(data)
+        return len(data)
+
+    def reader(self):
+        """A file object positioned at the start of what was written."""
+        if self.file is not None:
+            self.file.flush()
+            return open(self.path, "rb")
+        return io.BytesIO(self.memory.getvalue())
+
+    def getvalue(self):
+        if self.file is not None:
+            with self.reader() as f:
+                return f.read()
+        return self.memory.getvalue()
+
+    def save_as(self, path):
+        """Move (or write) the content to `path`, durable on disk."""
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+            os.replace(self.path, path)
+            self.path = None
+        else:
+            with open(path, "wb") as f:
+                f.write(self.memory.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.path = None
+
+
+def copy_stream(read, write, block=IO_BLOCK):
+    total = 0
+    while True:
+        data = read(block)
+        if not data:
+            return total
+        write(data)
+        total += len(data)
+
+
+class BodyReader:
+    """The request body as a stream, whether framed by Content-Length or chunked.
+
+    http.server hands over the raw socket file: chunked transfer coding, which every
+    modern Anki client uses, is decoded here.
+    """
+
+    def __init__(self, rfile, headers, limit):
+        self.rfile = rfile
+        self.limit = limit
+        self.received = 0
+        self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        self.remaining = 0          # bytes left in the current chunk or in the body
+        self.finished = False
+        if not self.chunked:
+            length = headers.get("Content-Length", "0").strip() or "0"
+            if not length.isdigit():
+                raise bad_request("bad Content-Length header")
+            self.remaining = int(length)
+            if self.remaining > limit:
+                raise SyncError(413, "request body of %d bytes is over the %d MiB limit "
+                                "(max_payload_mb)" % (self.remaining, limit // MIB))
+            self.finished = self.remaining == 0
+
+    def read(self, n=IO_BLOCK):
+        if self.finished:
+            return b""
+        if self.chunked and self.remaining == 0:
+            self.remaining = self._next_chunk_size()
+            if self.remaining == 0:
+                self._skip_trailers()
+                self.finished = True
+                return b""
+        data = self.rfile.read(min(n, self.remaining))
+        if not data:
+            raise bad_request("request body ended early")
+        self.remaining -= len(data)
+        self.received += len(data)
+        if self.received > self.limit:
+            raise SyncError(413, "request body over the %d MiB limit (max_payload_mb)"
+                            % (self.limit // MIB))
+        if self.remaining == 0:
+            if self.chunked:
+                if self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                    raise bad_request("bad chunked encoding: chunk not followed by CRLF")
+            else:
+                self.finished = True
+        return data
+
+    def _next_chunk_size(self):
+        line = self.rfile.readline(1024)
+        size = line.split(b";", 1)[0].strip()
+        try:
+            return int(size, 16)
+        except ValueError:
+            raise bad_request("bad chunked encoding: chunk size %r" % size[:20])
+
+    def _skip_trailers(self):
+        for _ in range(100):
+            if self.rfile.readline(8192) in (b"\r\n", b"\n", b""):
+                return
+        raise bad_request("bad chunked encoding: too many trailers")
+
+    def drain(self):
+        while self.read(IO_BLOCK):
+            pass
+
+
+def gunzip_stream(read, write, limit):
+    """Inflate gzip members from `read` to `write`, refusing output past `limit`."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    total = 0
+    seen_any = False
+    while True:
+        data = read(IO_BLOCK)
+        if not data:
+            break
+        seen_any = True
+        while data:
+            try:
+                out = inflater.decompress(data, IO_BLOCK)
+            except zlib.error as e:
+                raise bad_request("bad gzip data: %s" % e)
+            total += len(out)
+            if total > limit:
+                raise SyncError(413, "decompressed body over the %d MiB limit" % (limit // MIB))
+            write(out)
+            if inflater.eof:
+                data = inflater.unused_data
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                if not data:
+                    seen_any = False
+            else:
+                data = inflater.unconsumed_tail
+    if seen_any:
+        raise bad_request("bad gzip data: stream ends in the middle")
+    return total
+
+
+class MultipartParser:
+    """A small streaming multipart/form-data reader for legacy clients.
+
+    Tolerates what they send: any part order, a missing `data` part, and old
+    AnkiDroid's missing closing boundary. The `data` part streams into a Spool;
+    every other part is a short string.
+    """
+
+    def __init__(self, read, boundary, data_spool):
+        if not boundary or len(boundary) > 200:
+            raise bad_request("multipart body without a usable boundary")
+        self.read = read
+        self.delimiter = b"--" + boundary.encode("latin-1")
+        self.data_spool = data_spool
+        self.buffer = bytearray()
+        self.eof = False
+        self.fields = {}
+
+    def _fill(self):
+        if self.eof:
+            return False
+        data = self.read(IO_BLOCK)
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        return True
+
+    def parse(self):
+        # Preamble: everything up to the first delimiter.
+        while True:
+            at = self.buffer.find(self.delimiter)
+            if at >= 0:
+                del self.buffer[:at + len(self.delimiter)]
+                break
+            if not self._fill():
+                raise bad_request("bad multipart body: no boundary found")
+            if len(self.buffer) > MULTIPART_HEADER_MAX:
+                raise bad_request("bad multipart body: no boundary in the first bytes")
+        parts = 0
+        while True:
+            while len(self.buffer) < 2 and self._fill():
+                pass
+            if self.buffer[:2] == b"--" or not self.buffer.strip():
+                return self.fields          # closing delimiter, or a body that just stops
+            parts += 1
+            if parts > MULTIPART_MAX_PARTS:
+                raise bad_request("bad multipart body: more than %d parts" % MULTIPART_MAX_PARTS)
+            name = self._read_part_headers()
+            if not self._read_part_content(name):
+                return self.fields
+
+    def _read_part_headers(self):
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(self.buffer) > MULTIPART_HEADER_MAX:
+                raise bad_request("bad multipart body: part headers over %d bytes"
+                                  % MULTIPART_HEADER_MAX)
+            if not self._fill():
+                raise bad_request("bad multipart body: part headers cut off")
+        headers = bytes(self.buffer[:end]).decode("latin-1")
+        del self.buffer[:end + 4]
+        match = re.search(r'(?:^|;)\s*name="([^"]*)"', headers, re.IGNORECASE | re.MULTILINE)
+        if not match:
+            raise bad_request("bad multipart body: a part without a name")
+        return match.group(1)
+
+    def _read_part_content(self, name):
+        """Copy one part's content to its sink; False when the body ended instead."""
+        marker = b"\r\n" + self.delimiter
+        small = bytearray()
+        sink = self.data_spool.write if name == "data" else small.extend
+        while True:
+            at = self.buffer.find(marker)
+            if at >= 0:
+                sink(bytes(self.buffer[:at]))
+                del self.buffer[:at + len(marker)]
+                ended = True
+                break
+            keep = len(marker)
+            if len(self.buffer) > keep:
+                sink(bytes(self.buffer[:-keep]))
+                del self.buffer[:-keep]
+            if name != "data" and len(small) > MULTIPART_FIELD_MAX:
+                raise bad_request("bad multipart body: field %r too long" % name)
+            if not self._fill():
+                # Old AnkiDroid ends the body without a closing boundary.
+                rest = bytes(self.buffer)
+                sink(rest[:-2] if rest.endswith(b"\r\n") else rest)
+                self.buffer.clear()
+                ended = False
+                break
+        if name != "data":
+            if len(small) > MULTIPART_FIELD_MAX:
+                raise bad_request("bad multipart body: field %r too long" % name)
+            self.fields[name] = small.decode("utf-8", "replace")
+        else:
+            self.fields["data"] = None      # marks that a data part was present
+        return ended
+
+
+def json_bytes(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------------------
+# zstd codec
+#
+# Anki clients compress every request body with zstd and expect zstd back.
+# Three interchangeable backends, best first:
+#   stdlib   compression.zstd (Python 3.14+) or its twin `backports.zstd`
+#   libzstd  the system library through ctypes
+#   python   a pure-Python decoder (RFC 8878) and a writer of raw blocks
+# choose_zstd() picks one. All decode every frame of a stream, skip skippable
+# frames, refuse corrupt or truncated input with ZstdError and stop with
+# ZstdLimitError before output passes a caller-given limit.
+# ---------------------------------------------------------------------------
+
+
+ZSTD_MAGIC = 0xFD2FB528               # RFC 8878 3.1.1: Magic_Number of a zstd frame
+SKIPPABLE_MAGIC = 0x184D2A50          # RFC 8878 3.1.2: skippable frames use 0x184D2A5?
+SKIPPABLE_MAGIC_MASK = 0xFFFFFFF0     # ...so the low nibble is free
+WINDOW_LOG_MAX = 27                   # 128 MiB: libzstd's default ceiling; larger windows need --long=28+
+WINDOW_SIZE_MAX = 1 << WINDOW_LOG_MAX
+BLOCK_SIZE_MAX = 128 * 1024           # RFC 8878 3.1.1.2.3: no block decodes to more than 128 KiB
+INPUT_CHUNK = 64 * 1024               # read compressed input this much at a time
+OUTPUT_CHUNK = 128 * 1024             # hand decoded output over this much at a time
+COMPRESSION_LEVEL = 3                 # zstd's default level: fast, good enough for sync payloads
+BACKEND_NAMES = ("stdlib", "libzstd", "python")
+
+
+class ZstdError(ValueError):
+    """Corrupt or truncated zstd input, or a backend that cannot be used."""
+
+
+class ZstdLimitError(ZstdError):
+    """Decoded output would exceed the caller's limit."""
+
+
+def _limit_error(limit):
+    return ZstdLimitError("zstd data decodes to more than the %d byte limit" % limit)
+
+
+class Zstd(object):
+    """One zstd implementation; subclasses supply the two stream methods."""
+
+    name = "?"
+
+    def decompress_stream(self, read, write, limit):
+        """Decode all frames from read(n) into write(bytes); return bytes written."""
+        raise NotImplementedError
+
+    def compress_stream(self, read, write):
+        """Encode read(n) until b'' into one frame for write(bytes); return bytes written."""
+        raise NotImplementedError
+
+    def compress(self, data):
+        parts = []
+        self.compress_stream(io.BytesIO(data).read, parts.append)
+        return b"".join(parts)
+
+    def decompress(self, data, limit):
+        parts = []
+        self.decompress_stream(io.BytesIO(data).read, parts.append, limit)
+        return b"".join(parts)
+
+    def __repr__(self):
+        return "<Zstd %s>" % self.name
+
+
+# --- backend: libzstd through ctypes ----------------------------------------
+
+ZSTD_d_windowLogMax = 100             # zstd.h: ZSTD_dParameter
+ZSTD_c_compressionLevel = 100         # zstd.h: ZSTD_cParameter
+ZSTD_c_checksumFlag = 201             # zstd.h: ZSTD_cParameter
+ZSTD_e_continue = 0                   # zstd.h: ZSTD_EndDirective
+ZSTD_e_end = 2
+LIBZSTD_MIN_VERSION = 10400           # 1.4.0 made ZSTD_compressStream2 and *_setParameter stable
+
+
+class ZSTD_inBuffer(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_char_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+class ZSTD_outBuffer(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_void_p), ("size", ctypes.c_size_t), ("pos", ctypes.c_size_t)]
+
+
+class LibZstd(Zstd):
+    """The system libzstd, called through ctypes with its streaming API."""
+
+    name = "libzstd"
+
+    def __init__(self, lib):
+        size_t, ptr, c_int = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_int
+        out_p, in_p = ctypes.POINTER(ZSTD_outBuffer), ctypes.POINTER(ZSTD_inBuffer)
+        try:
+            version = self._bind(lib, "ZSTD_versionNumber", ctypes.c_uint)()
+            self._is_error = self._bind(lib, "ZSTD_isError", ctypes.c_uint, size_t)
+            self._error_name = self._bind(lib, "ZSTD_getErrorName", ctypes.c_char_p, size_t)
+            self._create_dstream = self._bind(lib, "ZSTD_createDStream", ptr)
+            self._free_dstream = self._bind(lib, "ZSTD_freeDStream", size_t, ptr)
+            self._set_dparameter = self._bind(lib, "ZSTD_DCtx_setParameter", size_t, ptr, c_int, c_int)
+            self._decompress = self._bind(lib, "ZSTD_decompressStream", size_t, ptr, out_p, in_p)
+            self._create_cstream = self._bind(lib, "ZSTD_createCStream", ptr)
+            self._free_cstream = self._bind(lib, "ZSTD_freeCStream", size_t, ptr)
+            self._set_cparameter = self._bind(lib, "ZSTD_CCtx_setParameter", size_t, ptr, c_int, c_int)
+            self._compress = self._bind(lib, "ZSTD_compressStream2", size_t, ptr, out_p, in_p, c_int)
+        except AttributeError as e:
+            raise ZstdError("libzstd lacks %s: install libzstd 1.4 or newer" % e) from None
+        if version < LIBZSTD_MIN_VERSION:
+            raise ZstdError("libzstd %d is too old: install libzstd 1.4 or newer" % version)
+        self.version = version
+
+    @staticmethod
+    def _bind(lib, name, restype, *argtypes):
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+        return function
+
+    def _check(self, result):
+        if self._is_error(result):
+            message = self._error_name(result).decode("ascii", "replace")
+            raise ZstdError("corrupt zstd data: %s" % message)
+        return result
+
+    def decompress_stream(self, read, write, limit):
+        dstream = self._create_dstream()
+        if not dstream:
+            raise MemoryError("ZSTD_createDStream failed")
+        try:
+            self._check(self._set_dparameter(dstream, ZSTD_d_windowLogMax, WINDOW_LOG_MAX))
+            return self._decompress_with(dstream, read, write, limit)
+        finally:
+            self._free_dstream(dstream)
+
+    def _decompress_with(self, dstream, read, write, limit):
+        buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
+        out = ZSTD_outBuffer(ctypes.addressof(buffer), 0, 0)
+        produced = 0
+        frame_done = True                 # no input at all is an empty, valid stream
+        while True:
+            data = read(INPUT_CHUNK)
+            if not data:
+                break
+            src = ZSTD_inBuffer(data, len(data), 0)
+            while True:
+                room = limit - produced
+                # One byte more than the room tells "over the limit" from "exactly at it".
+                out.size, out.pos = min(OUTPUT_CHUNK, room + 1), 0
+                consumed = src.pos
+                hint = self._check(self._decompress(dstream, out, src))
+                if out.pos > room:
+                    raise _limit_error(limit)
+                if out.pos:
+                    write(ctypes.string_at(buffer, out.pos))
+                    produced += out.pos
+                # A call that moved nothing leaves the frame state as it was.
+                if out.pos or src.pos != consumed:
+                    frame_done = hint == 0
+                if src.pos == src.size and out.pos < out.size:
+                    break
+        if not frame_done:
+            raise ZstdError("truncated zstd data: input ends inside a frame")
+        return produced
+
+    def compress_stream(self, read, write):
+        cstream = self._create_cstream()
+        if not cstream:
+            raise MemoryError("ZSTD_createCStream failed")
+        try:
+            self._check(self._set_cparameter(cstream, ZSTD_c_compressionLevel, COMPRESSION_LEVEL))
+            self._check(self._set_cparameter(cstream, ZSTD_c_checksumFlag, 1))
+            return self._compress_with(cstream, read, write)
+        finally:
+            self._free_cstream(cstream)
+
+    def _compress_with(self, cstream, read, write):
+        buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
+        out = ZSTD_outBuffer(ctypes.addressof(buffer), OUTPUT_CHUNK, 0)
+        written = 0
+        while True:
+            data = read(INPUT_CHUNK)
+            directive = ZSTD_e_continue if data else ZSTD_e_end
+            src = ZSTD_inBuffer(data, len(data), 0)
+            while True:
+                out.pos = 0
+                pending = self._check(self._compress(cstream, out, src, directive))
+                if out.pos:
+                    write(ctypes.string_at(buffer, out.pos))
+                    written += out.pos
+                if directive == ZSTD_e_end and pending == 0:
+                    return written
+                if directive == ZSTD_e_continue and src.pos == src.size:
+                    break
+
+
+# --- backend: compression.zstd (3.14+) or backports.zstd ---------------------
+
+class StdlibZstd(Zstd):
+    """compression.zstd; `module` is it or backports.zstd, which has the same API."""
+
+    name = "stdlib"
+
+    def __init__(self, module):
+        self._zstd = module
+
+    def decompress_stream(self, read, write, limit):
+        zstd = self._zstd
+        options = {zstd.DecompressionParameter.window_log_max: WINDOW_LOG_MAX}
+        produced = 0
+        frame = None                      # decompressor of the frame being decoded
+        data = b""
+        try:
+            while True:
+                if not data:
+                    data = read(INPUT_CHUNK)
+                    if not data:
+                        break
+                if frame is None:
+                    # A ZstdDecompressor decodes one frame (or skips one skippable frame).
+                    frame = zstd.ZstdDecompressor(options=options)
+                while True:
+                    room = limit - produced
+                    chunk = frame.decompress(data, max_length=min(OUTPUT_CHUNK, room + 1))
+                    data = b""
+                    if len(chunk) > room:
+                        raise _limit_error(limit)
+                    if chunk:
+                        write(chunk)
+                        produced += len(chunk)
+                    if frame.eof:
+                        data, frame = frame.unused_data, None
+                        break
+                    if frame.needs_input:
+                        break
+        except zstd.ZstdError as e:
+            raise ZstdError("corrupt zstd data: %s" % e) from None
+        if frame is not None:
+            raise ZstdError("truncated zstd data: input ends inside a frame")
+        return produced
+
+    def compress_stream(self, read, write):
+        zstd = self._zstd
+        compressor = zstd.ZstdCompressor(options={
+            zstd.CompressionParameter.compression_level: COMPRESSION_LEVEL,
+            zstd.CompressionParameter.checksum_flag: 1})
+        written = 0
+        while True:
+            data = read(INPUT_CHUNK)
+            chunk = compressor.compress(data) if data else compressor.flush()
+            if chunk:
+                write(chunk)
+                written += len(chunk)
+            if not data:
+                return written
+
+
+# --- choosing a backend -------------------------------------------------------
+
+LIBZSTD_FALLBACK_NAMES = ("libzstd.so.1", "libzstd.1.dylib")   # when find_library has no answer
+
+
+def _load_stdlib():
+    try:
+        from compression import zstd as module
+    except ImportError:
+        try:
+            from backports import zstd as module
+        except ImportError:
+            raise ZstdError("zstd backend 'stdlib' needs Python 3.14+ or "
+                            "'pip install backports.zstd'") from None
+    return StdlibZstd(module)
+
+
+def _load_libzstd():
+    names = [ctypes.util.find_library("zstd")] + list(LIBZSTD_FALLBACK_NAMES)
+    for name in names:
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        return LibZstd(lib)
+    raise ZstdError("zstd backend 'libzstd' needs the zstd library: "
+                    "install it (e.g. apt-get install libzstd1) or choose another backend")
+
+
+def _load_python():
+    raise ZstdError("zstd backend 'python' is not available yet")
+
+
+def choose_zstd(preference=None):
+    """The zstd backend for `preference`: None/"auto", "stdlib", "libzstd" or "python"."""
+    choice = (preference or "auto").strip().lower()
+    loaders = {"stdlib": _load_stdlib, "libzstd": _load_libzstd, "python": _load_python}
+    if choice == "auto":
+        for name in BACKEND_NAMES:
+            try:
+                return loaders[name]()
+            except ZstdError:
+                continue
+    if choice not in loaders:
+        raise ZstdError("unknown zstd backend %r: use auto, %s" % (preference, ", ".join(BACKEND_NAMES)))
+    return loaders[choice]()
+
+
+# ---------------------------------------------------------------------------
+# Collection store
+#   One schema-11 SQLite file per user. Creation, the one-way 18 -> 11
+#   conversion of uploads, validation, atomic replacement.
+# ---------------------------------------------------------------------------
+
+# --- unicase collation ------------------------------------------------------
+
+def unicase_collate(a, b):
+    """The `unicase` collation of schema-18 tables: full case folding, then
+    code points. Register it before the first statement on every connection."""
+    a, b = a.casefold(), b.casefold()
+    return (a > b) - (a < b)
+
+
+# --- JSON as the official writer formats it (SCHEMA.md 1.8) -----------------
+
+def _reject_constant(name):
+    # Python accepts NaN/Infinity tokens; the official parser does not.
+    raise ValueError("invalid JSON number " + name)
+
+
+def loads_strict(text):
+    """json.loads that refuses what the official parser refuses: non-UTF-8
+    bytes, NaN/Infinity, out-of-range numbers and escaped lone surrogates.
+    Every failure is a ValueError."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8")
+    value = json.loads(text, parse_constant=_reject_constant)
+    # Fails on 1e400 (inf) and on lone surrogates, which also could not be
+    # stored back as UTF-8.
+    json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return value
+
+
+def _finite(obj):
+    """A copy of `obj` with NaN and +-Infinity replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    return obj
+
+
+def dumps_compact(obj):
+    """Compact JSON with raw UTF-8; NaN and Infinity become null, because
+    the official writer emits null and the NaN token is not JSON."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+    except ValueError:  # rare: only pay for the walk when needed
+        return json.dumps(_finite(obj), separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+
+
+# --- 32-bit floats ------------------------------------------------------------
+
+F32_MAX_DIGITS = 9  # 9 significant digits always round-trip an IEEE single
+U16_MAX = 0xFFFF
+U32_MAX = 0xFFFFFFFF
+
+
+def f32(x):
+    """Round a Python float to the nearest 32-bit float (overflow -> inf)."""
+    try:
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def f32_json(x):
+    """The shortest decimal that reads back as the same single; NaN/Inf ->
+    None, because the official writer emits null for them."""
+    if math.isnan(x) or math.isinf(x):
+        return None
+    target = struct.pack("<f", x)
+    for digits in range(1, F32_MAX_DIGITS + 1):
+        text = "%.*g" % (digits, x)
+        try:
+            if struct.pack("<f", float(text)) == target:
+                return float(text)
+        except OverflowError:  # rounding up went past the largest single
+            continue
+    return x  # not reached: 9 digits always round-trip
+
+
+def f32_scaled_to_int(x, scale, maximum):
+    """Rust's `(x * scale) as uN` on an f32: the product is rounded to single
+    precision, truncated toward zero, then saturated; NaN gives 0."""
+    product = f32(x * scale)
+    if math.isnan(product) or product <= 0:
+        return 0
+    if product >= maximum:
+        return maximum
+    return int(product)
+
+
+# --- protobuf wire reader (SCHEMA.md 6) ---------------------------------------
+
+WIRE_VARINT = 0
+WIRE_FIXED64 = 1
+WIRE_LEN = 2
+WIRE_FIXED32 = 5  # 3 and 4 are groups, which Anki never writes
+
+MAX_FIELD_NUMBER = (1 << 29) - 1  # protobuf's limit: the key is 32 bits
+WIRE_TYPE_BITS = 3  # a record key is (field_number << 3) | wire_type
+VARINT_MAX_BYTES = 10  # 64 bits in 7-bit groups
+VARINT_LAST_BYTE_MAX = 1  # the 10th byte may only carry bit 63 (prost rule)
+VARINT_PAYLOAD = 0x7F  # low 7 bits of each byte carry the value
+VARINT_MORE = 0x80  # high bit set: another byte follows
+FIXED64_SIZE = 8
+FIXED32_SIZE = 4
+U64_MASK = (1 << 64) - 1
+OTHER_FIELD = 255  # `bytes other = 255`: legacy keys with no typed home
+
+
+def read_varint(buf, pos):
+    """Decode one base-128 varint at `pos`; return (value, next_pos)."""
+    value = 0
+    for index in range(VARINT_MAX_BYTES):
+        if pos >= len(buf):
+            raise CorruptCollection("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        if index == VARINT_MAX_BYTES - 1 and byte > VARINT_LAST_BYTE_MAX:
+            raise CorruptCollection("varint longer than 64 bits")
+        value |= (byte & VARINT_PAYLOAD) << (7 * index)
+        if not byte & VARINT_MORE:
+            return value & U64_MASK, pos
+    raise CorruptCollection("varint longer than 64 bits")
+
+
+def _take(buf, pos, size):
+    if size > len(buf) - pos:
+        raise CorruptCollection("truncated protobuf record")
+    return bytes(buf[pos:pos + size]), pos + size
+
+
+def proto_records(blob):
+    """Every (field_number, wire_type, value) of a message, in stored order.
+    Varints are unsigned 64-bit ints, fixed32/64 raw bytes, LEN raw bytes."""
+    buf = bytes(blob)
+    records = []
+    pos = 0
+    while pos < len(buf):
+        key, pos = read_varint(buf, pos)
+        number, wire = key >> WIRE_TYPE_BITS, key & ((1 << WIRE_TYPE_BITS) - 1)
+        if not 0 < number <= MAX_FIELD_NUMBER:
+            raise CorruptCollection("invalid protobuf field number")
+        if wire == WIRE_VARINT:
+            value, pos = read_varint(buf, pos)
+        elif wire == WIRE_FIXED64:
+            value, pos = _take(buf, pos, FIXED64_SIZE)
+        elif wire == WIRE_LEN:
+            size, pos = read_varint(buf, pos)
+            value, pos = _take(buf, pos, size)
+        elif wire == WIRE_FIXED32:
+            value, pos = _take(buf, pos, FIXED32_SIZE)
+        else:
+            raise CorruptCollection("unexpected protobuf wire type %d" % wire)
+        records.append((number, wire, value))
+    return records
+
+
+def proto_fields(blob):
+    """{field_number: [(wire_type, value), ...]} in stored order."""
+    fields = {}
+    for number, wire, value in proto_records(blob):
+        fields.setdefault(number, []).append((wire, value))
+    return fields
+
+
+def _values(fields, number, wire):
+    """All values of a field, insisting on one wire type (as prost does)."""
+    found = fields.get(number, [])
+    for got, _ in found:
+        if got != wire:
+            raise CorruptCollection(
+                "field %d has wire type %d, expected %d" % (number, got, wire))
+    return [value for _, value in found]
+
+
+def _signed(value, bits):
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+def pb_present(fields, number):
+    return number in fields
+
+
+def pb_uint64(fields, number):
+    values = _values(fields, number, WIRE_VARINT)
+    return values[-1] if values else 0
+
+
+def pb_int64(fields, number):
+    return _signed(pb_uint64(fields, number), 64)
+
+
+def pb_int32(fields, number):
+    """int32 and enums: the low 32 bits as a signed value."""
+    return _signed(pb_uint64(fields, number), 32)
+
+
+def pb_uint32(fields, number):
+    return pb_uint64(fields, number) & U32_MAX
+
+
+def pb_bool(fields, number):
+    return pb_uint64(fields, number) != 0
+
+
+def pb_float(fields, number):
+    values = _values(fields, number, WIRE_FIXED32)
+    return struct.unpack("<f", values[-1])[0] if values else 0.0
+
+
+def pb_bytes(fields, number):
+    values = _values(fields, number, WIRE_LEN)
+    return values[-1] if values else b""
+
+
+def pb_string(fields, number):
+    # Every occurrence is validated, as the official decoder does.
+    values = _values(fields, number, WIRE_LEN)
+    try:
+        texts = [value.decode("utf-8") for value in values]
+    except UnicodeDecodeError:
+        raise CorruptCollection("invalid UTF-8 in field %d" % number) from None
+    return texts[-1] if texts else ""
+
+
+def pb_message(fields, number):
+    """A sub-message's fields, or None if absent. Repeated occurrences merge,
+    which is exactly what parsing their concatenation does."""
+    values = _values(fields, number, WIRE_LEN)
+    return proto_fields(b"".join(values)) if values else None
+
+
+def pb_messages(fields, number):
+    """A repeated sub-message: one parsed message per record, in order."""
+    return [proto_fields(value) for value in _values(fields, number, WIRE_LEN)]
+
+
+def pb_floats(fields, number):
+    """repeated float, packed or not, or a mixture of both."""
+    result = []
+    for wire, value in fields.get(number, []):
+        if wire == WIRE_FIXED32:
+            result.append(struct.unpack("<f", value)[0])
+        elif wire == WIRE_LEN and len(value) % FIXED32_SIZE == 0:
+            count = len(value) // FIXED32_SIZE
+            result.extend(struct.unpack("<%df" % count, value))
+        else:
+            raise CorruptCollection("bad repeated float in field %d" % number)
+    return result
+
+
+def pb_uint32s(fields, number):
+    """repeated uint32, packed or not, or a mixture of both."""
+    result = []
+    for wire, value in fields.get(number, []):
+        if wire == WIRE_VARINT:
+            result.append(value & U32_MAX)
+        elif wire == WIRE_LEN:
+            pos = 0
+            while pos < len(value):
+                item, pos = read_varint(value, pos)
+                result.append(item & U32_MAX)
+        else:
+            raise CorruptCollection("bad repeated uint32 in field %d" % number)
+    return result
+
+
+# --- the "other" extras (SCHEMA.md 4.1) ---------------------------------------
+
+NOTETYPE_RESERVED = frozenset((
+    "latexPost", "flds", "css", "originalStockKind", "originalId", "id", "usn",
+    "mod", "req", "latexPre", "name", "did", "tmpls", "type", "sortf",
+    "latexsvg"))
+FIELD_RESERVED = frozenset((
+    "name", "ord", "sticky", "rtl", "plainText", "font", "size", "collapsed",
+    "description", "excludeFromSearch", "id", "tag", "preventDeletion"))
+TEMPLATE_RESERVED = frozenset((
+    "name", "ord", "did", "afmt", "bafmt", "qfmt", "bqfmt", "bfont", "bsize",
+    "id"))
+DECK_RESERVED = frozenset((
+    "usn", "revToday", "newLimit", "dyn", "reviewLimit", "newToday",
+    "timeToday", "reviewLimitToday", "extendNew", "mod", "newLimitToday",
+    "desc", "name", "lrnToday", "conf", "browserCollapsed", "extendRev", "id",
+    "collapsed", "desiredRetention"))
+DECK_CONFIG_RESERVED = frozenset((
+    "id", "newSortOrder", "replayq", "newPerDayMinimum", "usn", "autoplay",
+    "dyn", "maxTaken", "reviewOrder", "buryInterdayLearning", "newMix", "mod",
+    "timer", "name", "interdayLearningMix", "newGatherPriority", "fsrsWeights",
+    "fsrsParams5", "fsrsParams6", "desiredRetention", "stopTimerOnAnswer",
+    "secondsToShowQuestion", "secondsToShowAnswer", "questionAction",
+    "answerAction", "waitForAudio", "sm2Retention", "weightSearch",
+    "ignoreRevlogsBeforeDate", "easyDaysPercentages"))
+NEW_RESERVED = frozenset(("order", "delays", "bury", "perDay", "initialFactor",
+                          "ints"))
+REV_RESERVED = frozenset(("maxIvl", "hardFactor", "ease4", "ivlFct", "perDay",
+                          "bury"))
+LAPSE_RESERVED = frozenset(("leechFails", "mult", "leechAction", "delays",
+                            "minInt"))
+
+
+def other_object(fields):
+    """The `other` JSON object, or {} when empty or unreadable: the official
+    code only prints a warning for bad extras."""
+    raw = pb_bytes(fields, OTHER_FIELD)
+    if not raw:
+        return {}
+    try:
+        value = loads_strict(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def extras(obj, reserved):
+    return {key: value for key, value in obj.items() if key not in reserved}
+
+
+# --- note types (SCHEMA.md 4.2) -----------------------------------------------
+
+NOTETYPE_KIND_CLOZE = 1
+REQUIREMENT_KINDS = {0: "none", 1: "any", 2: "all"}  # unknown -> "none"
+ORD_MASK = 0xFFFF  # sortf, size, card_ord and field_ords are u16 in Rust
+BROWSER_FONT_SIZE_MASK = 0xFF  # bsize is u8 in Rust
+
+
+# In the *_to_legacy functions below, the numbers are protobuf field numbers;
+# each function follows its message's table in SCHEMA.md 4.2-4.4 row by row.
+
+def card_requirement_to_legacy(req):
+    return [
+        pb_uint32(req, 1) & ORD_MASK,
+        REQUIREMENT_KINDS.get(pb_int32(req, 2), "none"),
+        [ord_ & ORD_MASK for ord_ in pb_uint32s(req, 3)],
+    ]
+
+
+def field_to_legacy(ord_, name, blob):
+    config = proto_fields(blob)
+    field = {
+        "name": name,
+        "ord": ord_,
+        "sticky": pb_bool(config, 1),
+        "rtl": pb_bool(config, 2),
+        "font": pb_string(config, 3),
+        "size": pb_uint32(config, 4) & ORD_MASK,
+        "description": pb_string(config, 5),
+        "plainText": pb_bool(config, 6),
+        "collapsed": pb_bool(config, 7),
+        "excludeFromSearch": pb_bool(config, 8),
+        "id": pb_int64(config, 9) if pb_present(config, 9) else None,
+        "tag": pb_uint32(config, 10) if pb_present(config, 10) else None,
+        "preventDeletion": pb_bool(config, 11),
+    }
+    field.update(extras(other_object(config), FIELD_RESERVED))
+    return field
+
+
+def template_to_legacy(ord_, name, blob):
+    config = proto_fields(blob)
+    target_deck = pb_int64(config, 5)
+    template = {
+        "name": name,
+        "ord": ord_,
+        "qfmt": pb_string(config, 1),
+        "afmt": pb_string(config, 2),
+        "bqfmt": pb_string(config, 3),
+        "bafmt": pb_string(config, 4),
+        "did": target_deck if target_deck > 0 else None,
+        "bfont": pb_string(config, 6),
+        "bsize": pb_uint32(config, 7) & BROWSER_FONT_SIZE_MASK,
+        "id": pb_int64(config, 8) if pb_present(config, 8) else None,
+    }
+    template.update(extras(other_object(config), TEMPLATE_RESERVED))
+    return template
+
+
+def notetype_to_legacy(row, fields, templates):
+    """`row` is (id, name, mtime_secs, usn, config); fields and templates are
+    the legacy objects of this note type, already in `ord` order."""
+    ntid, name, mtime, usn, blob = row
+    config = proto_fields(blob)
+    target_deck = pb_int64(config, 4)
+    notetype = {
+        "id": ntid,
+        "name": name,
+        "type": 1 if pb_int32(config, 1) == NOTETYPE_KIND_CLOZE else 0,
+        "mod": mtime,
+        "usn": usn,
+        "sortf": pb_uint32(config, 2) & ORD_MASK,
+        "did": target_deck or None,
+        "tmpls": templates,
+        "flds": fields,
+        "css": pb_string(config, 3),
+        "latexPre": pb_string(config, 5),
+        "latexPost": pb_string(config, 6),
+        "latexsvg": pb_bool(config, 7),
+        "req": [card_requirement_to_legacy(req) for req in pb_messages(config, 8)],
+    }
+    stock_kind = pb_int32(config, 9)
+    if stock_kind:
+        notetype["originalStockKind"] = stock_kind
+    if pb_present(config, 10):
+        notetype["originalId"] = pb_int64(config, 10)
+    notetype.update(extras(other_object(config), NOTETYPE_RESERVED))
+    return notetype
+
+
+# --- decks (SCHEMA.md 4.3) ------------------------------------------------------
+
+DECK_KIND_NORMAL = 1
+DECK_KIND_FILTERED = 2
+PERCENT = 100.0  # a deck's desired retention is a fraction in 18, percent in 11
+
+
+def deck_kind(blob):
+    """(kind, fields) of a KindContainer. A oneof: the last member seen wins;
+    repeats of the same member merge."""
+    kind, parts = None, []
+    for number, wire, value in proto_records(blob):
+        if number not in (DECK_KIND_NORMAL, DECK_KIND_FILTERED):
+            continue
+        if wire != WIRE_LEN:
+            raise CorruptCollection("deck kind has wire type %d" % wire)
+        if number != kind:
+            kind, parts = number, []
+        parts.append(value)
+    return kind, (proto_fields(b"".join(parts)) if kind else None)
+
+
+def day_limit_to_legacy(limit):
+    if limit is None:
+        return None
+    return {"limit": pb_uint32(limit, 1), "today": pb_uint32(limit, 2)}
+
+
+def search_term_to_legacy(term):
+    return [pb_string(term, 1), _signed(pb_uint32(term, 2), 32), pb_int32(term, 3)]
+
+
+def deck_to_legacy(row):
+    """`row` is (id, name, mtime_secs, usn, common, kind)."""
+    did, name, mtime, usn, common_blob, kind_blob = row
+    common = proto_fields(common_blob)
+    kind, detail = deck_kind(kind_blob)
+    if kind is None:
+        raise CorruptCollection("invalid deck kind: %d" % did)
+    day = _signed(pb_uint32(common, 3), 32)
+    deck = {
+        "id": did,
+        "mod": mtime,
+        "name": name.replace("\x1f", "::"),
+        "usn": usn,
+        "lrnToday": [day, pb_int32(common, 6)],
+        "revToday": [day, pb_int32(common, 5)],
+        "newToday": [day, pb_int32(common, 4)],
+        "timeToday": [day, pb_int32(common, 7)],
+        "collapsed": pb_bool(common, 1),
+        "browserCollapsed": pb_bool(common, 2),
+    }
+    if kind == DECK_KIND_NORMAL:
+        deck["desc"] = pb_string(detail, 4)
+        if pb_bool(detail, 5):
+            deck["md"] = True
+        deck["dyn"] = 0
+        # Extras sit here in the official output, so an extra `md` (not a
+        # reserved key) would win on parse: update() reproduces that.
+        deck.update(extras(other_object(common), DECK_RESERVED))
+        deck.update(normal_deck_keys(detail))
+    else:
+        deck["desc"] = ""
+        deck["dyn"] = 1
+        deck.update(extras(other_object(common), DECK_RESERVED))
+        deck.update(filtered_deck_keys(detail))
+    return deck
+
+
+def _optional_uint32(fields, number):
+    return pb_uint32(fields, number) if pb_present(fields, number) else None
+
+
+def normal_deck_keys(normal):
+    retention = None
+    if pb_present(normal, 10):
+        retention = f32_scaled_to_int(pb_float(normal, 10), PERCENT, U32_MAX)
+    return {
+        "conf": pb_int64(normal, 1),
+        "extendNew": _signed(pb_uint32(normal, 2), 32),
+        "extendRev": _signed(pb_uint32(normal, 3), 32),
+        "reviewLimit": _optional_uint32(normal, 6),
+        "newLimit": _optional_uint32(normal, 7),
+        "reviewLimitToday": day_limit_to_legacy(pb_message(normal, 8)),
+        "newLimitToday": day_limit_to_legacy(pb_message(normal, 9)),
+        "desiredRetention": retention,
+    }
+
+
+def filtered_deck_keys(filtered):
+    delays = [f32_json(x) for x in pb_floats(filtered, 3)]
+    return {
+        "resched": pb_bool(filtered, 1),
+        "terms": [search_term_to_legacy(t) for t in pb_messages(filtered, 2)],
+        "separate": True,  # unused, but old clients need the key
+        "delays": delays or None,
+        "previewDelay": pb_uint32(filtered, 4),
+        "previewAgainSecs": pb_uint32(filtered, 7),
+        "previewHardSecs": pb_uint32(filtered, 5),
+        "previewGoodSecs": pb_uint32(filtered, 6),
+    }
+
+
+# --- deck config (SCHEMA.md 4.4) ------------------------------------------------
+
+# Field number -> (lowest, highest, default): the official reader replaces an
+# out-of-range value by the default before mapping. Float bounds are singles.
+INT_CLAMPS = {
+    9: (0, 9999, 20),        # new_per_day
+    10: (0, 9999, 200),      # reviews_per_day
+    16: (1, 36500, 36500),   # maximum_review_interval
+    17: (1, 36500, 1),       # minimum_lapse_interval
+    18: (1, 36500, 1),       # graduating_interval_good
+    19: (1, 36500, 4),       # graduating_interval_easy
+    22: (1, 9999, 8),        # leech_threshold
+    24: (1, 9999, 60),       # cap_answer_time_to_secs
+    35: (0, 9999, 0),        # new_per_day_minimum
+}
+FLOAT_CLAMPS = {
+    11: (1.31, 5.0, 2.5),    # initial_ease
+    12: (1.0, 5.0, 1.3),     # easy_multiplier
+    13: (0.5, 1.3, 1.2),     # hard_multiplier
+    14: (0.0, 1.0, 0.0),     # lapse_multiplier
+    15: (0.5, 2.0, 1.0),     # interval_multiplier
+    37: (0.7, 0.99, 0.9),    # desired_retention
+    40: (0.7, 0.97, 0.9),    # historical_retention
+}
+EASE_SCALE = 1000.0  # initialFactor is ease x1000 in schema 11
+NEW_CARD_INSERT_RANDOM = 1  # proto RANDOM; legacy `order` is inverted (0 random)
+LEECH_TAG_ONLY = 1
+QUESTION_SHOW_REMINDER = 1
+ANSWER_ACTIONS = (1, 2, 3, 4)  # again, good, hard, reminder; else bury (0)
+
+
+def clamped_int(config, number):
+    lowest, highest, default = INT_CLAMPS[number]
+    value = pb_uint32(config, number)
+    return value if lowest <= value <= highest else default
+
+
+def clamped_float(config, number):
+    lowest, highest, default = FLOAT_CLAMPS[number]
+    value = pb_float(config, number)
+    return value if f32(lowest) <= value <= f32(highest) else f32(default)
+
+
+def _floats_json(config, number):
+    return [f32_json(x) for x in pb_floats(config, number)]
+
+
+def _split_other(config):
+    """Top-level, new, rev and lapse extras of a deck config (4.4)."""
+    other = other_object(config)
+    nested = {}
+    for key, reserved in (("new", NEW_RESERVED), ("rev", REV_RESERVED),
+                          ("lapse", LAPSE_RESERVED)):
+        value = other.pop(key, None)
+        nested[key] = extras(value, reserved) if isinstance(value, dict) else {}
+    return extras(other, DECK_CONFIG_RESERVED), nested
+
+
+def deck_config_to_legacy(row):
+    """`row` is (id, name, mtime_secs, usn, config)."""
+    dcid, name, mtime, usn, blob = row
+    config = proto_fields(blob)
+    top_extras, nested_extras = _split_other(config)
+    new = {
+        "bury": pb_bool(config, 27),
+        "delays": _floats_json(config, 1),
+        "initialFactor": f32_scaled_to_int(clamped_float(config, 11),
+                                           EASE_SCALE, U16_MAX),
+        "ints": [clamped_int(config, 18), clamped_int(config, 19), 0],
+        "order": 0 if pb_int32(config, 20) == NEW_CARD_INSERT_RANDOM else 1,
+        "perDay": clamped_int(config, 9),
+    }
+    new.update(nested_extras["new"])
+    rev = {
+        "bury": pb_bool(config, 28),
+        "ease4": f32_json(clamped_float(config, 12)),
+        "ivlFct": f32_json(clamped_float(config, 15)),
+        "maxIvl": clamped_int(config, 16),
+        "perDay": clamped_int(config, 10),
+        "hardFactor": f32_json(clamped_float(config, 13)),
+    }
+    rev.update(nested_extras["rev"])
+    lapse = {
+        "delays": _floats_json(config, 2),
+        "leechAction": 1 if pb_int32(config, 21) == LEECH_TAG_ONLY else 0,
+        "leechFails": clamped_int(config, 22),
+        "minInt": clamped_int(config, 17),
+        "mult": f32_json(clamped_float(config, 14)),
+    }
+    lapse.update(nested_extras["lapse"])
+    answer_action = pb_int32(config, 43)
+    conf = {
+        "id": dcid,
+        "mod": mtime,
+        "name": name,
+        "usn": usn,
+        "maxTaken": clamped_int(config, 24),
+        "autoplay": not pb_bool(config, 23),
+        "timer": 1 if pb_bool(config, 25) else 0,
+        "replayq": not pb_bool(config, 26),
+        "new": new,
+        "rev": rev,
+        "lapse": lapse,
+        "dyn": False,
+        "newMix": pb_int32(config, 30),
+        "newPerDayMinimum": clamped_int(config, 35),
+        "interdayLearningMix": pb_int32(config, 31),
+        "reviewOrder": pb_int32(config, 33),
+        "newSortOrder": pb_int32(config, 32),
+        "newGatherPriority": pb_int32(config, 34),
+        "buryInterdayLearning": pb_bool(config, 29),
+        "fsrsWeights": _floats_json(config, 3),
+        "fsrsParams5": _floats_json(config, 5),
+        "fsrsParams6": _floats_json(config, 6),
+        "desiredRetention": f32_json(clamped_float(config, 37)),
+        "ignoreRevlogsBeforeDate": pb_string(config, 46),
+        "easyDaysPercentages": _floats_json(config, 4),
+        "stopTimerOnAnswer": pb_bool(config, 38),
+        "secondsToShowQuestion": f32_json(pb_float(config, 41)),
+        "secondsToShowAnswer": f32_json(pb_float(config, 42)),
+        "questionAction": 1 if pb_int32(config, 36) == QUESTION_SHOW_REMINDER else 0,
+        "answerAction": answer_action if answer_action in ANSWER_ACTIONS else 0,
+        "waitForAudio": pb_bool(config, 44),
+        "sm2Retention": f32_json(clamped_float(config, 40)),
+        "weightSearch": pb_string(config, 45),
+    }
+    conf.update(top_extras)
+    return conf
+
+
+# --- the 18 -> 11 downgrade (SCHEMA.md 4.9, steps 5-14) ---------------------------
+
+SCHEMA11_GRAVES = """CREATE TABLE graves (
+  usn integer NOT NULL,
+  oid integer NOT NULL,
+  type integer NOT NULL
+)"""
+# The official order; each table's indexes go with it.
+SCHEMA18_TABLES = ("config", "deck_config", "tags", "fields", "templates",
+                   "notetypes", "decks")
+SCHEMA18_INDEXES = ("idx_cards_odid", "idx_notes_mid")
+
+
+def _rebuild_graves(conn):
+    conn.execute("ALTER TABLE graves RENAME TO graves_old")
+    conn.execute(SCHEMA11_GRAVES)
+    conn.execute("INSERT INTO graves (usn, oid, type) "
+                 "SELECT usn, oid, type FROM graves_old")
+    conn.execute("DROP TABLE graves_old")
+
+
+def legacy_dconf(conn):
+    rows = conn.execute(
+        "SELECT id, name, mtime_secs, usn, config FROM deck_config")
+    return {str(row[0]): deck_config_to_legacy(row) for row in rows}
+
+
+def legacy_decks(conn):
+    rows = conn.execute(
+        "SELECT id, name, mtime_secs, usn, common, kind FROM decks")
+    return {str(row[0]): deck_to_legacy(row) for row in rows}
+
+
+def legacy_models(conn):
+    models = {}
+    rows = conn.execute(
+        "SELECT id, name, mtime_secs, usn, config FROM notetypes").fetchall()
+    for row in rows:
+        ntid = row[0]
+        fields = [field_to_legacy(*field) for field in conn.execute(
+            "SELECT ord, name, config FROM fields WHERE ntid = ? ORDER BY ord",
+            (ntid,))]
+        templates = [template_to_legacy(*tmpl) for tmpl in conn.execute(
+            "SELECT ord, name, config FROM templates WHERE ntid = ? "
+            "ORDER BY ord", (ntid,))]
+        models[str(ntid)] = notetype_to_legacy(row, fields, templates)
+    return models
+
+
+def legacy_conf(conn):
+    conf = {}
+    for key, val in conn.execute("SELECT KEY, val FROM config"):
+        if not isinstance(val, (bytes, str)):
+            raise CorruptCollection("config %r is not JSON text" % key)
+        try:
+            conf[key] = loads_strict(val)
+        except ValueError:
+            raise CorruptCollection("config %r is not valid JSON" % key) from None
+    return conf
+
+
+def legacy_tags(conn):
+    return {tag: usn for tag, usn in conn.execute("SELECT tag, usn FROM tags")}
+
+
+def downgrade_to_schema11(conn):
+    """Turn an integrity-checked schema-18 collection into schema 11, as
+    `close(downgrade=True)` does. `conn` must be in autocommit mode
+    (isolation_level=None) with `unicase` registered."""
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        _rebuild_graves(conn)
+        columns = (legacy_dconf(conn), legacy_decks(conn), legacy_models(conn),
+                   legacy_conf(conn), legacy_tags(conn))
+        conn.execute(
+            "UPDATE col SET dconf = ?, decks = ?, models = ?, conf = ?, tags = ?",
+            [dumps_compact(column) for column in columns])
+        for table in SCHEMA18_TABLES:
+            conn.execute("DROP TABLE " + table)
+        for index in SCHEMA18_INDEXES:
+            conn.execute("DROP INDEX " + index)
+        conn.execute("UPDATE col SET ver = 11")
+        conn.execute("COMMIT")
+    except Exception as exc:
+        conn.execute("ROLLBACK")
+        if isinstance(exc, CorruptCollection):
+            raise
+        # Unexpected column types, missing tables: still a bad upload.
+        raise CorruptCollection("cannot downgrade: %s" % exc) from exc
+    # Outside the transaction: checkpoints and removes the -wal file.
+    conn.execute("PRAGMA journal_mode = delete")
+
+
+# --- validating schema-11 JSON (SCHEMA.md 5.3) ------------------------------------
+
+I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int_or_numeric_string(value):
+    if _is_int(value):
+        return True
+    if isinstance(value, str):
+        try:
+            int(value)
+        except ValueError:
+            return False
+        return True
+    return False
+
+
+def _is_bool_like(value):
+    # The official reader accepts bools, numbers and strings here.
+    return isinstance(value, (bool, int, float, str))
+
+
+def _require(obj, what, key, test):
+    if key not in obj:
+        raise CorruptCollection("%s: missing %s" % (what, key))
+    if not test(obj[key]):
+        raise CorruptCollection("%s: bad %s" % (what, key))
+
+
+def _check_optional(obj, what, key, test):
+    if key in obj and not test(obj[key]):
+        raise CorruptCollection("%s: bad %s" % (what, key))
+
+
+def _check_json_object(text, column):
+    try:
+        value = loads_strict(text)
+    except (ValueError, TypeError):
+        raise CorruptCollection("col.%s is not JSON" % column) from None
+    if not isinstance(value, dict):
+        raise CorruptCollection("col.%s is not a JSON object" % column)
+    return value
+
+
+def _check_each(mapping, column):
+    for key, value in mapping.items():
+        if not isinstance(value, dict):
+            raise CorruptCollection("%s %s is not an object" % (column, key))
+        yield "%s %s" % (column, key), value
+
+
+def _is_search_term(term):
+    return (isinstance(term, list) and len(term) == 3
+            and isinstance(term[0], str)
+            and _is_int_or_numeric_string(term[1]) and _is_int(term[2]))
+
+
+def check_deck(what, deck):
+    _require(deck, what, "id", _is_int_or_numeric_string)
+    _require(deck, what, "name", lambda v: isinstance(v, str))
+    _require(deck, what, "usn", _is_int)
+    for key in ("lrnToday", "revToday", "newToday", "timeToday"):
+        _require(deck, what, key, lambda v: isinstance(v, list))
+    _require(deck, what, "collapsed", lambda v: isinstance(v, bool))
+    _require(deck, what, "dyn", lambda v: isinstance(v, (bool, int, float)))
+    _check_optional(deck, what, "desc", lambda v: isinstance(v, str))
+    if deck["dyn"]:
+        _require(deck, what, "resched", _is_bool_like)
+        _require(deck, what, "terms", lambda v: isinstance(v, list)
+                 and all(_is_search_term(term) for term in v))
+    else:
+        _require(deck, what, "conf", _is_int_or_numeric_string)
+
+
+def check_deck_config(what, conf):
+    _require(conf, what, "id", _is_int_or_numeric_string)
+    _require(conf, what, "mod", _is_int_or_numeric_string)
+    _require(conf, what, "name", lambda v: isinstance(v, str))
+    _require(conf, what, "usn", _is_int)
+    _require(conf, what, "maxTaken", _is_number)
+    _require(conf, what, "autoplay", _is_bool_like)
+    _require(conf, what, "timer", _is_bool_like)
+    # new/rev/lapse are read leniently: a bad one silently becomes the default.
+    for key in ("new", "rev", "lapse"):
+        _require(conf, what, key, lambda v: True)
+
+
+def check_notetype(what, notetype):
+    _require(notetype, what, "id", _is_int_or_numeric_string)
+    _require(notetype, what, "name", lambda v: isinstance(v, str))
+    _require(notetype, what, "type", lambda v: _is_int(v) and v in (0, 1))
+    _require(notetype, what, "mod", _is_int)
+    _require(notetype, what, "usn", _is_int)
+    _require(notetype, what, "sortf", _is_int)
+    _require(notetype, what, "did", lambda v: v is None or _is_int(v))
+    _require(notetype, what, "tmpls", lambda v: isinstance(v, list))
+    _require(notetype, what, "flds", lambda v: isinstance(v, list))
+    _require(notetype, what, "css", lambda v: isinstance(v, str))
+    for field in notetype["flds"]:
+        if not isinstance(field, dict):
+            raise CorruptCollection("%s: field is not an object" % what)
+        _require(field, what + " field", "name", lambda v: isinstance(v, str))
+        for key in ("sticky", "rtl"):
+            _require(field, what + " field", key, _is_bool_like)
+        _require(field, what + " field", "font", lambda v: isinstance(v, str))
+        _require(field, what + " field", "size", _is_int)
+    for template in notetype["tmpls"]:
+        if not isinstance(template, dict):
+            raise CorruptCollection("%s: template is not an object" % what)
+        for key in ("name", "qfmt"):
+            _require(template, what + " template", key,
+                     lambda v: isinstance(v, str))
+
+
+def check_schema11(conn):
+    """Reject schema-11 JSON that a modern client could not upgrade."""
+    row = conn.execute(
+        "SELECT conf, models, decks, dconf, tags FROM col").fetchone()
+    if row is None:
+        raise CorruptCollection("col has no row")
+    conf, models, decks, dconf, tags = (
+        _check_json_object(text, column) for text, column in
+        zip(row, ("conf", "models", "decks", "dconf", "tags")))
+    for name, usn in tags.items():
+        if not (_is_int(usn) and I32_MIN <= usn <= I32_MAX):
+            raise CorruptCollection("tag %r has a bad usn" % name)
+    for what, deck in _check_each(decks, "deck"):
+        check_deck(what, deck)
+    for what, config in _check_each(dconf, "deck config"):
+        check_deck_config(what, config)
+    for what, notetype in _check_each(models, "note type"):
+        check_notetype(what, notetype)
+
+
+# --- a brand-new collection (SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
+
+SCHEMA11_DDL = """CREATE TABLE col (
+  id integer PRIMARY KEY,
+  crt integer NOT NULL,
+  mod integer NOT NULL,
+  scm integer NOT NULL,
+  ver integer NOT NULL,
+  dty integer NOT NULL,
+  usn integer NOT NULL,
+  ls integer NOT NULL,
+  conf text NOT NULL,
+  models text NOT NULL,
+  decks text NOT NULL,
+  dconf text NOT NULL,
+  tags text NOT NULL
+);
+CREATE TABLE notes (
+  id integer PRIMARY KEY,
+  guid text NOT NULL,
+  mid integer NOT NULL,
+  mod integer NOT NULL,
+  usn integer NOT NULL,
+  tags text NOT NULL,
+  flds text NOT NULL,
+  -- The use of type integer for sfld is deliberate, because it means that integer values in this
+  -- field will sort numerically.
+  sfld integer NOT NULL,
+  csum integer NOT NULL,
+  flags integer NOT NULL,
+  data text NOT NULL
+);
+CREATE TABLE cards (
+  id integer PRIMARY KEY,
+  nid integer NOT NULL,
+  did integer NOT NULL,
+  ord integer NOT NULL,
+  mod integer NOT NULL,
+  usn integer NOT NULL,
+  type integer NOT NULL,
+  queue integer NOT NULL,
+  due integer NOT NULL,
+  ivl integer NOT NULL,
+  factor integer NOT NULL,
+  reps integer NOT NULL,
+  lapses integer NOT NULL,
+  left integer NOT NULL,
+  odue integer NOT NULL,
+  odid integer NOT NULL,
+  flags integer NOT NULL,
+  data text NOT NULL
+);
+CREATE TABLE revlog (
+  id integer PRIMARY KEY,
+  cid integer NOT NULL,
+  usn integer NOT NULL,
+  ease integer NOT NULL,
+  ivl integer NOT NULL,
+  lastIvl integer NOT NULL,
+  factor integer NOT NULL,
+  time integer NOT NULL,
+  type integer NOT NULL
+);
+""" + SCHEMA11_GRAVES + """;
+-- syncing
+CREATE INDEX ix_notes_usn ON notes (usn);
+CREATE INDEX ix_cards_usn ON cards (usn);
+CREATE INDEX ix_revlog_usn ON revlog (usn);
+-- card spacing
+CREATE INDEX ix_cards_nid ON cards (nid);
+-- scheduling and deck limiting
+CREATE INDEX ix_cards_sched ON cards (did, queue, due);
+-- revlog by card
+CREATE INDEX ix_revlog_cid ON revlog (cid);
+-- field uniqueness
+CREATE INDEX ix_notes_csum ON notes (csum);
+INSERT INTO col VALUES (1, 0, 0, 0, 0, 0, 0, 0, '{}', '{}', '{}', '{}', '{}');
+"""
+
+PAGE_SIZE = 4096  # what the official code uses
+ROLLOVER_HOUR = 4  # a collection's day starts at 04:00 local time
+DEFAULT_DECK_ID = 1
+DEFAULT_DECK_CONFIG_ID = 1
+
+
+def collection_start(now):
+    """04:00 local on the day of `now`, or the day before if earlier: `crt`."""
+    local = datetime.datetime.fromtimestamp(now)
+    start = local.replace(hour=ROLLOVER_HOUR, minute=0, second=0, microsecond=0)
+    if local.hour < ROLLOVER_HOUR:
+        start -= datetime.timedelta(days=1)
+    return int(start.timestamp())
+
+
+def default_conf(basic_id):
+    return {
+        "activeDecks": [DEFAULT_DECK_ID],
+        "curDeck": DEFAULT_DECK_ID,
+        "newSpread": 0,
+        "collapseTime": 1200,
+        "timeLim": 0,
+        "estTimes": True,
+        "dueCounts": True,
+        "curModel": basic_id,
+        "nextPos": 1,
+        "sortType": "noteFld",
+        "sortBackwards": False,
+        "addToCur": True,
+        "dayLearnFirst": False,
+        "schedVer": 2,
+        "creationOffset": None,  # the server has no timezone of its own
+        "sched2021": True,
+    }
+
+
+def default_deck():
+    return {
+        "id": DEFAULT_DECK_ID, "mod": 0, "name": "Default", "usn": 0,
+        "lrnToday": [0, 0], "revToday": [0, 0], "newToday": [0, 0],
+        "timeToday": [0, 0], "collapsed": True, "browserCollapsed": True,
+        "desc": "", "dyn": 0, "conf": DEFAULT_DECK_CONFIG_ID, "extendNew": 0,
+        "extendRev": 0, "reviewLimit": None, "newLimit": None,
+        "reviewLimitToday": None, "newLimitToday": None,
+        "desiredRetention": None,
+    }
+
+
+def default_deck_config():
+    return {
+        "id": DEFAULT_DECK_CONFIG_ID, "mod": 0, "name": "Default", "usn": 0,
+        "maxTaken": 60, "autoplay": True, "timer": 0, "replayq": True,
+        "new": {"bury": False, "delays": [1.0, 10.0], "initialFactor": 2500,
+                "ints": [1, 4, 0], "order": 1, "perDay": 20},
+        "rev": {"bury": False, "ease4": 1.3, "ivlFct": 1.0, "maxIvl": 36500,
+                "perDay": 200, "hardFactor": 1.2},
+        "lapse": {"delays": [10.0], "leechAction": 1, "leechFails": 8,
+                  "minInt": 1, "mult": 0.0},
+        "dyn": False, "newMix": 0, "newPerDayMinimum": 0,
+        "interdayLearningMix": 0, "reviewOrder": 0, "newSortOrder": 0,
+        "newGatherPriority": 0, "buryInterdayLearning": False,
+        "fsrsWeights": [], "fsrsParams5": [], "fsrsParams6": [],
+        "desiredRetention": 0.9, "ignoreRevlogsBeforeDate": "",
+        "easyDaysPercentages": [1.0] * 7, "stopTimerOnAnswer": False,
+        "secondsToShowQuestion": 0.0, "secondsToShowAnswer": 0.0,
+        "questionAction": 0, "answerAction": 0, "waitForAudio": True,
+        "sm2Retention": 0.9, "weightSearch": "",
+    }
+
+
+# The stock note types' texts (SCHEMA.md 2.2).
+LATEX_PRE = (
+    "\\documentclass[12pt]{article}\n"
+    "\\special{papersize=3in,5in}\n"
+    "\\usepackage[utf8]{inputenc}\n"
+    "\\usepackage{amssymb,amsmath}\n"
+    "\\pagestyle{empty}\n"
+    "\\setlength{\\parindent}{0in}\n"
+    "\\begin{document}\n"
+)
+LATEX_POST = "\\end{document}"
+CARD_CSS_TOP = ".card {\n    font-family: arial;\n    font-size: 20px;\n"
+CARD_CSS_BOTTOM = ("    text-align: center;\n    color: black;\n"
+                   "    background-color: white;\n}\n")
+STANDARD_CSS = CARD_CSS_TOP + "    line-height: 1.5;\n" + CARD_CSS_BOTTOM
+CLOZE_CSS = STANDARD_CSS + (
+    ".cloze {\n    font-weight: bold;\n    color: blue;\n}\n"
+    ".nightMode .cloze {\n    color: lightblue;\n}\n"
+)
+IMAGE_OCCLUSION_CSS = (
+    "#image-occlusion-canvas {\n"
+    "    --inactive-shape-color: #ffeba2;\n"
+    "    --active-shape-color: #ff8e8e;\n"
+    "    --inactive-shape-border: 1px #212121;\n"
+    "    --active-shape-border: 1px #212121;\n"
+    "    --highlight-shape-color: #ff8e8e00;\n"
+    "    --highlight-shape-border: 1px #ff8e8e;\n"
+    "}\n\n"
+) + CARD_CSS_TOP + CARD_CSS_BOTTOM
+ANSWER_PREFIX = "{{FrontSide}}\n\n<hr id=answer>\n\n"
+IMAGE_OCCLUSION_QFMT = (
+    "{{#Header}}<div>{{Header}}</div>{{/Header}}\n"
+    "<div style=\"display: none\">{{cloze:Occlusion}}</div>\n"
+    "<div id=\"err\"></div>\n"
+    "<div id=\"image-occlusion-container\">\n"
+    "    {{Image}}\n"
+    "    <canvas id=\"image-occlusion-canvas\"></canvas>\n"
+    "</div>\n"
+    "<script>\n"
+    "try {\n"
+    "    anki.imageOcclusion.setup();\n"
+    "} catch (exc) {\n"
+    "    document.getElementById(\"err\").innerHTML = `Error loading image "
+    "occlusion. Is your Anki version up to date?<br><br>${exc}`;\n"
+    "}\n"
+    "</script>\n"
+)
+IMAGE_OCCLUSION_AFMT = (
+    IMAGE_OCCLUSION_QFMT
+    + "\n<div><button id=\"toggle\">Toggle Masks</button></div>\n"
+    + "{{#Back Extra}}<div>{{Back Extra}}</div>{{/Back Extra}}\n"
+)
+BASIC_CARD_1 = ("Card 1", "{{Front}}", ANSWER_PREFIX + "{{Back}}")
+# (name, type, originalStockKind, fields, templates, req, css); a field is
+# (name, tag, preventDeletion), a template (name, qfmt, afmt).
+STOCK_NOTETYPES = (
+    ("Basic", 0, 1,
+     [("Front", None, False), ("Back", None, False)],
+     [BASIC_CARD_1],
+     [[0, "any", [0]]], STANDARD_CSS),
+    ("Basic (and reversed card)", 0, 2,
+     [("Front", None, False), ("Back", None, False)],
+     [BASIC_CARD_1, ("Card 2", "{{Back}}", ANSWER_PREFIX + "{{Front}}")],
+     [[0, "any", [0]], [1, "any", [1]]], STANDARD_CSS),
+    ("Basic (optional reversed card)", 0, 3,
+     [("Front", None, False), ("Back", None, False),
+      ("Add Reverse", None, False)],
+     [BASIC_CARD_1, ("Card 2", "{{#Add Reverse}}{{Back}}{{/Add Reverse}}",
+                     ANSWER_PREFIX + "{{Front}}")],
+     [[0, "any", [0]], [1, "all", [1, 2]]], STANDARD_CSS),
+    ("Basic (type in the answer)", 0, 4,
+     [("Front", None, False), ("Back", None, False)],
+     [("Card 1", "{{Front}}\n\n{{type:Back}}",
+       "{{Front}}\n\n<hr id=answer>\n\n{{type:Back}}")],
+     [[0, "any", [0, 1]]], STANDARD_CSS),
+    ("Cloze", 1, 5,
+     [("Text", 0, True), ("Back Extra", 1, False)],
+     [("Cloze", "{{cloze:Text}}", "{{cloze:Text}}<br>\n{{Back Extra}}")],
+     [[0, "any", [0]]], CLOZE_CSS),
+    ("Image Occlusion", 1, 6,
+     [("Occlusion", 0, True), ("Image", 1, True), ("Header", 2, True),
+      ("Back Extra", 3, True), ("Comments", 4, False)],
+     [("Image Occlusion", IMAGE_OCCLUSION_QFMT, IMAGE_OCCLUSION_AFMT)],
+     [[0, "any", [0, 1, 2]]], IMAGE_OCCLUSION_CSS),
+)
+
+
+def random_id():
+    """A random signed 64-bit id, as stock fields and templates get."""
+    return random.getrandbits(64) - (1 << 63)
+
+
+def stock_notetype(ntid, spec):
+    name, kind, stock_kind, fields, templates, req, css = spec
+    return {
+        "id": ntid, "name": name, "type": kind, "mod": 0, "usn": 0,
+        "sortf": 0, "did": None,
+        "tmpls": [
+            {"name": tname, "ord": ord_, "qfmt": qfmt, "afmt": afmt,
+             "bqfmt": "", "bafmt": "", "did": None, "bfont": "", "bsize": 0,
+             "id": random_id()}
+            for ord_, (tname, qfmt, afmt) in enumerate(templates)],
+        "flds": [
+            {"name": fname, "ord": ord_, "sticky": False, "rtl": False,
+             "font": "Arial", "size": 20, "description": "",
+             "plainText": False, "collapsed": False,
+             "excludeFromSearch": False, "id": random_id(), "tag": tag,
+             "preventDeletion": keep}
+            for ord_, (fname, tag, keep) in enumerate(fields)],
+        "css": css, "latexPre": LATEX_PRE, "latexPost": LATEX_POST,
+        "latexsvg": False, "req": req, "originalStockKind": stock_kind,
+    }
+
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new_collection(path, now):
+    created_ms = int(now * 1000)
+    models = {}
+    for offset, spec in enumerate(STOCK_NOTETYPES):
+        models[str(created_ms + offset)] = stock_notetype(created_ms + offset, spec)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA page_size = %d" % PAGE_SIZE)
+        conn.execute("PRAGMA journal_mode = delete")
+        conn.executescript("BEGIN;\n" + SCHEMA11_DDL)  # stays open
+        conn.execute(
+            "UPDATE col SET crt = ?, scm = ?, ver = 11, conf = ?, models = ?, "
+            "decks = ?, dconf = ?, tags = '{}'",
+            (collection_start(now), created_ms, dumps_compact(default_conf(created_ms)),
+             dumps_compact(models),
+             dumps_compact({str(DEFAULT_DECK_ID): default_deck()}),
+             dumps_compact({str(DEFAULT_DECK_CONFIG_ID): default_deck_config()})))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def create_collection(path):
+    """Write a brand-new schema-11 collection at `path`, atomically: a reader
+    sees either nothing or the complete file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=".new-collection-", suffix=".tmp",
+                                dir=folder)
+    os.close(fd)  # SQLite treats the empty file as a new database
+    try:
+        _write_new_collection(temp, time.time())
+        _fsync_path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        for leftover in (temp, temp + "-journal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        raise
+    _fsync_path(folder)
+
+
+def connect_collection(path):
+    """An sqlite3 connection set up the way every collection is opened here."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+    conn.create_collation("unicase", unicase_collate)
+    try:
+        # An uploaded file is untrusted: its schema may not run functions behind our back.
+        conn.execute("pragma trusted_schema=off")
+    except sqlite3.Error:
+        pass
+    return conn
+
+
+def fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_side_files(path):
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def sqlite_version_of(conn):
+    try:
+        rows = conn.execute("select ver from col").fetchall()
+    except sqlite3.DatabaseError:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    if len(rows) != 1:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    return rows[0][0]
+
+
+def prepare_collection_file(path):
+    """Check an uploaded SQLite file and leave it as a schema-11, DELETE-mode collection.
+
+    Raises CorruptCollection with the sentence the client shows to its user.
+    """
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+    conn = connect_collection(path)
+    try:
+        try:
+            result = conn.execute("pragma integrity_check").fetchall()
+        except sqlite3.DatabaseError:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+        if result != [("ok",)]:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+        version = sqlite_version_of(conn)
+        if version == 18:
+            downgrade_to_schema11(conn)
+        elif version == 11:
+            check_schema11(conn)
+        elif isinstance(version, int) and 14 <= version <= 17:
+            raise CorruptCollection(
+                "Collection schema %d is not accepted by this sync server: please update "
+                "Anki, or use Check Database and sync again." % version)
+        else:
+            raise CorruptCollection(
+                "Unsupported collection version %s: please update the sync server." % (version,))
+        conn.execute("pragma journal_mode=delete")
+    except sqlite3.DatabaseError:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    finally:
+        conn.close()
+    remove_side_files(path)
+
+
+class Collection:
+    """One user's collection file and the connection that reads and writes it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "collection.anki2")
+        self.conn = None
+
+    def open(self):
+        if self.conn is None:
+            if not os.path.exists(self.path):
+                create_collection(self.path)
+            else:
+                self._adopt_foreign_file()
+            self.conn = connect_collection(self.path)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+            except sqlite3.Error:
+                pass
+            self.conn.close()
+            self.conn = None
+
+    def _adopt_foreign_file(self):
+        """A schema-18 file (moved over from the official server) becomes schema 11 once."""
+        probe = connect_collection(self.path)
+        try:
+            version = probe.execute("select ver from col").fetchone()[0]
+        except (sqlite3.DatabaseError, TypeError):
+            probe.close()
+            raise SyncError(500, "the stored collection of this user cannot be read")
+        if version == 11:
+            probe.close()
+            return
+        temp = self.path + ".convert"
+        target = connect_collection(temp)
+        try:
+            probe.backup(target)    # takes what is still in a -wal file along
+        finally:
+            target.close()
+            probe.close()
+        try:
+            prepare_collection_file(temp)
+        except CorruptCollection as e:
+            os.unlink(temp)
+            raise SyncError(500, "cannot convert the stored schema-%s collection: %s"
+                            % (version, e.reason))
+        os.replace(temp, self.path)
+        remove_side_files(self.path)
+        fsync_folder(self.folder)
+        log.info("converted %s from schema %s to 11", self.path, version)
+
+    def replace_with(self, new_path):
+        """Atomically put an already prepared file in place of the collection."""
+        self.close()
+        os.replace(new_path, self.path)
+        remove_side_files(self.path)
+        fsync_folder(self.folder)
+
+    def size(self):
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+
+# ---------------------------------------------------------------------------
+# Collection sync
+#   The collection methods by their wire names (PROTOCOL.md section 3 and 5).
+#   A normal sync is one SQLite transaction, begun at `start` and committed at
+#   `finish`; anything else rolls it back.
+# ---------------------------------------------------------------------------
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def to_int(value, what="value"):
+    """Numbers as clients send them: ints, floats (legacy) or numeric strings."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        if isinstance(value, float):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                return int(float(value))
+    except (ValueError, OverflowError):
+        pass
+    raise bad_request("%s must be a number, not %r" % (what, value if not isinstance(value, str)
+                                                       else value[:40]))
+
+
+ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")   # keeps TAB and LF, as Anki does
+MEDIA_TAG = re.compile(
+    r"""<(?:img|audio|video|object|source)\b[^>]*?\b(?:src|data)\s*=\s*"""
+    r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))[^>]*>""", re.IGNORECASE | re.DOTALL)
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+HTML_STYLE = re.compile(r"<style\b.*?>.*?</style>", re.IGNORECASE | re.DOTALL)
+HTML_SCRIPT = re.compile(r"<script\b.*?>.*?</script>", re.IGNORECASE | re.DOTALL)
+HTML_TAG = re.compile(r"<.*?>", re.DOTALL)
+
+
+def strip_html_keep_media(text):
+    """The text Anki sorts and checksums a field by (PROTOCOL.md appendix D)."""
+    text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
+    for pattern in (HTML_COMMENT, HTML_STYLE, HTML_SCRIPT, HTML_TAG):
+        text = pattern.sub("", text)
+    if "&" in text:
+        text = html.unescape(text).replace("\xa0", " ")
+    return text
+
+
+def field_checksum(text):
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def normalize_name_component(part, fallback="blank"):
+    part = ASCII_CONTROL.sub("", unicodedata.normalize("NFC", part)).strip().strip(":").strip()
+    return part or fallback
+
+
+def normalize_deck_name(name):
+    return "::".join(normalize_name_component(p) for p in str(name).split("::"))
+
+
+def normalize_tag(name):
+    parts = []
+    for part in unicodedata.normalize("NFC", str(name)).split("::"):
+        part = re.sub(r"[\x00-\x20\x7f\u3000]", "", part)
+        parts.append(part or "blank")
+    tag = "::".join(parts)
+    return "" if tag == "blank" else tag
+
+
+def normalize_note_tags(tags):
+    return " %s " % " ".join(t for t in re.split(r"[ \u3000]+", tags) if t) if tags.strip() else ""
+
+
+def unique_name(name, taken):
+    """Anki's rule for a clash: append '+' until no other object has the name."""
+    while name.casefold() in taken:
+        name += "+"
+    return name
+
+
+class CollectionObjects:
+    """The JSON columns of the `col` row, parsed once per sync session.
+
+    Notetypes, decks, deck configs, tags and config change in memory and are
+    written back just before the commit at `finish`.
+    """
+
+    COLUMNS = ("models", "decks", "dconf", "tags", "conf")
+
+    def __init__(self, conn):
+        row = conn.execute("select crt, models, decks, dconf, tags, conf from col").fetchone()
+        self.crt = row[0]
+        self.models, self.decks, self.dconf, self.tags, self.conf = (json.loads(v) for v in row[1:])
+        self.dirty = set()
+
+    def save(self, conn):
+        for column in self.COLUMNS:
+            if column in self.dirty:
+                value = getattr(self, column)
+                conn.execute("update col set %s=?" % column, (dumps_compact(value),))
+        if "crt" in self.dirty:
+            conn.execute("update col set crt=?", (self.crt,))
+        self.dirty.clear()
+
+
+class SyncSession:
+    """One device's normal sync in progress: its keys, usns and open transaction."""
+
+    def __init__(self, skey, conn, client_usn, client_is_newer):
+        self.skey = skey
+        self.conn = conn
+        self.client_usn = client_usn
+        self.client_is_newer = client_is_newer
+        self.chunk_ids = None           # server rows still to send, filled by the first `chunk`
+        self.failed = False             # a bad sanity check rolled the transaction back
+        self.touched = time.monotonic()
+        conn.execute("begin immediate")
+        self.server_usn = conn.execute("select usn from col").fetchone()[0]
+        self.objects = CollectionObjects(conn)
+
+    def rollback(self):
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("rollback")
+        except sqlite3.Error:
+            pass
+
+    # -- graves -----------------------------------------------------------
+
+    def pending_graves(self):
+        graves = {"cards": [], "notes": [], "decks": []}
+        names = {0: "cards", 1: "notes", 2: "decks"}
+        for oid, kind in self.conn.execute(
+                "select oid, type from graves where usn >= ?", (self.client_usn,)):
+            if kind in names:
+                graves[names[kind]].append(oid)
+        return graves
+
+    def apply_graves(self, graves):
+        usn = self.server_usn
+        cards, notes, decks = (graves_list(graves, key) for key in ("cards", "notes", "decks"))
+        if len(cards) + len(notes) + len(decks) > GRAVES_MAX:
+            raise bad_request("more than %d deletions in one request" % GRAVES_MAX)
+        self.conn.executemany("delete from cards where id=?", ((i,) for i in cards))
+        self.conn.executemany("delete from notes where id=?", ((i,) for i in notes))
+        for did in decks:
+            if self.objects.decks.pop(str(did), None) is not None:
+                self.objects.dirty.add("decks")
+        self.conn.executemany(
+            "insert into graves (usn, oid, type) values (?, ?, ?)",
+            [(usn, i, 0) for i in cards] + [(usn, i, 1) for i in notes] + [(usn, i, 2) for i in decks])
+
+    # -- notetypes, decks, deck configs, tags, config -----------------------
+
+    def pending_changes(self):
+        """The server's side of applyChanges, gathered before the client's is applied."""
+        since = self.client_usn
+        objects = self.objects
+
+        def pending(mapping):
+            return [obj for obj in mapping.values() if to_int(obj.get("usn", 0)) >= since]
+
+        changes = {
+            "models": pending(objects.models),
+            "decks": [pending(objects.decks), pending(objects.dconf)],
+            "tags": [tag for tag, usn in objects.tags.items() if to_int(usn) >= since],
+        }
+        if not self.client_is_newer:
+            changes["conf"] = objects.conf
+            changes["crt"] = objects.crt
+        return changes
+
+    def apply_changes(self, changes):
+        if not isinstance(changes, dict):
+            raise bad_request("applyChanges needs a `changes` object")
+        models = changes.get("models") or []
+        decks = changes.get("decks") or [[], []]
+        if not (isinstance(models, list) and isinstance(decks, list) and len(decks) == 2):
+            raise bad_request("applyChanges: `models` must be a list and `decks` a pair of lists")
+        for model in models:
+            self.merge_notetype(model)
+        for deck in decks[0] or []:
+            self.merge_deck(deck)
+        for dconf in decks[1] or []:
+            self.merge_deck_config(dconf)
+        for tag in changes.get("tags") or []:
+            self.add_tag(tag)
+        if changes.get("crt") is not None:
+            self.objects.crt = to_int(changes["crt"], "crt")
+            self.objects.dirty.add("crt")
+        if changes.get("conf") is not None:
+            if not isinstance(changes["conf"], dict):
+                raise bad_request("applyChanges: `conf` must be an object")
+            self.objects.conf = changes["conf"]
+            self.objects.dirty.add("conf")
+
+    def _newer_than_stored(self, mapping, obj, what):
+        if not isinstance(obj, dict):
+            raise bad_request("applyChanges: a %s must be an object" % what)
+        oid = to_int(obj.get("id"), "%s id" % what)
+        obj["id"] = oid
+        obj["mod"] = to_int(obj.get("mod", 0), "%s mod" % what)
+        existing = mapping.get(str(oid))
+        if existing is not None and to_int(existing.get("mod", 0)) > obj["mod"]:
+            return None
+        # Stamped with this sync's usn whatever the client wrote: a stale usn from a
+        # client whose `meta` raced another device would hide the change from it.
+        obj["usn"] = self.server_usn
+        return existing if existing is not None else {}
+
+    def _taken_names(self, mapping, oid):
+        return {str(o.get("name", "")).casefold() for key, o in mapping.items() if key != str(oid)}
+
+    def merge_notetype(self, model):
+        existing = self._newer_than_stored(self.objects.models, model, "notetype")
+        if existing is None:
+            return
+        for key in ("flds", "tmpls"):
+            if not isinstance(model.get(key), list):
+                raise bad_request("applyChanges: notetype %s has no %s list" % (model["id"], key))
+        if existing and (len(existing.get("flds", [])) != len(model["flds"])
+                         or len(existing.get("tmpls", [])) != len(model["tmpls"])):
+            raise bad_request("notetype schema changed: notetype %s needs a full sync"
+                              % model["id"])
+        name = unique_name(str(model.get("name", "")), self._taken_names(self.objects.models, model["id"]))
+        if name != model.get("name"):
+            model["name"], model["mod"] = name, int(time.time())
+        self.objects.models[str(model["id"])] = model
+        self.objects.dirty.add("models")
+
+    def merge_deck(self, deck):
+        if self._newer_than_stored(self.objects.decks, deck, "deck") is None:
+            return
+        name = normalize_deck_name(deck.get("name", ""))
+        unique = unique_name(name, self._taken_names(self.objects.decks, deck["id"]))
+        if unique != deck.get("name"):
+            deck["name"] = unique
+            if unique != name:
+                deck["mod"] = int(time.time())
+        self.objects.decks[str(deck["id"])] = deck
+        self.objects.dirty.add("decks")
+
+    def merge_deck_config(self, dconf):
+        if self._newer_than_stored(self.objects.dconf, dconf, "deck config") is None:
+            return
+        self.objects.dconf[str(dconf["id"])] = dconf
+        self.objects.dirty.add("dconf")
+
+    def add_tag(self, tag):
+        if not isinstance(tag, str):
+            raise bad_request("applyChanges: tags must be strings")
+        tag = normalize_tag(tag)
+        if not tag:
+            return
+        tags = self.objects.tags
+        if tag in tags or tag.casefold() in {t.casefold() for t in tags}:
+            return
+        tags[tag] = self.server_usn
+        self.objects.dirty.add("tags")
+
+    # -- rows: revlog, cards, notes -----------------------------------------
+
+    REVLOG_COLUMNS = "id, cid, usn, ease, ivl, lastIvl, factor, time, type"
+    CARD_COLUMNS = ("id, nid, did, ord, mod, usn, type, queue, due, ivl, factor, reps, "
+                    "lapses, left, odue, odid, flags, data")
+    NOTE_COLUMNS = "id, guid, mid, mod, usn, tags, flds, '', '', flags, data"
+
+    def chunk(self):
+        if self.chunk_ids is None:
+            self.chunk_ids = [
+                [r[0] for r in self.conn.execute(
+                    "select id from %s where usn >= ?" % table, (self.client_usn,))]
+                for table in ("revlog", "cards", "notes")]
+        revlog_ids, card_ids, note_ids = self.chunk_ids
+        taken = ([], [], [])
+        count = 0
+        # Round-robin over the three lists, as the official server picks them.
+        while count < CHUNK_SIZE and (revlog_ids or card_ids or note_ids):
+            for source, sink in ((revlog_ids, taken[0]), (note_ids, taken[2]), (card_ids, taken[1])):
+                if source and count < CHUNK_SIZE:
+                    sink.append(source.pop())
+                    count += 1
+        reply = {"done": not (revlog_ids or card_ids or note_ids)}
+        for key, table, columns, ids in (("revlog", "revlog", self.REVLOG_COLUMNS, taken[0]),
+                                         ("cards", "cards", self.CARD_COLUMNS, taken[1]),
+                                         ("notes", "notes", self.NOTE_COLUMNS, taken[2])):
+            if ids:
+                reply[key] = [list(row) for row in self.conn.execute(
+                    "select %s from %s where id in (%s)" % (columns, table, ",".join("?" * len(ids))),
+                    ids)]
+        return reply
+
+    def apply_chunk(self, chunk):
+        if not isinstance(chunk, dict):
+            raise bad_request("applyChunk needs a `chunk` object")
+        revlog = [self.revlog_row(r) for r in chunk.get("revlog") or []]
+        cards = [self.card_row(r) for r in chunk.get("cards") or []]
+        notes = [self.note_row(r) for r in chunk.get("notes") or []]
+        if revlog:
+            self.conn.executemany("insert or ignore into revlog values (%s)" % ",".join("?" * 9), revlog)
+        self.merge_rows("cards", cards, mod_index=4)
+        self.merge_rows("notes", notes, mod_index=3)
+
+    def merge_rows(self, table, rows, mod_index):
+        """Insert new rows; replace stored ones unless changed here since and not older."""
+        if not rows:
+            return
+        ids = [row[0] for row in rows]
+        stored = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            for oid, mod, usn in self.conn.execute(
+                    "select id, mod, usn from %s where id in (%s)" % (table, ",".join("?" * len(part))),
+                    part):
+                stored[oid] = (mod, usn)
+        keep = []
+        for row in rows:
+            old = stored.get(row[0])
+            if old is not None and old[1] >= self.client_usn and old[0] >= row[mod_index]:
+                continue
+            keep.append(row)
+        if keep:
+            self.conn.executemany("insert or replace into %s values (%s)"
+                                  % (table, ",".join("?" * len(keep[0]))), keep)
+
+    def revlog_row(self, row):
+        row = checked_row(row, 9, "revlog")
+        values = [to_int(v, "revlog value") for v in row]
+        values[2] = self.server_usn
+        return values
+
+    def card_row(self, row):
+        row = checked_row(row, 18, "card")
+        values = [to_int(v, "card value") for v in row[:17]]
+        values[5] = self.server_usn
+        data = row[17]
+        values.append(data if isinstance(data, str) else json.dumps(data))
+        return values
+
+    def note_row(self, row):
+        row = checked_row(row, 11, "note")
+        nid, guid, mid, mod = to_int(row[0], "note id"), row[1], to_int(row[2], "note mid"), to_int(row[3], "note mod")
+        tags, flds = row[5], row[6]
+        if not (isinstance(guid, str) and isinstance(tags, str) and isinstance(flds, str)):
+            raise bad_request("note %s: guid, tags and fields must be strings" % nid)
+        model = self.objects.models.get(str(mid))
+        if model is None:
+            raise bad_request("note %s uses notetype %s, which this collection does not have"
+                              % (nid, mid))
+        fields = [FIELD_CONTROL.sub("", f) for f in flds.split("\x1f")]
+        expected = max(1, len(model.get("flds") or []))
+        if len(fields) != expected:
+            raise bad_request("note %s has %d fields, its notetype %s has %d"
+                              % (nid, len(fields), mid, expected))
+        sort_index = to_int(model.get("sortf", 0))
+        sort_field = strip_html_keep_media(fields[sort_index]) if sort_index < len(fields) else ""
+        checksum = field_checksum(strip_html_keep_media(fields[0]))
+        return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags),
+                "\x1f".join(fields), sort_field, checksum, 0, ""]
+
+    # -- the end ------------------------------------------------------------
+
+    def sanity_counts(self):
+        if self.has_unsynced():
+            return None
+        conn = self.conn
+        count = lambda table: conn.execute("select count() from %s" % table).fetchone()[0]
+        return [[0, 0, 0], count("cards"), count("notes"), count("revlog"), 0,
+                len(self.objects.models), len(self.objects.decks), len(self.objects.dconf)]
+
+    def has_unsynced(self):
+        """usn -1 anywhere means something of a client's slipped in unstamped."""
+        for table in ("cards", "notes", "revlog", "graves"):
+            if self.conn.execute("select 1 from %s where usn = -1 limit 1" % table).fetchone():
+                return True
+        objects = self.objects
+        for mapping in (objects.models, objects.decks, objects.dconf):
+            if any(to_int(o.get("usn", 0)) == -1 for o in mapping.values()):
+                return True
+        return any(to_int(usn) == -1 for usn in objects.tags.values())
+
+    def finish(self):
+        now = now_ms()
+        self.objects.save(self.conn)
+        self.conn.execute("update col set ls=?, mod=?, usn=usn+1", (now, now))
+        self.conn.execute("commit")
+        return now
+
+
+def checked_row(row, length, what):
+    if not isinstance(row, list) or len(row) != length:
+        raise bad_request("a %s row must be a list of %d values" % (what, length))
+    return row
+
+
+def graves_list(graves, key):
+    values = graves.get(key) or []
+    if not isinstance(values, list):
+        raise bad_request("graves: `%s` must be a list of ids" % key)
+    return [to_int(v, "grave id") for v in values]
+
+
+class Reply:
+    """A method's answer: bytes in memory, or a file streamed from disk."""
+
+    def __init__(self, body=b"", stream=None, size=None, on_close=None):
+        self.body = body
+        self.stream = stream            # a readable file object, for large answers
+        self.size = len(body) if stream is None else size
+        self.on_close = on_close
+
+    @classmethod
+    def json(cls, obj):
+        return cls(json_bytes(obj))
+
+    @classmethod
+    def text(cls, text):
+        return cls(text.encode("utf-8"))
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
+        if self.on_close is not None:
+            self.on_close()
+
+
+class CollectionSync:
+    """One user's collection: the protocol methods and the sync session between them."""
+
+    STATEFUL = ("applyGraves", "applyChanges", "chunk", "applyChunk", "sanityCheck2", "finish")
+
+    def __init__(self, folder, app):
+        self.folder = folder
+        self.app = app
+        self.collection = Collection(folder)
+        self.session = None
+        self.lock = threading.Lock()
+
+    def locked(self):
+        return UserLock(self.lock, "another device of this user is syncing the collection")
+
+    def handle(self, req):
+        if req.method == "upload":
+            return self.upload(req)
+        with self.locked():
+            if req.method in self.STATEFUL or req.method == "start":
+                return self.stateful(req)
+            method = {"meta": self.meta, "download": self.download, "abort": self.abort}.get(req.method)
+            if method is None:
+                raise SyncError(404, "unknown sync method %r" % req.method)
+            return method(req)
+
+    # -- session bookkeeping --------------------------------------------
+
+    def abort_session(self):
+        if self.session is not None:
+            self.session.rollback()
+            self.session = None
+
+    def expire_idle(self, timeout):
+        """Roll back a session whose device went quiet; called by the housekeeping thread."""
+        if self.session is None or not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self.session is not None and time.monotonic() - self.session.touched > timeout:
+                log.info("%s: sync session idle for %d s, rolled back", self.folder, timeout)
+                self.abort_session()
+        finally:
+            self.lock.release()
+
+    def stateful(self, req):
+        if not req.skey:
+            raise bad_request("missing session key (s)")
+        data = req.json()
+        if req.method != "start":
+            if self.session is None:
+                raise SyncError(409, "no sync in progress: the sync was cancelled or timed out")
+            if self.session.skey != req.skey:
+                raise SyncError(409, "another device started a sync of this collection")
+        try:
+            result = getattr(self, req.method)(data, req)
+        except SyncError as e:
+            self.abort_session()
+            if e.status in (400, 409, 413):
+                raise
+            raise bad_request(e.reason)
+        except (sqlite3.Error, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            self.abort_session()
+            raise bad_request("%s failed: %s" % (req.method, str(e).splitlines()[0] if str(e) else type(e).__name__))
+        if self.session is not None:
+            self.session.touched = time.monotonic()
+        return Reply.json(result)
+
+    # -- the methods, by their wire names -------------------------------
+
+    def meta(self, req):
+        data = req.json()
+        version = data.get("v")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise bad_request("meta needs the client's sync version `v`")
+        if not MIN_SYNC_VERSION <= version <= MAX_SYNC_VERSION:
+            raise SyncError(501, "sync version %d is not supported (%d to %d are)"
+                            % (version, MIN_SYNC_VERSION, MAX_SYNC_VERSION))
+        self.abort_session()
+        conn = self.collection.open()
+        mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
+        empty = conn.execute("select 1 from cards limit 1").fetchone() is None
+        if self.collection.size() > self.app.config.max_decompressed:
+            # Too big to upload again: a moving scm makes clients offer a one-way sync.
+            scm = now_ms()
+        cont, msg = True, ""
+        try:
+            sched_version = json.loads(conf).get("schedVer", 1)
+        except (ValueError, AttributeError):
+            sched_version = 1
+        if sched_version == 2 and version < 9:
+            cont, msg = False, "Your client does not support the v2 scheduler"
+        return Reply.json({
+            "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
+            "cont": cont, "hostNum": 0, "empty": empty,
+            "media_usn": self.app.media_for(req.user).last_usn(),
+            "uname": req.user,
+        })
+
+    def start(self, data, req):
+        self.abort_session()
+        conn = self.collection.open()
+        self.session = SyncSession(req.skey, conn, to_int(data.get("minUsn", 0), "minUsn"),
+                                   bool(data.get("lnewer")))
+        graves = self.session.pending_graves()
+        legacy = data.get("graves")
+        if legacy:
+            # AnkiDroid and old clients send all their deletions here instead of applyGraves.
+            if not isinstance(legacy, dict):
+                raise bad_request("start: `graves` must be an object")
+            self.session.apply_graves(legacy)
+        return graves
+
+    def applyGraves(self, data, req):
+        chunk = data.get("chunk")
+        if not isinstance(chunk, dict):
+            raise bad_request("applyGraves needs a `chunk` object")
+        self.session.apply_graves(chunk)
+        return None
+
+    def applyChanges(self, data, req):
+        mine = self.session.pending_changes()
+        self.session.apply_changes(data.get("changes"))
+        return mine
+
+    def chunk(self, data, req):
+        return self.session.chunk()
+
+    def applyChunk(self, data, req):
+        self.session.apply_chunk(data.get("chunk"))
+        return None
+
+    def sanityCheck2(self, data, req):
+        client = data.get("client")
+        server = self.session.sanity_counts()
+        ok = False
+        if isinstance(client, list) and len(client) == 8 and server is not None:
+            client = [[0, 0, 0]] + [to_int(v, "sanity count") for v in client[1:]]
+            client[4] = 0
+            ok = client == server
+        if not ok:
+            self.session.rollback()
+            self.session.failed = True
+        return {"status": "ok" if ok else "bad", "c": client, "s": server}
+
+    def finish(self, data, req):
+        session = self.session
+        if session.failed:
+            raise bad_request("finish after a failed sanity check: the sync was rolled back")
+        self.session = None
+        try:
+            return session.finish()
+        except sqlite3.Error:
+            session.rollback()
+            raise
+
+    def abort(self, req):
+        self.abort_session()
+        return Reply.json(None)
+
+    def download(self, req):
+        self.abort_session()
+        conn = self.collection.open()
+        conn.execute("update col set usn=usn+1, mod=?", (now_ms(),))
+        conn.execute("pragma journal_mode=delete")
+        # A copy, so the user's next sync can start while a slow client still downloads.
+        fd, snapshot = tempfile.mkstemp(prefix=".download-", dir=self.folder)
+        os.close(fd)
+        try:
+            shutil.copyfile(self.collection.path, snapshot)
+            stream = open(snapshot, "rb")
+        finally:
+            os.unlink(snapshot)         # the open file stays readable until closed
+        return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
+
+    def upload(self, req):
+        with self.locked():
+            self.abort_session()
+        if req.payload.size >= self.app.config.max_decompressed:
+            return Reply.text(UPLOAD_TOO_LARGE)
+        fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
+        os.close(fd)
+        try:
+            req.payload.save_as(temp)
+            prepare_collection_file(temp)
+            with self.locked():
+                self.abort_session()
+                self.collection.replace_with(temp)
+        except CorruptCollection as e:
+            log.info("%s: upload refused: %s", req.user, e.reason)
+            return Reply.text(e.reason)
+        finally:
+            for path in (temp,) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
+                if os.path.exists(path):
+                    os.unlink(path)
+        return Reply.text("OK")
+
+
+class UserLock:
+    """A user's lock with a deadline: a request that waits too long gets 409."""
+
+    def __init__(self, lock, reason):
+        self.lock = lock
+        self.reason = reason
+
+    def __enter__(self):
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            raise SyncError(409, self.reason)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+# ---------------------------------------------------------------------------
+# Media sync
+#   media.db and media/ per user, laid out like the official server's. The
+#   media usn rises by exactly one per change; deletions stay as entries.
+# ---------------------------------------------------------------------------
+
+MEDIA_SCHEMA = """
+    create table if not exists media (
+        fname text not null primary key,
+        csum blob not null,
+        size integer not null,
+        usn integer not null,
+        mtime integer not null);
+    create index if not exists ix_usn on media (usn);
+    create table if not exists meta (
+        last_usn integer not null,
+        total_bytes integer not null,
+        total_nonempty_files integer not null);
+"""
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def check_media_name(name):
+    """A name a client may store a file under; anything else could escape the folder."""
+    if not isinstance(name, str) or not name:
+        raise bad_request("media: empty or missing file name")
+    shown = name[:60]
+    if name in (".", "..", "_meta") or "/" in name or "\\" in name or WINDOWS_DRIVE.match(name):
+        raise bad_request("media: file name %r is not a plain file name" % shown)
+    if ASCII_CONTROL.search(name):
+        raise bad_request("media: file name %r contains control characters" % shown)
+    if len(name.encode("utf-8")) > MEDIA_NAME_MAX_BYTES:
+        raise bad_request("media: file name %r is longer than %d bytes" % (shown, MEDIA_NAME_MAX_BYTES))
+    if unicodedata.normalize("NFC", name) != name:
+        raise bad_request("media: file name %r is not in Unicode NFC form" % shown)
+    return name
+
+
+class MediaStore:
+    """A user's media files and the database that numbers their changes."""
+
+    def __init__(self, folder):
+        self.folder = os.path.join(folder, "media")
+        self.db_path = os.path.join(folder, "media.db")
+        self.lock = threading.Lock()
+
+    def connect(self):
+        os.makedirs(self.folder, exist_ok=True)
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=LOCK_WAIT)
+        db.execute("pragma journal_mode=wal")
+        if db.execute("pragma user_version").fetchone()[0] == 0:
+            db.executescript(MEDIA_SCHEMA)
+            db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
+            db.execute("pragma user_version = 4")
+        return db
+
+    def last_usn(self):
+        if not os.path.exists(self.db_path):
+            return 0
+        db = self.connect()
+        try:
+            return db.execute("select last_usn from meta").fetchone()[0]
+        finally:
+            db.close()
+
+    def path_of(self, name):
+        return os.path.join(self.folder, check_media_name(name))
+
+
+class MediaSync:
+    """One user's media methods, by their wire names (PROTOCOL.md section 6)."""
+
+    def __init__(self, store, app):
+        self.store = store
+        self.app = app
+
+    def handle(self, req):
+        method = {"begin": self.begin, "mediaChanges": self.mediaChanges,
+                  "uploadChanges": self.uploadChanges, "downloadFiles": self.downloadFiles,
+                  "mediaSanity": self.mediaSanity}.get(req.method)
+        if method is None:
+            raise SyncError(404, "unknown media method %r" % req.method)
+        with UserLock(self.store.lock, "another device of this user is syncing media"):
+            db = self.store.connect()
+            try:
+                return method(req, db)
+            finally:
+                db.close()
+
+    @staticmethod
+    def wrapped(data):
+        return Reply.json({"data": data, "err": ""})
+
+    def begin(self, req, db):
+        if not req.client_version:
+            raise bad_request("msync/begin needs the client version (v)")
+        usn = db.execute("select last_usn from meta").fetchone()[0]
+        # The host key doubles as the legacy media session key, as on the official server.
+        return self.wrapped({"usn": usn, "sk": req.hkey})
+
+    def mediaChanges(self, req, db):
+        since = to_int(req.json().get("lastUsn", 0), "lastUsn")
+        rows = db.execute("select fname, usn, csum, size from media where usn > ? "
+                          "order by usn limit ?", (since, MEDIA_CHANGES_PAGE)).fetchall()
+        return self.wrapped([[name, usn, csum.hex() if size else ""]
+                             for name, usn, csum, size in rows])
+
+    def mediaSanity(self, req, db):
+        local = to_int(req.json().get("local"), "local")
+        total = db.execute("select total_nonempty_files from meta").fetchone()[0]
+        return self.wrapped("OK" if local == total else "mediaSanity")
+
+    def downloadFiles(self, req, db):
+        names = req.json().get("files")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise bad_request("downloadFiles needs a list of file names")
+        if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
+            raise bad_request("downloadFiles: at most %d files per request" % MEDIA_DOWNLOAD_FILES_MAX)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.app.spool_folder)
+        try:
+            zip_meta, total = {}, 0
+            with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
+                for index, name in enumerate(names):
+                    row = db.execute("select size from media where fname=?", (name,)).fetchone()
+                    if row is None or row[0] == 0:
+                        raise SyncError(409, "downloadFiles: %r is not on the server" % name[:60])
+                    path = self.store.path_of(name)
+                    if not os.path.exists(path):
+                        # Forget it without a deletion entry, so the loss does not spread.
+                        with db:
+                            db.execute("update meta set total_bytes=max(0, total_bytes-?), "
+                                       "total_nonempty_files=max(0, total_nonempty_files-1)", (row[0],))
+                            db.execute("delete from media where fname=?", (name,))
+                        raise SyncError(409, "downloadFiles: %r is missing on disk" % name[:60])
+                    archive.write(path, str(index))
+                    zip_meta[str(index)] = name
+                    total += os.path.getsize(path)
+                    if total > MEDIA_DOWNLOAD_BYTES:
+                        break
+                archive.writestr("_meta", json_bytes(zip_meta))
+            size = spool.tell()
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return Reply(stream=spool, size=size)
+
+    def uploadChanges(self, req, db):
+        changes, incoming = self._unpack_upload(req.payload)
+        try:
+            with db:        # one transaction: the whole batch or nothing
+                usn, total_bytes, total_files = db.execute(
+                    "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
+                now = int(time.time())
+                for name, temp, sha1, size in changes:
+                    row = db.execute("select csum, size from media where fname=?", (name,)).fetchone()
+                    if temp is None:
+                        if row is None or row[1] == 0:
+                            continue
+                        usn += 1
+                        total_bytes -= row[1]
+                        total_files -= 1
+                        db.execute("update media set size=0, usn=?, mtime=? where fname=?",
+                                   (usn, now, name))
+                        try:
+                            os.unlink(self.store.path_of(name))
+                        except FileNotFoundError:
+                            pass
+                        continue
+                    if row is not None and row[1] and bytes(row[0]) == sha1:
+                        continue
+                    usn += 1
+                    if row is not None and row[1]:
+                        total_bytes -= row[1]
+                        total_files -= 1
+                    total_bytes += size
+                    total_files += 1
+                    db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
+                               (name, sha1, size, usn, now))
+                    os.replace(temp, self.store.path_of(name))
+                db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                           (usn, total_bytes, total_files))
+        finally:
+            for temp in incoming:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+        return self.wrapped([len(changes), usn])
+
+    def _unpack_upload(self, payload):
+        """Check the whole zip and write its files to temporary names before touching anything.
+
+        Returns [(name, temp path or None for a deletion, sha1, size)] and the temp paths.
+        """
+        incoming = []
+        try:
+            with payload.reader() as raw:
+                try:
+                    archive = zipfile.ZipFile(raw)
+                    entries = {info.filename: info for info in archive.infolist()}
+                except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+                    raise bad_request("uploadChanges: not a readable zip (%s)" % e)
+                if len(entries) > MEDIA_UPLOAD_MAX_FILES + 1:
+                    raise bad_request("uploadChanges: more than %d files in one zip"
+                                      % MEDIA_UPLOAD_MAX_FILES)
+                meta = self._read_zip_meta(archive, entries)
+                changes, names = [], set()
+                for item in meta:
+                    if not (isinstance(item, list) and len(item) == 2):
+                        raise bad_request("uploadChanges: _meta entries must be [name, entry]")
+                    name, entry = check_media_name(item[0]), item[1]
+                    if name in names:
+                        raise bad_request("uploadChanges: %r appears twice" % name[:60])
+                    names.add(name)
+                    if entry is None or entry == "":
+                        changes.append((name, None, None, 0))
+                        continue
+                    if not isinstance(entry, str) or entry not in entries or entry == "_meta":
+                        raise bad_request("uploadChanges: zip entry %r for %r is missing"
+                                          % (str(entry)[:20], name[:60]))
+                    temp, sha1, size = self._extract(archive, entries[entry], name)
+                    incoming.append(temp)
+                    changes.append((name, temp, sha1, size))
+                return changes, incoming
+        except BaseException:
+            for temp in incoming:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            raise
+
+    @staticmethod
+    def _read_zip_meta(archive, entries):
+        if "_meta" not in entries:
+            raise bad_request("uploadChanges: the zip has no _meta entry")
+        try:
+            with archive.open(entries["_meta"]) as f:
+                text = f.read(MEDIA_META_MAX + 1)
+            if len(text) > MEDIA_META_MAX:
+                raise bad_request("uploadChanges: _meta over %d bytes" % MEDIA_META_MAX)
+            meta = json.loads(text.decode("utf-8"))
+        except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise bad_request("uploadChanges: unreadable _meta (%s)" % str(e)[:80])
+        if not isinstance(meta, list) or len(meta) > MEDIA_UPLOAD_MAX_FILES:
+            raise bad_request("uploadChanges: _meta must list at most %d changes"
+                              % MEDIA_UPLOAD_MAX_FILES)
+        return meta
+
+    def _extract(self, archive, info, name):
+        """Copy one entry to a temp file, counting real bytes (a zip's header can lie)."""
+        fd, temp = tempfile.mkstemp(prefix=".incoming-", dir=self.store.folder)
+        digest, size = hashlib.sha1(), 0
+        try:
+            with os.fdopen(fd, "wb") as out, archive.open(info) as src:
+                while True:
+                    block = src.read(IO_BLOCK)
+                    if not block:
+                        break
+                    size += len(block)
+                    if size > MEDIA_FILE_MAX:
+                        raise bad_request("uploadChanges: %r is over %d MiB"
+                                          % (name[:60], MEDIA_FILE_MAX // MIB))
+                    digest.update(block)
+                    out.write(block)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
+            os.unlink(temp)
+            raise bad_request("uploadChanges: cannot read %r from the zip (%s)" % (name[:60], e))
+        except BaseException:
+            os.unlink(temp)
+            raise
+        if size == 0:
+            os.unlink(temp)
+            raise bad_request("uploadChanges: %r is empty" % name[:60])
+        return temp, digest.digest(), size
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+#   Routing that forgives what users type, the two envelopes (v11 header and
+#   zstd; legacy multipart and gzip), keep-alive responses, one log line each.
+# ---------------------------------------------------------------------------
+
+MIN_SYNC_VERSION = 8                # the oldest version the official server accepts
+MAX_SYNC_VERSION = 11
+COLLECTION_METHODS = ("hostKey", "meta", "start", "applyGraves", "applyChanges", "chunk",
+                      "applyChunk", "sanityCheck2", "finish", "abort", "upload", "download")
+MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
+
+
+class SyncRequest:
+    """One decoded request: who, which method, and the payload behind the envelope."""
+
+    def __init__(self, area, method):
+        self.area = area                # "sync" or "msync"
+        self.method = method
+        self.modern = False             # v11 envelope: answer with zstd
+        self.hkey = ""
+        self.skey = ""
+        self.client_version = ""
+        self.user = None
+        self.payload = None             # a Spool with the decompressed payload
+        self._json = None
+
+    def json(self):
+        if self._json is None:
+            if self.payload is None or self.payload.size == 0:
+                self._json = {}
+            else:
+                if self.payload.size > JSON_PAYLOAD_MAX:
+                    raise SyncError(413, "JSON payload over %d MiB" % (JSON_PAYLOAD_MAX // MIB))
+                try:
+                    self._json = json.loads(self.payload.getvalue().decode("utf-8"))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise bad_request("invalid JSON in the %s request: %s" % (self.method, e))
+                if self._json is None:
+                    self._json = {}
+                if not isinstance(self._json, dict):
+                    raise bad_request("the %s request must be a JSON object" % self.method)
+        return self._json
+
+    def close(self):
+        if self.payload is not None:
+            self.payload.close()
+
+
+def route(path, base_path):
+    """(area, method) for a sync URL; ('page', name) for the rest.
+
+    Clients and proxies send double slashes, trailing slashes and prefixes
+    (`/anki/sync/meta`, `/sync//meta`, a user who typed `.../sync/` as the
+    modern endpoint gets `/sync/sync/meta`): the last two segments decide.
+    """
+    path = urllib.parse.urlsplit(path).path
+    segments = [s for s in path.split("/") if s]
+    prefix = [s for s in base_path.split("/") if s]
+    if segments[:len(prefix)] == prefix:
+        segments = segments[len(prefix):]
+    if len(segments) >= 2 and segments[-2] == "sync" and segments[-1] in COLLECTION_METHODS:
+        return "sync", segments[-1]
+    if len(segments) >= 2 and segments[-2] == "msync" and segments[-1] in MEDIA_METHODS:
+        return "msync", segments[-1]
+    if segments in ([], ["index.html"]):
+        return "page", "index"
+    if segments == ["health"]:
+        return "page", "health"
+    if len(segments) >= 2 and segments[-2] in ("sync", "msync"):
+        raise SyncError(404, "unknown sync method %r" % segments[-1][:40])
+    raise SyncError(404, "nothing here: sync clients use %ssync/ and %smsync/"
+                    % (base_path, base_path))
+
+
+class SyncApp:
+    """The server's state: configuration, users, zstd backend, and per-user syncers."""
+
+    def __init__(self, config, zstd=None):
+        self.config = config
+        os.makedirs(config.data, exist_ok=True)
+        self.users = UserStore(config.data)
+        self.zstd = zstd or choose_zstd(config.zstd)
+        self.spool_folder = os.path.join(config.data, ".tmp")
+        os.makedirs(self.spool_folder, exist_ok=True)
+        self._clean_leftovers()
+        self._collections = {}
+        self._media = {}
+        self._registry_lock = threading.Lock()
+        self.base_path = config.normalized_base_path()
+
+    def _clean_leftovers(self):
+        """Temporary files of a server that was killed mid-request."""
+        for root, _, files in os.walk(self.config.data):
+            for name in files:
+                if name.startswith((".spool-", ".upload-", ".download-", ".incoming-")) or \
+                        name.endswith(".convert"):
+                    try:
+                        os.unlink(os.path.join(root, name))
+                    except OSError:
+                        pass
+
+    def user_folder(self, user):
+        check_username(user)
+        folder = os.path.join(self.config.data, user)
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    def collection_for(self, user):
+        with self._registry_lock:
+            if user not in self._collections:
+                self._collections[user] = CollectionSync(self.user_folder(user), self)
+            return self._collections[user]
+
+    def media_for(self, user):
+        with self._registry_lock:
+            if user not in self._media:
+                self._media[user] = MediaStore(self.user_folder(user))
+            return self._media[user]
+
+    def forget_user(self, user):
+        with self._registry_lock:
+            syncer = self._collections.pop(user, None)
+        if syncer is not None:
+            with syncer.locked():
+                syncer.abort_session()
+                syncer.collection.close()
+
+    def expire_idle_sessions(self):
+        with self._registry_lock:
+            syncers = list(self._collections.values())
+        for syncer in syncers:
+            syncer.expire_idle(self.config.session_timeout)
+
+    # -- the request path ---------------------------------------------------
+
+    def dispatch(self, req):
+        if req.area == "sync" and req.method == "hostKey":
+            return self.host_key(req)
+        req.user = self.users.user_for_key(req.hkey)
+        if req.user is None:
+            raise SyncError(403, "unknown sync key: log in again")
+        if req.area == "sync":
+            return self.collection_for(req.user).handle(req)
+        return MediaSync(self.media_for(req.user), self).handle(req)
+
+    def host_key(self, req):
+        data = req.json()
+        name, password = data.get("u"), data.get("p")
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise bad_request("hostKey needs a user name `u` and a password `p`")
+        hkey = self.users.login(name.strip(), password)
+        if hkey is None:
+            raise SyncError(403, "wrong user name or password")
+        req.user = name.strip()
+        return Reply.json({"key": hkey})
+
+    def decode(self, handler, area, method, body):
+        """Undo the envelope: fills a SyncRequest with keys and the plain payload."""
+        req = SyncRequest(area, method)
+        header = handler.headers.get("anki-sync")
+        content_type = handler.headers.get("Content-Type", "")
+        try:
+            if handler.command == "GET":
+                if (area, method) != ("msync", "begin"):
+                    raise SyncError(405, "%s/%s takes POST" % (area, method))
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+                req.hkey = query.get("k", [""])[0]
+                req.client_version = query.get("v", [""])[0]
+            elif header is not None:
+                self._decode_modern(req, header, body)
+            elif content_type.lower().startswith("multipart/form-data"):
+                self._decode_legacy(req, content_type, body)
+            else:
+                raise bad_request("expected an anki-sync header (Anki 2.1.57+) or a multipart "
+                                  "form (older clients): is this an Anki client?")
+        except BaseException:
+            req.close()
+            raise
+        return req
+
+    def _decode_modern(self, req, header, body):
+        try:
+            fields = json.loads(header)
+            version, hkey, client, skey = fields["v"], fields["k"], fields["c"], fields["s"]
+        except (ValueError, KeyError, TypeError):
+            raise bad_request("bad anki-sync header: a JSON object with v, k, c and s is expected")
+        if not isinstance(version, int) or not MIN_SYNC_VERSION <= version <= MAX_SYNC_VERSION:
+            raise bad_request("unsupported sync version: %s" % (version,))
+        req.modern = True
+        req.hkey, req.skey, req.client_version = str(hkey), str(skey), str(client)
+        req.payload = Spool(self.spool_folder, self.config.max_decompressed, "decompressed body")
+        try:
+            self.zstd.decompress_stream(body.read, req.payload.write, self.config.max_decompressed)
+        except ZstdLimitError:
+            raise SyncError(413, "decompressed body over the %d MiB limit (max_payload_mb x %d)"
+                            % (self.config.max_decompressed // MIB, DECOMPRESSED_FACTOR))
+        except ZstdError as e:
+            raise bad_request("bad zstd body: %s" % e)
+        if req.method == "begin":
+            req.client_version = str(req.json().get("v") or "")
+
+    def _decode_legacy(self, req, content_type, body):
+        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+        raw = Spool(self.spool_folder, self.config.max_payload, "request body")
+        try:
+            fields = MultipartParser(body.read, match.group(1) if match else "", raw).parse()
+            req.hkey = fields.get("k") or fields.get("sk") or ""
+            req.skey = fields.get("s") or ""
+            req.client_version = fields.get("v") or ""
+            if fields.get("c", "0") != "0" and raw.size:
+                req.payload = Spool(self.spool_folder, self.config.max_decompressed,
+                                    "decompressed body")
+                with raw.reader() as compressed:
+                    gunzip_stream(compressed.read, req.payload.write, self.config.max_decompressed)
+            else:
+                req.payload, raw = raw, None
+        finally:
+            if raw is not None:
+                raw.close()
+
+    # -- the page at / ------------------------------------------------------
+
+    def index_page(self, host, scheme):
+        base = "%s://%s%s" % (scheme, host or "HOST:%d" % self.config.port, self.base_path)
+        rows = [
+            ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
+             "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
+            ("Anki 2.1.28 to 2.1.56",
+             "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
+             "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
+            ("Anki 2.1.27 and older",
+             "an add-on that sets <code>anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
+            ("AnkiDroid 2.15 and older",
+             "Settings &rarr; Advanced &rarr; Custom sync server: sync URL <code>%s</code>, "
+             "media URL <code>%smsync/</code>" % (base, base)),
+        ]
+        items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
+        return ("""<!doctype html>
+<html><head><meta charset="utf-8"><title>ankisync</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em}
+td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{background:#f3f3f3}</style>
+</head><body>
+<h1>ankisync %s is running</h1>
+<p>A self-hosted Anki sync server. Log in from Anki with a user made by
+<code>python3 ankisync.py adduser NAME</code>. The address to enter, by client:</p>
+<table>%s</table>
+<p>The trailing slash matters for modern clients: without it they drop the last part of the path.</p>
+</body></html>
+""" % (__version__, items)).encode("utf-8")
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ankisync/" + __version__
+    timeout = SOCKET_TIMEOUT
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out in separate writes; without this, Nagle's algorithm
+        # and the client's delayed ACK add 40 ms to every request of a sync.
+        try:
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+
+    def do_GET(self):
+        self.serve()
+
+    def do_POST(self):
+        self.serve()
+
+    def do_HEAD(self):
+        self.send_text(405, "use GET or POST")
+
+    def serve(self):
+        app = self.server.app
+        started = time.monotonic()
+        req, status, sent, what = None, 200, 0, "-"
+        body = None
+        try:
+            body = BodyReader(self.rfile, self.headers, app.config.max_payload)
+            area, method = route(self.path, app.base_path)
+            what = "%s/%s" % (area, method)
+            if area == "page":
+                body.drain()
+                sent = self.send_page(method)
+                return
+            req = app.decode(self, area, method, body)
+            body.drain()
+            reply = app.dispatch(req)
+            try:
+                sent = self.send_reply(req, reply)
+            finally:
+                reply.close()
+        except SyncError as e:
+            status = e.status
+            self.finish_body(body)
+            sent = self.send_text(e.status, e.reason)
+        except (ConnectionError, socket.timeout) as e:
+            status, self.close_connection = 499, True
+            log.info("connection lost during %s: %s", what, e)
+        except Exception:
+            status = 500
+            log.exception("internal error during %s", what)
+            self.finish_body(body)
+            sent = self.send_text(500, "internal server error: see the server log")
+        finally:
+            if req is not None:
+                req.close()
+            log.info("%s %s %s %d in=%d out=%d %dms", self.client_address[0],
+                     (req.user if req and req.user else "-"), what, status,
+                     body.received if body else 0, sent, (time.monotonic() - started) * 1000)
+
+    def finish_body(self, body):
+        """Keep the connection only if the rest of the body is small enough to skip."""
+        try:
+            if body is None or body.finished:
+                return
+            if not body.chunked and body.remaining <= IO_BLOCK:
+                body.drain()
+                return
+        except SyncError:
+            pass
+        self.close_connection = True
+
+    def send_page(self, name):
+        if name == "health":
+            return self.send_text(200, "ok")
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        page = self.server.app.index_page(self.headers.get("Host"), scheme)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+        return len(page)
+
+    def send_text(self, status, text):
+        data = (text + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        return len(data)
+
+    def send_reply(self, req, reply):
+        zstd = self.server.app.zstd
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if not req.modern:
+            self.send_header("Content-Length", str(reply.size))
+            self.end_headers()
+            if reply.stream is None:
+                self.wfile.write(reply.body)
+                return reply.size
+            return copy_stream(reply.stream.read, self.wfile.write)
+        self.send_header("anki-original-size", str(reply.size))
+        if reply.stream is None:
+            data = zstd.compress(reply.body)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return len(data)
+        # Large answers stream through the compressor with chunked framing.
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunked = ChunkedWriter(self.wfile)
+        zstd.compress_stream(reply.stream.read, chunked.write)
+        chunked.close()
+        return chunked.sent
+
+    def log_message(self, format, *args):
+        log.debug(format, *args)
+
+
+class ChunkedWriter:
+    """HTTP/1.1 chunked framing for an answer whose compressed size is not known ahead."""
+
+    def __init__(self, wfile):
+        self.wfile = wfile
+        self.sent = 0
+
+    def write(self, data):
+        if data:
+            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.sent += len(data)
+        return len(data)
+
+    def close(self):
+        self.wfile.write(b"0\r\n\r\n")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address, app):
+        self.app = app
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = family
+        super().__init__(address, Handler)
+
+    def handle_error(self, request, client_address):
+        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+
+def housekeeping(app, stop):
+    """Roll back sync sessions of clients that vanished; runs beside the server."""
+    while not stop.wait(min(30, max(1, app.config.session_timeout // 4))):
+        try:
+            app.expire_idle_sessions()
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+#   serve, adduser, deluser, lsuser, passwd. User commands write auth.db and
+#   take effect at once, also while the server runs.
+# ---------------------------------------------------------------------------
+
+def read_password(name, stdin=None):
+    """getpass twice on a terminal; one line from stdin for scripts and Docker."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        first = getpass.getpass("Password for %s: " % name)
+        if first != getpass.getpass("Again: "):
+            raise ValueError("the two passwords differ: nothing changed")
+    else:
+        first = stdin.readline().rstrip("\r\n")
+    if not first:
+        raise ValueError("an empty password is not allowed: nothing changed")
+    return first
+
+
+def command_adduser(config, args):
+    users = UserStore(config.data)
+    check_username(args.name)
+    if users.exists(args.name):
+        raise ValueError("user %r already exists: use `passwd %s` to change the password"
+                         % (args.name, args.name))
+    users.add(args.name, read_password(args.name))
+    print("added user %s; their collection will live in %s"
+          % (args.name, os.path.join(config.data, args.name)))
+
+
+def command_passwd(config, args):
+    users = UserStore(config.data)
+    if not users.exists(args.name):
+        raise ValueError("no user %r: see `lsuser` for the names" % (args.name,))
+    users.set_password(args.name, read_password(args.name))
+    print("changed the password of %s; their devices must log in again" % args.name)
+
+
+def command_deluser(config, args):
+    users = UserStore(config.data)
+    users.delete(args.name)
+    folder = os.path.join(config.data, args.name)
+    if args.delete_data and os.path.isdir(folder):
+        shutil.rmtree(folder)
+        print("deleted user %s and their data" % args.name)
+    else:
+        print("deleted user %s; their data stays in %s (add --delete-data to remove it)"
+              % (args.name, folder))
+
+
+def command_lsuser(config, args):
+    for name in UserStore(config.data).names():
+        print(name)
+
+
+def command_serve(config, args):
+    app = SyncApp(config)
+    app.users.apply_environment(config.env_users, config.passwords_hashed)
+    log.info("ankisync %s, Python %s, zstd backend: %s", __version__,
+             sys.version.split()[0], app.zstd.name)
+    if app.zstd.name == "python":
+        log.warning("zstd runs in pure Python here: large uploads from modern clients will be "
+                    "slow. Python 3.14+ or the system libzstd (libzstd1) make them fast.")
+    log.info("data folder: %s", config.data)
+    if not app.users.names():
+        offer_first_user(app, config)
+    server = Server((config.host, config.port), app)
+    scheme = "http"
+    if config.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(config.certfile, config.keyfile or None)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
+    shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
+    log.info("listening on %s://%s:%d%s (open it in a browser for client setup)",
+             scheme, shown, config.port, app.base_path)
+    stop = threading.Event()
+    threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
+    install_sigterm()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        stop.set()
+        server.server_close()
+
+
+def offer_first_user(app, config):
+    hint = "python3 %s adduser NAME" % os.path.basename(__file__)
+    if config.source:
+        hint += " --config %s" % config.source
+    if sys.stdin.isatty():
+        name = input("No users yet. Name of the first user (empty to skip): ").strip()
+        if name:
+            check_username(name)
+            app.users.add(name, read_password(name))
+            log.info("added user %s", name)
+            return
+    log.warning("no users yet: add one with `%s` (it works while the server runs), "
+                "or set SYNC_USER1=name:password", hint)
+
+
+def install_sigterm():
+    """Docker stops containers with SIGTERM: shut down as on Ctrl-C."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        pass        # not the main thread (tests): nothing to install
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ankisync.py", description="A self-hosted Anki sync server in one file.")
+    parser.add_argument("--config", metavar="PATH",
+                        help="ini file (default: ankisync.ini beside this script, if present)")
+    parser.add_argument("--version", action="version", version="ankisync " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="run the sync server")
+    for name, text in (("adduser", "add a user (password from the terminal or stdin)"),
+                       ("passwd", "change a user's password and log out their devices"),
+                       ("deluser", "remove a user and log out their devices")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("name")
+        if name == "deluser":
+            sub.add_argument("--delete-data", action="store_true",
+                             help="also delete the user's collection and media")
+    commands.add_parser("lsuser", help="list the users")
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = Config.load(args.config)
+    logging.basicConfig(level=getattr(logging, config.log_level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    command = {"serve": command_serve, "adduser": command_adduser, "passwd": command_passwd,
+               "deluser": command_deluser, "lsuser": command_lsuser}[args.command]
+    try:
+        command(config, args)
+    except ValueError as e:
+        raise SystemExit("ankisync: %s" % e)
+    except ZstdError as e:
+        raise SystemExit("ankisync: %s" % e)
+    except OSError as e:
+        raise SystemExit("ankisync: %s" % e)
+    except (EOFError, KeyboardInterrupt):
+        raise SystemExit("ankisync: cancelled")
+
+
+if __name__ == "__main__":
+    main()
