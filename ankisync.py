@@ -590,15 +590,15 @@ class MultipartParser:
             if at >= 0:
                 del self.buffer[:at + len(self.delimiter)]
                 break
-            if not self._fill():
-                raise bad_request("bad multipart body: no boundary found")
             if len(self.buffer) > MULTIPART_HEADER_MAX:
                 raise bad_request("bad multipart body: no boundary in the first bytes")
+            if not self._fill():
+                raise bad_request("bad multipart body: no boundary found")
         parts = 0
         while True:
-            while len(self.buffer) < 2 and self._fill():
+            while len(self.buffer) < 4 and self._fill():
                 pass
-            if self.buffer[:2] == b"--" or not self.buffer.strip():
+            if self.buffer[:2] == b"--" or (self.eof and not self.buffer.strip()):
                 return self.fields          # closing delimiter, or a body that just stops
             parts += 1
             if parts > MULTIPART_MAX_PARTS:
