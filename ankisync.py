@@ -2920,7 +2920,7 @@ class CollectionSync:
         with self.locked():
             self.abort_session()
         if req.payload.size >= self.app.config.max_decompressed:
-            return Reply.text(UPLOAD_TOO_LARGE)
+            raise SyncError(413, UPLOAD_TOO_LARGE)
         fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
         os.close(fd)
         try:
@@ -2930,8 +2930,11 @@ class CollectionSync:
                 self.abort_session()
                 self.collection.replace_with(temp)
         except CorruptCollection as e:
+            # A status, not the official 200 with a sentence: proxies, logs and scripts see
+            # the refusal, and modern clients answer it with "use Check Database", the
+            # same advice.
             log.info("%s: upload refused: %s", req.user, e.reason)
-            return Reply.text(e.reason)
+            raise
         finally:
             for path in (temp,) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
                 if os.path.exists(path):
@@ -3286,7 +3289,7 @@ def route(path, base_path):
     (`/anki/sync/meta`, `/sync//meta`, a user who typed `.../sync/` as the
     modern endpoint gets `/sync/sync/meta`): the last two segments decide.
     """
-    path = urllib.parse.urlsplit(path).path
+    path = path.split("?", 1)[0]      # not urlsplit: it reads '//sync/...' as a host name
     segments = [s for s in path.split("/") if s]
     prefix = [s for s in base_path.split("/") if s]
     if segments[:len(prefix)] == prefix:
@@ -3396,7 +3399,7 @@ class SyncApp:
             if handler.command == "GET":
                 if (area, method) != ("msync", "begin"):
                     raise SyncError(405, "%s/%s takes POST" % (area, method))
-                query = urllib.parse.parse_qs(urllib.parse.urlsplit(handler.path).query)
+                query = urllib.parse.parse_qs(handler.path.partition("?")[2])
                 req.hkey = query.get("k", [""])[0]
                 req.client_version = query.get("v", [""])[0]
             elif header is not None:
