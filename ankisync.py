@@ -2251,6 +2251,8 @@ class Collection:
         self.conn = None
 
     def open(self):
+        if self.conn is not None and not os.path.exists(self.path):
+            self.close()        # `deluser --delete-data` removed it under a running server
         if self.conn is None:
             if not os.path.exists(self.path):
                 create_collection(self.path)
@@ -3164,7 +3166,7 @@ class MediaSync:
                     raise bad_request("uploadChanges: more than %d files in one zip"
                                       % MEDIA_UPLOAD_MAX_FILES)
                 meta = self._read_zip_meta(archive, entries)
-                changes, names = [], set()
+                changes, names, total = [], set(), 0
                 for item in meta:
                     if not (isinstance(item, list) and len(item) == 2):
                         raise bad_request("uploadChanges: _meta entries must be [name, entry]")
@@ -3181,6 +3183,10 @@ class MediaSync:
                     temp, sha1, size = self._extract(archive, entries[entry], name)
                     incoming.append(temp)
                     changes.append((name, temp, sha1, size))
+                    total += size
+                    if total > self.app.config.max_decompressed:
+                        raise SyncError(413, "uploadChanges: the zip unpacks to more than %d MiB"
+                                        % (self.app.config.max_decompressed // MIB))
                 return changes, incoming
         except BaseException:
             for temp in incoming:
