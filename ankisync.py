@@ -78,6 +78,8 @@ log = logging.getLogger("ankisync")
 MIB = 1024 * 1024
 
 DEFAULT_PORT = 27701                # the port Anki's community servers settled on
+MIN_SYNC_VERSION = 8                # the oldest sync protocol the official server accepts
+MAX_SYNC_VERSION = 11               # the newest protocol there is (Anki 2.1.57 to 26.x)
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
 SESSION_TIMEOUT = 300               # seconds: a client that vanished mid-sync releases its transaction
@@ -95,7 +97,6 @@ HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices 
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
-CLOCK_SKEW_NOTE = 300               # clients refuse to sync when clocks differ by more (informational)
 
 MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
 MEDIA_UPLOAD_MAX_FILES = 25         # entries in one uploadChanges zip (official)
@@ -679,7 +680,7 @@ def json_bytes(obj):
 ZSTD_MAGIC = 0xFD2FB528               # RFC 8878 3.1.1: Magic_Number of a zstd frame
 SKIPPABLE_MAGIC = 0x184D2A50          # RFC 8878 3.1.2: skippable frames use 0x184D2A5?
 SKIPPABLE_MAGIC_MASK = 0xFFFFFFF0     # ...so the low nibble is free
-WINDOW_LOG_MAX = 27                   # 128 MiB: libzstd's default ceiling; larger windows need --long=28+
+WINDOW_LOG_MAX = 27                   # 128 MiB, libzstd's default ceiling: more needs --long=28+
 WINDOW_SIZE_MAX = 1 << WINDOW_LOG_MAX
 BLOCK_SIZE_MAX = 128 * 1024           # RFC 8878 3.1.1.2.3: no block decodes to more than 128 KiB
 INPUT_CHUNK = 64 * 1024               # read compressed input this much at a time
@@ -759,12 +760,15 @@ class LibZstd(Zstd):
             self._error_name = self._bind(lib, "ZSTD_getErrorName", ctypes.c_char_p, size_t)
             self._create_dstream = self._bind(lib, "ZSTD_createDStream", ptr)
             self._free_dstream = self._bind(lib, "ZSTD_freeDStream", size_t, ptr)
-            self._set_dparameter = self._bind(lib, "ZSTD_DCtx_setParameter", size_t, ptr, c_int, c_int)
+            self._set_dparameter = self._bind(
+                lib, "ZSTD_DCtx_setParameter", size_t, ptr, c_int, c_int)
             self._decompress = self._bind(lib, "ZSTD_decompressStream", size_t, ptr, out_p, in_p)
             self._create_cstream = self._bind(lib, "ZSTD_createCStream", ptr)
             self._free_cstream = self._bind(lib, "ZSTD_freeCStream", size_t, ptr)
-            self._set_cparameter = self._bind(lib, "ZSTD_CCtx_setParameter", size_t, ptr, c_int, c_int)
-            self._compress = self._bind(lib, "ZSTD_compressStream2", size_t, ptr, out_p, in_p, c_int)
+            self._set_cparameter = self._bind(
+                lib, "ZSTD_CCtx_setParameter", size_t, ptr, c_int, c_int)
+            self._compress = self._bind(
+                lib, "ZSTD_compressStream2", size_t, ptr, out_p, in_p, c_int)
         except AttributeError as e:
             raise ZstdError("libzstd lacks %s: install libzstd 1.4 or newer" % e) from None
         if version < LIBZSTD_MIN_VERSION:
@@ -800,7 +804,7 @@ class LibZstd(Zstd):
         produced = 0
         frame_done = True                 # no input at all is an empty, valid stream
         while True:
-            data = read(INPUT_CHUNK)
+            data = bytes(read(INPUT_CHUNK))       # c_char_p takes bytes only
             if not data:
                 break
             src = ZSTD_inBuffer(data, len(data), 0)
@@ -840,7 +844,7 @@ class LibZstd(Zstd):
         out = ZSTD_outBuffer(ctypes.addressof(buffer), OUTPUT_CHUNK, 0)
         written = 0
         while True:
-            data = read(INPUT_CHUNK)
+            data = bytes(read(INPUT_CHUNK))       # c_char_p takes bytes only
             directive = ZSTD_e_continue if data else ZSTD_e_end
             src = ZSTD_inBuffer(data, len(data), 0)
             while True:
@@ -916,6 +920,833 @@ class StdlibZstd(Zstd):
                 return written
 
 
+# --- backend: pure Python ----------------------------------------------------
+#
+# The decoder follows RFC 8878; section numbers below refer to it. Speed comes
+# from the two hot loops (Huffman literals, sequences), which keep their bit
+# reader in local variables: `container` holds the next `bits` unread bits of a
+# backward bitstream, the next bit to read being its highest. Reading a backward
+# stream means walking its bytes from the end, and a little-endian int of bytes
+# [p-k:p] is exactly those k bytes in reading order, so a refill is one
+# int.from_bytes(). The writer stores raw blocks: valid zstd, no compressor.
+
+MAGIC_SIZE = 4                        # 3.1.1: Magic_Number, and a skippable frame's Frame_Size
+BLOCK_HEADER_SIZE = 3                 # 3.1.1.2: Last_Block, Block_Type and Block_Size
+FRAME_HEADER_RESERVED_BIT = 0x08      # 3.1.1.1.1: must be zero
+CONTENT_CHECKSUM_FLAG = 0x04          # 3.1.1.1.1: the frame ends with a checksum
+DICTIONARY_ID_SIZES = (0, 1, 2, 4)    # 3.1.1.1.1: by Dictionary_ID_Flag
+FRAME_CONTENT_SIZE_SIZES = (0, 2, 4, 8)   # 3.1.1.1.1: by Frame_Content_Size_Flag
+FCS_TWO_BYTE_OFFSET = 256             # 3.1.1.1.4: a 2-byte Frame_Content_Size is stored minus 256
+WINDOW_LOG_MIN = 10                   # 3.1.1.1.2: Window_Descriptor exponent counts from 2**10
+CHECKSUM_SIZE = 4                     # 3.1.1: low 4 bytes of the XXH64 of the content
+
+BLOCK_RAW, BLOCK_RLE, BLOCK_COMPRESSED = 0, 1, 2    # 3.1.1.2: Block_Type
+LITERALS_RAW, LITERALS_RLE, LITERALS_COMPRESSED, LITERALS_TREELESS = 0, 1, 2, 3
+MODE_PREDEFINED, MODE_RLE, MODE_FSE, MODE_REPEAT = 0, 1, 2, 3   # 3.1.1.3.2.1
+SEQUENCE_COUNT_TWO_BYTES = 128        # 3.1.1.3.2.1: byte0 from here on starts a 2-byte count
+SEQUENCE_COUNT_THREE_BYTES = 255      # ...and this byte0 starts a 3-byte count
+LONG_SEQUENCE_COUNT_BASE = 0x7F00     # ...which is stored minus this
+HUFFMAN_DIRECT_WEIGHTS = 128          # 4.2.1.1: a headerByte from here on means 4-bit weights
+HUFFMAN_MAX_BITS = 11                 # 4.2.1: Max_Number_of_Bits
+HUFFMAN_MAX_SYMBOLS = 256             # literals are bytes
+HUFFMAN_WEIGHTS_FSE_LOG = 6           # 4.2.1.2: weights' FSE Accuracy_Log is at most 6
+HUFFMAN_MAX_WEIGHT = 12               # highest weight an FSE-coded weight stream may hold
+JUMP_TABLE_SIZE = 6                   # 3.1.1.3.1.6: three 2-byte stream sizes
+FSE_ACCURACY_LOG_MIN = 5              # 4.1.1: Accuracy_Log is stored minus 5
+FSE_DESCRIPTION_MAX = 128             # bytes of an FSE table description: 53 symbols fit in ~75
+INITIAL_REPEATED_OFFSETS = (1, 4, 8)  # 3.1.2.5: Repeated_Offset1..3 at the start of a frame
+BITSTREAM_PADDING = 32                # zeros before a sequence stream: > a refill + a sequence
+HUFFMAN_REFILL_BYTES = 7              # 56 bits: several literals per refill, container < 2**67
+SEQUENCE_REFILL_BYTES = 12            # 96 bits: one refill covers a whole sequence
+SEQUENCE_BITS_MAX = 89                # per sequence: 31 + 16 + 16 extra bits, 9 + 9 + 8 state bits
+HISTORY_SLACK_MIN = 1 << 20           # trim the history at most once per MiB: del is a memmove
+RAW_WINDOW_DESCRIPTOR = 0x38          # 3.1.1.1.2: exponent 7, mantissa 0 = 128 KiB, one raw block
+SINGLE_SEGMENT_FLAG = 0x20            # 3.1.1.1.1: no Window_Descriptor, window = content size
+MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
+BIT_MASKS = tuple((1 << n) - 1 for n in range(128))   # BIT_MASKS[n] keeps the low n bits
+
+# 3.1.1.3.2.1.1: Literals_Length codes -> (Baseline, Number_of_Bits); codes 0..15 are the length.
+LITERALS_LENGTH_CODES = tuple((n, 0) for n in range(16)) + (
+    (16, 1), (18, 1), (20, 1), (22, 1), (24, 2), (28, 2), (32, 3), (40, 3), (48, 4), (64, 6),
+    (128, 7), (256, 8), (512, 9), (1024, 10), (2048, 11), (4096, 12), (8192, 13), (16384, 14),
+    (32768, 15), (65536, 16))
+# 3.1.1.3.2.1.1: Match_Length codes -> (Baseline, Number_of_Bits); codes 0..31 are length - 3.
+MATCH_LENGTH_CODES = tuple((n + 3, 0) for n in range(32)) + (
+    (35, 1), (37, 1), (39, 1), (41, 1), (43, 2), (47, 2), (51, 3), (59, 3), (67, 4), (83, 4),
+    (99, 5), (131, 7), (259, 8), (515, 9), (1027, 10), (2051, 11), (4099, 12), (8195, 13),
+    (16387, 14), (32771, 15), (65539, 16))
+OFFSET_CODE_MAX = 31                  # 3.1.1.3.2.1.1: Offset_Value = 2**code + code extra bits
+
+# 3.1.1.3.2.2: largest Accuracy_Log of a described table, and of the predefined one.
+LITERALS_LENGTH_MAX_LOG, LITERALS_LENGTH_DEFAULT_LOG = 9, 6
+MATCH_LENGTH_MAX_LOG, MATCH_LENGTH_DEFAULT_LOG = 9, 6
+OFFSET_MAX_LOG, OFFSET_DEFAULT_LOG = 8, 5
+# 3.1.1.3.2.2: predefined distributions (-1 means "less than 1").
+LITERALS_LENGTH_DEFAULT = (4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                           2, 3, 2, 1, 1, 1, 1, 1, -1, -1, -1, -1)
+MATCH_LENGTH_DEFAULT = (1, 4, 3, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                        1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1,
+                        -1, -1, -1, -1)
+OFFSET_DEFAULT = (1, 1, 1, 1, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                  -1, -1, -1, -1, -1)
+
+# XXH64 primes (xxhash spec).
+XXH_PRIME1 = 0x9E3779B185EBCA87
+XXH_PRIME2 = 0xC2B2AE3D27D4EB4F
+XXH_PRIME3 = 0x165667B19E3779F9
+XXH_PRIME4 = 0x85EBCA77C2B2AE63
+XXH_PRIME5 = 0x27D4EB2F165667C5
+XXH_STRIPE = 32                       # bytes per round of the four accumulators
+
+
+def _corrupt(reason):
+    return ZstdError("corrupt zstd data: %s" % reason)
+
+
+def _truncated():
+    return ZstdError("truncated zstd data: input ends inside a frame")
+
+
+class XXH64(object):
+    """Streaming xxHash64 with seed 0: the frame's Content_Checksum (3.1.1)."""
+
+    def __init__(self):
+        self._lanes = ((XXH_PRIME1 + XXH_PRIME2) & MASK64, XXH_PRIME2, 0, -XXH_PRIME1 & MASK64)
+        self._pending = b""               # the tail that does not fill a stripe yet
+        self._length = 0
+
+    def update(self, data):
+        self._length += len(data)
+        if self._pending:
+            data = self._pending + data
+        whole = len(data) - len(data) % XXH_STRIPE
+        if whole:
+            self._lanes = self._stripes(data, whole)
+        self._pending = bytes(data[whole:])
+
+    def _stripes(self, data, size):
+        words = struct.unpack_from("<%dQ" % (size // 8), data)
+        lanes = []
+        # Each of the four accumulators eats every fourth 8-byte word.
+        for lane, acc in enumerate(self._lanes):
+            for word in words[lane::4]:   # self._round(acc, word), inlined
+                acc = (acc + word * XXH_PRIME2) & MASK64
+                acc = ((acc << 31 | acc >> 33) & MASK64) * XXH_PRIME1 & MASK64
+            lanes.append(acc)
+        return tuple(lanes)
+
+    @staticmethod
+    def _round(acc, word):
+        acc = (acc + word * XXH_PRIME2) & MASK64
+        return ((acc << 31 | acc >> 33) & MASK64) * XXH_PRIME1 & MASK64
+
+    def intdigest(self):
+        rotl = self._rotl
+        if self._length >= XXH_STRIPE:
+            v1, v2, v3, v4 = self._lanes
+            h = (rotl(v1, 1) + rotl(v2, 7) + rotl(v3, 12) + rotl(v4, 18)) & MASK64
+            for v in self._lanes:
+                h = ((h ^ self._round(0, v)) * XXH_PRIME1 + XXH_PRIME4) & MASK64
+        else:
+            h = XXH_PRIME5
+        h = (h + self._length) & MASK64
+        tail, i = self._pending, 0
+        while i + 8 <= len(tail):
+            h ^= self._round(0, int.from_bytes(tail[i:i + 8], "little"))
+            h = (rotl(h, 27) * XXH_PRIME1 + XXH_PRIME4) & MASK64
+            i += 8
+        if i + 4 <= len(tail):
+            h ^= int.from_bytes(tail[i:i + 4], "little") * XXH_PRIME1 & MASK64
+            h = (rotl(h, 23) * XXH_PRIME2 + XXH_PRIME3) & MASK64
+            i += 4
+        for byte in tail[i:]:
+            h ^= byte * XXH_PRIME5 & MASK64
+            h = rotl(h, 11) * XXH_PRIME1 & MASK64
+        h = (h ^ h >> 33) * XXH_PRIME2 & MASK64
+        h = (h ^ h >> 29) * XXH_PRIME3 & MASK64
+        return h ^ h >> 32
+
+    @staticmethod
+    def _rotl(x, n):
+        return (x << n | x >> (64 - n)) & MASK64
+
+
+class _Input(object):
+    """Exact reads over read(n), which may return less than asked, with bounded buffering."""
+
+    def __init__(self, read):
+        self._read = read
+        self._buffer = b""
+        self._pos = 0
+
+    def at_eof(self):
+        if self._pos < len(self._buffer):
+            return False
+        self._buffer, self._pos = self._read(INPUT_CHUNK), 0
+        return not self._buffer
+
+    def read_exact(self, size):
+        buffer, pos = self._buffer, self._pos
+        if pos + size <= len(buffer):
+            self._pos = pos + size
+            return buffer[pos:pos + size]
+        parts, have = [buffer[pos:]], len(buffer) - pos
+        while have < size:
+            chunk = self._read(INPUT_CHUNK)
+            if not chunk:
+                raise _truncated()
+            parts.append(chunk)
+            have += len(chunk)
+        self._buffer, self._pos = b"".join(parts), size
+        return self._buffer[:size]
+
+    def skip(self, size):
+        while size:
+            if self.at_eof():
+                raise _truncated()
+            step = min(size, len(self._buffer) - self._pos)
+            self._pos += step
+            size -= step
+
+
+class _BackwardBits(object):
+    """A short backward bitstream (4.1) read a few bits at a time; for the cold paths."""
+
+    def __init__(self, data):
+        if not data or not data[-1]:
+            raise _corrupt("bitstream without its end mark")
+        self._value = int.from_bytes(data, "little")
+        self.left = self._value.bit_length() - 1      # bits below the end mark
+
+    def read(self, count):
+        """Next `count` bits; past the start they read as zeros and `left` goes negative."""
+        self.left -= count
+        if self.left >= 0:
+            return (self._value >> self.left) & ((1 << count) - 1)
+        return (self._value << -self.left) & ((1 << count) - 1)
+
+
+def _read_fse_distribution(data, pos, max_log, max_symbol):
+    """4.1.1: the FSE table description at data[pos:].
+
+    Returns (Accuracy_Log, probabilities, position after the description)."""
+    available = min(FSE_DESCRIPTION_MAX, len(data) - pos) * 8
+    bits = int.from_bytes(data[pos:pos + FSE_DESCRIPTION_MAX], "little")
+    accuracy_log = (bits & 15) + FSE_ACCURACY_LOG_MIN
+    if accuracy_log > max_log:
+        raise _corrupt("FSE Accuracy_Log %d above %d" % (accuracy_log, max_log))
+    offset = 4
+    remaining = 1 << accuracy_log
+    probabilities = []
+    while remaining > 0 and len(probabilities) <= max_symbol:
+        # A value needs as many bits as remaining + 1 has, but small values save one.
+        width = (remaining + 1).bit_length()
+        value = (bits >> offset) & ((1 << width) - 1)
+        low_mask = (1 << (width - 1)) - 1
+        threshold = (1 << width) - 1 - (remaining + 1)
+        if value & low_mask < threshold:
+            value &= low_mask
+            offset += width - 1
+        else:
+            if value > low_mask:
+                value -= threshold
+            offset += width
+        probability = value - 1           # -1 is "less than 1": one cell, full reset
+        remaining -= abs(probability)
+        probabilities.append(probability)
+        if probability == 0:
+            while len(probabilities) <= max_symbol:     # 2-bit repeat flags of more zeros
+                repeat = (bits >> offset) & 3
+                offset += 2
+                probabilities.extend([0] * repeat)
+                if repeat != 3:
+                    break
+    if remaining != 0 or len(probabilities) > max_symbol + 1 or offset > available:
+        raise _corrupt("bad FSE table description")
+    return accuracy_log, probabilities, pos + (offset + 7) // 8
+
+
+def _build_fse_table(accuracy_log, probabilities):
+    """4.1.1: decoding table as a list of (symbol, Number_of_Bits, Baseline) per state."""
+    size = 1 << accuracy_log
+    symbols = [0] * size
+    next_state = list(probabilities)
+    high = size                           # "less than 1" symbols take the top cells
+    for symbol, probability in enumerate(probabilities):
+        if probability == -1:
+            high -= 1
+            symbols[high] = symbol
+            next_state[symbol] = 1
+    step = (size >> 1) + (size >> 3) + 3  # odd, so the walk visits every cell once
+    mask = size - 1
+    pos = 0
+    for symbol, probability in enumerate(probabilities):
+        for _ in range(probability):
+            symbols[pos] = symbol
+            pos = (pos + step) & mask
+            while pos >= high:
+                pos = (pos + step) & mask
+    if pos != 0:
+        raise _corrupt("FSE probabilities do not fill the table")
+    table = []
+    for symbol in symbols:
+        state = next_state[symbol]
+        next_state[symbol] = state + 1
+        bits = accuracy_log - (state.bit_length() - 1)
+        table.append((symbol, bits, (state << bits) - size))
+    return table
+
+
+class _SequenceTable(object):
+    """An FSE table for one sequence field, entries ready for the hot loop:
+    (value Baseline, value Number_of_Bits, state Number_of_Bits, state Baseline)."""
+
+    def __init__(self, accuracy_log, entries):
+        self.accuracy_log = accuracy_log
+        self.entries = entries
+
+
+class _SequenceField(object):
+    """What differs between Literals_Length, Match_Length and Offset (3.1.1.3.2.1)."""
+
+    def __init__(self, name, codes, max_log, default, default_log):
+        self.name = name
+        self.codes = codes                # code -> (Baseline, Number_of_Bits)
+        self.max_log = max_log
+        self.default = self.table(default_log, default)
+
+    def table(self, accuracy_log, probabilities):
+        if len(probabilities) > len(self.codes):
+            raise _corrupt("%s code out of range" % self.name)
+        codes = self.codes
+        entries = [codes[symbol] + (bits, baseline)
+                   for symbol, bits, baseline in _build_fse_table(accuracy_log, probabilities)]
+        return _SequenceTable(accuracy_log, entries)
+
+    def rle_table(self, code):
+        if code >= len(self.codes):
+            raise _corrupt("%s code out of range" % self.name)
+        return _SequenceTable(0, [self.codes[code] + (0, 0)])
+
+
+class _HuffmanTable(object):
+    """4.2.1: a literals prefix code, decoded Max_Number_of_Bits bits at a time.
+
+    `symbols`/`bits` give one literal per index; `runs`/`run_bits` give all the
+    literals whose codes fit entirely in the index, so one lookup yields several."""
+
+    def __init__(self, weights):
+        total = sum(1 << (w - 1) for w in weights if w)
+        if not total:
+            raise _corrupt("Huffman weights all zero")
+        max_bits = total.bit_length()
+        left = (1 << max_bits) - total    # the last weight is implied: it fills the tree
+        if max_bits > HUFFMAN_MAX_BITS or left & (left - 1):
+            raise _corrupt("bad Huffman weights")
+        weights = list(weights) + [left.bit_length()]
+        if len(weights) > HUFFMAN_MAX_SYMBOLS:
+            raise _corrupt("too many Huffman weights")
+        self.max_bits = max_bits
+        symbols, bits = [], []
+        # Longest codes first, each weight in symbol order: that is the canonical order.
+        for weight, symbol in sorted((w, s) for s, w in enumerate(weights) if w):
+            cells = 1 << (weight - 1)
+            symbols.extend([bytes((symbol,))] * cells)
+            bits.extend([max_bits + 1 - weight] * cells)
+        self.symbols, self.bits = symbols, bits
+        self.runs, self.run_bits = self._runs(symbols, bits, max_bits)
+
+    @staticmethod
+    def _runs(symbols, bits, max_bits):
+        mask = (1 << max_bits) - 1
+        runs, run_bits = [], []
+        for index in range(1 << max_bits):
+            used = bits[index]
+            run = symbols[index]
+            while True:
+                follow = (index << used) & mask
+                size = bits[follow]
+                if used + size > max_bits:
+                    break
+                run += symbols[follow]
+                used += size
+            runs.append(run)
+            run_bits.append(used)
+        return runs, run_bits
+
+    def decode_stream(self, data, start, end, count):
+        """Decode the backward bitstream data[start:end] into exactly `count` literals."""
+        if end <= start or not data[end - 1]:
+            raise _corrupt("Huffman stream without its end mark")
+        width = self.max_bits
+        mask = (1 << width) - 1
+        runs, run_bits = self.runs, self.run_bits
+        parts = []
+        append = parts.append
+        pos = end - 1
+        last = data[pos]
+        bits = last.bit_length() - 1
+        container = last
+        while True:
+            take = min(HUFFMAN_REFILL_BYTES, pos - start)
+            if take:
+                container = ((container & ((1 << bits) - 1)) << (8 * take)) | \
+                    int.from_bytes(data[pos - take:pos], "little")
+                pos -= take
+                bits += 8 * take
+            while bits >= width:
+                index = (container >> (bits - width)) & mask
+                bits -= run_bits[index]
+                append(runs[index])
+            if pos == start:
+                break
+        # Fewer than Max_Number_of_Bits bits left: decode one by one, zero-padded.
+        symbols, symbol_bits = self.symbols, self.bits
+        while bits > 0:
+            index = (container << (width - bits)) & mask
+            bits -= symbol_bits[index]
+            if bits < 0:
+                raise _corrupt("Huffman stream overrun")
+            append(symbols[index])
+        literals = b"".join(parts)
+        if len(literals) != count:
+            raise _corrupt("Huffman stream holds %d literals, not %d" % (len(literals), count))
+        return literals
+
+
+class _FrameDecoder(object):
+    """Decodes one zstd frame (3.1.1) after its magic number, block by block."""
+
+    def __init__(self, fields, source, write, room):
+        self.fields = fields              # the _SequenceFields: literals length, offset, match
+        self.source = source
+        self.write = write
+        self.room = room                  # bytes this frame may still produce
+        self.produced = 0
+        self.history = bytearray()        # the window: recent output, for matches
+        self.repeated_offsets = INITIAL_REPEATED_OFFSETS
+        self.huffman = None               # the previous Huffman table, for Treeless literals
+        self.tables = [None, None, None]  # previous LL, OF, ML tables, for Repeat_Mode
+        self.checksum = None
+        self.window_size = 0
+        self.block_max = 0                # Block_Maximum_Size: min(Window_Size, 128 KiB)
+
+    def run(self):
+        content_size, window_size, has_checksum = self._frame_header()
+        if content_size is not None and content_size > self.room:
+            raise ZstdLimitError("zstd frame declares %d bytes, over the limit" % content_size)
+        self.checksum = XXH64() if has_checksum else None
+        self.window_size = window_size
+        self.block_max = min(window_size, BLOCK_SIZE_MAX)
+        keep = window_size + max(window_size, HISTORY_SLACK_MIN)
+        last = False
+        while not last:
+            header = int.from_bytes(self.source.read_exact(BLOCK_HEADER_SIZE), "little")
+            last, block_type, block_size = header & 1, (header >> 1) & 3, header >> 3
+            start = len(self.history)
+            self._block(block_type, block_size)
+            self._emit(start)
+            if len(self.history) > keep:
+                del self.history[:len(self.history) - window_size]
+        if content_size is not None and self.produced != content_size:
+            raise _corrupt("frame holds %d bytes, not the %d its header says"
+                           % (self.produced, content_size))
+        if has_checksum:
+            expected = int.from_bytes(self.source.read_exact(CHECKSUM_SIZE), "little")
+            if expected != self.checksum.intdigest() & MASK32:
+                raise _corrupt("content checksum mismatch")
+        return self.produced
+
+    def _frame_header(self):
+        """3.1.1.1: returns (Frame_Content_Size or None, Window_Size, Content_Checksum_Flag)."""
+        descriptor = self.source.read_exact(1)[0]
+        fcs_flag, single_segment = descriptor >> 6, descriptor & SINGLE_SEGMENT_FLAG
+        if descriptor & FRAME_HEADER_RESERVED_BIT:
+            raise _corrupt("reserved frame header bit set")
+        did_size = DICTIONARY_ID_SIZES[descriptor & 3]
+        fcs_size = FRAME_CONTENT_SIZE_SIZES[fcs_flag] or (1 if single_segment else 0)
+        header = self.source.read_exact((0 if single_segment else 1) + did_size + fcs_size)
+        pos = 0
+        if not single_segment:
+            exponent, mantissa = header[0] >> 3, header[0] & 7
+            window_base = 1 << (WINDOW_LOG_MIN + exponent)
+            window_size = window_base + (window_base >> 3) * mantissa
+            pos = 1
+        if int.from_bytes(header[pos:pos + did_size], "little"):
+            raise ZstdError("zstd dictionaries are not supported")
+        pos += did_size
+        content_size = None
+        if fcs_size:
+            content_size = int.from_bytes(header[pos:pos + fcs_size], "little")
+            if fcs_size == 2:
+                content_size += FCS_TWO_BYTE_OFFSET
+        if single_segment:
+            window_size = content_size
+        if window_size > WINDOW_SIZE_MAX:
+            raise ZstdError("zstd frame needs a %d byte window, over the %d limit"
+                            % (window_size, WINDOW_SIZE_MAX))
+        return content_size, window_size, bool(descriptor & CONTENT_CHECKSUM_FLAG)
+
+    def _block(self, block_type, block_size):
+        """3.1.1.2: one block; appends its output to the history."""
+        if block_size > self.block_max:
+            raise _corrupt("block of %d bytes, over %d" % (block_size, self.block_max))
+        if block_type != BLOCK_COMPRESSED and block_size > self.room - self.produced:
+            raise _limit_error(self.room)
+        if block_type == BLOCK_RAW:
+            self.history += self.source.read_exact(block_size)
+        elif block_type == BLOCK_RLE:
+            self.history += self.source.read_exact(1) * block_size
+        elif block_type == BLOCK_COMPRESSED:
+            block = self.source.read_exact(block_size)
+            try:
+                self._compressed_block(block)
+            except ZstdError:
+                raise
+            except (IndexError, ValueError, struct.error) as e:
+                raise _corrupt("malformed compressed block (%s)" % e) from None
+        else:
+            raise _corrupt("reserved block type")
+
+    def _emit(self, start):
+        if len(self.history) == start:
+            return
+        chunk = bytes(self.history[start:])
+        self.produced += len(chunk)
+        if self.checksum is not None:
+            self.checksum.update(chunk)
+        self.write(chunk)
+
+    def _compressed_block(self, block):
+        """3.1.1.3: Literals_Section then Sequences_Section."""
+        literals, pos = self._literals_section(block)
+        # 3.1.1.3.2.1: Number_of_Sequences.
+        count = block[pos]
+        if count < SEQUENCE_COUNT_TWO_BYTES:
+            pos += 1
+        elif count < SEQUENCE_COUNT_THREE_BYTES:
+            count = ((count - SEQUENCE_COUNT_TWO_BYTES) << 8) + block[pos + 1]
+            pos += 2
+        else:
+            count = block[pos + 1] + (block[pos + 2] << 8) + LONG_SEQUENCE_COUNT_BASE
+            pos += 3
+        if count == 0:
+            if pos != len(block):
+                raise _corrupt("bytes after an empty sequences section")
+            self._check_room(len(literals))
+            self.history += literals
+            return
+        modes = block[pos]
+        pos += 1
+        if modes & 3:
+            raise _corrupt("reserved Symbol_Compression_Modes bits set")
+        for i, field in enumerate(self.fields):
+            mode = (modes >> (6 - 2 * i)) & 3
+            if mode == MODE_PREDEFINED:
+                table = field.default
+            elif mode == MODE_RLE:
+                table = field.rle_table(block[pos])
+                pos += 1
+            elif mode == MODE_FSE:
+                log, probabilities, pos = _read_fse_distribution(
+                    block, pos, field.max_log, len(field.codes) - 1)
+                table = field.table(log, probabilities)
+            else:
+                table = self.tables[i]
+                if table is None:
+                    raise _corrupt("Repeat_Mode without a previous %s table" % field.name)
+            self.tables[i] = table
+        self._sequences(block, pos, count, literals)
+
+    def _check_room(self, size):
+        """Raise if the block being decoded would grow by `size` past its caps."""
+        if self.produced + size > self.room:
+            raise _limit_error(self.room)
+        if size > self.block_max:
+            raise _corrupt("block decodes to more than %d bytes" % self.block_max)
+
+    def _literals_section(self, block):
+        """3.1.1.3.1: returns (literals, position after the section)."""
+        first = block[0]
+        literals_type, size_format = first & 3, (first >> 2) & 3
+        if literals_type in (LITERALS_RAW, LITERALS_RLE):
+            if size_format in (0, 2):
+                size, pos = first >> 3, 1
+            elif size_format == 1:
+                size, pos = (first >> 4) + (block[1] << 4), 2
+            else:
+                size, pos = (first >> 4) + (block[1] << 4) + (block[2] << 12), 3
+            if size > self.block_max:
+                raise _corrupt("literals section too big")
+            if literals_type == LITERALS_RLE:
+                return block[pos:pos + 1] * size, pos + 1
+            if pos + size > len(block):
+                raise _corrupt("raw literals past the block")
+            return block[pos:pos + size], pos + size
+        header_size, size_bits = ((3, 10), (3, 10), (4, 14), (5, 18))[size_format]
+        header = int.from_bytes(block[:header_size], "little")
+        size_mask = (1 << size_bits) - 1
+        size = (header >> 4) & size_mask
+        compressed_size = (header >> (4 + size_bits)) & size_mask
+        pos, end = header_size, header_size + compressed_size
+        if end > len(block) or size > self.block_max:
+            raise _corrupt("literals section past the block")
+        if literals_type == LITERALS_COMPRESSED:
+            pos = self._huffman_description(block, pos, end)
+        elif self.huffman is None:
+            raise _corrupt("treeless literals without a previous Huffman table")
+        huffman = self.huffman
+        if size_format == 0:              # a single stream
+            return huffman.decode_stream(block, pos, end, size), end
+        if end - pos < JUMP_TABLE_SIZE:
+            raise _corrupt("literals jump table past the section")
+        sizes = struct.unpack_from("<3H", block, pos)
+        segment = (size + 3) // 4
+        counts = (segment, segment, segment, size - 3 * segment)
+        if counts[3] < 0:
+            raise _corrupt("too few literals for four streams")
+        parts = []
+        start = pos + JUMP_TABLE_SIZE
+        for i, count in enumerate(counts):
+            stop = start + sizes[i] if i < 3 else end
+            if stop > end:
+                raise _corrupt("literals stream past the section")
+            parts.append(huffman.decode_stream(block, start, stop, count))
+            start = stop
+        return b"".join(parts), end
+
+    def _huffman_description(self, block, pos, end):
+        """4.2.1.1: read the Huffman tree description at block[pos:]; returns its end."""
+        header = block[pos]
+        pos += 1
+        if header >= HUFFMAN_DIRECT_WEIGHTS:      # weights stored directly, 4 bits each
+            count = header - (HUFFMAN_DIRECT_WEIGHTS - 1)
+            stop = pos + (count + 1) // 2
+            if stop > end:
+                raise _corrupt("Huffman weights past the section")
+            weights = []
+            for byte in block[pos:stop]:
+                weights += (byte >> 4, byte & 15)
+            self.huffman = _HuffmanTable(weights[:count])
+            return stop
+        stop = pos + header               # weights compressed with FSE
+        if stop > end:
+            raise _corrupt("Huffman weights past the section")
+        log, probabilities, start = _read_fse_distribution(
+            block[:stop], pos, HUFFMAN_WEIGHTS_FSE_LOG, HUFFMAN_MAX_WEIGHT)
+        table = _build_fse_table(log, probabilities)
+        stream = _BackwardBits(block[start:stop])
+        # Two interleaved states share the stream, until it runs dry (4.2.1.2).
+        states = [stream.read(log), stream.read(log)]
+        weights = []
+        turn = 0
+        while True:
+            symbol, bits, baseline = table[states[turn]]
+            weights.append(symbol)
+            states[turn] = baseline + stream.read(bits)
+            if stream.left < 0:
+                weights.append(table[states[1 - turn]][0])
+                break
+            if len(weights) >= HUFFMAN_MAX_SYMBOLS:
+                raise _corrupt("too many Huffman weights")
+            turn = 1 - turn
+        self.huffman = _HuffmanTable(weights)
+        return stop
+
+    def _sequences(self, block, pos, count, literals):
+        """3.1.1.3.2.2 and 3.1.2.5: decode `count` sequences, executing each one at once."""
+        if pos >= len(block) or not block[-1]:
+            raise _corrupt("sequences bitstream without its end mark")
+        ll_table, of_table, ml_table = self.tables
+        ll_entries, of_entries, ml_entries = ll_table.entries, of_table.entries, ml_table.entries
+        masks = BIT_MASKS
+        # Zeros in front let a refill run past the stream's start harmlessly; whether
+        # they were consumed shows in the unread bit count, bits + (p - padding) * 8.
+        padding = BITSTREAM_PADDING
+        stream = bytes(padding) + block[pos:]
+        refill_size = SEQUENCE_REFILL_BYTES
+        refill_bits = refill_size * 8
+        p = len(stream) - 1
+        container = stream[p]
+        bits = container.bit_length() - 1      # the end mark is not data
+        container = ((container & masks[bits]) << refill_bits) | \
+            int.from_bytes(stream[p - refill_size:p], "little")
+        p -= refill_size
+        bits += refill_bits
+        bits -= ll_table.accuracy_log
+        ll_state = (container >> bits) & masks[ll_table.accuracy_log]
+        bits -= of_table.accuracy_log
+        of_state = (container >> bits) & masks[of_table.accuracy_log]
+        bits -= ml_table.accuracy_log
+        ml_state = (container >> bits) & masks[ml_table.accuracy_log]
+
+        out = self.history
+        block_start = len(out)
+        cap = block_start + min(self.block_max, self.room - self.produced)
+        window_size = self.window_size
+        r1, r2, r3 = self.repeated_offsets
+        lit_pos, lit_count = 0, len(literals)
+        for left in range(count - 1, -1, -1):
+            if bits < SEQUENCE_BITS_MAX:
+                if bits + (p - padding) * 8 < 0:
+                    raise _corrupt("sequences bitstream overrun")
+                container = ((container & masks[bits]) << refill_bits) | \
+                    int.from_bytes(stream[p - refill_size:p], "little")
+                p -= refill_size
+                bits += refill_bits
+            of_base, of_bits, of_state_bits, of_state_base = of_entries[of_state]
+            ml_base, ml_bits, ml_state_bits, ml_state_base = ml_entries[ml_state]
+            ll_base, ll_bits, ll_state_bits, ll_state_base = ll_entries[ll_state]
+            # Extra bits come offset, match length, literals length; then the
+            # states are updated in the order literals length, match length, offset.
+            bits -= of_bits
+            offset_value = of_base + ((container >> bits) & masks[of_bits])
+            if ml_bits:
+                bits -= ml_bits
+                match_length = ml_base + ((container >> bits) & masks[ml_bits])
+            else:
+                match_length = ml_base
+            if ll_bits:
+                bits -= ll_bits
+                literals_length = ll_base + ((container >> bits) & masks[ll_bits])
+            else:
+                literals_length = ll_base
+            if left:                          # the last sequence updates no state
+                bits -= ll_state_bits
+                ll_state = ll_state_base + ((container >> bits) & masks[ll_state_bits])
+                bits -= ml_state_bits
+                ml_state = ml_state_base + ((container >> bits) & masks[ml_state_bits])
+                bits -= of_state_bits
+                of_state = of_state_base + ((container >> bits) & masks[of_state_bits])
+
+            # 3.1.2.5: Offset_Value 1-3 picks a repeated offset, shifted by one when
+            # there are no literals; bigger values are a new offset plus 3.
+            if offset_value > 3:
+                offset = offset_value - 3
+                r1, r2, r3 = offset, r1, r2
+            else:
+                if not literals_length:
+                    offset_value += 1
+                if offset_value == 1:
+                    offset = r1
+                elif offset_value == 2:
+                    offset = r2
+                    r1, r2 = offset, r1
+                elif offset_value == 3:
+                    offset = r3
+                    r1, r2, r3 = offset, r1, r2
+                else:
+                    offset = r1 - 1
+                    if not offset:
+                        raise _corrupt("repeated offset of zero")
+                    r1, r2, r3 = offset, r1, r2
+
+            if literals_length:
+                lit_end = lit_pos + literals_length
+                if lit_end > lit_count:
+                    raise _corrupt("sequences use more literals than there are")
+                out += literals[lit_pos:lit_end]
+                lit_pos = lit_end
+            size = len(out)
+            if size + match_length > cap:
+                self._check_room(size + match_length - block_start)
+            if offset > size or offset > window_size:
+                raise _corrupt("match offset %d outside the window" % offset)
+            start = size - offset
+            if match_length <= offset:
+                out += out[start:start + match_length]
+            else:                             # the match overlaps its own output: repeat it
+                out += (out[start:] * (match_length // offset + 1))[:match_length]
+
+        if bits + (p - padding) * 8 != 0:
+            raise _corrupt("sequences bitstream not fully used")
+        self._check_room(len(out) - block_start + lit_count - lit_pos)
+        out += literals[lit_pos:]
+        self.repeated_offsets = (r1, r2, r3)
+
+
+class PythonZstd(Zstd):
+    """Pure Python: an RFC 8878 decoder, and a writer of uncompressed (raw block) frames."""
+
+    name = "python"
+
+    def __init__(self):
+        offset_codes = tuple((1 << code, code) for code in range(OFFSET_CODE_MAX + 1))
+        # In the order of Symbol_Compression_Modes, with 3.1.1.3.2.2's accuracy logs.
+        self._fields = (
+            _SequenceField("Literals_Length", LITERALS_LENGTH_CODES, LITERALS_LENGTH_MAX_LOG,
+                           LITERALS_LENGTH_DEFAULT, LITERALS_LENGTH_DEFAULT_LOG),
+            _SequenceField("Offset", offset_codes, OFFSET_MAX_LOG,
+                           OFFSET_DEFAULT, OFFSET_DEFAULT_LOG),
+            _SequenceField("Match_Length", MATCH_LENGTH_CODES, MATCH_LENGTH_MAX_LOG,
+                           MATCH_LENGTH_DEFAULT, MATCH_LENGTH_DEFAULT_LOG),
+        )
+
+    def decompress_stream(self, read, write, limit):
+        source = _Input(read)
+        produced = 0
+        while not source.at_eof():
+            magic = int.from_bytes(source.read_exact(MAGIC_SIZE), "little")
+            if magic == ZSTD_MAGIC:
+                frame = _FrameDecoder(self._fields, source, write, limit - produced)
+                produced += frame.run()
+            elif magic & SKIPPABLE_MAGIC_MASK == SKIPPABLE_MAGIC:
+                source.skip(int.from_bytes(source.read_exact(MAGIC_SIZE), "little"))
+            else:
+                raise ZstdError("not zstd data: unknown frame magic 0x%08x" % magic)
+        return produced
+
+    def compress_stream(self, read, write):
+        # Content size unknown: a 128 KiB window, one raw block per 128 KiB read.
+        header = struct.pack("<IBB", ZSTD_MAGIC, 0, RAW_WINDOW_DESCRIPTOR)
+        write(header)
+        written = len(header)
+        block = _read_up_to(read, BLOCK_SIZE_MAX)
+        while True:
+            following = _read_up_to(read, BLOCK_SIZE_MAX) if len(block) == BLOCK_SIZE_MAX else b""
+            written += _write_raw_block(write, block, last=not following)
+            if not following:
+                return written
+            block = following
+
+    def compress(self, data):
+        # Content size known: a single-segment frame that declares it.
+        size = len(data)
+        if size < 256:
+            fcs_flag, fcs = 0, struct.pack("<B", size)
+        elif size < 0x10000 + FCS_TWO_BYTE_OFFSET:
+            fcs_flag, fcs = 1, struct.pack("<H", size - FCS_TWO_BYTE_OFFSET)
+        elif size < 1 << 32:
+            fcs_flag, fcs = 2, struct.pack("<I", size)
+        else:
+            fcs_flag, fcs = 3, struct.pack("<Q", size)
+        parts = [struct.pack("<IB", ZSTD_MAGIC, fcs_flag << 6 | SINGLE_SEGMENT_FLAG), fcs]
+        view = memoryview(data)
+        for start in range(0, max(size, 1), BLOCK_SIZE_MAX):
+            block = view[start:start + BLOCK_SIZE_MAX]
+            _write_raw_block(parts.append, block, last=start + BLOCK_SIZE_MAX >= size)
+        return b"".join(parts)
+
+
+def _read_up_to(read, size):
+    parts, have = [], 0
+    while have < size:
+        chunk = read(size - have)
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+def _write_raw_block(write, block, last):
+    header = (len(block) << 3 | BLOCK_RAW << 1 | int(last)).to_bytes(3, "little")
+    write(header)
+    write(bytes(block))
+    return len(header) + len(block)
+
+
 # --- choosing a backend -------------------------------------------------------
 
 LIBZSTD_FALLBACK_NAMES = ("libzstd.so.1", "libzstd.1.dylib")   # when find_library has no answer
@@ -923,10 +1754,10 @@ LIBZSTD_FALLBACK_NAMES = ("libzstd.so.1", "libzstd.1.dylib")   # when find_libra
 
 def _load_stdlib():
     try:
-        from compression import zstd as module
+        import compression.zstd as module
     except ImportError:
         try:
-            from backports import zstd as module
+            import backports.zstd as module
         except ImportError:
             raise ZstdError("zstd backend 'stdlib' needs Python 3.14+ or "
                             "'pip install backports.zstd'") from None
@@ -948,7 +1779,7 @@ def _load_libzstd():
 
 
 def _load_python():
-    raise ZstdError("zstd backend 'python' is not available yet")
+    return PythonZstd()
 
 
 def choose_zstd(preference=None):
@@ -962,7 +1793,8 @@ def choose_zstd(preference=None):
             except ZstdError:
                 continue
     if choice not in loaders:
-        raise ZstdError("unknown zstd backend %r: use auto, %s" % (preference, ", ".join(BACKEND_NAMES)))
+        raise ZstdError("unknown zstd backend %r: use auto, %s"
+                        % (preference, ", ".join(BACKEND_NAMES)))
     return loaders[choice]()
 
 
@@ -3245,8 +4077,6 @@ class MediaSync:
 #   zstd; legacy multipart and gzip), keep-alive responses, one log line each.
 # ---------------------------------------------------------------------------
 
-MIN_SYNC_VERSION = 8                # the oldest version the official server accepts
-MAX_SYNC_VERSION = 11
 COLLECTION_METHODS = ("hostKey", "meta", "start", "applyGraves", "applyChanges", "chunk",
                       "applyChunk", "sanityCheck2", "finish", "abort", "upload", "download")
 MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
