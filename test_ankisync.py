@@ -3,19 +3,22 @@
 Every test is a short story of devices syncing through a sync server:
 
 * the server is either the official one shipped in the ``anki`` wheel or ankisync
-  (``ANKISYNC_TEST_SERVER=official|ankisync``, default ``ankisync``), started fresh
-  for every test;
+  (``ANKISYNC_TEST_SERVER=official|ankisync``, default ``ankisync``), started fresh,
+  with an empty data dir, for every test;
 * "modern" devices are ``anki`` 26.x collections living inside this test process
   (sync protocol v11);
-* "legacy" devices are ``anki`` 2.1.54 collections (sync protocol v10) driven through
-  this very file run as a script inside a Python 3.9 venv that the suite builds itself
-  (``python test_ankisync.py legacy-client '<json>'``).
+* "legacy" devices are ``anki`` 2.1.54 collections (protocol v10, Rust sync code) and
+  "py26" devices ``anki`` 2.1.26 collections (protocol v10, Python sync code), driven
+  through this very file run as a script inside venvs the suite builds once under
+  ``${ANKISYNC_TEST_CACHE:-~/.cache/ankisync-tests}`` (Python 3.9 and 3.8 found on PATH
+  or in ~/.pyenv): ``venv/bin/python test_ankisync.py legacy-client '<json>'``.
 
-Run:  /tmp/venvs/modern/bin/python -m pytest -q test_ankisync.py [-m fullsync|normalsync|media]
+Run:  /tmp/venvs/modern/bin/python -m pytest -q test_ankisync.py [-m MARK]
+      marks: fullsync, normalsync, media, legacy (e.g. -m "fullsync and not legacy")
 
 The file has three parts:
-1. code shared by both client generations (collection operations and ``snapshot``);
-   it must stay valid Python 3.9 and must work with anki 2.1.54 and 26.x alike;
+1. code shared by all client generations (collection operations and ``snapshot``);
+   it must stay valid Python 3.8 and work with anki 2.1.26, 2.1.54 and 26.x alike;
 2. the legacy-client driver (script entry point);
 3. the pytest harness and the stories (only imported under pytest).
 """
@@ -59,7 +62,12 @@ def snapshot(col):
     decks = col.decks.all()
     return _jsonable(
         {
-            "notes": db.all("select id, guid, mid, mod, tags, flds from notes order by id"),
+            # Tags as a list: anki 2.1.26 writes "  a  b  " where later clients write " a b ".
+            "notes": [
+                [nid, guid, mid, mod, tags.split(), flds]
+                for nid, guid, mid, mod, tags, flds in db.all(
+                    "select id, guid, mid, mod, tags, flds from notes order by id")
+            ],
             "cards": db.all(
                 "select id, nid, did, ord, type, queue, due, ivl, factor, reps, lapses"
                 " from cards order by id"
@@ -67,8 +75,8 @@ def snapshot(col):
             "revlog": db.all(
                 "select id, cid, ease, ivl, lastIvl, factor, time, type from revlog order by id"
             ),
-            "decks": sorted([d.id, d.name] for d in col.decks.all_names_and_ids()),
-            "deck_conf": sorted([d["id"], d.get("conf")] for d in decks if not d["dyn"]),
+            "decks": sorted([d["id"], d["name"]] for d in decks),
+            "deck_to_config": sorted([d["id"], d["conf"]] for d in decks if not d["dyn"]),
             "notetypes": sorted(
                 [
                     m["id"],
@@ -95,13 +103,46 @@ def snapshot(col):
     )
 
 
+# Small shims where anki 2.1.26 (camelCase API) differs from 2.1.54 and 26.x.
+
+
+def _notetype(col, name):
+    models = col.models
+    return models.by_name(name) if hasattr(models, "by_name") else models.byName(name)
+
+
+def _get_note(col, nid):
+    return col.get_note(nid) if hasattr(col, "get_note") else col.getNote(nid)
+
+
+def _update_note(col, note):
+    if hasattr(col, "update_note"):
+        col.update_note(note)
+    else:
+        note.flush()
+
+
 def _add(col, notetype, deck, fields, tags=()):
-    note = col.new_note(col.models.by_name(notetype))
+    did = col.decks.id(deck)
+    model = _notetype(col, notetype)
+    if hasattr(col, "new_note"):
+        note = col.new_note(model)
+    else:  # anki 2.1.26: new cards go to the note type's current deck
+        from anki.notes import Note
+
+        model["did"] = did
+        note = Note(col, model)
     for i, value in enumerate(fields):
         note.fields[i] = value
     for tag in tags:
-        note.add_tag(tag)
-    col.add_note(note, col.decks.id(deck))
+        if hasattr(note, "add_tag"):
+            note.add_tag(tag)
+        else:
+            note.addTag(tag)
+    if hasattr(col, "add_note"):
+        col.add_note(note, did)
+    else:
+        col.addNote(note)
     return note.id
 
 
@@ -146,18 +187,15 @@ def build_sample(col):
 
 @op
 def review(col, deck, count, eases=(3, 4, 2, 1)):
-    """Answer `count` cards from `deck` (and its children) with cycling eases."""
-    col.decks.select(col.decks.id(deck))
-    if hasattr(col.sched, "reset"):
-        col.sched.reset()
-    answered = []
-    for i in range(count):
-        card = col.sched.getCard()
-        if card is None:
-            break
+    """Answer the first `count` cards (by id) of `deck` and its children, cycling through
+    `eases`. Cards are picked by id rather than from the study queue: anki 2.1.54's v3
+    queue occasionally came back empty right after switching decks."""
+    cids = sorted(col.find_cards('"deck:%s"' % deck))[:count]
+    for i, cid in enumerate(cids):
+        card = col.get_card(cid)
+        card.start_timer()
         col.sched.answerCard(card, eases[i % len(eases)])
-        answered.append(card.id)
-    return answered
+    return cids
 
 
 @op
@@ -170,17 +208,17 @@ def add_notes(col, deck, prefix, count, notetype="Basic", tags=()):
 
 @op
 def edit_note(col, nid, field, value):
-    note = col.get_note(nid)
+    note = _get_note(col, nid)
     note[field] = value
-    col.update_note(note)
+    _update_note(col, note)
     return note.mod
 
 
 @op
 def tag_note(col, nid, tag):
-    note = col.get_note(nid)
+    note = _get_note(col, nid)
     note.add_tag(tag)
-    col.update_note(note)
+    _update_note(col, note)
 
 
 @op
@@ -211,13 +249,32 @@ def add_field(col, notetype, field):
 
 @op
 def note_fields(col, nid):
-    note = col.get_note(nid)
-    return dict(note.items())
+    return dict(_get_note(col, nid).items())
 
 
 @op
 def find_notes(col, query):
-    return list(col.find_notes(query))
+    return list(col.find_notes(query) if hasattr(col, "find_notes") else col.findNotes(query))
+
+
+@op
+def use_v2_scheduler(col):
+    """anki 2.1.26 creates collections on the v1 scheduler, which modern clients no
+    longer support; its users could switch to v2 in the preferences."""
+    if col.schedVer() == 1:
+        col.changeSchedulerVer(2)
+
+
+@op
+def wait_for_file(col, path, delay=0.0, timeout=30):
+    """Block until `path` exists, then `delay` seconds more: the starting gun that lets
+    devices in different processes begin a sync within a millisecond of each other."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.0005)
+    time.sleep(delay)
 
 
 # --- media ---------------------------------------------------------------------------
@@ -240,11 +297,12 @@ def write_raw_media(col, files):
     """Drop files straight into the media folder under the exact (maybe NFD) name, then
     run Check Media like a user would; it renames non-NFC names so they can sync."""
     folder = col.media.dir()
+    before = set(os.listdir(folder))
     for name, size, seed in files:
         with open(os.path.join(folder, name), "wb") as f:
             f.write(media_content(seed, size))
     col.media.check()
-    return sorted(os.listdir(folder))
+    return sorted(set(os.listdir(folder)) - before)
 
 
 @op
@@ -268,9 +326,19 @@ def media_files(col):
     return out
 
 
-def outcome_name(out):
-    """'no_changes' | 'normal_sync' | 'full_sync' | 'full_download' | 'full_upload'."""
-    return out.ChangesRequired.Name(out.required).lower()
+def sync_collection(col, sync):
+    """Run one collection sync (`sync` does the client call and returns its output).
+    Returns 'no_changes' | 'normal_sync' | 'full_sync' | 'full_download' | 'full_upload'.
+
+    After a successful normal sync the clients themselves report NO_CHANGES ("nothing
+    more to do"), so a completed normal sync is recognised by the col.ls (last sync)
+    stamp, which only a normal sync moves."""
+    last_sync = col.db.scalar("select ls from col")
+    out = sync()
+    outcome = out.ChangesRequired.Name(out.required).lower()
+    if outcome == "no_changes" and col.db.scalar("select ls from col") != last_sync:
+        outcome = "normal_sync"
+    return outcome, out
 
 
 # =====================================================================================
@@ -285,6 +353,7 @@ def outcome_name(out):
 # =====================================================================================
 
 RESULT_PREFIX = "ANKISYNC-TEST-RESULT:"
+SYNC_VERBS = ("login", "sync", "full_upload", "full_download", "sync_media")
 
 
 def legacy_main(argv):
@@ -293,41 +362,94 @@ def legacy_main(argv):
     # anki 2.1.54 (Rust sync) reads its endpoints from these variables.
     os.environ["SYNC_ENDPOINT"] = base + "sync/"
     os.environ["SYNC_ENDPOINT_MEDIA"] = base + "msync/"
-    from anki.collection import Collection
-    from anki.sync import SyncAuth
+    import anki.sync
 
-    col = Collection(cmd["path"])
-    hkey = cmd.get("hkey")
+    python_sync = hasattr(anki.sync, "FullSyncer")  # anki <= 2.1.27: sync code in Python
+    if python_sync:
+        from anki.storage import Collection
+
+        # URL = SYNC_BASE % hostNum ("" here) + "sync/" + method
+        anki.sync.SYNC_BASE = base + "%s"
+        run_sync_verb = python_sync_verb
+    else:
+        from anki.collection import Collection
+
+        run_sync_verb = rust_sync_verb
+
+    state = {"col": Collection(cmd["path"]), "hkey": cmd.get("hkey"), "cmd": cmd,
+             "Collection": Collection}
     results = []
     try:
         for name, kwargs in cmd["steps"]:
-            result = None
-            if name == "login":
-                hkey = col.sync_login(cmd["user"], cmd["password"]).hkey
-            elif name in ("sync", "full_upload", "full_download", "sync_media"):
-                auth = SyncAuth(hkey=hkey, host_number=0)
-                if name == "sync":
-                    # Like aqt: commit the open transaction before a sync, reopen after.
-                    col.save(trx=False)
-                    result = outcome_name(col.sync_collection(auth))
-                    col.db.begin()
-                elif name == "sync_media":
-                    col.save()
-                    col.sync_media(auth)  # blocking in 2.1.54; raises on error
-                else:
-                    col.close_for_full_sync()
-                    try:
-                        getattr(col, name)(auth)
-                    finally:
-                        col.reopen(after_full_sync=True)
+            if name in SYNC_VERBS:
+                result = run_sync_verb(state, name)
             else:
-                result = OPS[name](col, **kwargs)
-                col.save()
+                result = OPS[name](state["col"], **kwargs)
+                state["col"].save()
             results.append(result)
     finally:
-        col.close()
-    sys.stdout.write(RESULT_PREFIX + json.dumps({"hkey": hkey, "results": results}) + "\n")
+        if state["col"] is not None and state["col"].db:
+            state["col"].close()
+    sys.stdout.write(RESULT_PREFIX + json.dumps({"hkey": state["hkey"], "results": results})
+                     + "\n")
     return 0
+
+
+def rust_sync_verb(state, verb):
+    """anki 2.1.28-2.1.56: the Rust backend syncs (protocol 10)."""
+    from anki.sync import SyncAuth
+
+    col, cmd = state["col"], state["cmd"]
+    if verb == "login":
+        state["hkey"] = col.sync_login(cmd["user"], cmd["password"]).hkey
+        return None
+    auth = SyncAuth(hkey=state["hkey"], host_number=0)
+    if verb == "sync":
+        # Like aqt: commit the open transaction before a sync, open a new one after.
+        col.save(trx=False)
+        try:
+            return sync_collection(col, lambda: col.sync_collection(auth))[0]
+        finally:
+            col.db.begin()
+    if verb == "sync_media":
+        col.save()
+        col.sync_media(auth)  # blocking in 2.1.54; raises on error
+        return None
+    col.close_for_full_sync()
+    try:
+        getattr(col, verb)(auth)  # full_upload / full_download
+    finally:
+        col.reopen(after_full_sync=True)
+
+
+def python_sync_verb(state, verb):
+    """anki 2.1.26: anki/sync.py (protocol 10), as driven by aqt/sync.py."""
+    from anki.sync import FullSyncer, RemoteServer, Syncer
+
+    col, cmd = state["col"], state["cmd"]
+    server = RemoteServer(state["hkey"], hostNum=None)
+    if verb == "login":
+        state["hkey"] = server.hostKey(cmd["user"], cmd["password"])
+        assert state["hkey"], "login refused"
+        return None
+    if verb == "sync":
+        ret = Syncer(col, server).sync()
+        outcomes = {"noChanges": "no_changes", "success": "normal_sync",
+                    "fullSync": "full_sync"}
+        if ret not in outcomes:
+            raise RuntimeError("sync failed: %s" % ret)
+        return outcomes[ret]
+    if verb == "sync_media":
+        raise NotImplementedError("media sync is not driven for anki 2.1.26")
+    full = FullSyncer(col, state["hkey"], server.client, hostNum=None)
+    try:
+        if verb == "full_upload":
+            assert full.upload(), "full upload failed"
+        else:
+            ret = full.download()
+            assert ret is None, ret
+    finally:
+        state["col"] = state["Collection"](cmd["path"])  # both close the collection
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["legacy-client"]:
@@ -345,7 +467,6 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import urllib.request  # noqa: E402
 
@@ -363,7 +484,7 @@ def pytest_configure(config):
         ("fullsync", "full upload/download stories (issue 'core')"),
         ("normalsync", "incremental sync stories (issue 'incremental')"),
         ("media", "media sync stories (issue 'media')"),
-        ("legacy", "uses an anki 2.1.54 (protocol v10) device"),
+        ("legacy", "uses an anki 2.1.54 or 2.1.26 (protocol v10) device"),
     ]:
         config.addinivalue_line("markers", "%s: %s" % (mark, doc))
 
@@ -373,11 +494,6 @@ def pytest_configure(config):
 # any decorator below uses them (pytest.mark._config is the running session's config).
 if getattr(pytest.mark, "_config", None) is not None:
     pytest_configure(pytest.mark._config)
-
-
-def xfail_on_official(reason):
-    """For stories the official server itself cannot pass (an upstream quirk)."""
-    return pytest.mark.xfail(SERVER_KIND == "official", reason=reason, strict=True)
 
 
 # --- the server ------------------------------------------------------------------------
@@ -410,8 +526,8 @@ class SyncServer:
         return [sys.executable, script, "serve"]
 
     def start(self):
-        env = dict(os.environ, SYNC_BASE=self.base, SYNC_HOST="127.0.0.1",
-                   SYNC_PORT=str(self.port))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+        env.update(SYNC_BASE=self.base, SYNC_HOST="127.0.0.1", SYNC_PORT=str(self.port))
         for i, (name, password) in enumerate(self.users, 1):
             env["SYNC_USER%d" % i] = "%s:%s" % (name, password)
         log = open(self.log_path, "ab")
@@ -512,10 +628,16 @@ class ModernDevice:
     def sync(self):
         if self.auth is None:
             self.login()
-        out = self.col.sync_collection(self.auth, False)  # media synced separately
+        # sync_media=False: media is synced separately, when a story says so.
+        outcome, out = sync_collection(self.col,
+                                       lambda: self.col.sync_collection(self.auth, False))
         if out.new_endpoint:
             self.auth.endpoint = out.new_endpoint
-        return outcome_name(out)
+        return outcome
+
+    def sync_on_signal(self, go_file, delay):
+        wait_for_file(self.col, go_file, delay)
+        return self.sync()
 
     def _full(self, upload):
         if self.auth is None:
@@ -557,11 +679,11 @@ class ModernDevice:
 
 
 class LegacyDevice:
-    """An anki 2.1.54 profile (protocol v10), driven through a subprocess per call."""
+    """An anki 2.1.54 ("legacy") or 2.1.26 ("py26") profile, both protocol v10, driven
+    through one subprocess per call (see legacy_main)."""
 
-    kind = "legacy"
-
-    def __init__(self, name, folder, server, python, user=USER, password=PASSWORD):
+    def __init__(self, kind, name, folder, server, python, user=USER, password=PASSWORD):
+        self.kind = kind
         self.name = name
         self.server = server
         self.python = python
@@ -602,6 +724,11 @@ class LegacyDevice:
     def sync(self):
         return self._sync_verb("sync")
 
+    def sync_on_signal(self, go_file, delay):
+        steps = [] if self.hkey else [("login", {})]
+        steps += [("wait_for_file", {"path": go_file, "delay": delay}), ("sync", {})]
+        return self.run(*steps)[-1]
+
     def full_upload(self):
         self._sync_verb("full_upload")
 
@@ -638,21 +765,22 @@ LEGACY_REQUIREMENTS = [
 ]
 
 
-def find_python39():
-    candidates = [shutil.which("python3.9")]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")),
-                         reverse=True)
+def find_python(version):
+    """A Python `version` ("3.9") on PATH as pythonX.Y or under ~/.pyenv/versions."""
+    candidates = [shutil.which("python" + version)]
+    candidates += sorted(glob.glob(os.path.expanduser(
+        "~/.pyenv/versions/%s.*/bin/python%s" % (version, version))), reverse=True)
     for candidate in candidates:
-        if candidate and subprocess.run([candidate, "-c", "import sys, venv; "
-                                         "assert sys.version_info[:2] == (3, 9)"],
-                                        capture_output=True).returncode == 0:
+        if candidate and subprocess.run(
+                [candidate, "-c", "import sys, venv; assert sys.version_info[:2] == (%s)"
+                 % version.replace(".", ", ")], capture_output=True).returncode == 0:
             return candidate
     return None
 
 
-def ensure_venv(name, requirement_sets):
-    """<cache>/<name>: a Python 3.9 venv with the given pip installs, built once.
-    A marker file tells a finished venv from a half-built one."""
+def ensure_venv(name, python_version, requirement_sets):
+    """<cache>/<name>: a venv on Python `python_version` with the given pip installs,
+    built once. A marker file tells a finished venv from a half-built one."""
     venv = os.path.join(CACHE, name)
     python = os.path.join(venv, "bin", "python")
     marker = os.path.join(venv, ".ankisync-tests-ready")
@@ -661,29 +789,43 @@ def ensure_venv(name, requirement_sets):
         fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build it only once
         if os.path.exists(marker):
             return python
-        python39 = find_python39()
-        if python39 is None:
-            pytest.skip("no Python 3.9 found (python3.9 on PATH or ~/.pyenv/versions/3.9*)")
+        base_python = find_python(python_version)
+        if base_python is None:
+            pytest.skip("%s needs Python %s (python%s on PATH or ~/.pyenv/versions)"
+                        % (name, python_version, python_version))
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([python39, "-m", "venv", venv], check=True)
+        subprocess.run([base_python, "-m", "venv", venv], check=True)
         for requirements in requirement_sets:
             proc = subprocess.run([python, "-m", "pip", "install", "-q"] + requirements,
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError("pip install %s failed:\n%s" % (requirements,
-                                                                   proc.stderr[-3000:]))
+                                                                    proc.stderr[-3000:]))
         open(marker, "w").close()
         return python
 
 
 @pytest.fixture(scope="session")
 def legacy_python():
-    return ensure_venv("venv-anki-2.1.54", [LEGACY_REQUIREMENTS])
+    return ensure_venv("venv-anki-2.1.54", "3.9", [LEGACY_REQUIREMENTS])
+
+
+@pytest.fixture(scope="session")
+def py26_python():
+    # ankirspy 2.1.26 has wheels for CPython 3.7/3.8 only; anki 2.1.26 itself is pure
+    # Python and pins nothing, so its dependencies are capped by hand.
+    return ensure_venv("venv-anki-2.1.26", "3.8", [
+        ["--no-deps", "anki==2.1.26", "ankirspy==2.1.26"],
+        ["beautifulsoup4<4.13", "decorator<5", "distro<1.10", "orjson<3.10",
+         "protobuf<3.21", "requests[socks]<2.32", "urllib3<2.3", "soupsieve<2.7",
+         "charset-normalizer<3.5", "idna<3.11", "typing-extensions<4.13"],
+    ])
 
 
 @pytest.fixture
 def make_device(server, tmp_path, request):
-    """make_device(kind, name) -> a fresh device (empty profile) of that generation."""
+    """make_device(kind, name) -> a fresh device (empty profile) of that generation:
+    "modern" (anki 26.x), "legacy" (anki 2.1.54) or "py26" (anki 2.1.26)."""
     devices = []
 
     def make(kind, name, user=USER, password=PASSWORD):
@@ -691,8 +833,9 @@ def make_device(server, tmp_path, request):
         if kind == "modern":
             device = ModernDevice(name, folder, server, user, password)
         else:
-            device = LegacyDevice(name, folder, server,
-                                  request.getfixturevalue("legacy_python"), user, password)
+            python = request.getfixturevalue({"legacy": "legacy_python",
+                                              "py26": "py26_python"}[kind])
+            device = LegacyDevice(kind, name, folder, server, python, user, password)
         devices.append(device)
         return device
 
@@ -736,6 +879,16 @@ def assert_same(a, b):
     return sa
 
 
+def set_up_pair(make_device, gen_laptop, gen_phone):
+    """The usual start: the laptop has a collection and uploads it, the phone joins."""
+    laptop = make_device(gen_laptop, "laptop")
+    nids = laptop.do("build_sample")
+    first_upload(laptop)
+    phone = make_device(gen_phone, "phone")
+    join_by_download(phone)
+    return laptop, phone, nids
+
+
 def sync_normally(device):
     outcome = device.sync()
     assert outcome in ("normal_sync", "no_changes"), "%r: %s" % (device, outcome)
@@ -772,18 +925,101 @@ def test_laptop_uploads_phone_downloads(make_device, gen_laptop, gen_phone):
 
 
 @pytest.mark.fullsync
-@pytest.mark.parametrize("gen_laptop,gen_phone", GENERATION_PAIRS)
-def test_phone_replaces_server_copy_by_forced_upload(make_device, gen_laptop, gen_phone):
-    """After both devices are set up, the phone's schema changes (a field is added)
-    so its next sync must be full; it uploads, and the laptop must download."""
-    laptop = make_device(gen_laptop, "laptop")
+def test_server_restart_keeps_the_collection(server, make_device):
+    laptop = make_device("modern", "laptop")
     laptop.do("build_sample")
     first_upload(laptop)
-    phone = make_device(gen_phone, "phone")
+    server.restart()
+    assert laptop.sync() == "no_changes"  # the old host key still works
+    phone = make_device("modern", "phone")
     join_by_download(phone)
+    assert_same(laptop, phone)
+
+
+@pytest.mark.fullsync
+def test_second_user_gets_a_separate_collection(server, make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("build_sample")
+    first_upload(laptop)
+    server.add_user("zweiter", "geheim")
+    other = make_device("modern", "other", user="zweiter", password="geheim")
+    other.do("add_notes", deck="Privat", prefix="nur meins", count=2)
+    first_upload(other)  # the second account is still empty: upload, not download
+    assert laptop.sync() == "no_changes"
+    assert len(other.snapshot()["notes"]) == 2
+    with pytest.raises(Exception):
+        make_device("modern", "intruder", user="zweiter", password="falsch").login()
+
+
+# =====================================================================================
+# Stories: normal (incremental) sync (issue "incremental")
+# =====================================================================================
+
+
+@pytest.mark.normalsync
+@pytest.mark.parametrize("gen_laptop,gen_phone", GENERATION_PAIRS)
+def test_laptop_adds_phone_studies_and_edits_laptop_receives_all(make_device, gen_laptop,
+                                                                 gen_phone):
+    laptop, phone, nids = set_up_pair(make_device, gen_laptop, gen_phone)
+    revlog_before = len(laptop.snapshot()["revlog"])
+
+    # New notes written on the laptop show up on the phone.
+    new = laptop.do("add_notes", deck="Lang::Deutsch::Verben", prefix="laufen", count=3,
+                    tags=["neu"])
+    assert laptop.sync() == "normal_sync"
+    assert phone.sync() == "normal_sync"
+    assert sorted(phone.do("find_notes", query="tag:neu")) == sorted(new)
+
+    # The phone edits, deletes, studies, renames a deck, tags, changes options.
+    phone.do("edit_note", nid=nids[0], field="Back", value="to go (edited on the phone)")
+    phone.do("delete_notes", nids=[nids[1], new[0]])
+    phone.do("review", deck="Lang::Deutsch::Nomen", count=3)
+    phone.do("rename_deck", old="Lang::Deutsch::Nomen", new="Lang::Deutsch::Substantive")
+    phone.do("tag_note", nid=nids[2], tag="wichtig")
+    phone.do("set_new_per_day", conf_name="Default", per_day=33)
+    assert phone.sync() == "normal_sync"
+    assert laptop.sync() == "normal_sync"
+
+    state = assert_same(laptop, phone)
+    assert laptop.do("note_fields", nid=nids[0])["Back"] == "to go (edited on the phone)"
+    assert laptop.do("find_notes", query="nid:%d,%d" % (nids[1], new[0])) == []
+    assert len(state["revlog"]) == revlog_before + 3
+    deck_names = [name for _, name in state["decks"]]
+    assert "Lang::Deutsch::Substantive" in deck_names
+    assert "Lang::Deutsch::Nomen" not in deck_names
+    assert "wichtig" in state["tags"]
+    assert [c[2] for c in state["deck_configs"] if c[1] == "Default"] == [33]
+
+    # Nothing is left over: a second sync right away has nothing to do.
+    assert laptop.sync() == "no_changes"
+
+
+@pytest.mark.normalsync
+@pytest.mark.parametrize("newer_syncs_first", [True, False], ids=["newer-first", "older-first"])
+@pytest.mark.parametrize("gen_laptop,gen_phone", GENERATION_PAIRS[:2] + GENERATION_PAIRS[3:])
+def test_same_note_edited_on_both_newer_edit_wins(make_device, gen_laptop, gen_phone,
+                                                  newer_syncs_first):
+    laptop, phone, nids = set_up_pair(make_device, gen_laptop, gen_phone)
+    laptop.do("edit_note", nid=nids[3], field="Back", value="older, from the laptop")
+    time.sleep(1.1)  # a note's mtime has one-second resolution
+    phone.do("edit_note", nid=nids[3], field="Back", value="newer, from the phone")
+
+    order = [phone, laptop, phone] if newer_syncs_first else [laptop, phone, laptop]
+    for device in order:
+        sync_normally(device)
+    assert_same(laptop, phone)
+    for device in (laptop, phone):
+        assert device.do("note_fields", nid=nids[3])["Back"] == "newer, from the phone"
+
+
+@pytest.mark.normalsync
+@pytest.mark.parametrize("gen_laptop,gen_phone", GENERATION_PAIRS)
+def test_phone_adds_a_field_forcing_full_sync_laptop_downloads(make_device, gen_laptop,
+                                                               gen_phone):
+    laptop, phone, nids = set_up_pair(make_device, gen_laptop, gen_phone)
 
     phone.do("add_field", notetype="Basic", field="Beispiel")
-    assert phone.sync() == "full_sync"
+    assert phone.sync() == "full_sync"  # both sides have cards: the user must choose
     phone.full_upload()
     assert phone.sync() == "no_changes"
     assert laptop.sync() == "full_sync"
@@ -791,3 +1027,173 @@ def test_phone_replaces_server_copy_by_forced_upload(make_device, gen_laptop, ge
     state = assert_same(laptop, phone)
     basic = [m for m in state["notetypes"] if m[1] == "Basic"][0]
     assert basic[2] == ["Front", "Back", "Beispiel"]
+    sync_normally(laptop)
+
+
+def sync_simultaneously(devices, delays, tmp_path):
+    """Make the devices start a sync at the same instant (plus their delays); return
+    the outcomes, or the exceptions raised."""
+    go_file = str(tmp_path / ("go-%f" % time.time()))
+    results = [None] * len(devices)
+
+    def worker(i):
+        try:
+            results[i] = devices[i].sync_on_signal(go_file, delays[i])
+        except Exception as exc:  # a sync cut short by the other device's sync
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(devices))]
+    for t in threads:
+        t.start()
+    time.sleep(1)  # legacy devices need a moment to start their process
+    open(go_file, "w").close()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+@pytest.mark.normalsync
+@pytest.mark.parametrize("gen_laptop,gen_phone", [GENERATION_PAIRS[0], GENERATION_PAIRS[2]])
+def test_two_devices_sync_at_the_same_moment(make_device, tmp_path, gen_laptop, gen_phone):
+    laptop, phone, nids = set_up_pair(make_device, gen_laptop, gen_phone)
+    added = set(nids)
+    # Each round: both devices add notes, then sync together (a normal sync of 600 new
+    # notes takes the official server only some 20 ms, hence the precise start).
+    for round_no, delays in enumerate([(0, 0), (0.005, 0), (0, 0.005)]):
+        # Note ids are creation times in ms, and adding many notes runs ahead of the
+        # clock: two devices adding hundreds of notes in the same second would mint the
+        # same ids (a client-side clash, not a server matter), hence the pauses.
+        added.update(laptop.do("add_notes", deck="Math", prefix="laptop %d" % round_no,
+                               count=600))
+        time.sleep(1)
+        added.update(phone.do("add_notes", deck="Math", prefix="phone %d" % round_no,
+                              count=600))
+        time.sleep(1)
+        outcomes = sync_simultaneously([laptop, phone], delays, tmp_path)
+        print("round %d outcomes:" % round_no,
+              [o if isinstance(o, str) else str(o).strip().splitlines()[-1][:200]
+               for o in outcomes])
+        for outcome in outcomes:
+            # One of them may be cut off by the other; none may demand a full sync.
+            assert isinstance(outcome, Exception) or outcome in ("normal_sync", "no_changes")
+
+    # A calm round afterwards brings both to the same state, with nothing lost.
+    for device in (laptop, phone, laptop):
+        sync_normally(device)
+    state = assert_same(laptop, phone)
+    assert added <= {row[0] for row in state["notes"]}
+
+
+# =====================================================================================
+# Stories: media sync (issue "media")
+# =====================================================================================
+
+
+def media_plan():
+    """300 files: spaces, Japanese, accents typed as NFC and as NFD, sizes from one byte
+    to a few MB, plus one 20 MB file. [desired_name, size, seed] like write_media."""
+    rnd = random.Random(20240611)
+    patterns = [
+        "karte %03d.jpg",
+        "音声ファイル_%03d.mp3",
+        "日本語 の 画像 %03d.png",
+        unicodedata.normalize("NFC", "café crème %03d.png"),
+        unicodedata.normalize("NFD", "résumé à l'été %03d.txt"),  # normalized on write
+        "Ünïcödé Ñame %03d.gif",
+    ]
+    plan = []
+    for i in range(299):
+        size = rnd.choice([rnd.randint(1, 200), rnd.randint(200, 60000), rnd.randint(1, 400000)])
+        if i % 60 == 7:
+            size = rnd.randint(1000000, 3000000)
+        plan.append([patterns[i % len(patterns)] % i, size, 1000 + i])
+    plan.append(["großes Video 20MB.mp4", 20 * 1024 * 1024, 7])
+    return plan
+
+
+def write_media_on(device, plan):
+    """Write the planned files on `device`; return {stored name: sha1}."""
+    names = device.do("write_media", files=plan)
+    for name, (desired, _, _) in zip(names, plan):
+        # Clients store NFC names; anki 26 also lower-cases them, 2.1.54 keeps the case.
+        assert name in (unicodedata.normalize("NFC", desired),
+                        unicodedata.normalize("NFC", desired).lower()), name
+    return {name: hashlib.sha1(media_content(seed, size)).hexdigest()
+            for name, (_, size, seed) in zip(names, plan)}
+
+
+@pytest.mark.media
+@pytest.mark.parametrize("gen_laptop,gen_phone", GENERATION_PAIRS)
+def test_media_files_reach_the_other_device_and_deletions_follow(make_device, gen_laptop,
+                                                                 gen_phone):
+    laptop = make_device(gen_laptop, "laptop")
+    phone = make_device(gen_phone, "phone")
+    expected = write_media_on(laptop, media_plan())
+    # Files dropped into the folder with NFD names, then renamed by Check Media.
+    raw = [[unicodedata.normalize("NFD", "naïve Übung %d.txt" % i), 100 + i, 50 + i]
+           for i in range(3)]
+    renamed = laptop.do("write_raw_media", files=raw)
+    assert [n.lower() for n in renamed] == [unicodedata.normalize("NFC", n).lower()
+                                           for n, _, _ in raw]
+    for name, (_, size, seed) in zip(renamed, raw):
+        expected[name] = hashlib.sha1(media_content(seed, size)).hexdigest()
+    assert laptop.media_files() == expected
+
+    laptop.sync_media()
+    phone.sync_media()
+    assert phone.media_files() == expected
+
+    # Deletions on both sides and an addition on the phone. A second later, as in real
+    # life: anki 2.1.54 only rescans the media folder when its mtime (in whole seconds)
+    # differs from the one recorded at the last scan.
+    time.sleep(1)
+    names = sorted(expected)
+    laptop_deletes, phone_deletes = names[:10], names[10:15]
+    laptop.do("delete_media", names=laptop_deletes)
+    phone.do("delete_media", names=phone_deletes)
+    for name in laptop_deletes + phone_deletes:
+        del expected[name]
+    expected.update(write_media_on(phone, [["vom Handy %d.jpg" % i, 5000 + i, 900 + i]
+                                           for i in range(3)]))
+
+    for _ in range(2):
+        laptop.sync_media()
+        phone.sync_media()
+    assert laptop.media_files() == expected
+    assert phone.media_files() == expected
+
+
+# =====================================================================================
+# Story: a much older desktop (anki 2.1.26, sync code in Python)
+# =====================================================================================
+
+
+@pytest.mark.fullsync
+@pytest.mark.normalsync
+@pytest.mark.legacy
+def test_old_2_1_26_desktop_uploads_and_keeps_syncing_with_modern_laptop(make_device):
+    old = make_device("py26", "old-desktop")
+    old.do("use_v2_scheduler")
+    nids = old.do("add_notes", deck="Lang::Deutsch", prefix="Wort", count=5, tags=["wort"])
+    first_upload(old)  # 2.1.26 only knows "full sync needed"; the story picks upload
+    assert old.sync() == "no_changes"
+
+    laptop = make_device("modern", "laptop")
+    join_by_download(laptop)
+    assert_same(old, laptop)
+
+    # Normal syncs both ways.
+    new = laptop.do("add_notes", deck="Lang::Deutsch", prefix="neu", count=2)
+    assert laptop.sync() == "normal_sync"
+    assert old.sync() == "normal_sync"
+    assert sorted(old.do("find_notes", query="neu")) == sorted(new)
+    old.do("edit_note", nid=nids[0], field="Back", value="edited on the old desktop")
+    assert old.sync() == "normal_sync"
+    assert laptop.sync() == "normal_sync"
+    assert laptop.do("note_fields", nid=nids[0])["Back"] == "edited on the old desktop"
+    assert_same(old, laptop)
+
+    # And a second old desktop can start from what the modern laptop left on the server.
+    old2 = make_device("py26", "old-desktop-2")
+    join_by_download(old2)
+    assert_same(old2, laptop)
