@@ -2946,14 +2946,6 @@ def stock_notetype(ntid, spec):
     }
 
 
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_new_collection(path, now):
     created_ms = int(now * 1000)
     models = {}
@@ -2985,14 +2977,14 @@ def create_collection(path):
     os.close(fd)  # SQLite treats the empty file as a new database
     try:
         _write_new_collection(temp, time.time())
-        _fsync_path(temp)
+        fsync_path(temp)
         os.replace(temp, path)
     except BaseException:
         for leftover in (temp, temp + "-journal"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
         raise
-    _fsync_path(folder)
+    fsync_path(folder)
 
 
 def connect_collection(path):
@@ -3007,15 +2999,20 @@ def connect_collection(path):
     return conn
 
 
-def fsync_folder(folder):
+def fsync_path(path):
+    """Make a written file, or a rename inside a folder, survive a power cut."""
+    folder = os.path.isdir(path)
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if folder:
+            return      # Windows cannot open a folder; its renames are durable anyway
+        raise
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if not folder:
+            raise
     finally:
         os.close(fd)
 
@@ -3128,7 +3125,7 @@ class Collection:
                             % (version, e.reason))
         os.replace(temp, self.path)
         remove_side_files(self.path)
-        fsync_folder(self.folder)
+        fsync_path(self.folder)
         log.info("converted %s from schema %s to 11", self.path, version)
 
     def replace_with(self, new_path):
@@ -3136,7 +3133,7 @@ class Collection:
         self.close()
         os.replace(new_path, self.path)
         remove_side_files(self.path)
-        fsync_folder(self.folder)
+        fsync_path(self.folder)
 
     def size(self):
         try:
@@ -4164,7 +4161,8 @@ class SyncApp:
         """Temporary files of a server that was killed mid-request."""
         for root, _, files in os.walk(self.config.data):
             for name in files:
-                if name.startswith((".spool-", ".upload-", ".download-", ".incoming-")) or \
+                if name.startswith((".spool-", ".upload-", ".download-", ".incoming-",
+                                    ".new-collection-")) or \
                         name.endswith(".convert"):
                     try:
                         os.unlink(os.path.join(root, name))

