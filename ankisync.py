@@ -365,7 +365,11 @@ class UserStore:
         return row[0] if row else None
 
     def apply_environment(self, env_users, hashed):
-        """SYNC_USERn: create the user, or change the password when it differs."""
+        """SYNC_USERn: create the user, or change the password when it differs.
+
+        The official server's host key is sha1 of the variable's value; accepting it
+        too lets devices moved over from that server sync on without logging in again.
+        """
         for name, secret in env_users:
             phc = secret if hashed else None
             current = self.hash_of(name)
@@ -373,6 +377,10 @@ class UserStore:
                 self.add(name, password=secret, phc=phc)
             elif (phc and phc != current) or (not phc and not verify_password(secret, current)):
                 self.set_password(name, password=secret, phc=phc)
+            official_key = hashlib.sha1(("%s:%s" % (name, secret)).encode("utf-8")).hexdigest()
+            with self.connect() as db:
+                db.execute("insert or ignore into hostkeys values (?, ?, ?)",
+                           (official_key, name, int(time.time())))
 
 
 # ---------------------------------------------------------------------------
@@ -657,10 +665,6 @@ class MultipartParser:
         else:
             self.fields["data"] = None      # marks that a data part was present
         return ended
-
-
-def json_bytes(obj):
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -3322,8 +3326,10 @@ class SyncSession:
     def apply_changes(self, changes):
         if not isinstance(changes, dict):
             raise bad_request("applyChanges needs a `changes` object")
-        models = changes.get("models") or []
-        decks = changes.get("decks") or [[], []]
+        models = changes.get("models")
+        models = [] if models is None else models
+        decks = changes.get("decks")
+        decks = [[], []] if decks is None else decks
         if not (isinstance(models, list) and isinstance(decks, list) and len(decks) == 2):
             raise bad_request("applyChanges: `models` must be a list and `decks` a pair of lists")
         for model in models:
@@ -3560,7 +3566,7 @@ class Reply:
 
     @classmethod
     def json(cls, obj):
-        return cls(json_bytes(obj))
+        return cls(dumps_compact(obj).encode("utf-8"))
 
     @classmethod
     def text(cls, text):
@@ -3929,7 +3935,7 @@ class MediaSync:
                     total += os.path.getsize(path)
                     if total > MEDIA_DOWNLOAD_BYTES:
                         break
-                archive.writestr("_meta", json_bytes(zip_meta))
+                archive.writestr("_meta", dumps_compact(zip_meta))
             size = spool.tell()
             spool.seek(0)
         except BaseException:

@@ -827,14 +827,14 @@ def make_device(server, tmp_path, request):
     "modern" (anki 26.x), "legacy" (anki 2.1.54) or "py26" (anki 2.1.26)."""
     devices = []
 
-    def make(kind, name, user=USER, password=PASSWORD):
+    def make(kind, name, user=USER, password=PASSWORD, on=None):
         folder = str(tmp_path / name)
         if kind == "modern":
-            device = ModernDevice(name, folder, server, user, password)
+            device = ModernDevice(name, folder, on or server, user, password)
         else:
             python = request.getfixturevalue({"legacy": "legacy_python",
                                               "py26": "py26_python"}[kind])
-            device = LegacyDevice(kind, name, folder, server, python, user, password)
+            device = LegacyDevice(kind, name, folder, on or server, python, user, password)
         devices.append(device)
         return device
 
@@ -2896,3 +2896,158 @@ def test_errors_are_one_line():
             with pytest.raises(ankisync.ZstdError) as info:
                 backend.decompress(bad, 1000)
             assert "\n" not in str(info.value) and str(info.value)
+
+
+# --- interrupted and crafted normal syncs, spoken by hand ------------------------------
+
+def server_state(server):
+    """What a normal sync could change on the server, read from the committed file."""
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        return (db.execute("select mod, usn, ls, tags, decks, models from col").fetchone(),
+                db.execute("select count(), total(mod) from notes").fetchone(),
+                db.execute("select count() from cards").fetchone(),
+                db.execute("select count() from revlog").fetchone(),
+                db.execute("select count() from graves").fetchone())
+    finally:
+        db.close()
+
+
+def a_note_row(server):
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        return list(db.execute("select id, guid, mid, mod, usn, tags, flds, '', '', 0, '' "
+                               "from notes limit 1").fetchone())
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def laptop_with_cards(server, make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("build_sample")
+    first_upload(laptop)
+    return laptop
+
+
+@pytest.mark.normalsync
+def test_a_client_killed_mid_sync_leaves_the_server_unchanged(server, laptop_with_cards,
+                                                              make_device):
+    before = server_state(server)
+    key = login(server)
+    modern(server, "meta", {"v": 11, "cv": "t"}, key=key, session="dying")
+    note = a_note_row(server)
+    steps = [("start", {"minUsn": 0, "lnewer": True, "graves": None}),
+             ("applyGraves", {"chunk": {"cards": [], "notes": [note[0]], "decks": []}}),
+             ("applyChanges", {"changes": {"models": [], "decks": [[], []], "tags": ["crash"]}}),
+             ("chunk", {"_pad": None}),
+             ("applyChunk", {"chunk": {"done": False, "notes": [note[:6] + ["edited\x1fx"]
+                                                                + note[7:]]}})]
+    for method, payload in steps:
+        status, body = modern(server, method, payload, key=key, session="dying")
+        assert status == 200, (method, body)
+    # The phone dies here: no sanityCheck2, no finish. Nothing of it is on disk ...
+    assert server_state(server) == before
+    # ... and the laptop's next sync simply works, and a new phone agrees with it.
+    laptop_with_cards.do("add_notes", deck="Lang::Deutsch", prefix="after", count=2)
+    assert sync_normally(laptop_with_cards) == "normal_sync"
+    phone = make_device("modern", "phone")
+    join_by_download(phone)
+    assert_same(laptop_with_cards, phone)
+
+
+def test_an_abandoned_sync_is_rolled_back_after_the_idle_timeout(tmp_path):
+    config = ankisync.Config()
+    config.data, config.session_timeout = str(tmp_path), 1
+    app = ankisync.SyncApp(config)
+    syncer = app.collection_for("alice")
+    syncer.collection.open()
+    syncer.session = ankisync.SyncSession("s", syncer.collection.conn, 0, True)
+    syncer.session.apply_changes({"models": [], "decks": [[], []], "tags": ["lost"]})
+    app.expire_idle_sessions()
+    assert syncer.session is not None                   # still within the timeout
+    time.sleep(1.1)
+    app.expire_idle_sessions()
+    assert syncer.session is None
+    tags = syncer.collection.open().execute("select tags from col").fetchone()[0]
+    assert json.loads(tags) == {}
+
+
+@pytest.mark.normalsync
+def test_crafted_sync_requests_get_4xx_and_change_nothing(server, laptop_with_cards):
+    key = login(server)
+    note = a_note_row(server)
+    before = server_state(server)
+
+    def attempt(*calls, session="s1"):
+        """Runs meta, start, then `calls`; returns the status of the last one."""
+        modern(server, "meta", {"v": 11, "cv": "t"}, key=key, session=session)
+        status = modern(server, "start", {"minUsn": 0, "lnewer": True}, key=key,
+                        session=session)[0]
+        assert status == 200
+        for method, payload in calls:
+            status, body = modern(server, method, payload, key=key, session=session)
+            if status != 200:
+                break
+        modern(server, "abort", {}, key=key, session=session)
+        return status, body
+
+    unknown_notetype = note[:2] + [123456789] + note[3:]
+    cases = {
+        "note of a notetype the server lacks": [("applyChunk", {"chunk": {"notes": [unknown_notetype]}})],
+        "note with too many fields": [("applyChunk", {"chunk": {"notes": [note[:6] + ["a\x1fb\x1fc"] + note[7:]]}})],
+        "card row too short": [("applyChunk", {"chunk": {"cards": [[1, 2, 3]]}})],
+        "revlog row with text": [("applyChunk", {"chunk": {"revlog": [["x"] * 9]}})],
+        "chunk that is not an object": [("applyChunk", {"chunk": [1, 2]})],
+        "graves that are not ids": [("applyGraves", {"chunk": {"cards": ["nope"], "notes": [], "decks": []}})],
+        "notetype without fields": [("applyChanges", {"changes": {"models": [{"id": 5, "mod": 1}], "decks": [[], []], "tags": []}})],
+        "decks not a pair": [("applyChanges", {"changes": {"models": [], "decks": [], "tags": []}})],
+        "finish after a failed sanity check": [("sanityCheck2", {"client": [[0, 0, 0], 1, 1, 1, 0, 1, 1, 1]}),
+                                               ("finish", {})],
+    }
+    for case, calls in cases.items():
+        status, body = attempt(*calls)
+        assert 400 <= status < 500, (case, status, body)
+        assert body.strip(), case                        # a reason, not an empty answer
+        assert server_state(server) == before, case
+    # Methods out of order or from another device's session.
+    modern(server, "meta", {"v": 11, "cv": "t"}, key=key)
+    assert modern(server, "applyChunk", {"chunk": {}}, key=key)[0] == 409
+    assert modern(server, "finish", {}, key=key)[0] == 409
+    assert modern(server, "start", {"minUsn": 0, "lnewer": True}, key=key, session="a")[0] == 200
+    assert modern(server, "chunk", {}, key=key, session="b")[0] == 409
+    assert modern(server, "finish", {}, key=key, session="b")[0] == 409
+    modern(server, "abort", {}, key=key, session="a")
+    assert server_state(server) == before
+    # The laptop still syncs normally afterwards.
+    laptop_with_cards.do("add_notes", deck="Lang::Deutsch", prefix="still", count=1)
+    assert sync_normally(laptop_with_cards) == "normal_sync"
+
+
+@pytest.mark.fullsync
+def test_a_data_folder_from_the_official_server_moves_to_ankisync(tmp_path, make_device):
+    """The official server keeps schema 18 in the same layout: ankisync adopts it."""
+    base = str(tmp_path / "moved")
+    os.makedirs(base)
+    official = SyncServer("official", base, [(USER, PASSWORD)])
+    official.start()
+    try:
+        laptop = make_device("modern", "laptop", on=official)
+        laptop.do("build_sample")
+        first_upload(laptop)
+        laptop.do("write_media", files=[["moved.png", 3000, 1]])
+        laptop.sync_media()
+    finally:
+        official.stop()
+    ours = SyncServer("ankisync", base, [(USER, PASSWORD)])
+    ours.port, ours.url = official.port, official.url
+    ours.start()
+    try:
+        assert laptop.sync() == "no_changes"
+        phone = make_device("modern", "phone", on=ours)
+        join_by_download(phone)
+        phone.sync_media()
+        assert_same(laptop, phone)
+        assert phone.media_files() == laptop.media_files() != {}
+    finally:
+        ours.kill()

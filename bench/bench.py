@@ -115,6 +115,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+def _die_with_parent():
+    """In the child: SIGKILL when the bench dies, even by SIGKILL (Linux prctl)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class ServerDied(RuntimeError):
     pass
 
@@ -149,7 +158,8 @@ class Server:
             env["SYNC_USER%d" % i] = "%s:%s" % (name, password)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = time.time() + 90
         while True:
@@ -471,6 +481,7 @@ class Bench:
         self.units = {}
         self.peaks = {}            # scenario -> kind -> MB
         self.failures = []
+        self.load_at_start = os.getloadavg()[0]
 
     # -- plumbing --------------------------------------------------------------------
 
@@ -837,6 +848,10 @@ class Bench:
                         self.servers["ankisync"].zstd_backend(),
                         started.strftime("%Y-%m-%d"), "quick" if self.args.quick else "full",
                         elapsed))
+        load = os.getloadavg()[0]
+        if self.load_at_start > 0.5 or load > 1.5:
+            lines.append("Note: other work was running (load average %.1f at start, %.1f at end)"
+                         ": these numbers are noisier than usual." % (self.load_at_start, load))
         if self.failures:
             lines.append("")
             lines.append("FAILURES:")
