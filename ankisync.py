@@ -35,6 +35,7 @@ License: GNU Affero General Public License v3.0 or later.
 import argparse
 import base64
 import configparser
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
@@ -292,6 +293,8 @@ class UserStore:
         # Costs the same as a real check, so an unknown name takes as long as a wrong password.
         self.decoy_hash = hash_password(secrets.token_hex(8))
         with self.connect() as db:
+            # WAL (a setting kept in the file) lets `adduser` write while the server reads.
+            db.execute("pragma journal_mode=wal")
             db.executescript("""
                 create table if not exists users (
                     name text primary key, hash text not null, created integer not null);
@@ -301,10 +304,8 @@ class UserStore:
             """)
 
     def connect(self):
-        # WAL lets `adduser` write while the server reads; the timeout rides out short locks.
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("pragma journal_mode=wal")
-        return db
+        # The timeout rides out the short write locks of `adduser` in another process.
+        return sqlite3.connect(self.path, timeout=30)
 
     def names(self):
         with self.connect() as db:
@@ -773,6 +774,9 @@ class LibZstd(Zstd):
                 lib, "ZSTD_CCtx_setParameter", size_t, ptr, c_int, c_int)
             self._compress = self._bind(
                 lib, "ZSTD_compressStream2", size_t, ptr, out_p, in_p, c_int)
+            self._compress_bound = self._bind(lib, "ZSTD_compressBound", size_t, size_t)
+            self._compress_once = self._bind(lib, "ZSTD_compress", size_t, ctypes.c_char_p,
+                                             size_t, ctypes.c_char_p, size_t, c_int)
         except AttributeError as e:
             raise ZstdError("libzstd lacks %s: install libzstd 1.4 or newer" % e) from None
         if version < LIBZSTD_MIN_VERSION:
@@ -832,6 +836,14 @@ class LibZstd(Zstd):
             raise ZstdError("truncated zstd data: input ends inside a frame")
         return produced
 
+    def compress(self, data):
+        # One shot: libzstd sizes its tables to the data, where a stream assumes megabytes.
+        data = bytes(data)
+        bound = self._compress_bound(len(data))
+        buffer = ctypes.create_string_buffer(bound)
+        size = self._check(self._compress_once(buffer, bound, data, len(data), COMPRESSION_LEVEL))
+        return buffer.raw[:size]
+
     def compress_stream(self, read, write):
         cstream = self._create_cstream()
         if not cstream:
@@ -872,6 +884,10 @@ class StdlibZstd(Zstd):
 
     def __init__(self, module):
         self._zstd = module
+
+    def compress(self, data):
+        # One shot: the library sizes its tables to the data, where a stream assumes megabytes.
+        return self._zstd.compress(data, level=COMPRESSION_LEVEL)
 
     def decompress_stream(self, read, write, limit):
         zstd = self._zstd
@@ -3190,6 +3206,8 @@ HTML_TAG = re.compile(r"<.*?>", re.DOTALL)
 
 def strip_html_keep_media(text):
     """The text Anki sorts and checksums a field by (PROTOCOL.md appendix D)."""
+    if "<" not in text and "&" not in text:
+        return text
     text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
     for pattern in (HTML_COMMENT, HTML_STYLE, HTML_SCRIPT, HTML_TAG):
         text = pattern.sub("", text)
@@ -3480,13 +3498,13 @@ class SyncSession:
 
     def revlog_row(self, row):
         row = checked_row(row, 9, "revlog")
-        values = [to_int(v, "revlog value") for v in row]
+        values = [v if type(v) is int else to_int(v, "revlog value") for v in row]
         values[2] = self.server_usn
         return values
 
     def card_row(self, row):
         row = checked_row(row, 18, "card")
-        values = [to_int(v, "card value") for v in row[:17]]
+        values = [v if type(v) is int else to_int(v, "card value") for v in row[:17]]
         values[5] = self.server_usn
         data = row[17]
         values.append(data if isinstance(data, str) else json.dumps(data))
@@ -3817,6 +3835,18 @@ MEDIA_SCHEMA = """
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+@contextlib.contextmanager
+def transaction(db):
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connections)."""
+    db.execute("begin immediate")
+    try:
+        yield db
+    except BaseException:
+        db.execute("rollback")
+        raise
+    db.execute("commit")
+
+
 def check_media_name(name):
     """A name a client may store a file under; anything else could escape the folder."""
     if not isinstance(name, str) or not name:
@@ -3840,16 +3870,19 @@ class MediaStore:
         self.folder = os.path.join(folder, "media")
         self.db_path = os.path.join(folder, "media.db")
         self.lock = threading.Lock()
+        self.ready = False          # media.db exists with its schema
 
     def connect(self):
-        os.makedirs(self.folder, exist_ok=True)
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
                              timeout=LOCK_WAIT)
-        db.execute("pragma journal_mode=wal")
-        if db.execute("pragma user_version").fetchone()[0] == 0:
-            db.executescript(MEDIA_SCHEMA)
-            db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
-            db.execute("pragma user_version = 4")
+        if not self.ready:
+            os.makedirs(self.folder, exist_ok=True)
+            db.execute("pragma journal_mode=wal")      # stays set in the file
+            if db.execute("pragma user_version").fetchone()[0] == 0:
+                db.executescript(MEDIA_SCHEMA)
+                db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
+                db.execute("pragma user_version = 4")
+            self.ready = True
         return db
 
     def last_usn(self):
@@ -3925,7 +3958,7 @@ class MediaSync:
                     path = self.store.path_of(name)
                     if not os.path.exists(path):
                         # Forget it without a deletion entry, so the loss does not spread.
-                        with db:
+                        with transaction(db):
                             db.execute("update meta set total_bytes=max(0, total_bytes-?), "
                                        "total_nonempty_files=max(0, total_nonempty_files-1)", (row[0],))
                             db.execute("delete from media where fname=?", (name,))
@@ -3946,7 +3979,7 @@ class MediaSync:
     def uploadChanges(self, req, db):
         changes, incoming = self._unpack_upload(req.payload)
         try:
-            with db:        # one transaction: the whole batch or nothing
+            with transaction(db):       # the whole batch or nothing
                 usn, total_bytes, total_files = db.execute(
                     "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
                 now = int(time.time())
@@ -4331,10 +4364,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "ankisync/" + __version__
     timeout = SOCKET_TIMEOUT
+    wbufsize = IO_BLOCK        # headers and a small body leave in one packet
 
     def setup(self):
         super().setup()
-        # Headers and body go out in separate writes; without this, Nagle's algorithm
+        # Large answers leave in several writes; without this, Nagle's algorithm
         # and the client's delayed ACK add 40 ms to every request of a sync.
         try:
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -849,7 +849,7 @@ class Bench:
                         started.strftime("%Y-%m-%d"), "quick" if self.args.quick else "full",
                         elapsed))
         load = os.getloadavg()[0]
-        if self.load_at_start > 0.5 or load > 1.5:
+        if self.load_at_start > 0.7 or load > 2.5:
             lines.append("Note: other work was running (load average %.1f at start, %.1f at end)"
                          ": these numbers are noisier than usual." % (self.load_at_start, load))
         if self.failures:
