@@ -3051,3 +3051,20 @@ def test_a_data_folder_from_the_official_server_moves_to_ankisync(tmp_path, make
         assert phone.media_files() == laptop.media_files() != {}
     finally:
         ours.kill()
+
+
+def test_idle_keep_alive_connections_do_not_hold_up_new_ones(server):
+    """Threads are reused between connections, never shared by two at once."""
+    held = []
+    for _ in range(5):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b"ok\n"
+        held.append(conn)                   # open and idle, as a client between syncs
+    start = time.monotonic()
+    assert post(server, "/health", method="GET")[0] == 200
+    assert time.monotonic() - start < 2
+    for conn in held:
+        conn.request("GET", "/health")      # the first ones are still served, too
+        assert conn.getresponse().status == 200
+        conn.close()
