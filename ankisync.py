@@ -88,6 +88,8 @@ SESSION_TIMEOUT = 300               # seconds: a client that vanished mid-sync r
 SOCKET_TIMEOUT = 120                # seconds of silence before a stalled client loses its thread
 LOCK_WAIT = 60                      # seconds a request waits for the same user's other device
 MAX_WORKERS = 256                   # connections served at once; more wait for a free thread
+GLIBC_M_ARENA_MAX = -8              # mallopt() parameter number in glibc's malloc.h
+GLIBC_ARENAS = 2                    # 8 users syncing at once: 85 MB RSS with glibc's default, 52 with 2
 SPOOL_MEMORY_MAX = 1 * MIB          # bodies above this go to a temporary file, not RAM
 IO_BLOCK = 256 * 1024               # read/write granularity for streamed bodies
 JSON_PAYLOAD_MAX = 200 * MIB        # a JSON body is parsed in memory; nothing legitimate comes near
@@ -3201,7 +3203,7 @@ def to_int(value, what="value"):
 
 
 ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")   # keeps TAB and LF, as Anki does
+FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1e\x7f]")   # keeps TAB, LF and the 0x1f separator
 MEDIA_TAG = re.compile(
     r"""<(?:img|audio|video|object|source)\b[^>]*?\b(?:src|data)\s*=\s*"""
     r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))[^>]*>""", re.IGNORECASE | re.DOTALL)
@@ -3246,7 +3248,11 @@ def normalize_tag(name):
 
 
 def normalize_note_tags(tags):
-    return " %s " % " ".join(t for t in re.split(r"[ \u3000]+", tags) if t) if tags.strip() else ""
+    """" a b " with single spaces, or "" (U+3000 separates tags too)."""
+    if len(tags) > 2 and tags[0] == tags[-1] == " " and "  " not in tags and "\u3000" not in tags:
+        return tags         # already in shape, as from every client but 2.1.26
+    names = tags.replace("\u3000", " ").split()
+    return " %s " % " ".join(names) if names else ""
 
 
 def unique_name(name, taken):
@@ -3519,24 +3525,29 @@ class SyncSession:
 
     def note_row(self, row):
         row = checked_row(row, 11, "note")
-        nid, guid, mid, mod = to_int(row[0], "note id"), row[1], to_int(row[2], "note mid"), to_int(row[3], "note mod")
-        tags, flds = row[5], row[6]
+        nid, guid, mid, mod, _, tags, flds = row[:7]
+        if not (type(nid) is int and type(mid) is int and type(mod) is int):
+            nid, mid, mod = to_int(nid, "note id"), to_int(mid, "note mid"), to_int(mod, "note mod")
         if not (isinstance(guid, str) and isinstance(tags, str) and isinstance(flds, str)):
             raise bad_request("note %s: guid, tags and fields must be strings" % nid)
         model = self.objects.models.get(str(mid))
         if model is None:
             raise bad_request("note %s uses notetype %s, which this collection does not have"
                               % (nid, mid))
-        fields = [FIELD_CONTROL.sub("", f) for f in flds.split("\x1f")]
+        flds = FIELD_CONTROL.sub("", flds)
+        fields = flds.split("\x1f")
         expected = max(1, len(model.get("flds") or []))
         if len(fields) != expected:
             raise bad_request("note %s has %d fields, its notetype %s has %d"
                               % (nid, len(fields), mid, expected))
+        first = strip_html_keep_media(fields[0])
         sort_index = to_int(model.get("sortf", 0))
-        sort_field = strip_html_keep_media(fields[sort_index]) if sort_index < len(fields) else ""
-        checksum = field_checksum(strip_html_keep_media(fields[0]))
-        return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags),
-                "\x1f".join(fields), sort_field, checksum, 0, ""]
+        if sort_index == 0:
+            sort_field = first
+        else:
+            sort_field = strip_html_keep_media(fields[sort_index]) if sort_index < len(fields) else ""
+        return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags), flds,
+                sort_field, field_checksum(first), 0, ""]
 
     # -- the end ------------------------------------------------------------
 
@@ -4627,7 +4638,16 @@ def command_lsuser(config, args):
         print(name)
 
 
+def limit_malloc_arenas():
+    """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
+    try:
+        ctypes.CDLL(None).mallopt(GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
+    except (OSError, AttributeError, TypeError):
+        pass        # not glibc (macOS, musl, Windows): nothing to tune
+
+
 def command_serve(config, args):
+    limit_malloc_arenas()
     app = SyncApp(config)
     app.users.apply_environment(config.env_users, config.passwords_hashed)
     log.info("ankisync %s, Python %s, zstd backend: %s", __version__,

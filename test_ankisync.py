@@ -207,6 +207,11 @@ def add_notes(col, deck, prefix, count, notetype="Basic", tags=()):
 
 
 @op
+def add_notes_with_fronts(col, deck, fronts):
+    return [_add(col, "Basic", deck, [front, "back"]) for front in fronts]
+
+
+@op
 def edit_note(col, nid, field, value):
     note = _get_note(col, nid)
     note[field] = value
@@ -3068,3 +3073,28 @@ def test_idle_keep_alive_connections_do_not_hold_up_new_ones(server):
         conn.request("GET", "/health")      # the first ones are still served, too
         assert conn.getresponse().status == 200
         conn.close()
+
+
+def test_note_tags_are_normalized_as_anki_stores_them():
+    for given, stored in [("", ""), (" ", ""), (" a b ", " a b "), ("a b", " a b "),
+                          ("  a  b ", " a b "), ("a\u3000b", " a b ")]:
+        assert ankisync.normalize_note_tags(given) == stored
+
+
+@pytest.mark.normalsync
+def test_the_server_sorts_and_checksums_notes_as_the_client_does(server, laptop_with_cards):
+    fronts = ["<b>Bold</b> word", "caf&eacute; &amp; cr&egrave;me", '<img src="cat.jpg"> cat',
+              "1984", "<div>x<br>y</div>", "plain", "&nbsp;space", "<!-- hidden -->shown"]
+    laptop_with_cards.do("add_notes_with_fronts", deck="Lang::Deutsch", fronts=fronts)
+    assert sync_normally(laptop_with_cards) == "normal_sync"
+    on_server = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        rows = dict((flds.split("\x1f")[0], (sfld, csum)) for flds, sfld, csum in on_server.execute(
+            "select flds, sfld, csum from notes"))
+    finally:
+        on_server.close()
+    on_laptop = laptop_with_cards.col.db.all("select flds, sfld, csum from notes")
+    for flds, sfld, csum in on_laptop:
+        front = flds.split("\x1f")[0]
+        if front in fronts:
+            assert rows[front] == (sfld, csum), front
