@@ -99,6 +99,7 @@ MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
+KEY_CACHE_SECONDS = 5               # how soon `passwd`/`deluser` in another process reach the server
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
@@ -295,6 +296,7 @@ class UserStore:
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "auth.db")
         self.local = threading.local()
+        self.key_cache = {}         # hkey -> (user, monotonic expiry): a query per request cost 15%
         # Costs the same as a real check, so an unknown name takes as long as a wrong password.
         self.decoy_hash = hash_password(secrets.token_hex(8))
         with self.connect() as db:
@@ -341,12 +343,14 @@ class UserStore:
             if not db.execute("update users set hash=? where name=?", (phc, name)).rowcount:
                 raise ValueError("no user %r: see `lsuser` for the names" % (name,))
             db.execute("delete from hostkeys where name=?", (name,))
+        self.key_cache.clear()
 
     def delete(self, name):
         with self.connect() as db:
             if not db.execute("delete from users where name=?", (name,)).rowcount:
                 raise ValueError("no user %r: see `lsuser` for the names" % (name,))
             db.execute("delete from hostkeys where name=?", (name,))
+        self.key_cache.clear()
 
     def hash_of(self, name):
         with self.connect() as db:
@@ -370,9 +374,16 @@ class UserStore:
     def user_for_key(self, hkey):
         if not hkey:
             return None
+        now = time.monotonic()
+        cached = self.key_cache.get(hkey)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         with self.connect() as db:
             row = db.execute("select name from hostkeys where hkey=?", (hkey,)).fetchone()
-        return row[0] if row else None
+        if row is None:
+            return None
+        self.key_cache[hkey] = (row[0], now + KEY_CACHE_SECONDS)
+        return row[0]
 
     def apply_environment(self, env_users, hashed):
         """SYNC_USERn: create the user, or change the password when it differs.
@@ -3109,8 +3120,6 @@ class Collection:
         self.conn = None
 
     def open(self):
-        if self.conn is not None and not os.path.exists(self.path):
-            self.close()        # `deluser --delete-data` removed it under a running server
         if self.conn is None:
             if not os.path.exists(self.path):
                 create_collection(self.path)
@@ -4279,7 +4288,17 @@ class SyncApp:
         if hkey is None:
             raise SyncError(403, "wrong user name or password")
         req.user = name.strip()
+        self.notice_deleted_data(req.user)
         return Reply.json({"key": hkey})
+
+    def notice_deleted_data(self, user):
+        """`deluser --delete-data` then `adduser` in another process: start afresh."""
+        syncer = self.collection_for(user)
+        with syncer.locked():
+            if syncer.collection.conn is not None and not os.path.exists(syncer.collection.path):
+                syncer.abort_session()
+                syncer.collection.close()
+        self.media_for(user).ready = False
 
     def decode(self, handler, area, method, body):
         """Undo the envelope: fills a SyncRequest with keys and the plain payload."""
@@ -4376,6 +4395,9 @@ td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{backgroun
 """ % (__version__, items)).encode("utf-8")
 
 
+HTTP_DATE = [0, ""]        # the Date header of the current second
+
+
 class Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync."""
 
@@ -4383,6 +4405,13 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "ankisync/" + __version__
     timeout = SOCKET_TIMEOUT
     wbufsize = IO_BLOCK        # headers and a small body leave in one packet
+
+    def date_time_string(self, timestamp=None):
+        # http.server formats the Date header through the email package on every reply.
+        now = int(time.time()) if timestamp is None else int(timestamp)
+        if HTTP_DATE[0] != now:
+            HTTP_DATE[:] = [now, super().date_time_string(now)]
+        return HTTP_DATE[1]
 
     def setup(self):
         super().setup()
