@@ -12,6 +12,7 @@ address for each client generation):
     Anki 2.1.57+, AnkiDroid 2.16+, AnkiMobile    http://HOST:27701/
     Anki 2.1.28 - 2.1.56                         SYNC_ENDPOINT=http://HOST:27701/sync/
                                                  SYNC_ENDPOINT_MEDIA=http://HOST:27701/msync/
+    Anki up to 2.1.27                            add-on: anki.sync.SYNC_BASE = "http://HOST:27701/%s"
     AnkiDroid up to 2.15                         sync URL http://HOST:27701/
                                                  media URL http://HOST:27701/msync/
 
