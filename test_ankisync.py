@@ -513,6 +513,8 @@ def free_port():
 class SyncServer:
     """One server process on 127.0.0.1 with its own data dir (`base`)."""
 
+    extra_env = {}
+
     def __init__(self, kind, base, users):
         self.kind = kind
         self.base = base
@@ -532,6 +534,7 @@ class SyncServer:
     def start(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
         env.update(SYNC_BASE=self.base, SYNC_HOST="127.0.0.1", SYNC_PORT=str(self.port))
+        env.update(self.extra_env)
         for i, (name, password) in enumerate(self.users, 1):
             env["SYNC_USER%d" % i] = "%s:%s" % (name, password)
         log = open(self.log_path, "ab")

@@ -40,7 +40,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,16 +47,17 @@ import tempfile
 import threading
 import time
 import traceback
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
 try:
     from anki.collection import AddNoteRequest, Collection
+    from test_ankisync import SyncServer      # the test suite's way of running a server
 except ImportError:  # pragma: no cover
-    raise SystemExit("bench.py needs the anki package (pip install anki==26.9.3) in %s"
-                     % sys.executable)
+    raise SystemExit("bench.py needs the test requirements (pip install pytest anki==26.9.3) "
+                     "in %s" % sys.executable)
 
 USERS = [("user%d" % i, "pass%d" % i) for i in range(1, 9)]
 KINDS = ("ankisync", "official")
@@ -109,94 +109,31 @@ class _Zstd:
 # Servers
 # --------------------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent():
-    """In the child: SIGKILL when the bench dies, even by SIGKILL (Linux prctl)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 class ServerDied(RuntimeError):
     pass
 
 
-class Server:
-    """One server process (its own process group) with a fresh data folder."""
+class Server(SyncServer):
+    """The test suite's server process, plus what the bench measures of it."""
+
+    extra_env = {"MAX_SYNC_PAYLOAD_MEGS": "1000"}    # room for the 111 MB upload
 
     def __init__(self, kind, root):
-        self.kind = kind
-        self.root = os.path.join(root, "server-" + kind)
-        self.base = os.path.join(self.root, "data")
-        self.log_path = os.path.join(self.root, "server.log")
-        os.makedirs(self.base)
-        self.port = free_port()
-        self.url = "http://127.0.0.1:%d/" % self.port
-        self.proc = None
+        base = os.path.join(root, "server-" + kind, "data")
+        os.makedirs(base)
+        super().__init__(kind, base, USERS)
         self.peak_overall = 0
 
-    def command(self):
-        if self.kind == "official":
-            return [sys.executable, "-m", "anki.syncserver"]
-        ini = os.path.join(self.root, "empty.ini")   # the repo's ankisync.ini must not matter
-        with open(ini, "w") as f:
-            f.write("[server]\n")
-        return [sys.executable, os.path.join(REPO, "ankisync.py"), "--config", ini, "serve"]
-
     def start(self):
-        env = dict(os.environ, SYNC_BASE=self.base, SYNC_HOST="127.0.0.1",
-                   SYNC_PORT=str(self.port), MAX_SYNC_PAYLOAD_MEGS="1000",
-                   RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        for i, (name, password) in enumerate(USERS, 1):
-            env["SYNC_USER%d" % i] = "%s:%s" % (name, password)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
-        log.close()
-        deadline = time.time() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise ServerDied("%s exited with %s during start:\n%s"
-                                 % (self.kind, self.proc.returncode, self.log_tail()))
-            try:
-                with urllib.request.urlopen(self.url + "health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.time() > deadline:
-                self.kill()
-                raise ServerDied("%s not ready after 90 s:\n%s" % (self.kind, self.log_tail()))
-            time.sleep(0.1)
-
-    def kill(self):
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                self.proc.wait(10)
+        try:
+            super().start()
+        except RuntimeError as e:
+            raise ServerDied("%s: %s" % (self.kind, e))
 
     def check(self):
-        if self.proc.poll() is not None:
+        if self.died():
             raise ServerDied("%s server died (exit %s); log tail:\n%s"
                              % (self.kind, self.proc.returncode, self.log_tail()))
-
-    def log_tail(self, lines=40):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 200000))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
     def _status(self, field):
         """kB value of `field` (VmHWM, VmRSS) summed over the process group."""
