@@ -4185,25 +4185,31 @@ class SyncRequest:
 def route(path, base_path):
     """(area, method) for a sync URL; ('page', name) for the rest.
 
-    Clients and proxies send double slashes, trailing slashes and prefixes
-    (`/anki/sync/meta`, `/sync//meta`, a user who typed `.../sync/` as the
-    modern endpoint gets `/sync/sync/meta`): the last two segments decide.
+    The method name alone decides, since collection and media methods have distinct
+    names. So whatever users type and proxies send still arrives: double and
+    trailing slashes, prefixes (`/anki/sync/meta`), `.../sync/` typed as the modern
+    endpoint (`/sync/sync/meta`), a legacy endpoint without its slash (`/syncmeta`),
+    a media URL without `msync/` (`/begin`).
     """
     path = path.split("?", 1)[0]      # not urlsplit: it reads '//sync/...' as a host name
     segments = [s for s in path.split("/") if s]
     prefix = [s for s in base_path.split("/") if s]
     if segments[:len(prefix)] == prefix:
         segments = segments[len(prefix):]
-    if len(segments) >= 2 and segments[-2] == "sync" and segments[-1] in COLLECTION_METHODS:
-        return "sync", segments[-1]
-    if len(segments) >= 2 and segments[-2] == "msync" and segments[-1] in MEDIA_METHODS:
-        return "msync", segments[-1]
     if segments in ([], ["index.html"]):
         return "page", "index"
     if segments == ["health"]:
         return "page", "health"
+    method = segments[-1]
+    for glued in ("msync", "sync"):
+        if method.startswith(glued) and method[len(glued):] in COLLECTION_METHODS + MEDIA_METHODS:
+            method = method[len(glued):]
+    if method in COLLECTION_METHODS:
+        return "sync", method
+    if method in MEDIA_METHODS:
+        return "msync", method
     if len(segments) >= 2 and segments[-2] in ("sync", "msync"):
-        raise SyncError(404, "unknown sync method %r" % segments[-1][:40])
+        raise SyncError(404, "unknown sync method %r" % method[:40])
     raise SyncError(404, "nothing here: sync clients use %ssync/ and %smsync/"
                     % (base_path, base_path))
 

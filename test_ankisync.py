@@ -1394,6 +1394,10 @@ def test_every_traced_request_decodes_to_what_the_client_sent(app):
     ("/anki/sync/start", ("sync", "start")),            # a proxy prefix nobody configured
     ("/sync/sync/meta", ("sync", "meta")),               # `.../sync/` typed as the endpoint
     ("/msync/begin?k=abc&v=anki", ("msync", "begin")),
+    ("/syncmeta", ("sync", "meta")),                     # SYNC_ENDPOINT without its slash
+    ("/msyncbegin", ("msync", "begin")),
+    ("/begin", ("msync", "begin")),                      # AnkiDroid media URL without msync/
+    ("/mediaChanges", ("msync", "mediaChanges")),
     ("/", ("page", "index")),
     ("/health", ("page", "health")),
 ])
