@@ -3217,19 +3217,18 @@ FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1e\x7f]")   # keeps TAB, LF and th
 MEDIA_TAG = re.compile(
     r"""<(?:img|audio|video|object|source)\b[^>]*?\b(?:src|data)\s*=\s*"""
     r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))[^>]*>""", re.IGNORECASE | re.DOTALL)
-HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-HTML_STYLE = re.compile(r"<style\b.*?>.*?</style>", re.IGNORECASE | re.DOTALL)
-HTML_SCRIPT = re.compile(r"<script\b.*?>.*?</script>", re.IGNORECASE | re.DOTALL)
-HTML_TAG = re.compile(r"<.*?>", re.DOTALL)
+# Comments, style and script blocks with their content, then any other tag: one pass.
+HTML_MARKUP = re.compile(r"<!--.*?-->|<style\b.*?>.*?</style>|<script\b.*?>.*?</script>|<.*?>",
+                         re.IGNORECASE | re.DOTALL)
 
 
 def strip_html_keep_media(text):
     """The text Anki sorts and checksums a field by (PROTOCOL.md appendix D)."""
     if "<" not in text and "&" not in text:
         return text
-    text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
-    for pattern in (HTML_COMMENT, HTML_STYLE, HTML_SCRIPT, HTML_TAG):
-        text = pattern.sub("", text)
+    if "<" in text:
+        text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
+        text = HTML_MARKUP.sub("", text)
     if "&" in text:
         text = html.unescape(text).replace("\xa0", " ")
     return text
@@ -3538,7 +3537,7 @@ class SyncSession:
         nid, guid, mid, mod, _, tags, flds = row[:7]
         if not (type(nid) is int and type(mid) is int and type(mod) is int):
             nid, mid, mod = to_int(nid, "note id"), to_int(mid, "note mid"), to_int(mod, "note mod")
-        if not (isinstance(guid, str) and isinstance(tags, str) and isinstance(flds, str)):
+        if not (type(guid) is str and type(tags) is str and type(flds) is str):
             raise bad_request("note %s: guid, tags and fields must be strings" % nid)
         model = self.objects.models.get(str(mid))
         if model is None:
@@ -3897,26 +3896,37 @@ class MediaStore:
     def __init__(self, folder):
         self.folder = os.path.join(folder, "media")
         self.db_path = os.path.join(folder, "media.db")
-        self.lock = threading.Lock()
-        self.ready = False          # media.db exists with its schema
+        self.lock = threading.Lock()        # held by the media method in progress
+        self.db = None                      # its connection, kept open between requests
 
     def connect(self):
-        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                             timeout=LOCK_WAIT)
-        if not self.ready:
+        """The connection of the media methods; call it with `lock` held."""
+        if self.db is None:
+            # Kept open: closing the last connection of a WAL database checkpoints it,
+            # which cost more than a whole small upload.
             os.makedirs(self.folder, exist_ok=True)
-            db.execute("pragma journal_mode=wal")      # stays set in the file
+            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                                 timeout=LOCK_WAIT)
+            db.execute("pragma journal_mode=wal")      # readers (meta) never wait for writers
             if db.execute("pragma user_version").fetchone()[0] == 0:
                 db.executescript(MEDIA_SCHEMA)
                 db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
                 db.execute("pragma user_version = 4")
-            self.ready = True
-        return db
+            self.db = db
+        return self.db
+
+    def forget(self):
+        """Drop the connection: the files may have been deleted under the server."""
+        with self.lock:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
 
     def last_usn(self):
+        """For `meta`, on a connection of its own: a media upload may hold the lock."""
         if not os.path.exists(self.db_path):
             return 0
-        db = self.connect()
+        db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)
         try:
             return db.execute("select last_usn from meta").fetchone()[0]
         finally:
@@ -3940,11 +3950,7 @@ class MediaSync:
         if method is None:
             raise SyncError(404, "unknown media method %r" % req.method)
         with UserLock(self.store.lock, "another device of this user is syncing media"):
-            db = self.store.connect()
-            try:
-                return method(req, db)
-            finally:
-                db.close()
+            return method(req, self.store.connect())
 
     @staticmethod
     def wrapped(data):
@@ -4305,7 +4311,7 @@ class SyncApp:
             if syncer.collection.conn is not None and not os.path.exists(syncer.collection.path):
                 syncer.abort_session()
                 syncer.collection.close()
-        self.media_for(user).ready = False
+        self.media_for(user).forget()
 
     def decode(self, handler, area, method, body):
         """Undo the envelope: fills a SyncRequest with keys and the plain payload."""
