@@ -3076,10 +3076,11 @@ def sqlite_version_of(conn):
     return rows[0][0]
 
 
-def prepare_collection_file(path):
+def prepare_collection_file(path, schema18_copy=None):
     """Check an uploaded SQLite file and leave it as a schema-11, DELETE-mode collection.
 
-    Raises CorruptCollection with the sentence the client shows to its user.
+    A schema-18 upload is first copied to `schema18_copy`, when given. Raises
+    CorruptCollection with the sentence the client shows to its user.
     """
     with open(path, "rb") as f:
         if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
@@ -3094,6 +3095,10 @@ def prepare_collection_file(path):
             raise CorruptCollection(UPLOAD_CORRUPT)
         version = sqlite_version_of(conn)
         if version == 18:
+            if schema18_copy:
+                conn.execute("pragma wal_checkpoint(truncate)")     # all of it in the file
+                shutil.copyfile(path, schema18_copy)
+                set_delete_journal(schema18_copy)
             downgrade_to_schema11(conn)
         elif version == 11:
             check_schema11(conn)
@@ -3112,12 +3117,26 @@ def prepare_collection_file(path):
     remove_side_files(path)
 
 
+def set_delete_journal(path):
+    conn = connect_collection(path)
+    try:
+        conn.execute("pragma journal_mode=delete")
+    finally:
+        conn.close()
+
+
 class Collection:
-    """One user's collection file and the connection that reads and writes it."""
+    """One user's collection file and the connection that reads and writes it.
+
+    Beside it may lie the schema-18 file a modern client uploaded, kept in step until
+    the next normal sync: modern clients that download it then skip upgrading a
+    schema-11 file, the slowest part of their full download.
+    """
 
     def __init__(self, folder):
         self.folder = folder
         self.path = os.path.join(folder, "collection.anki2")
+        self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
         self.conn = None
 
     def open(self):
@@ -3167,12 +3186,47 @@ class Collection:
         fsync_path(self.folder)
         log.info("converted %s from schema %s to 11", self.path, version)
 
-    def replace_with(self, new_path):
+    def replace_with(self, new_path, schema18_path=None):
         """Atomically put an already prepared file in place of the collection."""
         self.close()
+        self.drop_schema18()
         os.replace(new_path, self.path)
         remove_side_files(self.path)
+        if schema18_path:
+            os.replace(schema18_path, self.schema18_path)
         fsync_path(self.folder)
+
+    def drop_schema18(self):
+        """The collection changed: the schema-18 copy no longer matches it."""
+        if os.path.exists(self.schema18_path):
+            os.unlink(self.schema18_path)
+
+    def bump_for_download(self, modern):
+        """A full download raises usn (and mod); returns the file to send.
+
+        The schema-18 copy gets the same change, or is dropped if out of step.
+        """
+        now = now_ms()
+        conn = self.open()
+        before = conn.execute("select mod, scm, usn from col").fetchone()
+        conn.execute("update col set usn=usn+1, mod=?", (now,))
+        conn.execute("pragma journal_mode=delete")
+        if not os.path.exists(self.schema18_path):
+            return self.path
+        try:
+            copy = connect_collection(self.schema18_path)
+            try:
+                in_step = copy.execute("select mod, scm, usn from col").fetchone() == before
+                if in_step:
+                    copy.execute("update col set usn=usn+1, mod=?", (now,))
+            finally:
+                copy.close()
+        except sqlite3.Error:
+            in_step = False
+        if not in_step:
+            self.drop_schema18()
+            return self.path
+        return self.schema18_path if modern else self.path
 
     def size(self):
         try:
@@ -3774,10 +3828,12 @@ class CollectionSync:
             raise bad_request("finish after a failed sanity check: the sync was rolled back")
         self.session = None
         try:
-            return session.finish()
+            finished = session.finish()
         except sqlite3.Error:
             session.rollback()
             raise
+        self.collection.drop_schema18()
+        return finished
 
     def abort(self, req):
         self.abort_session()
@@ -3785,14 +3841,12 @@ class CollectionSync:
 
     def download(self, req):
         self.abort_session()
-        conn = self.collection.open()
-        conn.execute("update col set usn=usn+1, mod=?", (now_ms(),))
-        conn.execute("pragma journal_mode=delete")
+        served = self.collection.bump_for_download(req.modern)
         # A copy, so the user's next sync can start while a slow client still downloads.
         fd, snapshot = tempfile.mkstemp(prefix=".download-", dir=self.folder)
         os.close(fd)
         try:
-            shutil.copyfile(self.collection.path, snapshot)
+            shutil.copyfile(served, snapshot)
             stream = open(snapshot, "rb")
         finally:
             os.unlink(snapshot)         # the open file stays readable until closed
@@ -3805,12 +3859,13 @@ class CollectionSync:
             raise SyncError(413, UPLOAD_TOO_LARGE)
         fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
         os.close(fd)
+        schema18 = temp + ".schema18"
         try:
             req.payload.save_as(temp)
-            prepare_collection_file(temp)
+            prepare_collection_file(temp, schema18)
             with self.locked():
                 self.abort_session()
-                self.collection.replace_with(temp)
+                self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
         except CorruptCollection as e:
             # A status, not the official 200 with a sentence: proxies, logs and scripts see
             # the refusal, and modern clients answer it with "use Check Database", the
@@ -3818,7 +3873,7 @@ class CollectionSync:
             log.info("%s: upload refused: %s", req.user, e.reason)
             raise
         finally:
-            for path in (temp,) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
+            for path in (temp, schema18) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
                 if os.path.exists(path):
                     os.unlink(path)
         return Reply.text("OK")

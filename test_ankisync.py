@@ -3105,3 +3105,48 @@ def test_the_server_sorts_and_checksums_notes_as_the_client_does(server, laptop_
         front = flds.split("\x1f")[0]
         if front in fronts:
             assert rows[front] == (sfld, csum), front
+
+
+def schema18_collection(tmp_path, notes):
+    """A collection as a modern client uploads it: schema 18."""
+    path = str(tmp_path / "modern.anki2")
+    col = Collection(path)
+    for i in range(notes):
+        _add(col, "Basic", "Deck", ["front %d" % i, "back"])
+    col.close()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def served_version(body, tmp_path):
+    path = str(tmp_path / "served.anki2")
+    with open(path, "wb") as f:
+        f.write(body)
+    db = ankisync.connect_collection(path)
+    try:
+        return db.execute("select ver, usn from col").fetchone(), db.execute(
+            "select count() from notes").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_modern_downloads_get_the_uploaded_schema_18_file_until_the_next_sync(server, tmp_path):
+    """Modern clients need not upgrade a schema-11 file right after a modern upload."""
+    key = login(server)
+    assert modern(server, "upload", schema18_collection(tmp_path, 3), key=key) == (200, b"OK")
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((18, 1), 3)
+    status, _, body = legacy(server, "download", {"k": key, "v": "ankidesktop,2.1.54"})
+    assert served_version(body, tmp_path) == ((11, 2), 3)     # the same usn steps on both
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((18, 3), 3)
+    # A normal sync changes the collection: from then on everyone gets schema 11.
+    modern(server, "meta", {"v": 11, "cv": "t"}, key=key)
+    for method, payload in [("start", {"minUsn": 0, "lnewer": True}),
+                            ("applyChanges", {"changes": {"models": [], "decks": [[], []],
+                                                          "tags": ["new"]}}),
+                            ("finish", {})]:
+        assert modern(server, method, payload, key=key)[0] == 200
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((11, 5), 3)
+    assert not os.path.exists(os.path.join(server.base, USER, "collection.schema18.anki2"))
