@@ -3989,10 +3989,13 @@ class MediaStore:
                 self.db = None
 
     def last_usn(self):
-        """For `meta`, on a connection of its own: a media upload may hold the lock."""
-        if not os.path.exists(self.db_path):
-            return 0
-        db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)
+        """For `meta`, which must not wait for a media upload of the same user."""
+        if self.lock.acquire(blocking=False):
+            try:
+                return self.connect().execute("select last_usn from meta").fetchone()[0]
+            finally:
+                self.lock.release()
+        db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)     # WAL: reads never wait
         try:
             return db.execute("select last_usn from meta").fetchone()[0]
         finally:
