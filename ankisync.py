@@ -3020,6 +3020,32 @@ def _write_new_collection(path, now):
         conn.close()
 
 
+def fsync_path(path):
+    """Make a written file, or a rename inside a folder, survive a power cut."""
+    folder = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return      # Windows cannot open a folder; its renames are durable anyway
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_side_files(path):
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
 def create_collection(path):
     """Write a brand-new schema-11 collection at `path`, atomically: a reader
     sees either nothing or the complete file."""
@@ -3049,32 +3075,6 @@ def connect_collection(path):
     except sqlite3.Error:
         pass
     return conn
-
-
-def fsync_path(path):
-    """Make a written file, or a rename inside a folder, survive a power cut."""
-    folder = os.path.isdir(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if folder:
-            return      # Windows cannot open a folder; its renames are durable anyway
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not folder:
-            raise
-    finally:
-        os.close(fd)
-
-
-def remove_side_files(path):
-    for suffix in ("-wal", "-shm", "-journal"):
-        try:
-            os.unlink(path + suffix)
-        except FileNotFoundError:
-            pass
 
 
 def sqlite_version_of(conn):
@@ -3109,7 +3109,6 @@ def prepare_collection_file(path, schema18_copy=None):
             if schema18_copy:
                 conn.execute("pragma wal_checkpoint(truncate)")     # all of it in the file
                 shutil.copyfile(path, schema18_copy)
-                set_delete_journal(schema18_copy)
             downgrade_to_schema11(conn)
         elif version == 11:
             check_schema11(conn)
@@ -3126,14 +3125,6 @@ def prepare_collection_file(path, schema18_copy=None):
     finally:
         conn.close()
     remove_side_files(path)
-
-
-def set_delete_journal(path):
-    conn = connect_collection(path)
-    try:
-        conn.execute("pragma journal_mode=delete")
-    finally:
-        conn.close()
 
 
 class Collection:
@@ -3211,6 +3202,7 @@ class Collection:
         """The collection changed: the schema-18 copy no longer matches it."""
         if os.path.exists(self.schema18_path):
             os.unlink(self.schema18_path)
+            remove_side_files(self.schema18_path)
 
     def bump_for_download(self, modern):
         """A full download raises usn (and mod); returns the file to send.
@@ -3668,11 +3660,10 @@ def graves_list(graves, key):
 class Reply:
     """A method's answer: bytes in memory, or a file streamed from disk."""
 
-    def __init__(self, body=b"", stream=None, size=None, on_close=None):
+    def __init__(self, body=b"", stream=None, size=None):
         self.body = body
         self.stream = stream            # a readable file object, for large answers
         self.size = len(body) if stream is None else size
-        self.on_close = on_close
 
     @classmethod
     def json(cls, obj):
@@ -3685,8 +3676,22 @@ class Reply:
     def close(self):
         if self.stream is not None:
             self.stream.close()
-        if self.on_close is not None:
-            self.on_close()
+
+
+class UserLock:
+    """A user's lock with a deadline: a request that waits too long gets 409."""
+
+    def __init__(self, lock, reason):
+        self.lock = lock
+        self.reason = reason
+
+    def __enter__(self):
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            raise SyncError(409, self.reason)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
 
 
 class CollectionSync:
@@ -3888,22 +3893,6 @@ class CollectionSync:
                 if os.path.exists(path):
                     os.unlink(path)
         return Reply.text("OK")
-
-
-class UserLock:
-    """A user's lock with a deadline: a request that waits too long gets 409."""
-
-    def __init__(self, lock, reason):
-        self.lock = lock
-        self.reason = reason
-
-    def __enter__(self):
-        if not self.lock.acquire(timeout=LOCK_WAIT):
-            raise SyncError(409, self.reason)
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
 
 
 # ---------------------------------------------------------------------------
@@ -4334,14 +4323,6 @@ class SyncApp:
             if user not in self._media:
                 self._media[user] = MediaStore(self.user_folder(user))
             return self._media[user]
-
-    def forget_user(self, user):
-        with self._registry_lock:
-            syncer = self._collections.pop(user, None)
-        if syncer is not None:
-            with syncer.locked():
-                syncer.abort_session()
-                syncer.collection.close()
 
     def expire_idle_sessions(self):
         with self._registry_lock:
