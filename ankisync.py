@@ -4773,9 +4773,8 @@ def command_serve(config, args):
 
 
 def offer_first_user(app, config):
-    hint = "python3 %s adduser NAME" % os.path.basename(__file__)
-    if config.source:
-        hint += " --config %s" % config.source
+    hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
+                                          " --config %s" % config.source if config.source else "")
     if sys.stdin.isatty():
         name = input("No users yet. Name of the first user (empty to skip): ").strip()
         if name:

@@ -3150,3 +3150,69 @@ def test_modern_downloads_get_the_uploaded_schema_18_file_until_the_next_sync(se
     status, body = modern(server, "download", {}, key=key)
     assert served_version(body, tmp_path) == ((11, 5), 3)
     assert not os.path.exists(os.path.join(server.base, USER, "collection.schema18.anki2"))
+
+
+def test_user_commands_reach_a_running_server(server):
+    """adduser, passwd and deluser from another process, while the server runs."""
+    env = dict(os.environ, SYNC_BASE=server.base)
+    run = lambda *args, stdin="": subprocess.run(
+        [sys.executable, os.path.join(HERE, "ankisync.py")] + list(args), input=stdin,
+        env=env, capture_output=True, text=True, timeout=60)
+    assert run("adduser", "bob", stdin="first\n").returncode == 0
+    status, body = modern(server, "hostKey", {"u": "bob", "p": "first"})
+    assert status == 200
+    key = json.loads(body)["key"]
+    assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
+    assert run("passwd", "bob", stdin="second\n").returncode == 0
+    deadline = time.monotonic() + ankisync.KEY_CACHE_SECONDS + 5
+    while modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200:
+        assert time.monotonic() < deadline, "the old key still works"
+        time.sleep(0.5)
+    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 200
+    assert run("deluser", "bob").returncode == 0
+    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 403
+
+
+def test_serve_offers_to_create_the_first_user_on_a_terminal(tmp_path):
+    import pty
+    config = tmp_path / "first.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
+    main_end, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                             str(config), "serve"], stdin=child_end, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    os.close(child_end)
+    try:
+        for answer in (b"alice\n", b"s3cret\n", b"s3cret\n"):
+            time.sleep(0.5)
+            os.write(main_end, answer)
+        deadline = time.monotonic() + 30
+        while not ankisync.UserStore(str(tmp_path / "data")).exists("alice"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert ankisync.UserStore(str(tmp_path / "data")).login("alice", "s3cret")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(main_end)
+
+
+def test_serve_without_users_and_without_a_terminal_says_what_to_run(tmp_path):
+    config = tmp_path / "first.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                             str(config), "serve"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        text = "".join(lines)
+        assert "ankisync.py --config %s adduser NAME" % config in text, text
+        assert "SYNC_USER1" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
