@@ -3216,3 +3216,62 @@ def test_serve_without_users_and_without_a_terminal_says_what_to_run(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.mark.normalsync
+def test_ankidroid_sends_its_deletions_inside_start_with_ids_as_strings(server,
+                                                                        laptop_with_cards):
+    """AnkiDroid's Java sync and old AnkiMobile: graves in `start`, maybe as strings."""
+    key = login(server)
+    note = a_note_row(server)
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    card = db.execute("select id from cards where nid=?", (note[0],)).fetchone()[0]
+    db.close()
+    fields = {"k": key, "s": "droid123", "c": "1"}
+
+    def call(method, payload):
+        status, _, body = legacy(server, method, fields, json.dumps(payload).encode())
+        assert status == 200, (method, body)
+        return json.loads(body)
+    meta = call("meta", {"v": 10, "cv": "ankidroid,2.15.6,Android"})
+    graves = {"cards": [str(card)], "notes": [str(note[0])], "decks": []}
+    assert call("start", {"minUsn": meta["usn"], "lnewer": True, "graves": graves}) == \
+        {"cards": [], "notes": [], "decks": []}
+    call("applyChanges", {"changes": {"models": [], "decks": [[], []], "tags": []}})
+    assert call("chunk", {})["done"] is True
+    call("applyChunk", {"chunk": {"done": True}})
+    sanity = call("sanityCheck2", {"client": "missing notes"})      # a client-side failure
+    assert sanity["status"] == "bad"
+    assert legacy(server, "finish", fields, b"{}")[0] == 400        # rolled back, not committed
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        assert db.execute("select count() from notes where id=?", (note[0],)).fetchone()[0] == 1
+    finally:
+        db.close()
+    # The same again, with a sanity check that passes: the deletion is committed.
+    meta = call("meta", {"v": 10, "cv": "ankidroid,2.15.6,Android"})
+    call("start", {"minUsn": meta["usn"], "lnewer": True, "graves": graves})
+    call("applyChanges", {"changes": {"models": [], "decks": [[], []], "tags": []}})
+    call("chunk", {})
+    call("applyChunk", {"chunk": {"done": True}})
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        cards, notes, revlog = (db.execute("select count() from %s" % table).fetchone()[0]
+                                for table in ("cards", "notes", "revlog"))
+        models, decks, dconf = (len(json.loads(db.execute("select %s from col" % c).fetchone()[0]))
+                                for c in ("models", "decks", "dconf"))
+    finally:
+        db.close()
+    counts = [[0, 0, 0], cards - 1, notes - 1, revlog, 0, models, decks, dconf]
+    assert call("sanityCheck2", {"client": counts})["status"] == "ok"
+    assert isinstance(call("finish", {}), int)
+    db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        assert db.execute("select count() from notes where id=?", (note[0],)).fetchone()[0] == 0
+        assert db.execute("select count() from graves where oid=? and type=1",
+                          (note[0],)).fetchone()[0] == 1
+    finally:
+        db.close()
+    # The laptop learns of the deletion at its next sync.
+    assert sync_normally(laptop_with_cards) == "normal_sync"
+    assert laptop_with_cards.col.db.scalar("select count() from notes where id=?", note[0]) == 0
