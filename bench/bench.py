@@ -56,8 +56,8 @@ try:
     from anki.collection import AddNoteRequest, Collection
     from test_ankisync import SyncServer      # the test suite's way of running a server
 except ImportError:  # pragma: no cover
-    raise SystemExit("bench.py needs the test requirements (pip install pytest anki==26.9.3) "
-                     "in %s" % sys.executable)
+    raise SystemExit("bench.py needs the test requirements (pip install pytest anki==26.9.3 "
+                     "zstandard backports.zstd) in %s" % sys.executable)
 
 USERS = [("user%d" % i, "pass%d" % i) for i in range(1, 9)]
 KINDS = ("ankisync", "official")
