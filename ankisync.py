@@ -4535,8 +4535,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def finish_body(self, body):
         """Keep the connection only if the rest of the body is small enough to skip."""
+        if body is None:                # refused before reading: its body is still unread
+            self.close_connection = True
+            return
         try:
-            if body is None or body.finished:
+            if body.finished:
                 return
             if not body.chunked and body.remaining <= IO_BLOCK:
                 body.drain()

@@ -3275,3 +3275,14 @@ def test_ankidroid_sends_its_deletions_inside_start_with_ids_as_strings(server,
     # The laptop learns of the deletion at its next sync.
     assert sync_normally(laptop_with_cards) == "normal_sync"
     assert laptop_with_cards.col.db.scalar("select count() from notes where id=?", note[0]) == 0
+
+
+def test_a_refused_body_closes_the_connection_instead_of_being_read_as_a_request(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/sync/upload")
+    conn.putheader("Content-Length", str(10 ** 12))        # far over the limit
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and response.getheader("Connection") == "close"
+    conn.close()
+    assert post(server, "/health", method="GET")[0] == 200
