@@ -4430,7 +4430,9 @@ class SyncApp:
     # -- the page at / ------------------------------------------------------
 
     def index_page(self, host, scheme):
-        base = "%s://%s%s" % (scheme, host or "HOST:%d" % self.config.port, self.base_path)
+        # The Host header is the client's to choose: escaped before it goes into HTML.
+        base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % self.config.port,
+                                          self.base_path))
         rows = [
             ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
              "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),

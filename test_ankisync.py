@@ -3286,3 +3286,14 @@ def test_a_refused_body_closes_the_connection_instead_of_being_read_as_a_request
     assert response.status == 413 and response.getheader("Connection") == "close"
     conn.close()
     assert post(server, "/health", method="GET")[0] == 200
+
+
+def test_the_front_page_tells_each_client_its_address(server):
+    status, _, page = post(server, "/", method="GET")
+    page = page.decode()
+    assert status == 200 and ankisync.__version__ in page
+    base = "http://127.0.0.1:%d/" % server.port
+    for address in (base, base + "sync/", base + "msync/", base + "%s"):
+        assert address in page
+    status, _, page = post(server, "/", method="GET", headers={"Host": "<script>x</script>"})
+    assert b"<script>x" not in page
