@@ -3297,3 +3297,44 @@ def test_the_front_page_tells_each_client_its_address(server):
         assert address in page
     status, _, page = post(server, "/", method="GET", headers={"Host": "<script>x</script>"})
     assert b"<script>x" not in page
+
+
+def raw_exchange(server, data):
+    """Bytes in, the whole answer out, on a fresh socket."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            block = s.recv(65536)
+            if not block:
+                return answer
+            answer += block
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+    (b"GET /health HTTP/1.0\r\n\r\n", b"200"),
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET /health HTTP/2.0\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431"),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+])
+def test_request_lines_and_headers_are_read_strictly(server, request_bytes, status):
+    answer = raw_exchange(server, request_bytes)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]
+
+
+def test_headers_are_case_insensitive_and_expect_100_continue_works(server):
+    key = login(server)
+    body = ZSTD.compress(json.dumps({"v": 11, "cv": "t"}).encode())
+    head = ("POST /sync/meta HTTP/1.1\r\nANKI-SYNC: %s\r\ncontent-length: %d\r\n"
+            "Expect: 100-continue\r\n\r\n" % (json.dumps({"v": 11, "k": key, "c": "t", "s": "s"}),
+                                               len(body))).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        assert s.recv(100).startswith(b"HTTP/1.1 100")
+        s.sendall(body)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and b"anki-original-size" in answer
