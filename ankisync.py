@@ -189,9 +189,11 @@ class Config:
                 raise SystemExit("ankisync: config file %s does not exist" % path)
             config.read_ini(path)
             folder = os.path.dirname(os.path.abspath(path))
-        config.read_environ(environ)
-        # A relative data folder lives beside the ini, whatever the working directory.
+        # A relative data folder lives beside the ini, whatever the working directory;
+        # SYNC_BASE, as for the official server, is relative to the working directory.
         config.data = os.path.join(folder, os.path.expanduser(config.data))
+        config.read_environ(environ)
+        config.data = os.path.abspath(os.path.expanduser(config.data))
         return config
 
     def read_ini(self, path):

@@ -3338,3 +3338,27 @@ def test_headers_are_case_insensitive_and_expect_100_continue_works(server):
         s.sendall(body)
         answer = s.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200") and b"anki-original-size" in answer
+
+
+def test_configuration_from_the_ini_and_the_official_servers_variables(tmp_path, monkeypatch):
+    ini = tmp_path / "conf" / "server.ini"
+    ini.parent.mkdir()
+    ini.write_text("[server]\nport = 8080   # inline comments are fine\ndata = mydata\n"
+                   "base_path = anki\nmax_payload_mb = 7\nzstd = python\n")
+    config = ankisync.Config.load(str(ini), environ={})
+    assert (config.port, config.max_payload, config.zstd) == (8080, 7 * 1024 * 1024, "python")
+    assert config.data == str(tmp_path / "conf" / "mydata")         # beside the ini
+    assert config.normalized_base_path() == "/anki/"
+    monkeypatch.chdir(tmp_path)
+    config = ankisync.Config.load(str(ini), environ={
+        "SYNC_BASE": "elsewhere", "SYNC_PORT": "9000", "SYNC_HOST": "::1",
+        "MAX_SYNC_PAYLOAD_MEGS": "300", "SYNC_USER1": "a:b:c", "SYNC_USER2": "d:e",
+        "ANKISYNC_ZSTD": "libzstd"})
+    assert config.data == str(tmp_path / "elsewhere")               # beside the caller
+    assert (config.host, config.port, config.max_payload_mb, config.zstd) == \
+        ("::1", 9000, 300, "libzstd")
+    assert config.env_users == [("a", "b:c"), ("d", "e")]
+    with pytest.raises(SystemExit, match="name:password"):
+        ankisync.Config.load(str(ini), environ={"SYNC_USER1": "nocolon"})
+    with pytest.raises(SystemExit, match="does not exist"):
+        ankisync.Config.load(str(tmp_path / "missing.ini"), environ={})
