@@ -765,6 +765,8 @@ ZSTD_c_compressionLevel = 100         # zstd.h: ZSTD_cParameter
 ZSTD_c_checksumFlag = 201             # zstd.h: ZSTD_cParameter
 ZSTD_c_nbWorkers = 400                # zstd.h: ZSTD_cParameter (needs a multithreaded build)
 ZSTD_c_jobSize = 401                  # zstd.h: ZSTD_cParameter
+ZSTD_reset_session_only = 1           # zstd.h: ZSTD_ResetDirective
+REUSED_CONTEXT_MAX = 1024 * 1024      # decoders of bigger bodies are freed, not kept per thread
 ZSTD_e_continue = 0                   # zstd.h: ZSTD_EndDirective
 ZSTD_e_end = 2
 LIBZSTD_MIN_VERSION = 10400           # 1.4.0 made ZSTD_compressStream2 and *_setParameter stable
@@ -802,13 +804,19 @@ class LibZstd(Zstd):
             self._compress = self._bind(
                 lib, "ZSTD_compressStream2", size_t, ptr, out_p, in_p, c_int)
             self._compress_bound = self._bind(lib, "ZSTD_compressBound", size_t, size_t)
-            self._compress_once = self._bind(lib, "ZSTD_compress", size_t, ctypes.c_char_p,
-                                             size_t, ctypes.c_char_p, size_t, c_int)
+            self._reset_dstream = self._bind(lib, "ZSTD_DCtx_reset", size_t, ptr, c_int)
+            self._create_cctx = self._bind(lib, "ZSTD_createCCtx", ptr)
+            self._compress_once = self._bind(lib, "ZSTD_compressCCtx", size_t, ptr,
+                                             ctypes.c_char_p, size_t, ctypes.c_char_p, size_t,
+                                             c_int)
         except AttributeError as e:
             raise ZstdError("libzstd lacks %s: install libzstd 1.4 or newer" % e) from None
         if version < LIBZSTD_MIN_VERSION:
             raise ZstdError("libzstd %d is too old: install libzstd 1.4 or newer" % version)
         self.version = version
+        # Each thread's contexts and buffer, reused: creating them took a third of the
+        # time of a small request.
+        self._threads = threading.local()
 
     @staticmethod
     def _bind(lib, name, restype, *argtypes):
@@ -824,17 +832,33 @@ class LibZstd(Zstd):
         return result
 
     def decompress_stream(self, read, write, limit):
-        dstream = self._create_dstream()
-        if not dstream:
-            raise MemoryError("ZSTD_createDStream failed")
-        try:
+        mine = self._threads
+        dstream, mine.dstream = getattr(mine, "dstream", None), None
+        if dstream is None:
+            dstream = self._create_dstream()
+            if not dstream:
+                raise MemoryError("ZSTD_createDStream failed")
             self._check(self._set_dparameter(dstream, ZSTD_d_windowLogMax, WINDOW_LOG_MAX))
-            return self._decompress_with(dstream, read, write, limit)
+        keep = False
+        try:
+            produced = self._decompress_with(dstream, read, write, limit)
+            # A context that decoded much holds a large window: better freed.
+            keep = produced <= REUSED_CONTEXT_MAX
+            return produced
         finally:
-            self._free_dstream(dstream)
+            if keep and not self._is_error(self._reset_dstream(dstream, ZSTD_reset_session_only)):
+                mine.dstream = dstream
+            else:
+                self._free_dstream(dstream)
+
+    def _output_buffer(self):
+        buffer = getattr(self._threads, "buffer", None)
+        if buffer is None:
+            buffer = self._threads.buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
+        return buffer
 
     def _decompress_with(self, dstream, read, write, limit):
-        buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
+        buffer = self._output_buffer()
         out = ZSTD_outBuffer(ctypes.addressof(buffer), 0, 0)
         produced = 0
         frame_done = True                 # no input at all is an empty, valid stream
@@ -866,10 +890,16 @@ class LibZstd(Zstd):
     def compress(self, data):
         # One shot: libzstd sizes its tables to the data, where a stream assumes megabytes.
         data = bytes(data)
+        cctx = getattr(self._threads, "cctx", None)
+        if cctx is None:
+            cctx = self._threads.cctx = self._create_cctx()
+            if not cctx:
+                raise MemoryError("ZSTD_createCCtx failed")
         bound = self._compress_bound(len(data))
-        buffer = ctypes.create_string_buffer(bound)
-        size = self._check(self._compress_once(buffer, bound, data, len(data), COMPRESSION_LEVEL))
-        return buffer.raw[:size]
+        buffer = self._output_buffer() if bound <= OUTPUT_CHUNK else ctypes.create_string_buffer(bound)
+        size = self._check(self._compress_once(cctx, buffer, bound, data, len(data),
+                                               COMPRESSION_LEVEL))
+        return ctypes.string_at(buffer, size)
 
     def compress_stream(self, read, write):
         cstream = self._create_cstream()
