@@ -3729,8 +3729,6 @@ class UserLock:
 class CollectionSync:
     """One user's collection: the protocol methods and the sync session between them."""
 
-    STATEFUL = ("applyGraves", "applyChanges", "chunk", "applyChunk", "sanityCheck2", "finish")
-
     def __init__(self, folder, app):
         self.folder = folder
         self.app = app
@@ -3743,14 +3741,18 @@ class CollectionSync:
 
     def handle(self, req):
         if req.method == "upload":
-            return self.upload(req)
+            return self.upload(req)     # locks only around the swap: checking takes a while
+        in_session = {"start": self.start, "applyGraves": self.applyGraves,
+                      "applyChanges": self.applyChanges, "chunk": self.chunk,
+                      "applyChunk": self.applyChunk, "sanityCheck2": self.sanityCheck2,
+                      "finish": self.finish}
+        alone = {"meta": self.meta, "download": self.download, "abort": self.abort}
         with self.locked():
-            if req.method in self.STATEFUL or req.method == "start":
-                return self.stateful(req)
-            method = {"meta": self.meta, "download": self.download, "abort": self.abort}.get(req.method)
-            if method is None:
-                raise SyncError(404, "unknown sync method %r" % req.method)
-            return method(req)
+            if req.method in in_session:
+                return self.stateful(req, in_session[req.method])
+            if req.method in alone:
+                return alone[req.method](req)
+            raise SyncError(404, "unknown sync method %r" % req.method)
 
     # -- session bookkeeping --------------------------------------------
 
@@ -3770,7 +3772,8 @@ class CollectionSync:
         finally:
             self.lock.release()
 
-    def stateful(self, req):
+    def stateful(self, req, method):
+        """Run a method of the sync session; any failure in it rolls the session back."""
         if not req.skey:
             raise bad_request("missing session key (s)")
         data = req.json()
@@ -3780,7 +3783,7 @@ class CollectionSync:
             if self.session.skey != req.skey:
                 raise SyncError(409, "another device started a sync of this collection")
         try:
-            result = getattr(self, req.method)(data, req)
+            result = method(data, req)
         except SyncError as e:
             self.abort_session()
             if e.status in (400, 409, 413):
@@ -3788,7 +3791,8 @@ class CollectionSync:
             raise bad_request(e.reason)
         except (sqlite3.Error, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
             self.abort_session()
-            raise bad_request("%s failed: %s" % (req.method, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise bad_request("%s failed: %s" % (req.method, reason))
         if self.session is not None:
             self.session.touched = time.monotonic()
         return Reply.json(result)
