@@ -3362,3 +3362,20 @@ def test_configuration_from_the_ini_and_the_official_servers_variables(tmp_path,
         ankisync.Config.load(str(ini), environ={"SYNC_USER1": "nocolon"})
     with pytest.raises(SystemExit, match="does not exist"):
         ankisync.Config.load(str(tmp_path / "missing.ini"), environ={})
+
+
+def test_every_form_of_media_begin_and_the_legacy_session_key(server):
+    """POST with the v11 header, POST multipart (AnkiDroid), GET with a query (2.1.22+)."""
+    key = login(server)
+    status, body = modern(server, "begin", {"v": "anki,26.9.3"}, key=key, area="msync")
+    assert status == 200 and json.loads(body) == {"data": {"usn": 0, "sk": key}, "err": ""}
+    status, _, body = legacy(server, "begin", {"k": key, "v": "ankidroid,2.15.6", "c": "1"}, b"{}",
+                             area="msync")
+    assert status == 200 and json.loads(body)["data"]["sk"] == key
+    status, _, body = post(server, "/msync/begin?k=%s&v=anki%%2C2.1.54" % key, method="GET")
+    assert status == 200 and json.loads(body)["data"]["usn"] == 0
+    # Later legacy media calls name the key `sk`; their data may come uncompressed.
+    status, _, body = legacy(server, "mediaChanges", {"sk": key}, b'{"lastUsn": 0}',
+                             area="msync", gzip_data=False)
+    assert status == 200 and json.loads(body) == {"data": [], "err": ""}
+    assert post(server, "/msync/begin?k=%s" % key, method="GET")[0] == 400      # no version
