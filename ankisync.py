@@ -12,7 +12,8 @@ address for each client generation):
     Anki 2.1.57+, AnkiDroid 2.16+, AnkiMobile    http://HOST:27701/
     Anki 2.1.28 - 2.1.56                         SYNC_ENDPOINT=http://HOST:27701/sync/
                                                  SYNC_ENDPOINT_MEDIA=http://HOST:27701/msync/
-    Anki up to 2.1.27                            add-on: anki.sync.SYNC_BASE = "http://HOST:27701/%s"
+    Anki up to 2.1.27                            an add-on that sets anki.sync.SYNC_BASE
+                                                 = "http://HOST:27701/%s"
     AnkiDroid up to 2.15                         sync URL http://HOST:27701/
                                                  media URL http://HOST:27701/msync/
 
@@ -85,12 +86,12 @@ MIN_SYNC_VERSION = 8                # the oldest sync protocol the official serv
 MAX_SYNC_VERSION = 11               # the newest protocol there is (Anki 2.1.57 to 26.x)
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
-SESSION_TIMEOUT = 300               # seconds: a client that vanished mid-sync releases its transaction
+SESSION_TIMEOUT = 300               # seconds before a vanished client's sync is rolled back
 SOCKET_TIMEOUT = 120                # seconds of silence before a stalled client loses its thread
 LOCK_WAIT = 60                      # seconds a request waits for the same user's other device
 MAX_WORKERS = 256                   # connections served at once; more wait for a free thread
 GLIBC_M_ARENA_MAX = -8              # mallopt() parameter number in glibc's malloc.h
-GLIBC_ARENAS = 2                    # 8 users syncing at once: 85 MB RSS with glibc's default, 52 with 2
+GLIBC_ARENAS = 2                    # 8 users syncing at once: 85 MB RSS by default, 52 with 2
 SPOOL_MEMORY_MAX = 1 * MIB          # bodies above this go to a temporary file, not RAM
 IO_BLOCK = 256 * 1024               # read/write granularity for streamed bodies
 JSON_PAYLOAD_MAX = 200 * MIB        # a JSON body is parsed in memory; nothing legitimate comes near
@@ -100,7 +101,7 @@ MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
-KEY_CACHE_SECONDS = 5               # how soon `passwd`/`deluser` in another process reach the server
+KEY_CACHE_SECONDS = 5               # how soon `passwd` and `deluser` reach a running server
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
@@ -257,7 +258,8 @@ def hash_password(password, rounds=PBKDF2_ROUNDS):
     """A PHC string, the format the official server reads with PASSWORDS_HASHED."""
     salt = secrets.token_bytes(16)
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds, PBKDF2_LENGTH)
-    return "$pbkdf2-sha256$i=%d,l=%d$%s$%s" % (rounds, PBKDF2_LENGTH, b64_nopad(salt), b64_nopad(digest))
+    return "$pbkdf2-sha256$i=%d,l=%d$%s$%s" % (rounds, PBKDF2_LENGTH, b64_nopad(salt),
+                                               b64_nopad(digest))
 
 
 def verify_password(password, phc):
@@ -896,7 +898,10 @@ class LibZstd(Zstd):
             if not cctx:
                 raise MemoryError("ZSTD_createCCtx failed")
         bound = self._compress_bound(len(data))
-        buffer = self._output_buffer() if bound <= OUTPUT_CHUNK else ctypes.create_string_buffer(bound)
+        if bound <= OUTPUT_CHUNK:
+            buffer = self._output_buffer()
+        else:
+            buffer = ctypes.create_string_buffer(bound)
         size = self._check(self._compress_once(cctx, buffer, bound, data, len(data),
                                                COMPRESSION_LEVEL))
         return ctypes.string_at(buffer, size)
@@ -3430,7 +3435,8 @@ class SyncSession:
                 self.objects.dirty.add("decks")
         self.conn.executemany(
             "insert into graves (usn, oid, type) values (?, ?, ?)",
-            [(usn, i, 0) for i in cards] + [(usn, i, 1) for i in notes] + [(usn, i, 2) for i in decks])
+            [(usn, i, 0) for i in cards] + [(usn, i, 1) for i in notes] +
+            [(usn, i, 2) for i in decks])
 
     # -- notetypes, decks, deck configs, tags, config -----------------------
 
@@ -3506,7 +3512,8 @@ class SyncSession:
                          or len(existing.get("tmpls", [])) != len(model["tmpls"])):
             raise bad_request("notetype schema changed: notetype %s needs a full sync"
                               % model["id"])
-        name = unique_name(str(model.get("name", "")), self._taken_names(self.objects.models, model["id"]))
+        taken = self._taken_names(self.objects.models, model["id"])
+        name = unique_name(str(model.get("name", "")), taken)
         if name != model.get("name"):
             model["name"], model["mod"] = name, int(time.time())
         self.objects.models[str(model["id"])] = model
@@ -3560,7 +3567,8 @@ class SyncSession:
         count = 0
         # Round-robin over the three lists, as the official server picks them.
         while count < CHUNK_SIZE and (revlog_ids or card_ids or note_ids):
-            for source, sink in ((revlog_ids, taken[0]), (note_ids, taken[2]), (card_ids, taken[1])):
+            for source, sink in ((revlog_ids, taken[0]), (note_ids, taken[2]),
+                                 (card_ids, taken[1])):
                 if source and count < CHUNK_SIZE:
                     sink.append(source.pop())
                     count += 1
@@ -3570,8 +3578,8 @@ class SyncSession:
                                          ("notes", "notes", self.NOTE_COLUMNS, taken[2])):
             if ids:
                 reply[key] = [list(row) for row in self.conn.execute(
-                    "select %s from %s where id in (%s)" % (columns, table, ",".join("?" * len(ids))),
-                    ids)]
+                    "select %s from %s where id in (%s)"
+                    % (columns, table, ",".join("?" * len(ids))), ids)]
         return reply
 
     def apply_chunk(self, chunk):
@@ -3581,7 +3589,7 @@ class SyncSession:
         cards = [self.card_row(r) for r in chunk.get("cards") or []]
         notes = [self.note_row(r) for r in chunk.get("notes") or []]
         if revlog:
-            self.conn.executemany("insert or ignore into revlog values (%s)" % ",".join("?" * 9), revlog)
+            self.conn.executemany("insert or ignore into revlog values (?,?,?,?,?,?,?,?,?)", revlog)
         self.merge_rows("cards", cards, mod_index=4)
         self.merge_rows("notes", notes, mod_index=3)
 
@@ -3594,7 +3602,8 @@ class SyncSession:
         for start in range(0, len(ids), 500):
             part = ids[start:start + 500]
             for oid, mod, usn in self.conn.execute(
-                    "select id, mod, usn from %s where id in (%s)" % (table, ",".join("?" * len(part))),
+                    "select id, mod, usn from %s where id in (%s)"
+                    % (table, ",".join("?" * len(part))),
                     part):
                 stored[oid] = (mod, usn)
         keep = []
@@ -3643,7 +3652,8 @@ class SyncSession:
         if sort_index == 0:
             sort_field = first
         else:
-            sort_field = strip_html_keep_media(fields[sort_index]) if sort_index < len(fields) else ""
+            sort_field = strip_html_keep_media(fields[sort_index]) \
+                if sort_index < len(fields) else ""
         return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags), flds,
                 sort_field, field_checksum(first), 0, ""]
 
@@ -3975,7 +3985,8 @@ def check_media_name(name):
     if ASCII_CONTROL.search(name):
         raise bad_request("media: file name %r contains control characters" % shown)
     if len(name.encode("utf-8")) > MEDIA_NAME_MAX_BYTES:
-        raise bad_request("media: file name %r is longer than %d bytes" % (shown, MEDIA_NAME_MAX_BYTES))
+        raise bad_request("media: file name %r is longer than %d bytes"
+                          % (shown, MEDIA_NAME_MAX_BYTES))
     if unicodedata.normalize("NFC", name) != name:
         raise bad_request("media: file name %r is not in Unicode NFC form" % shown)
     return name
@@ -4074,7 +4085,8 @@ class MediaSync:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise bad_request("downloadFiles needs a list of file names")
         if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
-            raise bad_request("downloadFiles: at most %d files per request" % MEDIA_DOWNLOAD_FILES_MAX)
+            raise bad_request("downloadFiles: at most %d files per request"
+                              % MEDIA_DOWNLOAD_FILES_MAX)
         spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.app.spool_folder)
         try:
             zip_meta, total = {}, 0
@@ -4088,7 +4100,8 @@ class MediaSync:
                         # Forget it without a deletion entry, so the loss does not spread.
                         with transaction(db):
                             db.execute("update meta set total_bytes=max(0, total_bytes-?), "
-                                       "total_nonempty_files=max(0, total_nonempty_files-1)", (row[0],))
+                                       "total_nonempty_files=max(0, total_nonempty_files-1)",
+                                       (row[0],))
                             db.execute("delete from media where fname=?", (name,))
                         raise SyncError(409, "downloadFiles: %r is missing on disk" % name[:60])
                     archive.write(path, str(index))
@@ -4112,7 +4125,8 @@ class MediaSync:
                     "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
                 now = int(time.time())
                 for name, temp, sha1, size in changes:
-                    row = db.execute("select csum, size from media where fname=?", (name,)).fetchone()
+                    row = db.execute("select csum, size from media where fname=?",
+                                     (name,)).fetchone()
                     if temp is None:
                         if row is None or row[1] == 0:
                             continue
@@ -4491,7 +4505,8 @@ td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{backgroun
 <p>A self-hosted Anki sync server. Log in from Anki with a user made by
 <code>python3 ankisync.py adduser NAME</code>. The address to enter, by client:</p>
 <table>%s</table>
-<p>The trailing slash matters for modern clients: without it they drop the last part of the path.</p>
+<p>The trailing slash matters for modern clients: without it they drop the last part
+of the path.</p>
 </body></html>
 """ % (__version__, items)).encode("utf-8")
 
@@ -4553,8 +4568,8 @@ class Handler(BaseHTTPRequestHandler):
             return False
         self.headers = headers
         connection = headers.get("connection", "").lower()
-        self.close_connection = (connection == "close" or
-                                 (self.request_version == "HTTP/1.0" and connection != "keep-alive"))
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive")
         if headers.get("expect", "").lower() == "100-continue" and \
                 self.request_version == "HTTP/1.1":
             self.handle_expect_100()
