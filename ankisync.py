@@ -3177,13 +3177,15 @@ class Collection:
         self.path = os.path.join(folder, "collection.anki2")
         self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
         self.conn = None
+        self.ours = False           # the file is known to be schema 11: no need to look
 
     def open(self):
         if self.conn is None:
             if not os.path.exists(self.path):
                 create_collection(self.path)
-            else:
+            elif not self.ours:
                 self._adopt_foreign_file()
+            self.ours = True
             self.conn = connect_collection(self.path)
         return self.conn
 
@@ -3228,6 +3230,7 @@ class Collection:
     def replace_with(self, new_path, schema18_path=None):
         """Atomically put an already prepared file in place of the collection."""
         self.close()
+        self.ours = True
         self.drop_schema18()
         os.replace(new_path, self.path)
         remove_side_files(self.path)
