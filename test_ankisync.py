@@ -13,14 +13,18 @@ Every test is a short story of devices syncing through a sync server:
   ``${ANKISYNC_TEST_CACHE:-~/.cache/ankisync-tests}`` (Python 3.9 and 3.8 found on PATH
   or in ~/.pyenv): ``venv/bin/python test_ankisync.py legacy-client '<json>'``.
 
-Run:  /tmp/venvs/modern/bin/python -m pytest -q test_ankisync.py [-m MARK]
+Run:  python3 -m pip install pytest anki==26.9.3 zstandard backports.zstd
+      python3 -m pytest -q test_ankisync.py [-m MARK]
       marks: fullsync, normalsync, media, legacy (e.g. -m "fullsync and not legacy")
+      ANKISYNC_TEST_SERVER_PYTHON runs the server under another Python (CI: 3.9).
 
-The file has three parts:
+The file has four parts:
 1. code shared by all client generations (collection operations and ``snapshot``);
    it must stay valid Python 3.8 and work with anki 2.1.26, 2.1.54 and 26.x alike;
 2. the legacy-client driver (script entry point);
-3. the pytest harness and the stories (only imported under pytest).
+3. the pytest harness and the stories (only imported under pytest);
+4. the pieces one at a time: codecs, envelopes, bad input, crashes, users and the
+   command line, the 18 -> 11 conversion and the zstd backends.
 """
 
 from __future__ import annotations
