@@ -1231,10 +1231,6 @@ sys.path.insert(0, HERE)
 import ankisync  # noqa: E402
 
 
-
-
-
-
 TRACES = os.path.join(HERE, "testdata", "traces")
 
 
@@ -1417,7 +1413,7 @@ def test_routes_under_a_base_path():
     assert e.value.status == 404
 
 
-# --- a live server answering bad input --------------------------------------------
+# --- HTTP: bad input, connections, headers, the front page ------------------------
 
 def post(server, path, body=b"", headers=None, method="POST"):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -1537,6 +1533,86 @@ def test_an_oversize_body_gets_413(tmp_path):
         srv.kill()
 
 
+def test_idle_keep_alive_connections_do_not_hold_up_new_ones(server):
+    """Threads are reused between connections, never shared by two at once."""
+    held = []
+    for _ in range(5):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b"ok\n"
+        held.append(conn)                   # open and idle, as a client between syncs
+    start = time.monotonic()
+    assert post(server, "/health", method="GET")[0] == 200
+    assert time.monotonic() - start < 2
+    for conn in held:
+        conn.request("GET", "/health")      # the first ones are still served, too
+        assert conn.getresponse().status == 200
+        conn.close()
+
+
+def raw_exchange(server, data):
+    """Bytes in, the whole answer out, on a fresh socket."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while True:
+            block = s.recv(65536)
+            if not block:
+                return answer
+            answer += block
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+    (b"GET /health HTTP/1.0\r\n\r\n", b"200"),
+    (b"GARBAGE\r\n\r\n", b"400"),
+    (b"GET /health HTTP/2.0\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431"),
+    (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+])
+def test_request_lines_and_headers_are_read_strictly(server, request_bytes, status):
+    answer = raw_exchange(server, request_bytes)
+    assert answer.split(b" ", 2)[1] == status, answer[:200]
+
+
+def test_headers_are_case_insensitive_and_expect_100_continue_works(server):
+    key = login(server)
+    body = ZSTD.compress(json.dumps({"v": 11, "cv": "t"}).encode())
+    head = ("POST /sync/meta HTTP/1.1\r\nANKI-SYNC: %s\r\ncontent-length: %d\r\n"
+            "Expect: 100-continue\r\n\r\n" % (json.dumps({"v": 11, "k": key, "c": "t", "s": "s"}),
+                                               len(body))).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        assert s.recv(100).startswith(b"HTTP/1.1 100")
+        s.sendall(body)
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200") and b"anki-original-size" in answer
+
+
+def test_a_refused_body_closes_the_connection_instead_of_being_read_as_a_request(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.putrequest("POST", "/sync/upload")
+    conn.putheader("Content-Length", str(10 ** 12))        # far over the limit
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and response.getheader("Connection") == "close"
+    conn.close()
+    assert post(server, "/health", method="GET")[0] == 200
+
+
+def test_the_front_page_tells_each_client_its_address(server):
+    status, _, page = post(server, "/", method="GET")
+    page = page.decode()
+    assert status == 200 and ankisync.__version__ in page
+    base = "http://127.0.0.1:%d/" % server.port
+    for address in (base, base + "sync/", base + "msync/", base + "%s"):
+        assert address in page
+    status, _, page = post(server, "/", method="GET", headers={"Host": "<script>x</script>"})
+    assert b"<script>x" not in page
+
+
 # --- the command line ---------------------------------------------------------------
 
 def cli(tmp_path, *args, stdin=""):
@@ -1596,6 +1672,96 @@ def test_an_unknown_user_costs_as_much_as_a_wrong_password(tmp_path):
     assert timed("nobody") > 0.5 * timed("alice")
 
 
+def test_user_commands_reach_a_running_server(server):
+    """adduser, passwd and deluser from another process, while the server runs."""
+    env = dict(os.environ, SYNC_BASE=server.base)
+    run = lambda *args, stdin="": subprocess.run(
+        [sys.executable, os.path.join(HERE, "ankisync.py")] + list(args), input=stdin,
+        env=env, capture_output=True, text=True, timeout=60)
+    assert run("adduser", "bob", stdin="first\n").returncode == 0
+    status, body = modern(server, "hostKey", {"u": "bob", "p": "first"})
+    assert status == 200
+    key = json.loads(body)["key"]
+    assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
+    assert run("passwd", "bob", stdin="second\n").returncode == 0
+    deadline = time.monotonic() + ankisync.KEY_CACHE_SECONDS + 5
+    while modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200:
+        assert time.monotonic() < deadline, "the old key still works"
+        time.sleep(0.5)
+    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 200
+    assert run("deluser", "bob").returncode == 0
+    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 403
+
+
+def test_serve_offers_to_create_the_first_user_on_a_terminal(tmp_path):
+    import pty
+    config = tmp_path / "first.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
+    main_end, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                             str(config), "serve"], stdin=child_end, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    os.close(child_end)
+    try:
+        for answer in (b"alice\n", b"s3cret\n", b"s3cret\n"):
+            time.sleep(0.5)
+            os.write(main_end, answer)
+        deadline = time.monotonic() + 30
+        while not ankisync.UserStore(str(tmp_path / "data")).exists("alice"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        assert ankisync.UserStore(str(tmp_path / "data")).login("alice", "s3cret")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(main_end)
+
+
+def test_serve_without_users_and_without_a_terminal_says_what_to_run(tmp_path):
+    config = tmp_path / "first.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                             str(config), "serve"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        text = "".join(lines)
+        assert "ankisync.py --config %s adduser NAME" % config in text, text
+        assert "SYNC_USER1" in text
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_configuration_from_the_ini_and_the_official_servers_variables(tmp_path, monkeypatch):
+    ini = tmp_path / "conf" / "server.ini"
+    ini.parent.mkdir()
+    ini.write_text("[server]\nport = 8080   # inline comments are fine\ndata = mydata\n"
+                   "base_path = anki\nmax_payload_mb = 7\nzstd = python\n")
+    config = ankisync.Config.load(str(ini), environ={})
+    assert (config.port, config.max_payload, config.zstd) == (8080, 7 * 1024 * 1024, "python")
+    assert config.data == str(tmp_path / "conf" / "mydata")         # beside the ini
+    assert config.normalized_base_path() == "/anki/"
+    monkeypatch.chdir(tmp_path)
+    config = ankisync.Config.load(str(ini), environ={
+        "SYNC_BASE": "elsewhere", "SYNC_PORT": "9000", "SYNC_HOST": "::1",
+        "MAX_SYNC_PAYLOAD_MEGS": "300", "SYNC_USER1": "a:b:c", "SYNC_USER2": "d:e",
+        "ANKISYNC_ZSTD": "libzstd"})
+    assert config.data == str(tmp_path / "elsewhere")               # beside the caller
+    assert (config.host, config.port, config.max_payload_mb, config.zstd) == \
+        ("::1", 9000, 300, "libzstd")
+    assert config.env_users == [("a", "b:c"), ("d", "e")]
+    with pytest.raises(SystemExit, match="name:password"):
+        ankisync.Config.load(str(ini), environ={"SYNC_USER1": "nocolon"})
+    with pytest.raises(SystemExit, match="does not exist"):
+        ankisync.Config.load(str(tmp_path / "missing.ini"), environ={})
+
+
 # --- crashes ------------------------------------------------------------------------
 
 def collection_with_notes(tmp_path, count):
@@ -1650,7 +1816,7 @@ def test_a_server_killed_during_an_upload_keeps_the_previous_collection(server, 
     assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
 
 
-# --- crafted media uploads ----------------------------------------------------------
+# --- media, spoken by hand: crafted uploads, begin, usn --------------------------------
 
 def media_zip(files, meta=None, compression=None):
     """An uploadChanges zip: files is [(name, bytes)]; meta overrides the _meta list."""
@@ -1746,6 +1912,23 @@ def test_media_usn_rises_by_one_per_change_and_deletions_stay(server):
     assert status == 409
 
 
+def test_every_form_of_media_begin_and_the_legacy_session_key(server):
+    """POST with the v11 header, POST multipart (AnkiDroid), GET with a query (2.1.22+)."""
+    key = login(server)
+    status, body = modern(server, "begin", {"v": "anki,26.9.3"}, key=key, area="msync")
+    assert status == 200 and json.loads(body) == {"data": {"usn": 0, "sk": key}, "err": ""}
+    status, _, body = legacy(server, "begin", {"k": key, "v": "ankidroid,2.15.6", "c": "1"}, b"{}",
+                             area="msync")
+    assert status == 200 and json.loads(body)["data"]["sk"] == key
+    status, _, body = post(server, "/msync/begin?k=%s&v=anki%%2C2.1.54" % key, method="GET")
+    assert status == 200 and json.loads(body)["data"]["usn"] == 0
+    # Later legacy media calls name the key `sk`; their data may come uncompressed.
+    status, _, body = legacy(server, "mediaChanges", {"sk": key}, b'{"lastUsn": 0}',
+                             area="msync", gzip_data=False)
+    assert status == 200 and json.loads(body) == {"data": [], "err": ""}
+    assert post(server, "/msync/begin?k=%s" % key, method="GET")[0] == 400      # no version
+
+
 # --- the schema 18 -> 11 conversion, against the official backend ---------------------
 
 JSON_COLUMNS = ("conf", "models", "decks", "dconf", "tags")
@@ -1789,7 +1972,6 @@ def packed_floats(number, values):
 
 
 # --- helpers -------------------------------------------------------------------
-
 
 
 def official_downgrade(src, dst):
@@ -2565,8 +2747,6 @@ SMALL_PAYLOADS = {
 }
 
 
-
-
 def stream_decode(backend, data, limit=1 << 40, chunk=7777):
     parts = []
     count = backend.decompress_stream(split_reader(data, chunk), parts.append, limit)
@@ -2914,7 +3094,7 @@ def test_errors_are_one_line():
             assert "\n" not in str(info.value) and str(info.value)
 
 
-# --- interrupted and crafted normal syncs, spoken by hand ------------------------------
+# --- normal syncs spoken by hand: interrupted, crafted, AnkiDroid's quirks --------------
 
 def server_state(server):
     """What a normal sync could change on the server, read from the committed file."""
@@ -3040,188 +3220,6 @@ def test_crafted_sync_requests_get_4xx_and_change_nothing(server, laptop_with_ca
     assert sync_normally(laptop_with_cards) == "normal_sync"
 
 
-@pytest.mark.fullsync
-def test_a_data_folder_from_the_official_server_moves_to_ankisync(tmp_path, make_device):
-    """The official server keeps schema 18 in the same layout: ankisync adopts it."""
-    base = str(tmp_path / "moved")
-    os.makedirs(base)
-    official = SyncServer("official", base, [(USER, PASSWORD)])
-    official.start()
-    try:
-        laptop = make_device("modern", "laptop", on=official)
-        laptop.do("build_sample")
-        first_upload(laptop)
-        laptop.do("write_media", files=[["moved.png", 3000, 1]])
-        laptop.sync_media()
-    finally:
-        official.stop()
-    ours = SyncServer("ankisync", base, [(USER, PASSWORD)])
-    ours.port, ours.url = official.port, official.url
-    ours.start()
-    try:
-        assert laptop.sync() == "no_changes"
-        phone = make_device("modern", "phone", on=ours)
-        join_by_download(phone)
-        phone.sync_media()
-        assert_same(laptop, phone)
-        assert phone.media_files() == laptop.media_files() != {}
-    finally:
-        ours.kill()
-
-
-def test_idle_keep_alive_connections_do_not_hold_up_new_ones(server):
-    """Threads are reused between connections, never shared by two at once."""
-    held = []
-    for _ in range(5):
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-        conn.request("GET", "/health")
-        assert conn.getresponse().read() == b"ok\n"
-        held.append(conn)                   # open and idle, as a client between syncs
-    start = time.monotonic()
-    assert post(server, "/health", method="GET")[0] == 200
-    assert time.monotonic() - start < 2
-    for conn in held:
-        conn.request("GET", "/health")      # the first ones are still served, too
-        assert conn.getresponse().status == 200
-        conn.close()
-
-
-def test_note_tags_are_normalized_as_anki_stores_them():
-    for given, stored in [("", ""), (" ", ""), (" a b ", " a b "), ("a b", " a b "),
-                          ("  a  b ", " a b "), ("a\u3000b", " a b ")]:
-        assert ankisync.normalize_note_tags(given) == stored
-
-
-@pytest.mark.normalsync
-def test_the_server_sorts_and_checksums_notes_as_the_client_does(server, laptop_with_cards):
-    fronts = ["<b>Bold</b> word", "caf&eacute; &amp; cr&egrave;me", '<img src="cat.jpg"> cat',
-              "1984", "<div>x<br>y</div>", "plain", "&nbsp;space", "<!-- hidden -->shown"]
-    laptop_with_cards.do("add_notes_with_fronts", deck="Lang::Deutsch", fronts=fronts)
-    assert sync_normally(laptop_with_cards) == "normal_sync"
-    on_server = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
-    try:
-        rows = dict((flds.split("\x1f")[0], (sfld, csum)) for flds, sfld, csum in on_server.execute(
-            "select flds, sfld, csum from notes"))
-    finally:
-        on_server.close()
-    on_laptop = laptop_with_cards.col.db.all("select flds, sfld, csum from notes")
-    for flds, sfld, csum in on_laptop:
-        front = flds.split("\x1f")[0]
-        if front in fronts:
-            assert rows[front] == (sfld, csum), front
-
-
-def schema18_collection(tmp_path, notes):
-    """A collection as a modern client uploads it: schema 18."""
-    path = str(tmp_path / "modern.anki2")
-    col = Collection(path)
-    for i in range(notes):
-        _add(col, "Basic", "Deck", ["front %d" % i, "back"])
-    col.close()
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def served_version(body, tmp_path):
-    path = str(tmp_path / "served.anki2")
-    with open(path, "wb") as f:
-        f.write(body)
-    db = ankisync.connect_collection(path)
-    try:
-        return db.execute("select ver, usn from col").fetchone(), db.execute(
-            "select count() from notes").fetchone()[0]
-    finally:
-        db.close()
-
-
-def test_modern_downloads_get_the_uploaded_schema_18_file_until_the_next_sync(server, tmp_path):
-    """Modern clients need not upgrade a schema-11 file right after a modern upload."""
-    key = login(server)
-    assert modern(server, "upload", schema18_collection(tmp_path, 3), key=key) == (200, b"OK")
-    status, body = modern(server, "download", {}, key=key)
-    assert served_version(body, tmp_path) == ((18, 1), 3)
-    status, _, body = legacy(server, "download", {"k": key, "v": "ankidesktop,2.1.54"})
-    assert served_version(body, tmp_path) == ((11, 2), 3)     # the same usn steps on both
-    status, body = modern(server, "download", {}, key=key)
-    assert served_version(body, tmp_path) == ((18, 3), 3)
-    # A normal sync changes the collection: from then on everyone gets schema 11.
-    modern(server, "meta", {"v": 11, "cv": "t"}, key=key)
-    for method, payload in [("start", {"minUsn": 0, "lnewer": True}),
-                            ("applyChanges", {"changes": {"models": [], "decks": [[], []],
-                                                          "tags": ["new"]}}),
-                            ("finish", {})]:
-        assert modern(server, method, payload, key=key)[0] == 200
-    status, body = modern(server, "download", {}, key=key)
-    assert served_version(body, tmp_path) == ((11, 5), 3)
-    assert not os.path.exists(os.path.join(server.base, USER, "collection.schema18.anki2"))
-
-
-def test_user_commands_reach_a_running_server(server):
-    """adduser, passwd and deluser from another process, while the server runs."""
-    env = dict(os.environ, SYNC_BASE=server.base)
-    run = lambda *args, stdin="": subprocess.run(
-        [sys.executable, os.path.join(HERE, "ankisync.py")] + list(args), input=stdin,
-        env=env, capture_output=True, text=True, timeout=60)
-    assert run("adduser", "bob", stdin="first\n").returncode == 0
-    status, body = modern(server, "hostKey", {"u": "bob", "p": "first"})
-    assert status == 200
-    key = json.loads(body)["key"]
-    assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
-    assert run("passwd", "bob", stdin="second\n").returncode == 0
-    deadline = time.monotonic() + ankisync.KEY_CACHE_SECONDS + 5
-    while modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200:
-        assert time.monotonic() < deadline, "the old key still works"
-        time.sleep(0.5)
-    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 200
-    assert run("deluser", "bob").returncode == 0
-    assert modern(server, "hostKey", {"u": "bob", "p": "second"})[0] == 403
-
-
-def test_serve_offers_to_create_the_first_user_on_a_terminal(tmp_path):
-    import pty
-    config = tmp_path / "first.ini"
-    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
-    main_end, child_end = pty.openpty()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
-                             str(config), "serve"], stdin=child_end, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    os.close(child_end)
-    try:
-        for answer in (b"alice\n", b"s3cret\n", b"s3cret\n"):
-            time.sleep(0.5)
-            os.write(main_end, answer)
-        deadline = time.monotonic() + 30
-        while not ankisync.UserStore(str(tmp_path / "data")).exists("alice"):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.2)
-        assert ankisync.UserStore(str(tmp_path / "data")).login("alice", "s3cret")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        os.close(main_end)
-
-
-def test_serve_without_users_and_without_a_terminal_says_what_to_run(tmp_path):
-    config = tmp_path / "first.ini"
-    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
-                             str(config), "serve"], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "listening on" in line:
-                break
-        text = "".join(lines)
-        assert "ankisync.py --config %s adduser NAME" % config in text, text
-        assert "SYNC_USER1" in text
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.mark.normalsync
 def test_ankidroid_sends_its_deletions_inside_start_with_ids_as_strings(server,
                                                                         laptop_with_cards):
@@ -3281,105 +3279,102 @@ def test_ankidroid_sends_its_deletions_inside_start_with_ids_as_strings(server,
     assert laptop_with_cards.col.db.scalar("select count() from notes where id=?", note[0]) == 0
 
 
-def test_a_refused_body_closes_the_connection_instead_of_being_read_as_a_request(server):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-    conn.putrequest("POST", "/sync/upload")
-    conn.putheader("Content-Length", str(10 ** 12))        # far over the limit
-    conn.endheaders()
-    response = conn.getresponse()
-    assert response.status == 413 and response.getheader("Connection") == "close"
-    conn.close()
-    assert post(server, "/health", method="GET")[0] == 200
+def test_note_tags_are_normalized_as_anki_stores_them():
+    for given, stored in [("", ""), (" ", ""), (" a b ", " a b "), ("a b", " a b "),
+                          ("  a  b ", " a b "), ("a\u3000b", " a b ")]:
+        assert ankisync.normalize_note_tags(given) == stored
 
 
-def test_the_front_page_tells_each_client_its_address(server):
-    status, _, page = post(server, "/", method="GET")
-    page = page.decode()
-    assert status == 200 and ankisync.__version__ in page
-    base = "http://127.0.0.1:%d/" % server.port
-    for address in (base, base + "sync/", base + "msync/", base + "%s"):
-        assert address in page
-    status, _, page = post(server, "/", method="GET", headers={"Host": "<script>x</script>"})
-    assert b"<script>x" not in page
+@pytest.mark.normalsync
+def test_the_server_sorts_and_checksums_notes_as_the_client_does(server, laptop_with_cards):
+    fronts = ["<b>Bold</b> word", "caf&eacute; &amp; cr&egrave;me", '<img src="cat.jpg"> cat',
+              "1984", "<div>x<br>y</div>", "plain", "&nbsp;space", "<!-- hidden -->shown"]
+    laptop_with_cards.do("add_notes_with_fronts", deck="Lang::Deutsch", fronts=fronts)
+    assert sync_normally(laptop_with_cards) == "normal_sync"
+    on_server = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
+    try:
+        rows = dict((flds.split("\x1f")[0], (sfld, csum)) for flds, sfld, csum in on_server.execute(
+            "select flds, sfld, csum from notes"))
+    finally:
+        on_server.close()
+    on_laptop = laptop_with_cards.col.db.all("select flds, sfld, csum from notes")
+    for flds, sfld, csum in on_laptop:
+        front = flds.split("\x1f")[0]
+        if front in fronts:
+            assert rows[front] == (sfld, csum), front
 
 
-def raw_exchange(server, data):
-    """Bytes in, the whole answer out, on a fresh socket."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while True:
-            block = s.recv(65536)
-            if not block:
-                return answer
-            answer += block
+# --- full syncs spoken by hand: a folder from the official server, schema 18 ---------
+
+@pytest.mark.fullsync
+def test_a_data_folder_from_the_official_server_moves_to_ankisync(tmp_path, make_device):
+    """The official server keeps schema 18 in the same layout: ankisync adopts it."""
+    base = str(tmp_path / "moved")
+    os.makedirs(base)
+    official = SyncServer("official", base, [(USER, PASSWORD)])
+    official.start()
+    try:
+        laptop = make_device("modern", "laptop", on=official)
+        laptop.do("build_sample")
+        first_upload(laptop)
+        laptop.do("write_media", files=[["moved.png", 3000, 1]])
+        laptop.sync_media()
+    finally:
+        official.stop()
+    ours = SyncServer("ankisync", base, [(USER, PASSWORD)])
+    ours.port, ours.url = official.port, official.url
+    ours.start()
+    try:
+        assert laptop.sync() == "no_changes"
+        phone = make_device("modern", "phone", on=ours)
+        join_by_download(phone)
+        phone.sync_media()
+        assert_same(laptop, phone)
+        assert phone.media_files() == laptop.media_files() != {}
+    finally:
+        ours.kill()
 
 
-@pytest.mark.parametrize("request_bytes,status", [
-    (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
-    (b"GET /health HTTP/1.0\r\n\r\n", b"200"),
-    (b"GARBAGE\r\n\r\n", b"400"),
-    (b"GET /health HTTP/2.0\r\n\r\n", b"400"),
-    (b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n", b"400"),
-    (b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", b"431"),
-    (b"GET /health HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
-])
-def test_request_lines_and_headers_are_read_strictly(server, request_bytes, status):
-    answer = raw_exchange(server, request_bytes)
-    assert answer.split(b" ", 2)[1] == status, answer[:200]
+def schema18_collection(tmp_path, notes):
+    """A collection as a modern client uploads it: schema 18."""
+    path = str(tmp_path / "modern.anki2")
+    col = Collection(path)
+    for i in range(notes):
+        _add(col, "Basic", "Deck", ["front %d" % i, "back"])
+    col.close()
+    with open(path, "rb") as f:
+        return f.read()
 
 
-def test_headers_are_case_insensitive_and_expect_100_continue_works(server):
+def served_version(body, tmp_path):
+    path = str(tmp_path / "served.anki2")
+    with open(path, "wb") as f:
+        f.write(body)
+    db = ankisync.connect_collection(path)
+    try:
+        return db.execute("select ver, usn from col").fetchone(), db.execute(
+            "select count() from notes").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_modern_downloads_get_the_uploaded_schema_18_file_until_the_next_sync(server, tmp_path):
+    """Modern clients need not upgrade a schema-11 file right after a modern upload."""
     key = login(server)
-    body = ZSTD.compress(json.dumps({"v": 11, "cv": "t"}).encode())
-    head = ("POST /sync/meta HTTP/1.1\r\nANKI-SYNC: %s\r\ncontent-length: %d\r\n"
-            "Expect: 100-continue\r\n\r\n" % (json.dumps({"v": 11, "k": key, "c": "t", "s": "s"}),
-                                               len(body))).encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        s.sendall(head)
-        assert s.recv(100).startswith(b"HTTP/1.1 100")
-        s.sendall(body)
-        answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 200") and b"anki-original-size" in answer
-
-
-def test_configuration_from_the_ini_and_the_official_servers_variables(tmp_path, monkeypatch):
-    ini = tmp_path / "conf" / "server.ini"
-    ini.parent.mkdir()
-    ini.write_text("[server]\nport = 8080   # inline comments are fine\ndata = mydata\n"
-                   "base_path = anki\nmax_payload_mb = 7\nzstd = python\n")
-    config = ankisync.Config.load(str(ini), environ={})
-    assert (config.port, config.max_payload, config.zstd) == (8080, 7 * 1024 * 1024, "python")
-    assert config.data == str(tmp_path / "conf" / "mydata")         # beside the ini
-    assert config.normalized_base_path() == "/anki/"
-    monkeypatch.chdir(tmp_path)
-    config = ankisync.Config.load(str(ini), environ={
-        "SYNC_BASE": "elsewhere", "SYNC_PORT": "9000", "SYNC_HOST": "::1",
-        "MAX_SYNC_PAYLOAD_MEGS": "300", "SYNC_USER1": "a:b:c", "SYNC_USER2": "d:e",
-        "ANKISYNC_ZSTD": "libzstd"})
-    assert config.data == str(tmp_path / "elsewhere")               # beside the caller
-    assert (config.host, config.port, config.max_payload_mb, config.zstd) == \
-        ("::1", 9000, 300, "libzstd")
-    assert config.env_users == [("a", "b:c"), ("d", "e")]
-    with pytest.raises(SystemExit, match="name:password"):
-        ankisync.Config.load(str(ini), environ={"SYNC_USER1": "nocolon"})
-    with pytest.raises(SystemExit, match="does not exist"):
-        ankisync.Config.load(str(tmp_path / "missing.ini"), environ={})
-
-
-def test_every_form_of_media_begin_and_the_legacy_session_key(server):
-    """POST with the v11 header, POST multipart (AnkiDroid), GET with a query (2.1.22+)."""
-    key = login(server)
-    status, body = modern(server, "begin", {"v": "anki,26.9.3"}, key=key, area="msync")
-    assert status == 200 and json.loads(body) == {"data": {"usn": 0, "sk": key}, "err": ""}
-    status, _, body = legacy(server, "begin", {"k": key, "v": "ankidroid,2.15.6", "c": "1"}, b"{}",
-                             area="msync")
-    assert status == 200 and json.loads(body)["data"]["sk"] == key
-    status, _, body = post(server, "/msync/begin?k=%s&v=anki%%2C2.1.54" % key, method="GET")
-    assert status == 200 and json.loads(body)["data"]["usn"] == 0
-    # Later legacy media calls name the key `sk`; their data may come uncompressed.
-    status, _, body = legacy(server, "mediaChanges", {"sk": key}, b'{"lastUsn": 0}',
-                             area="msync", gzip_data=False)
-    assert status == 200 and json.loads(body) == {"data": [], "err": ""}
-    assert post(server, "/msync/begin?k=%s" % key, method="GET")[0] == 400      # no version
+    assert modern(server, "upload", schema18_collection(tmp_path, 3), key=key) == (200, b"OK")
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((18, 1), 3)
+    status, _, body = legacy(server, "download", {"k": key, "v": "ankidesktop,2.1.54"})
+    assert served_version(body, tmp_path) == ((11, 2), 3)     # the same usn steps on both
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((18, 3), 3)
+    # A normal sync changes the collection: from then on everyone gets schema 11.
+    modern(server, "meta", {"v": 11, "cv": "t"}, key=key)
+    for method, payload in [("start", {"minUsn": 0, "lnewer": True}),
+                            ("applyChanges", {"changes": {"models": [], "decks": [[], []],
+                                                          "tags": ["new"]}}),
+                            ("finish", {})]:
+        assert modern(server, method, payload, key=key)[0] == 200
+    status, body = modern(server, "download", {}, key=key)
+    assert served_version(body, tmp_path) == ((11, 5), 3)
+    assert not os.path.exists(os.path.join(server.base, USER, "collection.schema18.anki2"))
