@@ -3378,3 +3378,41 @@ def test_modern_downloads_get_the_uploaded_schema_18_file_until_the_next_sync(se
     status, body = modern(server, "download", {}, key=key)
     assert served_version(body, tmp_path) == ((11, 5), 3)
     assert not os.path.exists(os.path.join(server.base, USER, "collection.schema18.anki2"))
+
+
+def test_serves_https_itself_with_a_certificate_from_the_ini(tmp_path):
+    import ssl
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl makes the test certificate")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", cert],
+                   check=True, capture_output=True, timeout=60)
+    port = free_port()
+    config = tmp_path / "tls.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\ncertfile = %s\n"
+                      "keyfile = %s\n" % (port, cert, key))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+    env["SYNC_USER1"] = "%s:%s" % (USER, PASSWORD)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "--config",
+                             str(config), "serve"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    context = ssl.create_default_context(cafile=cert)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=5)
+                conn.request("GET", "/health")
+                assert conn.getresponse().read() == b"ok\n"
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+        conn.request("GET", "/")
+        assert b"https://127.0.0.1:%d/" % port in conn.getresponse().read()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
