@@ -3402,6 +3402,9 @@ class SyncSession:
         self.client_usn = client_usn
         self.client_is_newer = client_is_newer
         self.chunk_ids = None           # server rows still to send, filled by the first `chunk`
+        self.server_changed = {}        # table -> whether the server has rows to send there
+        self.writer = None              # the thread storing the last applyChunk's rows
+        self.write_error = None         # what went wrong there
         self.failed = False             # a bad sanity check rolled the transaction back
         self.touched = time.monotonic()
         conn.execute("begin immediate")
@@ -3409,6 +3412,10 @@ class SyncSession:
         self.objects = CollectionObjects(conn)
 
     def rollback(self):
+        try:
+            self.settle()
+        except Exception:
+            pass            # rolled back either way
         try:
             if self.conn.in_transaction:
                 self.conn.execute("rollback")
@@ -3565,6 +3572,9 @@ class SyncSession:
                 [r[0] for r in self.conn.execute(
                     "select id from %s where usn >= ?" % table, (self.client_usn,))]
                 for table in ("revlog", "cards", "notes")]
+            # Without server changes to those rows, the client's simply replace them.
+            self.server_changed = {"cards": bool(self.chunk_ids[1]),
+                                   "notes": bool(self.chunk_ids[2])}
         revlog_ids, card_ids, note_ids = self.chunk_ids
         taken = ([], [], [])
         count = 0
@@ -3591,14 +3601,39 @@ class SyncSession:
         revlog = [self.revlog_row(r) for r in chunk.get("revlog") or []]
         cards = [self.card_row(r) for r in chunk.get("cards") or []]
         notes = [self.note_row(r) for r in chunk.get("notes") or []]
-        if revlog:
-            self.conn.executemany("insert or ignore into revlog values (?,?,?,?,?,?,?,?,?)", revlog)
-        self.merge_rows("cards", cards, mod_index=4)
-        self.merge_rows("notes", notes, mod_index=3)
+        # Checked rows are stored on a thread of their own, so SQLite works while the
+        # client prepares its next chunk; the next request of the session waits for it.
+        self.settle()
+        self.writer = threading.Thread(target=self.store_rows, args=(revlog, cards, notes),
+                                       name="ankisync-chunk", daemon=True)
+        self.writer.start()
+
+    def store_rows(self, revlog, cards, notes):
+        try:
+            if revlog:
+                self.conn.executemany("insert or ignore into revlog values (?,?,?,?,?,?,?,?,?)",
+                                      revlog)
+            self.merge_rows("cards", cards, mod_index=4)
+            self.merge_rows("notes", notes, mod_index=3)
+        except Exception as e:          # handed to the request that settles the session
+            self.write_error = e
+
+    def settle(self):
+        """Wait until the rows of the last applyChunk are stored; raise what failed there."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+        error, self.write_error = self.write_error, None
+        if error is not None:
+            raise error
 
     def merge_rows(self, table, rows, mod_index):
         """Insert new rows; replace stored ones unless changed here since and not older."""
         if not rows:
+            return
+        if not self.server_changed.get(table, True):
+            self.conn.executemany("insert or replace into %s values (%s)"
+                                  % (table, ",".join("?" * len(rows[0]))), rows)
             return
         ids = [row[0] for row in rows]
         stored = {}
@@ -3796,6 +3831,8 @@ class CollectionSync:
             if self.session.skey != req.skey:
                 raise SyncError(409, "another device started a sync of this collection")
         try:
+            if req.method != "start":
+                self.session.settle()
             result = method(data, req)
         except SyncError as e:
             self.abort_session()
