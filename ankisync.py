@@ -303,7 +303,7 @@ class UserStore:
         self.local = threading.local()
         self.key_cache = {}         # hkey -> (user, monotonic expiry): a query per request cost 15%
         # Costs the same as a real check, so an unknown name takes as long as a wrong password.
-        self.decoy_hash = hash_password(secrets.token_hex(8))
+        self.decoy_hash = None      # made at the first unknown name, not by every CLI call
         with self.connect() as db:
             # WAL (a setting kept in the file) lets `adduser` write while the server reads.
             db.execute("pragma journal_mode=wal")
@@ -365,6 +365,8 @@ class UserStore:
     def login(self, name, password):
         """A fresh host key for a right name and password, else None."""
         phc = self.hash_of(name)
+        if phc is None and self.decoy_hash is None:
+            self.decoy_hash = hash_password(secrets.token_hex(8))
         ok = verify_password(password, phc or self.decoy_hash)
         if not (phc and ok):
             return None
@@ -4447,10 +4449,11 @@ class SyncApp:
     def notice_deleted_data(self, user):
         """`deluser --delete-data` then `adduser` in another process: start afresh."""
         syncer = self.collection_for(user)
+        if os.path.exists(syncer.collection.path):
+            return          # the usual case: no lock, so a login never waits for a sync
         with syncer.locked():
-            if syncer.collection.conn is not None and not os.path.exists(syncer.collection.path):
-                syncer.abort_session()
-                syncer.collection.close()
+            syncer.abort_session()
+            syncer.collection.close()
         self.media_for(user).forget()
 
     def decode(self, handler, area, method, body):
