@@ -54,10 +54,12 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import shutil
 import socket
 import sqlite3
 import ssl
+import stat
 import struct
 import sys
 import tempfile
@@ -87,9 +89,7 @@ MAX_SYNC_VERSION = 11               # the newest protocol there is (Anki 2.1.57 
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
 SESSION_TIMEOUT = 300               # seconds before a vanished client's sync is rolled back
-SOCKET_TIMEOUT = 120                # seconds of silence before a stalled client loses its thread
 LOCK_WAIT = 60                      # seconds a request waits for the same user's other device
-MAX_WORKERS = 256                   # connections served at once; more wait for a free thread
 GLIBC_M_ARENA_MAX = -8              # mallopt() parameter number in glibc's malloc.h
 GLIBC_ARENAS = 2                    # 8 users syncing at once: 85 MB RSS by default, 52 with 2
 SPOOL_MEMORY_MAX = 1 * MIB          # bodies above this go to a temporary file, not RAM
@@ -101,9 +101,44 @@ MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
+HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password: anything larger is not one
+UNAUTHENTICATED_HOLD = 64 * 1024    # form bytes held in memory, never on disk, before its key is known
+TRUSTED_ADDRESS_SECONDS = 3600      # how long an address that showed a valid key may send large forms
 KEY_CACHE_SECONDS = 5               # how soon `passwd` and `deluser` reach a running server
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
+HOSTKEYS_SCHEMA = 1                 # auth.db's user_version once host keys are stored as digests
+
+# Password guessing: failures are counted per address and per user name.
+LOGIN_FAILURES_ALLOWED = 5          # wrong passwords from one address before it has to wait
+LOGIN_FAILURE_WINDOW = 900          # seconds a failure is remembered (15 minutes)
+LOCKOUT_FIRST = 60                  # seconds of the first wait; each further failure doubles it
+LOCKOUT_MAX = 900                   # ...up to this
+USER_CHECK_INTERVAL = 1.0           # a user under attack gets one password check a second, no more
+PASSWORD_CHECKS_AT_ONCE = 1         # PBKDF2 keeps a core busy ~0.3 s: guessers must not take all
+PASSWORD_CHECK_WAIT = 10            # seconds a login waits for its turn before a 503
+GUARD_TABLE_MAX = 10_000            # addresses and names remembered; the oldest are forgotten first
+NOTICE_REPEAT = 60                  # seconds before the same warning about one address is logged again
+
+# Connections: one listener thread holds every connection between requests and reads
+# each request's head (and a legacy form's first bytes) itself, so that a worker thread
+# is spent only on a request that has arrived; the limits follow nginx and Apache.
+HEADER_TIMEOUT = 20                 # seconds for a request line and headers (Apache: 20-40)
+IDLE_TIMEOUT = 30                   # seconds a kept-alive connection may wait for its next request
+BODY_GRACE = 20                     # seconds a body may take before BODY_MIN_RATE applies (Apache)
+BODY_MIN_RATE = 500                 # bytes a second a body must average after that (Apache MinRate)
+SEND_TIMEOUT = 60                   # seconds a client may leave the answer unread before it is dropped
+HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under 1 KiB (nginx: 4 x 8)
+MAX_HEADERS = 100                   # as http.client allows; a client sends six
+BODY_PREREAD = UNAUTHENTICATED_HOLD  # a form's bytes the listener gathers before a worker reads on
+MAX_CONNECTIONS = 1024              # open connections; a new one past it closes the longest idle
+MAX_CONNECTIONS_PER_ADDRESS = 128   # one address's share: a family or a class behind one NAT fits
+MAX_WORKERS = 64                    # requests served at once; more wait their turn, in order
+WORKER_IDLE = 10                    # seconds an idle worker waits before it ends and frees its caches
+LINGER_SECONDS = 2                  # after a refusal, unread bytes are read this long, so the
+LINGER_BYTES = 4 * MIB              # ...answer is not lost to a TCP reset, up to this much
+FD_RESERVE = 64                     # file descriptors kept for collections, media and logs
+SWEEP_INTERVAL = 0.5                # seconds between the listener's checks of deadlines
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
 
 MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
@@ -128,10 +163,11 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 class SyncError(Exception):
     """A request that cannot be served; `status` is the HTTP answer."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status, reason, retry_after=None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after      # seconds, sent as Retry-After (429, 503)
 
 
 def bad_request(reason):
@@ -165,6 +201,9 @@ class Config:
         self.zstd = "auto"
         self.certfile = ""
         self.keyfile = ""
+        self.ip_header = ""          # behind a reverse proxy: the header with the client's address
+        self.max_connections = MAX_CONNECTIONS
+        self.max_connections_per_address = MAX_CONNECTIONS_PER_ADDRESS
         self.env_users = []          # (name, password or PHC hash) from SYNC_USERn
         self.passwords_hashed = False
         self.source = None           # the ini file read, if any
@@ -216,6 +255,10 @@ class Config:
             self.zstd = section.get("zstd", self.zstd).strip().lower() or "auto"
             self.certfile = section.get("certfile", "").strip()
             self.keyfile = section.get("keyfile", "").strip()
+            self.ip_header = section.get("ip_header", "").strip()
+            self.max_connections = int(section.get("max_connections", self.max_connections))
+            self.max_connections_per_address = int(section.get(
+                "max_connections_per_address", self.max_connections_per_address))
         except ValueError as e:
             raise SystemExit("ankisync: %s: a number is expected (%s)" % (path, e))
 
@@ -231,6 +274,8 @@ class Config:
                 self.max_payload_mb = int(environ["MAX_SYNC_PAYLOAD_MEGS"])
         except ValueError as e:
             raise SystemExit("ankisync: SYNC_PORT and MAX_SYNC_PAYLOAD_MEGS take numbers (%s)" % e)
+        if environ.get("SYNC_IP_HEADER"):
+            self.ip_header = environ["SYNC_IP_HEADER"].strip()
         if environ.get("ANKISYNC_ZSTD"):
             self.zstd = environ["ANKISYNC_ZSTD"].strip().lower()
         self.passwords_hashed = bool(environ.get("PASSWORDS_HASHED"))
@@ -246,6 +291,19 @@ class Config:
         """The prefix as '/anki/' or '/', however it was typed."""
         parts = [p for p in self.base_path.split("/") if p]
         return "/" + "".join(p + "/" for p in parts)
+
+
+def private_modes(folder):
+    """The data folder 0700 and all in it 0600 or 0700: host keys, collections and
+    media are the users' own, and an old umask or a copy may have left them open."""
+    for root, folders, files in os.walk(folder):
+        for path, mode in [(root, 0o700)] + [(os.path.join(root, f), 0o600) for f in files]:
+            try:
+                status = os.lstat(path)
+                if status.st_mode & 0o077 and not stat.S_ISLNK(status.st_mode):
+                    os.chmod(path, mode)
+            except OSError as e:
+                log.warning("cannot make %s private: %s", path, e)
 
 
 # ---------------------------------------------------------------------------
@@ -294,14 +352,20 @@ def check_username(name):
             "a symbol); the name becomes a folder name" % (name,))
 
 
+def key_digest(hkey):
+    """What auth.db keeps of a host key: a key is a bearer credential, a copy of
+    auth.db must not be one. Keys are 160 random bits, so a fast hash suffices."""
+    return hashlib.sha256(hkey.encode("utf-8")).hexdigest()
+
+
 class UserStore:
-    """Users, password hashes and host keys in <data>/auth.db."""
+    """Users, password hashes and host-key digests in <data>/auth.db."""
 
     def __init__(self, folder):
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
         self.path = os.path.join(folder, "auth.db")
         self.local = threading.local()
-        self.key_cache = {}         # hkey -> (user, monotonic expiry): a query per request cost 15%
+        self.key_cache = {}         # digest -> (user, monotonic expiry): a query a request cost 15%
         # Costs the same as a real check, so an unknown name takes as long as a wrong password.
         self.decoy_hash = None      # made at the first unknown name, not by every CLI call
         with self.connect() as db:
@@ -314,6 +378,13 @@ class UserStore:
                     hkey text primary key, name text not null, created integer not null);
                 create index if not exists ix_hostkeys_name on hostkeys (name);
             """)
+            if db.execute("pragma user_version").fetchone()[0] < HOSTKEYS_SCHEMA:
+                # ankisync 0.1.0 kept the keys themselves: digest them in place.
+                rows = db.execute("select hkey, name, created from hostkeys").fetchall()
+                db.execute("delete from hostkeys")
+                db.executemany("insert or ignore into hostkeys values (?, ?, ?)",
+                               [(key_digest(k), n, c) for k, n, c in rows])
+                db.execute("pragma user_version=%d" % HOSTKEYS_SCHEMA)
 
     def connect(self):
         """This thread's connection: opening one per request cost more than the query."""
@@ -372,7 +443,8 @@ class UserStore:
             return None
         hkey = secrets.token_hex(20)
         with self.connect() as db:
-            db.execute("insert into hostkeys values (?, ?, ?)", (hkey, name, int(time.time())))
+            db.execute("insert into hostkeys values (?, ?, ?)",
+                       (key_digest(hkey), name, int(time.time())))
             db.execute("""delete from hostkeys where name=? and hkey not in (
                 select hkey from hostkeys where name=? order by created desc limit ?)""",
                        (name, name, HOST_KEYS_PER_USER))
@@ -382,14 +454,17 @@ class UserStore:
         if not hkey:
             return None
         now = time.monotonic()
-        cached = self.key_cache.get(hkey)
+        digest = key_digest(hkey)
+        cached = self.key_cache.get(digest)
         if cached is not None and cached[1] > now:
             return cached[0]
         with self.connect() as db:
-            row = db.execute("select name from hostkeys where hkey=?", (hkey,)).fetchone()
+            row = db.execute("select name from hostkeys where hkey=?", (digest,)).fetchone()
         if row is None:
             return None
-        self.key_cache[hkey] = (row[0], now + KEY_CACHE_SECONDS)
+        if len(self.key_cache) >= HOST_KEYS_PER_USER * 100:
+            self.key_cache.clear()      # a cache, not a store: every entry is a query away
+        self.key_cache[digest] = (row[0], now + KEY_CACHE_SECONDS)
         return row[0]
 
     def apply_environment(self, env_users, hashed):
@@ -408,7 +483,93 @@ class UserStore:
             official_key = hashlib.sha1(("%s:%s" % (name, secret)).encode("utf-8")).hexdigest()
             with self.connect() as db:
                 db.execute("insert or ignore into hostkeys values (?, ?, ?)",
-                           (official_key, name, int(time.time())))
+                           (key_digest(official_key), name, int(time.time())))
+
+
+class LoginGuard:
+    """Slows password guessing down to nothing worth trying.
+
+    Per address: after LOGIN_FAILURES_ALLOWED wrong passwords in LOGIN_FAILURE_WINDOW,
+    the address waits LOCKOUT_FIRST seconds, doubled with each further failure. Per
+    user: once a name has had that many failures from anywhere, its password is checked
+    at most once every USER_CHECK_INTERVAL, so guessers spread over many addresses gain
+    little, while the owner on another address still gets in. And PBKDF2 runs on at
+    most PASSWORD_CHECKS_AT_ONCE threads, so guessing cannot starve syncs of the CPU.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.by_address = {}        # address -> monotonic times of recent failures
+        self.by_user = {}           # name -> the same
+        self.user_next = {}         # name -> when its next check may start
+        self.announced = {}         # address -> end of the lockout already logged
+        self.turns = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
+
+    @contextlib.contextmanager
+    def turn(self, address, name):
+        """Wait for this login's turn to check a password, or refuse it with 429/503."""
+        now = time.monotonic()
+        with self.lock:
+            until = self._locked_until(address, now)
+            wait = until - now
+            if wait > 0:
+                if self.announced.get(address) != until:
+                    _bounded(self.announced, address, until)
+                    log.warning("login: %s is throttled for %d s after %d failed logins",
+                                address, wait, len(self.by_address[address]))
+                raise SyncError(429, "too many failed logins from this address: try again in "
+                                "%d seconds" % math.ceil(wait), retry_after=math.ceil(wait))
+            if len(_recent(self.by_user, name, now)) >= LOGIN_FAILURES_ALLOWED:
+                if self.user_next.get(name, 0) > now:
+                    raise SyncError(429, "too many failed logins for this user: try again in a "
+                                    "moment", retry_after=math.ceil(USER_CHECK_INTERVAL))
+                _bounded(self.user_next, name, now + USER_CHECK_INTERVAL)
+        if not self.turns.acquire(timeout=PASSWORD_CHECK_WAIT):
+            raise SyncError(503, "the server is busy checking passwords: try again shortly",
+                            retry_after=PASSWORD_CHECK_WAIT)
+        try:
+            yield
+        finally:
+            self.turns.release()
+
+    def failed(self, address, name):
+        now = time.monotonic()
+        with self.lock:
+            for table, key in ((self.by_address, address), (self.by_user, name)):
+                times = _recent(table, key, now)
+                times.append(now)
+                _bounded(table, key, times)
+
+    def succeeded(self, address):
+        with self.lock:
+            self.by_address.pop(address, None)
+
+    def _locked_until(self, address, now):
+        """When `address` may have its next password checked."""
+        times = _recent(self.by_address, address, now)
+        excess = len(times) - LOGIN_FAILURES_ALLOWED
+        if excess < 0:
+            return now
+        return times[-1] + min(LOCKOUT_MAX, LOCKOUT_FIRST * 2 ** excess)
+
+
+def _recent(table, key, now):
+    """The failures of `key` still inside the window, the stale ones dropped."""
+    times = [t for t in table.get(key, ()) if t > now - LOGIN_FAILURE_WINDOW]
+    if times:
+        table[key] = times
+    else:
+        table.pop(key, None)
+    return times
+
+
+def _bounded(table, key, value):
+    """table[key] = value, as the newest entry, forgetting the oldest past GUARD_TABLE_MAX."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > GUARD_TABLE_MAX:
+        del table[next(iter(table))]
+    return table
 
 
 # ---------------------------------------------------------------------------
@@ -421,10 +582,12 @@ class UserStore:
 class Spool:
     """Bytes kept in memory while small, moved to a temporary file when large."""
 
-    def __init__(self, folder, limit, what="body"):
+    def __init__(self, folder, limit, what="body", memory_max=SPOOL_MEMORY_MAX, may_spill=None):
         self.folder = folder
         self.limit = limit
         self.what = what
+        self.memory_max = memory_max
+        self.may_spill = may_spill  # asked before the first byte goes to disk; raises to refuse
         self.size = 0
         self.memory = io.BytesIO()
         self.file = None
@@ -435,7 +598,9 @@ class Spool:
         if self.size > self.limit:
             raise SyncError(413, "%s larger than %d MiB: raise max_payload_mb if this is intended"
                             % (self.what, self.limit // MIB))
-        if self.file is None and self.size > SPOOL_MEMORY_MAX:
+        if self.file is None and self.size > self.memory_max:
+            if self.may_spill is not None:
+                self.may_spill()
             fd, self.path = tempfile.mkstemp(prefix=".spool-", dir=self.folder)
             self.file = os.fdopen(fd, "w+b")
             self.file.write(self.memory.getvalue())
@@ -513,8 +678,7 @@ class BodyReader:
                 raise bad_request("bad Content-Length header")
             self.remaining = int(length)
             if self.remaining > limit:
-                raise SyncError(413, "request body of %d bytes is over the %d MiB limit "
-                                "(max_payload_mb)" % (self.remaining, limit // MIB))
+                raise body_too_large(self.remaining, limit)
             self.finished = self.remaining == 0
 
     def read(self, n=IO_BLOCK):
@@ -561,6 +725,11 @@ class BodyReader:
             pass
 
 
+def body_too_large(length, limit):
+    return SyncError(413, "request body of %d bytes is over the %d MiB limit (max_payload_mb)"
+                     % (length, limit // MIB))
+
+
 def gunzip_stream(read, write, limit):
     """Inflate gzip members from `read` to `write`, refusing output past `limit`."""
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -600,12 +769,13 @@ class MultipartParser:
     every other part is a short string.
     """
 
-    def __init__(self, read, boundary, data_spool):
+    def __init__(self, read, boundary, data_spool, on_field=None):
         if not boundary or len(boundary) > 200:
             raise bad_request("multipart body without a usable boundary")
         self.read = read
         self.delimiter = b"--" + boundary.encode("latin-1")
         self.data_spool = data_spool
+        self.on_field = on_field    # called with each short field as soon as it is read
         self.buffer = bytearray()
         self.eof = False
         self.fields = {}
@@ -690,6 +860,8 @@ class MultipartParser:
             if len(small) > MULTIPART_FIELD_MAX:
                 raise bad_request("bad multipart body: field %r too long" % name)
             self.fields[name] = small.decode("utf-8", "replace")
+            if self.on_field is not None:
+                self.on_field(name, self.fields[name])
         else:
             self.fields["data"] = None      # marks that a data part was present
         return ended
@@ -810,6 +982,7 @@ class LibZstd(Zstd):
             self._compress_bound = self._bind(lib, "ZSTD_compressBound", size_t, size_t)
             self._reset_dstream = self._bind(lib, "ZSTD_DCtx_reset", size_t, ptr, c_int)
             self._create_cctx = self._bind(lib, "ZSTD_createCCtx", ptr)
+            self._free_cctx = self._bind(lib, "ZSTD_freeCCtx", size_t, ptr)
             self._compress_once = self._bind(lib, "ZSTD_compressCCtx", size_t, ptr,
                                              ctypes.c_char_p, size_t, ctypes.c_char_p, size_t,
                                              c_int)
@@ -835,9 +1008,15 @@ class LibZstd(Zstd):
             raise ZstdError("corrupt zstd data: %s" % message)
         return result
 
+    def _mine(self):
+        mine = getattr(self._threads, "contexts", None)
+        if mine is None:
+            mine = self._threads.contexts = _ThreadContexts(self)
+        return mine
+
     def decompress_stream(self, read, write, limit):
-        mine = self._threads
-        dstream, mine.dstream = getattr(mine, "dstream", None), None
+        mine = self._mine()
+        dstream, mine.dstream = mine.dstream, None
         if dstream is None:
             dstream = self._create_dstream()
             if not dstream:
@@ -856,10 +1035,10 @@ class LibZstd(Zstd):
                 self._free_dstream(dstream)
 
     def _output_buffer(self):
-        buffer = getattr(self._threads, "buffer", None)
-        if buffer is None:
-            buffer = self._threads.buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
-        return buffer
+        mine = self._mine()
+        if mine.buffer is None:
+            mine.buffer = ctypes.create_string_buffer(OUTPUT_CHUNK)
+        return mine.buffer
 
     def _decompress_with(self, dstream, read, write, limit):
         buffer = self._output_buffer()
@@ -894,11 +1073,12 @@ class LibZstd(Zstd):
     def compress(self, data):
         # One shot: libzstd sizes its tables to the data, where a stream assumes megabytes.
         data = bytes(data)
-        cctx = getattr(self._threads, "cctx", None)
-        if cctx is None:
-            cctx = self._threads.cctx = self._create_cctx()
-            if not cctx:
+        mine = self._mine()
+        if mine.cctx is None:
+            mine.cctx = self._create_cctx()
+            if not mine.cctx:
                 raise MemoryError("ZSTD_createCCtx failed")
+        cctx = mine.cctx
         bound = self._compress_bound(len(data))
         if bound <= OUTPUT_CHUNK:
             buffer = self._output_buffer()
@@ -941,6 +1121,23 @@ class LibZstd(Zstd):
                     return written
                 if directive == ZSTD_e_continue and src.pos == src.size:
                     break
+
+
+class _ThreadContexts:
+    """One thread's libzstd contexts and buffer, freed when the thread ends: workers
+    come and go with the load."""
+
+    def __init__(self, zstd):
+        self.zstd = zstd
+        self.dstream = None
+        self.cctx = None
+        self.buffer = None
+
+    def __del__(self):
+        if self.dstream:
+            self.zstd._free_dstream(self.dstream)
+        if self.cctx:
+            self.zstd._free_cctx(self.cctx)
 
 
 # --- backend: compression.zstd (3.14+) or backports.zstd ---------------------
@@ -4305,9 +4502,10 @@ MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "med
 class SyncRequest:
     """One decoded request: who, which method, and the payload behind the envelope."""
 
-    def __init__(self, area, method):
+    def __init__(self, area, method, address="-"):
         self.area = area                # "sync" or "msync"
         self.method = method
+        self.address = address          # the client's, for throttling and the log
         self.modern = False             # v11 envelope: answer with zstd
         self.hkey = ""
         self.skey = ""
@@ -4336,6 +4534,46 @@ class SyncRequest:
     def close(self):
         if self.payload is not None:
             self.payload.close()
+
+
+def over_limit(req, limit):
+    if (req.area, req.method) == ("sync", "hostKey"):
+        return SyncError(413, "hostKey body over %d KiB: this is no login" % (limit // 1024))
+    return SyncError(413, "decompressed body over the %d MiB limit (max_payload_mb x %d)"
+                     % (limit // MIB, DECOMPRESSED_FACTOR))
+
+
+# The official server's SYNC_IP_HEADER names (axum-client-ip), and the header each means.
+IP_HEADER_NAMES = {
+    "rightmostxforwardedfor": "x-forwarded-for", "xrealip": "x-real-ip",
+    "cfconnectingip": "cf-connecting-ip", "trueclientip": "true-client-ip",
+    "flyclientip": "fly-client-ip", "cloudfrontvieweraddress": "cloudfront-viewer-address",
+    "rightmostforwarded": "forwarded", "connectinfo": "",
+}
+
+
+def ip_header_name(setting):
+    """The request header to take client addresses from: a header name, or one of the
+    official server's SYNC_IP_HEADER values; empty for the TCP peer."""
+    setting = setting.strip()
+    return IP_HEADER_NAMES.get(setting.lower().replace("-", "").replace("_", ""),
+                               setting.lower())
+
+
+def forwarded_address(headers, name):
+    """The client's address as the proxy told it, or "" when the header is not there.
+
+    Proxies append, so the rightmost entry is the one the nearest proxy wrote; an
+    entry further left is whatever the client claimed.
+    """
+    value = headers.get(name, "") if name else ""
+    entry = value.split(",")[-1].strip()
+    if name == "forwarded":
+        match = re.search(r'for="?\[?([^\]";]+)', entry, re.IGNORECASE)
+        entry = match.group(1) if match else ""
+    elif name == "cloudfront-viewer-address":
+        entry = entry.rpartition(":")[0]            # "ip:port", also for IPv6
+    return entry.strip()[:64]
 
 
 def route(path, base_path):
@@ -4377,10 +4615,15 @@ class SyncApp:
         self.config = config
         os.makedirs(config.data, exist_ok=True)
         self.users = UserStore(config.data)
+        self.guard = LoginGuard()
+        self.ip_header = ip_header_name(config.ip_header)
+        self.trusted = {}               # address -> when its last valid key stops counting
+        self.trusted_lock = threading.Lock()
         self.zstd = zstd or choose_zstd(config.zstd)
         self.spool_folder = os.path.join(config.data, ".tmp")
         os.makedirs(self.spool_folder, exist_ok=True)
         self._clean_leftovers()
+        private_modes(config.data)
         self._collections = {}
         self._media = {}
         self._registry_lock = threading.Lock()
@@ -4425,24 +4668,39 @@ class SyncApp:
     # -- the request path ---------------------------------------------------
 
     def dispatch(self, req):
+        """Run a decoded request; decode() has checked its key already."""
         if req.area == "sync" and req.method == "hostKey":
             return self.host_key(req)
-        req.user = self.users.user_for_key(req.hkey)
-        if req.user is None:
-            raise SyncError(403, "unknown sync key: log in again")
         if req.area == "sync":
             return self.collection_for(req.user).handle(req)
         return MediaSync(self.media_for(req.user), self).handle(req)
+
+    def authenticate(self, req):
+        """Sets req.user from its host key, or refuses: before any of the body is read."""
+        req.user = self.users.user_for_key(req.hkey)
+        if req.user is None:
+            raise SyncError(403, "unknown sync key: log in again")
+        with self.trusted_lock:
+            _bounded(self.trusted, req.address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
+
+    def is_trusted(self, address):
+        return self.trusted.get(address, 0) > time.monotonic()
 
     def host_key(self, req):
         data = req.json()
         name, password = data.get("u"), data.get("p")
         if not isinstance(name, str) or not isinstance(password, str):
             raise bad_request("hostKey needs a user name `u` and a password `p`")
-        hkey = self.users.login(name.strip(), password)
+        name = name.strip()
+        with self.guard.turn(req.address, name):
+            hkey = self.users.login(name, password)
         if hkey is None:
+            self.guard.failed(req.address, name)
+            log.warning("login failed: %r from %s: %s", name[:64], req.address,
+                        "wrong password" if self.users.exists(name) else "no such user")
             raise SyncError(403, "wrong user name or password")
-        req.user = name.strip()
+        self.guard.succeeded(req.address)
+        req.user = name
         self.notice_deleted_data(req.user)
         return Reply.json({"key": hkey})
 
@@ -4456,9 +4714,17 @@ class SyncApp:
             syncer.collection.close()
         self.media_for(user).forget()
 
+    def client_address(self, handler):
+        """The TCP peer, or behind a proxy the address in the header the admin named."""
+        return forwarded_address(handler.headers, self.ip_header) or handler.client_address[0]
+
     def decode(self, handler, area, method, body):
-        """Undo the envelope: fills a SyncRequest with keys and the plain payload."""
-        req = SyncRequest(area, method)
+        """Undo the envelope: fills a SyncRequest with keys and the plain payload.
+
+        The key is checked before the body is decompressed or stored: a request
+        without a valid one costs a few KiB of memory and no disk.
+        """
+        req = SyncRequest(area, method, self.client_address(handler))
         header = handler.headers.get("anki-sync")
         content_type = handler.headers.get("Content-Type", "")
         try:
@@ -4468,6 +4734,7 @@ class SyncApp:
                 query = urllib.parse.parse_qs(handler.path.partition("?")[2])
                 req.hkey = query.get("k", [""])[0]
                 req.client_version = query.get("v", [""])[0]
+                self.authenticate(req)
             elif header is not None:
                 self._decode_modern(req, header, body)
             elif content_type.lower().startswith("multipart/form-data"):
@@ -4490,30 +4757,61 @@ class SyncApp:
             raise bad_request("unsupported sync version: %s" % (version,))
         req.modern = True
         req.hkey, req.skey, req.client_version = str(hkey), str(skey), str(client)
-        req.payload = Spool(self.spool_folder, self.config.max_decompressed, "decompressed body")
+        limit = self.payload_limit(req)
+        req.payload = Spool(self.spool_folder, limit, "decompressed body")
         try:
-            self.zstd.decompress_stream(body.read, req.payload.write, self.config.max_decompressed)
+            self.zstd.decompress_stream(body.read, req.payload.write, limit)
         except ZstdLimitError:
-            raise SyncError(413, "decompressed body over the %d MiB limit (max_payload_mb x %d)"
-                            % (self.config.max_decompressed // MIB, DECOMPRESSED_FACTOR))
+            raise over_limit(req, limit)
         except ZstdError as e:
             raise bad_request("bad zstd body: %s" % e)
         if req.method == "begin":
             req.client_version = str(req.json().get("v") or "")
 
+    def payload_limit(self, req):
+        """hostKey is the one method a stranger may call: its body stays small.
+        Every other method has its key checked here, before its body is read."""
+        if (req.area, req.method) == ("sync", "hostKey"):
+            return HOSTKEY_BODY_MAX
+        if req.user is None:
+            self.authenticate(req)
+        return self.config.max_decompressed
+
     def _decode_legacy(self, req, content_type, body):
+        """Legacy forms carry the key as a field: Anki 2.1.26 and older, AnkiDroid and
+        2.0 send it before `data`, and it is checked as soon as it is read; 2.1.50+
+        send it after `data`, which then waits in memory (UNAUTHENTICATED_HOLD), and
+        goes on to disk only from an address that showed a valid key lately."""
         match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
-        raw = Spool(self.spool_folder, self.config.max_payload, "request body")
+        login = (req.area, req.method) == ("sync", "hostKey")
+
+        def on_field(name, value):
+            if name in ("k", "sk") and not login and req.user is None:
+                req.hkey = value
+                self.authenticate(req)
+                raw.memory_max = SPOOL_MEMORY_MAX
+
+        def may_spill():
+            if req.user is None and not self.is_trusted(req.address):
+                raise SyncError(403, "a form whose key comes after its data must come from an "
+                                "address that synced lately: sync again")
+        raw = Spool(self.spool_folder, HOSTKEY_BODY_MAX if login else self.config.max_payload,
+                    "request body", SPOOL_MEMORY_MAX if self.is_trusted(req.address)
+                    else UNAUTHENTICATED_HOLD, may_spill)
         try:
-            fields = MultipartParser(body.read, match.group(1) if match else "", raw).parse()
+            fields = MultipartParser(body.read, match.group(1) if match else "", raw,
+                                     on_field).parse()
             req.hkey = fields.get("k") or fields.get("sk") or ""
             req.skey = fields.get("s") or ""
             req.client_version = fields.get("v") or ""
+            limit = self.payload_limit(req)
             if fields.get("c", "0") != "0" and raw.size:
-                req.payload = Spool(self.spool_folder, self.config.max_decompressed,
-                                    "decompressed body")
+                req.payload = Spool(self.spool_folder, limit, "decompressed body")
                 with raw.reader() as compressed:
-                    gunzip_stream(compressed.read, req.payload.write, self.config.max_decompressed)
+                    try:
+                        gunzip_stream(compressed.read, req.payload.write, limit)
+                    except SyncError as e:
+                        raise over_limit(req, limit) if e.status == 413 else e
             else:
                 req.payload, raw = raw, None
         finally:
@@ -4555,8 +4853,7 @@ of the path.</p>
 
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
-MAX_HEADERS = 100           # as http.client allows; a client sends six
-MAX_HEADER_LINE = 65536     # as http.client allows; the anki-sync header is under 200 bytes
+HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class RequestHeaders(dict):
@@ -4566,12 +4863,73 @@ class RequestHeaders(dict):
         return dict.get(self, name.lower(), default)
 
 
+class RequestHead:
+    """A request line and its headers, read by the listener before a worker is spent.
+
+    http.server's own parser goes through the email package, which cost a fifth of
+    a small request; this one takes what HTTP/1.1 clients send and refuses the rest.
+    """
+
+    def __init__(self, block):
+        lines = block.decode("latin-1").split("\n")
+        self.requestline = lines[0].rstrip("\r")
+        words = self.requestline.split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            raise bad_request("bad request line")
+        self.command, self.path, self.version = words
+        if len(lines) > MAX_HEADERS + 1:
+            raise SyncError(431, "more than %d headers" % MAX_HEADERS)
+        self.headers = RequestHeaders()
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise bad_request("bad header line")
+            self.headers[name.strip().lower()] = value.strip()
+        connection = self.headers.get("connection", "").lower()
+        self.close = connection == "close" or (self.version == "HTTP/1.0"
+                                               and connection != "keep-alive")
+        self.expect_continue = self.version == "HTTP/1.1" and \
+            self.headers.get("expect", "").lower() == "100-continue"
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length", "0").strip() or "0"
+        self.length = int(length) if length.isdigit() else 0      # BodyReader refuses it
+
+    def preread(self):
+        """How much of the body the listener gathers before a worker reads on.
+
+        A modern request carries its key in a header: the worker checks it before
+        reading a byte of the body, so it needs no gathering, but for hostKey. The
+        other requests show their key, if any, in the body.
+        """
+        if "anki-sync" in self.headers and \
+                not self.path.split("?", 1)[0].rstrip("/").endswith("hostKey"):
+            return 0
+        return BODY_PREREAD if self.chunked else min(self.length, BODY_PREREAD)
+
+    def gathered(self, buffer, wanted):
+        # A chunked body that ends before `wanted` ends with the last chunk; a data
+        # chunk ending the same way only hands the request over a little early.
+        return len(buffer) >= wanted or (self.chunked and buffer.endswith(b"0\r\n\r\n"))
+
+
+def response_bytes(status, text, close=True):
+    """A short plain-text answer, for the listener, which has no handler to write it."""
+    body = (text + "\n").encode("utf-8")
+    phrase = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    return ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d"
+            "\r\n%s\r\n" % (status, phrase, len(body), "Connection: close\r\n" if close else "")
+            ).encode("latin-1") + body
+
+
 class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync."""
+    """One request, on a worker thread; the listener has read its head already.
+
+    HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync,
+    and between requests the connection goes back to the listener, not holding a thread.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "ankisync/" + __version__
-    timeout = SOCKET_TIMEOUT
     wbufsize = IO_BLOCK        # headers and a small body leave in one packet
 
     def date_time_string(self, timestamp=None):
@@ -4581,52 +4939,32 @@ class Handler(BaseHTTPRequestHandler):
             HTTP_DATE[:] = [now, super().date_time_string(now)]
         return HTTP_DATE[1]
 
-    def parse_request(self):
-        """http.server's parse_request, less its trip through the email package.
+    def setup(self):
+        self.conn = self.request
+        self.connection = self.conn.sock
+        self.connection.settimeout(SEND_TIMEOUT)
+        self.rfile = SocketReader(self.conn)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
 
-        Parsing headers as email messages cost a fifth of a small request.
-        """
-        self.command, self.request_version = "", "HTTP/1.0"    # what send_error reads
-        self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(400, "bad request line")
-            return False
-        self.command, self.path, self.request_version = words
-        headers = RequestHeaders()
-        for _ in range(MAX_HEADERS):
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "header line too long")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon:
-                self.send_error(400, "bad header line")
-                return False
-            headers[name.strip().lower()] = value.strip()
-        else:
-            self.send_error(431, "too many headers")
-            return False
-        self.headers = headers
-        connection = headers.get("connection", "").lower()
-        self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        if headers.get("expect", "").lower() == "100-continue" and \
-                self.request_version == "HTTP/1.1":
+    def handle(self):
+        head = self.conn.head
+        self.requestline, self.command = head.requestline, head.command
+        self.path, self.request_version = head.path, head.version
+        self.headers, self.close_connection = head.headers, head.close
+        if head.expect_continue:
             self.handle_expect_100()
             self.wfile.flush()          # the client waits for it before sending its body
-        return True
+        verb = getattr(self, "do_" + self.command, None)
+        if verb is None:
+            self.close_connection = True
+            self.send_text(501, "%s is not an HTTP method ankisync answers" % self.command[:20])
+        else:
+            verb()
+        self.wfile.flush()
 
-    def setup(self):
-        super().setup()
-        # Large answers leave in several writes; without this, Nagle's algorithm
-        # and the client's delayed ACK add 40 ms to every request of a sync.
-        try:
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
+    def finish(self):
+        super().finish()
+        self.conn.keep = not self.close_connection
 
     def do_GET(self):
         self.serve()
@@ -4647,7 +4985,7 @@ class Handler(BaseHTTPRequestHandler):
             area, method = route(self.path, app.base_path)
             what = "%s/%s" % (area, method)
             if area == "page":
-                body.drain()
+                self.finish_body(body)
                 sent = self.send_page(method)
                 return
             req = app.decode(self, area, method, body)
@@ -4660,7 +4998,7 @@ class Handler(BaseHTTPRequestHandler):
         except SyncError as e:
             status = e.status
             self.finish_body(body)
-            sent = self.send_text(e.status, e.reason)
+            sent = self.send_text(e.status, e.reason, e.retry_after)
         except (ConnectionError, socket.timeout) as e:
             status, self.close_connection = 499, True
             log.info("connection lost during %s: %s", what, e)
@@ -4672,7 +5010,8 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if req is not None:
                 req.close()
-            log.info("%s %s %s %d in=%d out=%d %dms", self.client_address[0],
+            log.info("%s %s %s %d in=%d out=%d %dms",
+                     req.address if req else app.client_address(self),
                      (req.user if req and req.user else "-"), what, status,
                      body.received if body else 0, sent, (time.monotonic() - started) * 1000)
 
@@ -4703,11 +5042,13 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(page)
         return len(page)
 
-    def send_text(self, status, text):
+    def send_text(self, status, text, retry_after=None):
         data = (text + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
@@ -4761,54 +5102,497 @@ class ChunkedWriter:
         self.wfile.write(b"0\r\n\r\n")
 
 
-class Server(ThreadingHTTPServer):
-    """Each connection on a thread of its own, threads reused between connections.
+class SocketReader:
+    """A request's rfile: the bytes the listener gathered, then the socket, at a pace.
 
-    Starting a thread per connection, as ThreadingMixIn does, cost a third of the
-    time of a small request; idle threads wait here for the next connection.
+    Past BODY_GRACE the body must average BODY_MIN_RATE, so a client that trickles a
+    byte now and then loses its worker in seconds. What the request leaves unread
+    stays in the connection's buffer: the start of the next request.
+    """
+
+    def __init__(self, conn):
+        self.sock = conn.sock
+        self.buffer = conn.buffer
+        self.started = time.monotonic()
+        self.received = 0
+
+    def _fill(self):
+        wait = self.started + BODY_GRACE + self.received / BODY_MIN_RATE - time.monotonic()
+        try:
+            if wait <= 0:
+                raise socket.timeout
+            self.sock.settimeout(wait)
+            data = self.sock.recv(IO_BLOCK)
+        except socket.timeout:
+            raise SyncError(408, "the request arrives too slowly: under %d bytes a second"
+                            % BODY_MIN_RATE)
+        finally:
+            self.sock.settimeout(SEND_TIMEOUT)
+        self.received += len(data)
+        self.buffer += data
+        return len(data)
+
+    def _take(self, n):
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    def read(self, n=IO_BLOCK):
+        if not self.buffer and not self._fill():
+            return b""
+        return self._take(n if n >= 0 else len(self.buffer))
+
+    def readline(self, limit=-1):
+        searched = 0
+        while True:
+            at = self.buffer.find(b"\n", searched)
+            if at >= 0 and (limit < 0 or at < limit):
+                return self._take(at + 1)
+            if 0 <= limit <= len(self.buffer):
+                return self._take(limit)
+            searched = len(self.buffer)
+            if not self._fill():
+                return self._take(len(self.buffer))
+
+    def close(self):
+        pass
+
+
+# --- connections: one listener, a pool of workers -----------------------------
+
+WAITING = ("hello", "handshake", "idle", "head", "body")   # states in the listener's care
+
+
+class Connection:
+    """A client connection, and the request arriving on it."""
+
+    def __init__(self, sock, address, now):
+        self.sock = sock
+        self.address = address          # (host, port) of the TCP peer
+        self.peer = address[0]
+        self.buffer = bytearray()       # bytes read and not yet used
+        self.state = "hello"            # WAITING, then "busy" on a worker, or "linger"
+        self.since = now                # when it last began to wait: the oldest goes first
+        self.deadline = now + HEADER_TIMEOUT
+        self.head = None
+        self.wanted = 0                 # body bytes to gather before a worker takes over
+        self.body_started = now
+        self.keep = False               # the worker's verdict: keep alive or close
+        self.registered = False
+        self.lingered = 0
+
+
+class Workers:
+    """Threads that serve one request at a time: started when requests wait, ended
+    after WORKER_IDLE, so a burst's threads and their caches do not stay."""
+
+    def __init__(self, serve, maximum):
+        self.serve = serve
+        self.maximum = maximum
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.idle = 0
+        self.waiting = 0                # jobs queued and not yet taken
+
+    def submit(self, job):
+        self.jobs.put(job)
+        with self.lock:
+            self.waiting += 1
+            start = self.waiting > self.idle and self.threads < self.maximum
+            if start:
+                self.threads += 1
+        if start:
+            threading.Thread(target=self._work, name="ankisync-worker", daemon=True).start()
+
+    def _work(self):
+        while True:
+            with self.lock:
+                self.idle += 1
+            try:
+                job = self.jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self.lock:
+                    self.idle -= 1
+                    if not self.waiting:
+                        self.threads -= 1
+                        break
+                continue
+            with self.lock:
+                self.idle -= 1
+                self.waiting -= 1
+            self.serve(job)
+        release_memory()
+
+
+def release_memory():
+    """Hand freed heap back to the system: glibc keeps it for the threads that are gone."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass        # not glibc: nothing to do
+
+
+def raise_fd_limit():
+    """The soft limit on open files raised to the hard one; the limit, or None."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+            soft = hard if hard != resource.RLIM_INFINITY else 1 << 16
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+class Server(ThreadingHTTPServer):
+    """The listener: one thread that owns every connection while no request is running.
+
+    It accepts, does TLS handshakes, reads each request's head (and a form's first
+    bytes, BODY_PREREAD) without blocking, and only then hands the connection to a
+    worker; after the answer the connection comes back here to wait. So an idle, slow
+    or silent client costs a socket and a small buffer, never a thread, and nothing
+    one client does can stall another. Deadlines: HEADER_TIMEOUT for a head,
+    BODY_GRACE and BODY_MIN_RATE for a body, IDLE_TIMEOUT between requests. Past
+    max_connections, or an address's share of them, a new connection closes the one
+    that has waited longest.
     """
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 512        # the kernel's queue of connections not yet accepted
 
-    def __init__(self, address, app):
+    def __init__(self, address, app, tls=None):
         self.app = app
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.address_family = family
-        self.waiting = queue.Queue()        # accepted connections, each promised to a thread
-        self.workers_lock = threading.Lock()
-        self.workers = 0
-        self.idle_workers = 0               # threads free and not yet promised a connection
-        self.backlog = 0                    # connections waiting with no thread promised
+        self.tls = tls                  # an ssl.SSLContext, or None for plain HTTP
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
+        self.max_connections = app.config.max_connections
+        self.max_per_address = app.config.max_connections_per_address
+        files = raise_fd_limit()
+        if files is not None and self.max_connections > files - FD_RESERVE:
+            self.max_connections = max(16, files - FD_RESERVE)
+            log.warning("only %d open files allowed: at most %d connections (raise the "
+                        "limit with ulimit -n)", files, self.max_connections)
+        self.connections = set()
+        self.per_address = {}
+        self.selector = selectors.DefaultSelector()
+        self.returned = queue.SimpleQueue()         # connections workers are done with
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
+        self.workers = Workers(self.serve_request, MAX_WORKERS)
+        self.notices = {}
+        self.running = False
 
-    def process_request(self, request, client_address):
-        spawn = False
-        with self.workers_lock:
-            if self.idle_workers:
-                self.idle_workers -= 1
-            elif self.workers < MAX_WORKERS:
-                self.workers += 1
-                spawn = True
-            else:
-                self.backlog += 1
-        self.waiting.put((request, client_address))
-        if spawn:
-            threading.Thread(target=self.worker, name="ankisync-worker", daemon=True).start()
+    # -- the loop -------------------------------------------------------------
 
-    def worker(self):
-        while True:
-            request, client_address = self.waiting.get()
-            self.process_request_thread(request, client_address)
-            with self.workers_lock:
-                if self.backlog:
-                    self.backlog -= 1
+    def serve_forever(self, poll_interval=SWEEP_INTERVAL):
+        self.socket.setblocking(False)
+        self.wake_r.setblocking(False)
+        self.selector.register(self.socket, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.running = True
+        next_sweep = time.monotonic() + poll_interval
+        while self.running:
+            for key, _ in self.selector.select(poll_interval):
+                if key.data == "accept":
+                    self.accept_all()
+                elif key.data == "wake":
+                    self.take_back()
+                elif key.data.state in ("hello", "handshake") and self.tls is not None:
+                    self.on_hello(key.data)
+                elif key.data.state == "linger":
+                    self.on_linger(key.data)
                 else:
-                    self.idle_workers += 1
+                    self.on_read(key.data)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.sweep(now)
+                next_sweep = now + poll_interval
 
-    def handle_error(self, request, client_address):
-        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+    def shutdown(self):
+        self.running = False
+        self.wake()
+
+    def server_close(self):
+        super().server_close()
+        for conn in list(self.connections):
+            self.close(conn)
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def wake(self):
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass            # full: the listener is woken already
+
+    # -- admitting ------------------------------------------------------------
+
+    def accept_all(self):
+        while True:
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:            # out of file descriptors: make room
+                self.notice("accept", "cannot accept connections: %s", e)
+                if not self.evict():
+                    return
+                continue
+            self.admit(sock, address)
+
+    def admit(self, sock, address):
+        sock.setblocking(False)
+        try:
+            # Without it, Nagle's algorithm and the client's delayed ACK add 40 ms to
+            # every request of a sync.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        peer = address[0]
+        if (len(self.connections) >= self.max_connections and not self.evict()) or \
+                (self.per_address.get(peer, 0) >= self.max_per_address and not self.evict(peer)):
+            self.notice(peer, "connection from %s refused: all %d connections are busy",
+                        peer, len(self.connections))
+            sock.close()
+            return
+        conn = Connection(sock, address, time.monotonic())
+        self.connections.add(conn)
+        self.per_address[peer] = self.per_address.get(peer, 0) + 1
+        self.listen_to(conn)
+
+    def evict(self, peer=None):
+        """Close the connection (of `peer`, or of anyone) that has waited longest."""
+        waiting = [c for c in self.connections
+                   if c.state in WAITING + ("linger",) and (peer is None or c.peer == peer)]
+        if not waiting:
+            return False
+        self.close(min(waiting, key=lambda c: c.since))
+        return True
+
+    def on_hello(self, conn):
+        """A TLS port's connection: its first byte tells a handshake from plain HTTP."""
+        if conn.state == "handshake":
+            return self.handshake(conn)
+        try:
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.close(conn)
+        if first != b"\x16":                # not a TLS handshake record
+            if first:
+                self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
+                self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
+                                              "server address"))
+            return self.close(conn)
+        self.unlisten(conn)
+        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
+                                         do_handshake_on_connect=False)
+        conn.state = "handshake"
+        self.listen_to(conn)
+        self.handshake(conn)
+
+    def handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return self.listen_to(conn, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self.listen_to(conn, selectors.EVENT_WRITE)
+        except (ssl.SSLError, OSError) as e:
+            self.notice(conn.peer, "TLS handshake with %s failed: %s", conn.peer,
+                        getattr(e, "reason", None) or e)
+            return self.close(conn)
+        conn.state = "head"             # the first request's deadline runs on from connect
+        self.listen_to(conn, selectors.EVENT_READ)
+        self.on_read(conn)
+
+    # -- reading requests -----------------------------------------------------
+
+    def on_read(self, conn):
+        size = HEAD_MAX if conn.state != "body" else max(1, conn.wanted - len(conn.buffer))
+        try:
+            data = conn.sock.recv(size)
+            # TLS: select() sees the socket, not the records already decrypted.
+            while data and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending() and \
+                    len(data) < size:
+                data += conn.sock.recv(size - len(data))
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError:
+            return self.close(conn)
+        if not data:
+            return self.close(conn)
+        now = time.monotonic()
+        if conn.state == "hello":           # the plain port's first bytes
+            if data[:1] == b"\x16":
+                self.notice(conn.peer, "%s spoke HTTPS to this HTTP port: clients must use "
+                            "http://, or set certfile and keyfile", conn.peer)
+                return self.close(conn)
+            conn.state = "head"
+        elif conn.state == "idle":
+            conn.state, conn.deadline = "head", now + HEADER_TIMEOUT
+        conn.buffer += data
+        self.advance(conn, now)
+
+    def advance(self, conn, now):
+        if conn.state == "head":
+            while conn.buffer[:1] in (b"\r", b"\n"):    # blank lines before a request
+                del conn.buffer[:1]
+            end = HEAD_END.search(conn.buffer, 0, HEAD_MAX + 4)
+            if end is None:
+                if len(conn.buffer) > HEAD_MAX:
+                    self.refuse(conn, SyncError(431, "request head over %d KiB"
+                                                % (HEAD_MAX // 1024)))
+                return
+            try:
+                conn.head = RequestHead(bytes(conn.buffer[:end.start()]))
+            except SyncError as e:
+                return self.refuse(conn, e)
+            del conn.buffer[:end.end()]
+            if conn.head.length > self.app.config.max_payload:
+                return self.refuse(conn, body_too_large(conn.head.length,
+                                                        self.app.config.max_payload))
+            conn.wanted = conn.head.preread()
+            if not conn.wanted:
+                return self.hand_over(conn)
+            conn.state, conn.body_started = "body", now
+            if conn.head.expect_continue:
+                conn.head.expect_continue = False
+                self.send_quietly(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+        if conn.head.gathered(conn.buffer, conn.wanted):
+            return self.hand_over(conn)
+        conn.deadline = conn.body_started + BODY_GRACE + len(conn.buffer) / BODY_MIN_RATE
+
+    def hand_over(self, conn):
+        self.unlisten(conn)
+        conn.state = "busy"
+        self.workers.submit(conn)
+
+    def serve_request(self, conn):
+        """On a worker: answer the request, then give the connection back."""
+        conn.keep = False
+        try:
+            self.finish_request(conn, conn.address)
+        except Exception:
+            log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
+            conn.keep = False
+        self.returned.put(conn)
+        self.wake()
+
+    def take_back(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                conn = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            if conn.keep:
+                self.park(conn)
+            else:
+                self.linger(conn)
+
+    def park(self, conn):
+        """A kept-alive connection waits here for its next request."""
+        now = time.monotonic()
+        conn.sock.setblocking(False)
+        conn.state, conn.since, conn.deadline, conn.head = "idle", now, now + IDLE_TIMEOUT, None
+        self.listen_to(conn)
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            self.on_read(conn)
+        elif conn.buffer:                   # the client sent its next request already
+            conn.state, conn.deadline = "head", now + HEADER_TIMEOUT
+            self.advance(conn, now)
+
+    # -- closing --------------------------------------------------------------
+
+    def sweep(self, now):
+        for conn in [c for c in self.connections if c.state != "busy" and c.deadline < now]:
+            if conn.state in ("head", "body"):
+                self.refuse(conn, SyncError(408, "the request took too long to arrive"))
+            elif conn.state in ("hello", "handshake") and self.tls is not None:
+                self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
+                            conn.peer, HEADER_TIMEOUT)
+                self.close(conn)
+            else:
+                self.close(conn)
+
+    def refuse(self, conn, error):
+        """Answer what the listener will not hand on, and close: the client learns why."""
+        self.send_quietly(conn, response_bytes(error.status, error.reason))
+        self.linger(conn)
+
+    def send_quietly(self, conn, data):
+        try:
+            conn.sock.send(data)
+        except OSError:
+            pass            # a short answer to a client that went away or stopped reading
+
+    def linger(self, conn):
+        """Close after the answer, reading what the client still sends for a moment:
+        closing with unread bytes resets the connection, and the answer with it."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            return self.close(conn)
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.close(conn)
+        conn.buffer.clear()
+        now = time.monotonic()
+        conn.state, conn.since, conn.deadline = "linger", now, now + LINGER_SECONDS
+        self.listen_to(conn)
+
+    def on_linger(self, conn):
+        try:
+            data = conn.sock.recv(IO_BLOCK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_BYTES:
+            self.close(conn)
+
+    def close(self, conn):
+        self.unlisten(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_address.pop(conn.peer) - 1
+            if left:
+                self.per_address[conn.peer] = left
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def listen_to(self, conn, events=selectors.EVENT_READ):
+        if conn.registered:
+            self.selector.modify(conn.sock, events, conn)
+        else:
+            self.selector.register(conn.sock, events, conn)
+            conn.registered = True
+
+    def unlisten(self, conn):
+        if conn.registered:
+            self.selector.unregister(conn.sock)
+            conn.registered = False
+
+    def notice(self, about, text, *args):
+        """Log a warning about a client at most once a NOTICE_REPEAT per address."""
+        now = time.monotonic()
+        if self.notices.get((about, text), 0) > now:
+            return
+        _bounded(self.notices, (about, text), now + NOTICE_REPEAT)
+        log.warning(text, *args)
 
 
 def housekeeping(app, stop):
@@ -4896,13 +5680,12 @@ def command_serve(config, args):
     log.info("data folder: %s", config.data)
     if not app.users.names():
         offer_first_user(app, config)
-    server = Server((config.host, config.port), app)
-    scheme = "http"
+    context = None
     if config.certfile:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(config.certfile, config.keyfile or None)
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        scheme = "https"
+    server = Server((config.host, config.port), app, context)
+    scheme = "https" if context else "http"
     shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
     log.info("listening on %s://%s:%d%s (open it in a browser for client setup)",
              scheme, shown, config.port, app.base_path)
@@ -4970,6 +5753,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.umask(0o077)     # auth.db, collections, media: the users' own, whatever the shell's umask
     config = Config.load(args.config)
     logging.basicConfig(level=getattr(logging, config.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s")
