@@ -139,6 +139,7 @@ LINGER_SECONDS = 2                  # after a refusal, unread bytes are read thi
 LINGER_BYTES = 4 * MIB              # ...answer is not lost to a TCP reset, up to this much
 FD_RESERVE = 64                     # file descriptors kept for collections, media and logs
 SWEEP_INTERVAL = 0.5                # seconds between the listener's checks of deadlines
+HOT_WAIT = 0.005                    # seconds a worker waits for a sync's next request itself
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
 
 MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
@@ -5160,9 +5161,6 @@ class SocketReader:
 
 # --- connections: one listener, a pool of workers -----------------------------
 
-WAITING = ("hello", "handshake", "idle", "head", "body")   # states in the listener's care
-
-
 class Connection:
     """A client connection, and the request arriving on it."""
 
@@ -5171,15 +5169,48 @@ class Connection:
         self.address = address          # (host, port) of the TCP peer
         self.peer = address[0]
         self.buffer = bytearray()       # bytes read and not yet used
-        self.state = "hello"            # WAITING, then "busy" on a worker, or "linger"
+        self.state = "hello"            # hello, handshake, idle, head, body; busy; linger
         self.since = now                # when it last began to wait: the oldest goes first
         self.deadline = now + HEADER_TIMEOUT
         self.head = None
         self.wanted = 0                 # body bytes to gather before a worker takes over
         self.body_started = now
         self.keep = False               # the worker's verdict: keep alive or close
-        self.registered = False
+        self.registered = False         # in the listener's care, not a worker's
         self.lingered = 0
+
+    def advance(self, now, max_payload):
+        """Take in what has arrived: True once the request can go to a worker.
+        Raises SyncError for a request to refuse before a worker sees it."""
+        if self.state == "head":
+            while self.buffer[:1] in (b"\r", b"\n"):    # blank lines before a request
+                del self.buffer[:1]
+            end = HEAD_END.search(self.buffer, 0, HEAD_MAX + 4)
+            if end is None:
+                if len(self.buffer) > HEAD_MAX:
+                    raise SyncError(431, "request head over %d KiB" % (HEAD_MAX // 1024))
+                return False
+            self.head = RequestHead(bytes(self.buffer[:end.start()]))
+            del self.buffer[:end.end()]
+            if self.head.length > max_payload:
+                raise body_too_large(self.head.length, max_payload)
+            self.wanted = self.head.preread()
+            if not self.wanted:
+                return True
+            self.state, self.body_started = "body", now
+            if self.head.expect_continue:
+                self.head.expect_continue = False
+                self.send_quietly(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.head.gathered(self.buffer, self.wanted):
+            return True
+        self.deadline = self.body_started + BODY_GRACE + len(self.buffer) / BODY_MIN_RATE
+        return False
+
+    def send_quietly(self, data):
+        try:
+            self.sock.send(data)
+        except OSError:
+            pass            # a short answer to a client that went away or stopped reading
 
 
 class Workers:
@@ -5367,7 +5398,7 @@ class Server(ThreadingHTTPServer):
     def evict(self, peer=None):
         """Close the connection (of `peer`, or of anyone) that has waited longest."""
         waiting = [c for c in self.connections
-                   if c.state in WAITING + ("linger",) and (peer is None or c.peer == peer)]
+                   if c.registered and (peer is None or c.peer == peer)]
         if not waiting:
             return False
         self.close(min(waiting, key=lambda c: c.since))
@@ -5440,33 +5471,12 @@ class Server(ThreadingHTTPServer):
         self.advance(conn, now)
 
     def advance(self, conn, now):
-        if conn.state == "head":
-            while conn.buffer[:1] in (b"\r", b"\n"):    # blank lines before a request
-                del conn.buffer[:1]
-            end = HEAD_END.search(conn.buffer, 0, HEAD_MAX + 4)
-            if end is None:
-                if len(conn.buffer) > HEAD_MAX:
-                    self.refuse(conn, SyncError(431, "request head over %d KiB"
-                                                % (HEAD_MAX // 1024)))
-                return
-            try:
-                conn.head = RequestHead(bytes(conn.buffer[:end.start()]))
-            except SyncError as e:
-                return self.refuse(conn, e)
-            del conn.buffer[:end.end()]
-            if conn.head.length > self.app.config.max_payload:
-                return self.refuse(conn, body_too_large(conn.head.length,
-                                                        self.app.config.max_payload))
-            conn.wanted = conn.head.preread()
-            if not conn.wanted:
-                return self.hand_over(conn)
-            conn.state, conn.body_started = "body", now
-            if conn.head.expect_continue:
-                conn.head.expect_continue = False
-                self.send_quietly(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
-        if conn.head.gathered(conn.buffer, conn.wanted):
-            return self.hand_over(conn)
-        conn.deadline = conn.body_started + BODY_GRACE + len(conn.buffer) / BODY_MIN_RATE
+        try:
+            arrived = conn.advance(now, self.app.config.max_payload)
+        except SyncError as e:
+            return self.refuse(conn, e)
+        if arrived:
+            self.hand_over(conn)
 
     def hand_over(self, conn):
         self.unlisten(conn)
@@ -5474,15 +5484,44 @@ class Server(ThreadingHTTPServer):
         self.workers.submit(conn)
 
     def serve_request(self, conn):
-        """On a worker: answer the request, then give the connection back."""
-        conn.keep = False
-        try:
-            self.finish_request(conn, conn.address)
-        except Exception:
-            log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
+        """On a worker: answer the request, and the next ones while they come at once;
+        then give the connection back."""
+        while True:
             conn.keep = False
+            try:
+                self.finish_request(conn, conn.address)
+            except Exception:
+                log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
+                conn.keep = False
+            if not (conn.keep and self.next_request(conn)):
+                break
         self.returned.put(conn)
         self.wake()
+
+    def next_request(self, conn):
+        """True when the next request has arrived whole within HOT_WAIT: a client in
+        the middle of a sync sends it at once, and the trip through the listener
+        would cost a third of a small request. Anything less goes back to wait."""
+        conn.state, conn.head = "idle", None
+        if not conn.buffer:
+            conn.sock.settimeout(HOT_WAIT)
+            try:
+                data = conn.sock.recv(HEAD_MAX)
+            except (socket.timeout, ssl.SSLWantReadError):
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                conn.keep = False
+                return False
+            conn.buffer += data
+        conn.state = "head"
+        try:
+            return conn.advance(time.monotonic(), self.app.config.max_payload)
+        except SyncError as e:
+            conn.send_quietly(response_bytes(e.status, e.reason))
+            conn.keep = False
+            return False
 
     def take_back(self):
         try:
@@ -5501,21 +5540,23 @@ class Server(ThreadingHTTPServer):
                 self.linger(conn)
 
     def park(self, conn):
-        """A kept-alive connection waits here for its next request."""
+        """A kept-alive connection waits here for its next request, or for the rest of
+        one whose start the worker saw."""
         now = time.monotonic()
         conn.sock.setblocking(False)
-        conn.state, conn.since, conn.deadline, conn.head = "idle", now, now + IDLE_TIMEOUT, None
+        conn.since = now
         self.listen_to(conn)
+        if conn.state == "head":
+            conn.deadline = now + HEADER_TIMEOUT
+        elif conn.state == "idle":
+            conn.deadline = now + IDLE_TIMEOUT
         if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
             self.on_read(conn)
-        elif conn.buffer:                   # the client sent its next request already
-            conn.state, conn.deadline = "head", now + HEADER_TIMEOUT
-            self.advance(conn, now)
 
     # -- closing --------------------------------------------------------------
 
     def sweep(self, now):
-        for conn in [c for c in self.connections if c.state != "busy" and c.deadline < now]:
+        for conn in [c for c in self.connections if c.registered and c.deadline < now]:
             if conn.state in ("head", "body"):
                 self.refuse(conn, SyncError(408, "the request took too long to arrive"))
             elif conn.state in ("hello", "handshake") and self.tls is not None:
@@ -5527,14 +5568,8 @@ class Server(ThreadingHTTPServer):
 
     def refuse(self, conn, error):
         """Answer what the listener will not hand on, and close: the client learns why."""
-        self.send_quietly(conn, response_bytes(error.status, error.reason))
+        conn.send_quietly(response_bytes(error.status, error.reason))
         self.linger(conn)
-
-    def send_quietly(self, conn, data):
-        try:
-            conn.sock.send(data)
-        except OSError:
-            pass            # a short answer to a client that went away or stopped reading
 
     def linger(self, conn):
         """Close after the answer, reading what the client still sends for a moment:
