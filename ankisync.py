@@ -132,7 +132,7 @@ HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under
 MAX_HEADERS = 100                   # as http.client allows; a client sends six
 BODY_PREREAD = UNAUTHENTICATED_HOLD  # a form's bytes the listener gathers before a worker reads on
 MAX_CONNECTIONS = 1024              # open connections; a new one past it closes the longest idle
-MAX_CONNECTIONS_PER_ADDRESS = 128   # one address's share: a family or a class behind one NAT fits
+MAX_CONNECTIONS_PER_ADDRESS = 256   # one address's share: a class behind one NAT fits in it
 MAX_WORKERS = 64                    # requests served at once; more wait their turn, in order
 WORKER_IDLE = 10                    # seconds an idle worker waits before it ends and frees its caches
 LINGER_SECONDS = 2                  # after a refusal, unread bytes are read this long, so the
@@ -4681,8 +4681,12 @@ class SyncApp:
         req.user = self.users.user_for_key(req.hkey)
         if req.user is None:
             raise SyncError(403, "unknown sync key: log in again")
+        self.trust(req.address)
+
+    def trust(self, address):
+        """`address` showed a valid key or password: it may send forms whose key comes last."""
         with self.trusted_lock:
-            _bounded(self.trusted, req.address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
+            _bounded(self.trusted, address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
 
     def is_trusted(self, address):
         return self.trusted.get(address, 0) > time.monotonic()
@@ -4701,6 +4705,7 @@ class SyncApp:
                         "wrong password" if self.users.exists(name) else "no such user")
             raise SyncError(403, "wrong user name or password")
         self.guard.succeeded(req.address)
+        self.trust(req.address)
         req.user = name
         self.notice_deleted_data(req.user)
         return Reply.json({"key": hkey})
@@ -5300,7 +5305,9 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.max_connections = app.config.max_connections
-        self.max_per_address = app.config.max_connections_per_address
+        # Behind a proxy every connection comes from the proxy: no share to enforce.
+        self.max_per_address = math.inf if app.ip_header else \
+            app.config.max_connections_per_address
         files = raise_fd_limit()
         if files is not None and self.max_connections > files - FD_RESERVE:
             self.max_connections = max(16, files - FD_RESERVE)
@@ -5396,12 +5403,13 @@ class Server(ThreadingHTTPServer):
         self.listen_to(conn)
 
     def evict(self, peer=None):
-        """Close the connection (of `peer`, or of anyone) that has waited longest."""
+        """Close the connection (of `peer`, or of anyone) that has waited longest,
+        sparing requests on their way in while a silent or idle one is left."""
         waiting = [c for c in self.connections
                    if c.registered and (peer is None or c.peer == peer)]
         if not waiting:
             return False
-        self.close(min(waiting, key=lambda c: c.since))
+        self.close(min(waiting, key=lambda c: (c.state in ("head", "body"), c.since)))
         return True
 
     def on_hello(self, conn):
