@@ -4792,7 +4792,7 @@ class SyncApp:
         login = (req.area, req.method) == ("sync", "hostKey")
 
         def on_field(name, value):
-            if name in ("k", "sk") and not login and req.user is None:
+            if name in ("k", "sk") and value and not login and req.user is None:
                 req.hkey = value
                 self.authenticate(req)
                 raw.memory_max = SPOOL_MEMORY_MAX
