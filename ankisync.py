@@ -101,9 +101,9 @@ MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
-HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password: anything larger is not one
-UNAUTHENTICATED_HOLD = 64 * 1024    # form bytes held in memory, never on disk, before its key is known
-TRUSTED_ADDRESS_SECONDS = 3600      # how long an address that showed a valid key may send large forms
+HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password; a larger body is no login
+UNAUTHENTICATED_HOLD = 64 * 1024    # form bytes kept in memory, not on disk, till its key is seen
+TRUSTED_ADDRESS_SECONDS = 3600      # an address that showed a valid key may send big forms so long
 KEY_CACHE_SECONDS = 5               # how soon `passwd` and `deluser` reach a running server
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
@@ -118,7 +118,7 @@ USER_CHECK_INTERVAL = 1.0           # a user under attack gets one password chec
 PASSWORD_CHECKS_AT_ONCE = 1         # PBKDF2 keeps a core busy ~0.3 s: guessers must not take all
 PASSWORD_CHECK_WAIT = 10            # seconds a login waits for its turn before a 503
 GUARD_TABLE_MAX = 10_000            # addresses and names remembered; the oldest are forgotten first
-NOTICE_REPEAT = 60                  # seconds before the same warning about one address is logged again
+NOTICE_REPEAT = 60                  # seconds before a warning about one address is logged again
 
 # Connections: one listener thread holds every connection between requests and reads
 # each request's head (and a legacy form's first bytes) itself, so that a worker thread
@@ -127,14 +127,14 @@ HEADER_TIMEOUT = 20                 # seconds for a request line and headers (Ap
 IDLE_TIMEOUT = 30                   # seconds a kept-alive connection may wait for its next request
 BODY_GRACE = 20                     # seconds a body may take before BODY_MIN_RATE applies (Apache)
 BODY_MIN_RATE = 500                 # bytes a second a body must average after that (Apache MinRate)
-SEND_TIMEOUT = 60                   # seconds a client may leave the answer unread before it is dropped
-HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under 1 KiB (nginx: 4 x 8)
+SEND_TIMEOUT = 60                   # seconds a client may leave its answer unread, then it is cut
+HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under 1 KiB (nginx 32)
 MAX_HEADERS = 100                   # as http.client allows; a client sends six
 BODY_PREREAD = UNAUTHENTICATED_HOLD  # a form's bytes the listener gathers before a worker reads on
 MAX_CONNECTIONS = 1024              # open connections; a new one past it closes the longest idle
 MAX_CONNECTIONS_PER_ADDRESS = 256   # one address's share: a class behind one NAT fits in it
 MAX_WORKERS = 64                    # requests served at once; more wait their turn, in order
-WORKER_IDLE = 10                    # seconds an idle worker waits before it ends and frees its caches
+WORKER_IDLE = 10                    # seconds an idle worker waits, then ends and frees its caches
 LINGER_SECONDS = 2                  # after a refusal, unread bytes are read this long, so the
 LINGER_BYTES = 4 * MIB              # ...answer is not lost to a TCP reset, up to this much
 FD_RESERVE = 64                     # file descriptors kept for collections, media and logs
@@ -297,7 +297,7 @@ class Config:
 def private_modes(folder):
     """The data folder 0700 and all in it 0600 or 0700: host keys, collections and
     media are the users' own, and an old umask or a copy may have left them open."""
-    for root, folders, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         for path, mode in [(root, 0o700)] + [(os.path.join(root, f), 0o600) for f in files]:
             try:
                 status = os.lstat(path)
