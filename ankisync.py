@@ -41,6 +41,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import errno
 import getpass
 import hashlib
 import hmac
@@ -93,6 +94,7 @@ LOCK_WAIT = 60                      # seconds a request waits for the same user'
 GLIBC_M_ARENA_MAX = -8              # mallopt() parameter number in glibc's malloc.h
 GLIBC_ARENAS = 2                    # 8 users syncing at once: 85 MB RSS by default, 52 with 2
 SPOOL_MEMORY_MAX = 1 * MIB          # bodies above this go to a temporary file, not RAM
+SCHEMA18_KEEP_FREE = 10             # the schema-18 copy of an upload is kept while 10x it is free
 IO_BLOCK = 256 * 1024               # read/write granularity for streamed bodies
 JSON_PAYLOAD_MAX = 200 * MIB        # a JSON body is parsed in memory; nothing legitimate comes near
 MULTIPART_MAX_PARTS = 16            # legacy forms carry at most six parts (c, k, sk, s, v, data)
@@ -107,7 +109,7 @@ TRUSTED_ADDRESS_SECONDS = 3600      # an address that showed a valid key may sen
 KEY_CACHE_SECONDS = 5               # how soon `passwd` and `deluser` reach a running server
 PBKDF2_ROUNDS = 600_000             # OWASP 2023 advice for PBKDF2-HMAC-SHA256
 PBKDF2_LENGTH = 32                  # bytes of derived key, as the official server's PHC strings
-HOSTKEYS_SCHEMA = 1                 # auth.db's user_version once host keys are stored as digests
+AUTH_SCHEMA = 2                     # auth.db's user_version: 1 digests keys, 2 folds names
 
 # Password guessing: failures are counted per address and per user name.
 LOGIN_FAILURES_ALLOWED = 5          # wrong passwords from one address before it has to wait
@@ -139,8 +141,12 @@ LINGER_SECONDS = 2                  # after a refusal, unread bytes are read thi
 LINGER_BYTES = 4 * MIB              # ...answer is not lost to a TCP reset, up to this much
 FD_RESERVE = 64                     # file descriptors kept for collections, media and logs
 SWEEP_INTERVAL = 0.5                # seconds between the listener's checks of deadlines
+EVICT_AFTER = 1.0                   # seconds a connection waits before a newcomer may replace it
 HOT_WAIT = 0.005                    # seconds a worker waits for a sync's next request itself
-USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # becomes a folder name
+USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # a folder name as it is
+USERNAME_MAX = 64                   # characters; the name, escaped, becomes a folder name
+USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")     # no file system takes these
+FOLDER_UNSAFE = re.compile(r'[<>:"|?*%]')  # refused by Windows; % because it escapes them
 
 MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
 MEDIA_UPLOAD_MAX_FILES = 25         # entries in one uploadChanges zip (official)
@@ -173,6 +179,13 @@ class SyncError(Exception):
 
 def bad_request(reason):
     return SyncError(400, reason)
+
+
+def out_of_space(error):
+    """True for the ways a full disk, or a used-up quota, shows itself."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+    return isinstance(error, sqlite3.OperationalError) and "is full" in str(error)
 
 
 class CorruptCollection(SyncError):
@@ -346,21 +359,52 @@ def b64_decode_nopad(text):
         raise ValueError("bad base64")
 
 
-def check_username(name):
-    if not USERNAME_PATTERN.match(name or ""):
-        raise ValueError(
-            "bad user name %r: use 1-64 letters, digits and . _ @ + - (not starting with "
-            "a symbol); the name becomes a folder name" % (name,))
+def normalize_username(name):
+    """A user name as it is stored: NFC and trimmed, or ValueError saying the rule.
+
+    Any letters are welcome (the official server takes `SYNC_USER1=José`); the name
+    only has to be usable as a folder name, which folder_name() sees to.
+    """
+    name = unicodedata.normalize("NFC", (name or "").strip())
+    if not 0 < len(name) <= USERNAME_MAX or USERNAME_FORBIDDEN.search(name) or \
+            name in (".", ".."):
+        raise ValueError("bad user name %r: use 1 to %d characters, none of them a control "
+                         "character or / \\" % (name, USERNAME_MAX))
+    return name
+
+
+def folder_name(name):
+    """The user's folder in the data folder: the name itself where every file system
+    takes it (all ASCII names of ankisync 0.1.0 do), else with the characters that
+    some file system refuses written as %XX."""
+    if USERNAME_PATTERN.match(name):
+        return name
+    escape = lambda match: "".join("%%%02X" % b for b in match.group().encode("utf-8"))
+    folder = FOLDER_UNSAFE.sub(escape, name)
+    folder = re.sub(r"^\.|[. ]$", escape, folder)       # hidden, or dropped by Windows
+    return folder
+
+
+def name_fold(name):
+    """Names that differ only in case or Unicode form are one user: macOS and Windows
+    would give them the same folder."""
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def key_digest(hkey):
     """What auth.db keeps of a host key: a key is a bearer credential, a copy of
-    auth.db must not be one. Keys are 160 random bits, so a fast hash suffices."""
+    auth.db must not be one. Keys carry 160 bits, so a fast hash suffices."""
     return hashlib.sha256(hkey.encode("utf-8")).hexdigest()
 
 
 class UserStore:
-    """Users, password hashes and host-key digests in <data>/auth.db."""
+    """Users, password hashes and host-key digests in <data>/auth.db.
+
+    A user's host key is derived from a secret in auth.db, the name and the password
+    hash, as the official server's is from the name and password: every device of the
+    user gets the same one, a new password ends it, and a login writes nothing (on a
+    full disk, users still get in). Its digest is stored when the password is set.
+    """
 
     def __init__(self, folder):
         os.makedirs(folder, mode=0o700, exist_ok=True)
@@ -379,13 +423,33 @@ class UserStore:
                     hkey text primary key, name text not null, created integer not null);
                 create index if not exists ix_hostkeys_name on hostkeys (name);
             """)
-            if db.execute("pragma user_version").fetchone()[0] < HOSTKEYS_SCHEMA:
-                # ankisync 0.1.0 kept the keys themselves: digest them in place.
+            version = db.execute("pragma user_version").fetchone()[0]
+            if version < 1:
+                # ankisync 0.1.0 kept the keys themselves: digest them in place, leaving
+                # no copy in freed pages (secure_delete) or in the WAL (the checkpoint).
+                db.execute("pragma secure_delete=on")
                 rows = db.execute("select hkey, name, created from hostkeys").fetchall()
                 db.execute("delete from hostkeys")
                 db.executemany("insert or ignore into hostkeys values (?, ?, ?)",
                                [(key_digest(k), n, c) for k, n, c in rows])
-                db.execute("pragma user_version=%d" % HOSTKEYS_SCHEMA)
+            if version < 2:
+                # Names compared folded, the users SYNC_USERn made, the host-key secret.
+                db.executescript("""
+                    alter table users add column fold text;
+                    alter table users add column source text not null default 'cli';
+                    create index ix_users_fold on users (fold);
+                    create table secret (value blob not null);
+                """)
+                db.executemany("update users set fold=? where name=?",
+                               [(name_fold(n), n) for (n,) in db.execute("select name from users")])
+                self.secret = secrets.token_bytes(32)
+                db.execute("insert into secret values (?)", (self.secret,))
+                for name, phc in db.execute("select name, hash from users").fetchall():
+                    self._store_key(db, name, phc)
+            db.execute("pragma user_version=%d" % AUTH_SCHEMA)
+            self.secret = db.execute("select value from secret").fetchone()[0]
+        if version < 1:
+            self.connect().execute("pragma wal_checkpoint(truncate)")
 
     def connect(self):
         """This thread's connection: opening one per request cost more than the query."""
@@ -399,57 +463,77 @@ class UserStore:
         with self.connect() as db:
             return [row[0] for row in db.execute("select name from users order by name")]
 
-    def exists(self, name):
+    def find(self, name):
+        """(name, hash, source) of the user `name` means, in any case or Unicode form."""
         with self.connect() as db:
-            return db.execute("select 1 from users where name=?", (name,)).fetchone() is not None
+            return db.execute("select name, hash, source from users where name=? union all "
+                              "select name, hash, source from users where fold=? limit 1",
+                              (name, name_fold(name))).fetchone()
 
-    def add(self, name, password=None, phc=None):
-        check_username(name)
+    def canonical(self, name):
+        """The stored spelling of `name`, or ValueError naming the way out."""
+        row = self.find(name)
+        if row is None:
+            raise ValueError("no user %r: see `lsuser` for the names" % (name,))
+        return row[0]
+
+    def exists(self, name):
+        return self.find(name) is not None
+
+    def source(self, name):
+        row = self.find(name)
+        return row[2] if row else None
+
+    def add(self, name, password=None, phc=None, source="cli"):
+        name = normalize_username(name)
         phc = phc or hash_password(password)
         with self.connect() as db:
-            try:
-                db.execute("insert into users values (?, ?, ?)", (name, phc, int(time.time())))
-            except sqlite3.IntegrityError:
+            if self.find(name) is not None:
                 raise ValueError("user %r already exists: use `passwd %s` to change the password"
-                                 % (name, name))
+                                 % (self.find(name)[0], name))
+            db.execute("insert into users (name, hash, created, fold, source) values "
+                       "(?, ?, ?, ?, ?)", (name, phc, int(time.time()), name_fold(name), source))
+            self._store_key(db, name, phc)
 
     def set_password(self, name, password=None, phc=None):
         """A new password also logs every device out: their host keys die with it."""
+        name = self.canonical(name)
         phc = phc or hash_password(password)
         with self.connect() as db:
-            if not db.execute("update users set hash=? where name=?", (phc, name)).rowcount:
-                raise ValueError("no user %r: see `lsuser` for the names" % (name,))
+            db.execute("update users set hash=? where name=?", (phc, name))
             db.execute("delete from hostkeys where name=?", (name,))
+            self._store_key(db, name, phc)
         self.key_cache.clear()
 
     def delete(self, name):
+        name = self.canonical(name)
         with self.connect() as db:
-            if not db.execute("delete from users where name=?", (name,)).rowcount:
-                raise ValueError("no user %r: see `lsuser` for the names" % (name,))
+            db.execute("delete from users where name=?", (name,))
             db.execute("delete from hostkeys where name=?", (name,))
         self.key_cache.clear()
+        return name
 
-    def hash_of(self, name):
-        with self.connect() as db:
-            row = db.execute("select hash from users where name=?", (name,)).fetchone()
-        return row[0] if row else None
+    def key_for(self, name, phc):
+        return hmac.new(self.secret, ("%s\0%s" % (name, phc)).encode("utf-8"),
+                        hashlib.sha256).hexdigest()[:40]
+
+    def _store_key(self, db, name, phc, key=None):
+        db.execute("insert or ignore into hostkeys values (?, ?, ?)",
+                   (key_digest(key or self.key_for(name, phc)), name, int(time.time())))
 
     def login(self, name, password):
-        """A fresh host key for a right name and password, else None."""
-        phc = self.hash_of(name)
-        if phc is None and self.decoy_hash is None:
+        """The host key for a right name and password, else None."""
+        row = self.find(name)
+        if row is None and self.decoy_hash is None:
             self.decoy_hash = hash_password(secrets.token_hex(8))
-        ok = verify_password(password, phc or self.decoy_hash)
-        if not (phc and ok):
+        ok = verify_password(password, row[1] if row else self.decoy_hash)
+        if not (row and ok):
             return None
-        hkey = secrets.token_hex(20)
-        with self.connect() as db:
-            db.execute("insert into hostkeys values (?, ?, ?)",
-                       (key_digest(hkey), name, int(time.time())))
-            db.execute("""delete from hostkeys where name=? and hkey not in (
-                select hkey from hostkeys where name=? order by created desc limit ?)""",
-                       (name, name, HOST_KEYS_PER_USER))
-        return hkey
+        key = self.key_for(row[0], row[1])
+        if self.user_for_key(key) is None:      # stored with the password; written only
+            with self.connect() as db:          # if auth.db was edited by hand
+                self._store_key(db, row[0], row[1], key)
+        return key
 
     def user_for_key(self, hkey):
         if not hkey:
@@ -476,15 +560,17 @@ class UserStore:
         """
         for name, secret in env_users:
             phc = secret if hashed else None
-            current = self.hash_of(name)
-            if current is None:
-                self.add(name, password=secret, phc=phc)
-            elif (phc and phc != current) or (not phc and not verify_password(secret, current)):
-                self.set_password(name, password=secret, phc=phc)
+            row = self.find(name)
+            if row is None:
+                self.add(name, password=secret, phc=phc, source="env")
+            else:
+                if (phc and phc != row[1]) or (not phc and not verify_password(secret, row[1])):
+                    self.set_password(name, password=secret, phc=phc)
+                with self.connect() as db:
+                    db.execute("update users set source='env' where name=?", (row[0],))
             official_key = hashlib.sha1(("%s:%s" % (name, secret)).encode("utf-8")).hexdigest()
             with self.connect() as db:
-                db.execute("insert or ignore into hostkeys values (?, ?, ?)",
-                           (key_digest(official_key), name, int(time.time())))
+                self._store_key(db, self.canonical(name), None, official_key)
 
 
 class LoginGuard:
@@ -508,7 +594,21 @@ class LoginGuard:
 
     @contextlib.contextmanager
     def turn(self, address, name):
-        """Wait for this login's turn to check a password, or refuse it with 429/503."""
+        """Wait for this login's turn to check a password, or refuse it with 429/503.
+
+        Admission is asked again once the turn comes: guesses that queued up behind
+        the fifth failure must not be checked either."""
+        self._admit(address, name, pace=False)
+        if not self.turns.acquire(timeout=PASSWORD_CHECK_WAIT):
+            raise SyncError(503, "the server is busy checking passwords: try again shortly",
+                            retry_after=PASSWORD_CHECK_WAIT)
+        try:
+            self._admit(address, name, pace=True)
+            yield
+        finally:
+            self.turns.release()
+
+    def _admit(self, address, name, pace):
         now = time.monotonic()
         with self.lock:
             until = self._locked_until(address, now)
@@ -524,14 +624,8 @@ class LoginGuard:
                 if self.user_next.get(name, 0) > now:
                     raise SyncError(429, "too many failed logins for this user: try again in a "
                                     "moment", retry_after=math.ceil(USER_CHECK_INTERVAL))
-                _bounded(self.user_next, name, now + USER_CHECK_INTERVAL)
-        if not self.turns.acquire(timeout=PASSWORD_CHECK_WAIT):
-            raise SyncError(503, "the server is busy checking passwords: try again shortly",
-                            retry_after=PASSWORD_CHECK_WAIT)
-        try:
-            yield
-        finally:
-            self.turns.release()
+                if pace:
+                    _bounded(self.user_next, name, now + USER_CHECK_INTERVAL)
 
     def failed(self, address, name):
         now = time.monotonic()
@@ -3275,6 +3369,16 @@ def fsync_path(path):
         os.close(fd)
 
 
+def free_space(folder):
+    """Bytes free to this process in `folder` (or the nearest folder that exists)."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder or ".").free
+    except OSError:
+        return 0
+
+
 def remove_side_files(path):
     for suffix in ("-wal", "-shm", "-journal"):
         try:
@@ -3378,10 +3482,18 @@ class Collection:
         self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
         self.conn = None
         self.ours = False           # the file is known to be schema 11: no need to look
+        self.readers = {}           # inode -> downloads sending that file now
+        self.readers_lock = threading.Lock()
 
     def open(self):
+        if self.conn is not None and not os.path.exists(self.path):
+            self.close()        # deleted under the server (`deluser --delete-data`): afresh
         if self.conn is None:
-            if not os.path.exists(self.path):
+            if os.path.exists(self.path) and not self.ours and not self.readable():
+                self.set_aside("it cannot be read as a collection")
+            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+                # Empty, as SQLite would read a 0-byte file: the next device uploads.
+                os.makedirs(self.folder, mode=0o700, exist_ok=True)
                 create_collection(self.path)
             elif not self.ours:
                 self._adopt_foreign_file()
@@ -3397,6 +3509,39 @@ class Collection:
                 pass
             self.conn.close()
             self.conn = None
+
+    def readable(self):
+        """False for a file SQLite cannot read, or one that fails its quick check."""
+        if os.path.getsize(self.path) == 0:
+            return True
+        with open(self.path, "rb") as f:
+            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                return False
+        probe = connect_collection(self.path)
+        try:
+            probe.execute("select ver from col").fetchone()
+            return probe.execute("pragma quick_check(1)").fetchall() == [("ok",)]
+        except sqlite3.DatabaseError as e:
+            if out_of_space(e) or "locked" in str(e):
+                raise
+            return False
+        finally:
+            probe.close()
+
+    def set_aside(self, why):
+        """A damaged collection moves out of the way, never deleted, and an empty one
+        takes its place: the next device to sync is asked for a full sync, and one that
+        has the notes uploads them."""
+        self.close()
+        aside = "%s.damaged-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        self.drop_schema18()
+        self.ours = False
+        fsync_path(self.folder)
+        log.error("%s is damaged (%s): moved to %s; the next device to sync will be asked "
+                  "for a full sync", self.path, why, aside)
 
     def _adopt_foreign_file(self):
         """A schema-18 file (moved over from the official server) becomes schema 11 once."""
@@ -3450,12 +3595,14 @@ class Collection:
         The schema-18 copy gets the same change, or is dropped if out of step.
         """
         now = now_ms()
+        self.detach_readers(self.path)
         conn = self.open()
         before = conn.execute("select mod, scm, usn from col").fetchone()
         conn.execute("update col set usn=usn+1, mod=?", (now,))
         conn.execute("pragma journal_mode=delete")
         if not os.path.exists(self.schema18_path):
             return self.path
+        self.detach_readers(self.schema18_path)
         try:
             copy = connect_collection(self.schema18_path)
             try:
@@ -3476,6 +3623,64 @@ class Collection:
             return os.path.getsize(self.path)
         except OSError:
             return 0
+
+    # -- downloads read the file itself, not a copy -----------------------
+
+    def reader(self, path):
+        """`path` opened for a download, as it is now, for as long as the download takes."""
+        return CollectionReader(path, self)
+
+    def detach_readers(self, path):
+        """Before `path` is written in place: downloads still reading it keep that file,
+        and writing goes on in a copy. Only a sync that meets a slow download pays
+        for one; downloads themselves never need room for a second collection."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
+        with self.readers_lock:
+            if not self.readers.get(inode):
+                return
+        if path == self.path:
+            self.close()
+        fd, temp = tempfile.mkstemp(prefix=".copy-", dir=self.folder)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, temp)
+            fsync_path(temp)
+            os.replace(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        fsync_path(self.folder)
+
+
+class CollectionReader:
+    """An open collection file that a download is sending, counted by its inode."""
+
+    def __init__(self, path, collection):
+        self.file = open(path, "rb")
+        self.collection = collection
+        self.inode = os.fstat(self.file.fileno()).st_ino
+        with collection.readers_lock:
+            collection.readers[self.inode] = collection.readers.get(self.inode, 0) + 1
+
+    def read(self, size=-1):
+        return self.file.read(size)
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        if self.file is None:
+            return
+        self.file.close()
+        self.file = None
+        readers = self.collection.readers
+        with self.collection.readers_lock:
+            readers[self.inode] -= 1
+            if not readers[self.inode]:
+                del readers[self.inode]
 
 
 # ---------------------------------------------------------------------------
@@ -3996,10 +4201,17 @@ class CollectionSync:
                       "finish": self.finish}
         alone = {"meta": self.meta, "download": self.download, "abort": self.abort}
         with self.locked():
-            if req.method in in_session:
-                return self.stateful(req, in_session[req.method])
-            if req.method in alone:
-                return alone[req.method](req)
+            try:
+                if req.method in in_session:
+                    return self.stateful(req, in_session[req.method])
+                if req.method in alone:
+                    return alone[req.method](req)
+            except sqlite3.DatabaseError as e:
+                if out_of_space(e) or self.collection.readable():
+                    raise
+                self.collection.set_aside(str(e))
+                raise SyncError(503, "the server's copy of this collection was damaged and "
+                                "has been set aside: sync again to upload yours")
             raise SyncError(404, "unknown sync method %r" % req.method)
 
     # -- session bookkeeping --------------------------------------------
@@ -4034,15 +4246,11 @@ class CollectionSync:
             if req.method != "start":
                 self.session.settle()
             result = method(data, req)
-        except SyncError as e:
+        except BaseException:
+            # A client's mistake (SyncError 4xx) or a fault of ours (5xx, with its
+            # traceback in the log): either way the session is gone.
             self.abort_session()
-            if e.status in (400, 409, 413):
-                raise
-            raise bad_request(e.reason)
-        except (sqlite3.Error, ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
-            self.abort_session()
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise bad_request("%s failed: %s" % (req.method, reason))
+            raise
         if self.session is not None:
             self.session.touched = time.monotonic()
         return Reply.json(result)
@@ -4080,6 +4288,7 @@ class CollectionSync:
 
     def start(self, data, req):
         self.abort_session()
+        self.collection.detach_readers(self.collection.path)
         conn = self.collection.open()
         self.session = SyncSession(req.skey, conn, to_int(data.get("minUsn", 0), "minUsn"),
                                    bool(data.get("lnewer")))
@@ -4143,15 +4352,7 @@ class CollectionSync:
 
     def download(self, req):
         self.abort_session()
-        served = self.collection.bump_for_download(req.modern)
-        # A copy, so the user's next sync can start while a slow client still downloads.
-        fd, snapshot = tempfile.mkstemp(prefix=".download-", dir=self.folder)
-        os.close(fd)
-        try:
-            shutil.copyfile(served, snapshot)
-            stream = open(snapshot, "rb")
-        finally:
-            os.unlink(snapshot)         # the open file stays readable until closed
+        stream = self.collection.reader(self.collection.bump_for_download(req.modern))
         return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
 
     def upload(self, req):
@@ -4159,12 +4360,15 @@ class CollectionSync:
             self.abort_session()
         if req.payload.size >= self.app.config.max_decompressed:
             raise SyncError(413, UPLOAD_TOO_LARGE)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
         os.close(fd)
+        # Kept for modern downloads only while it costs little of the disk.
+        keep18 = free_space(self.folder) > SCHEMA18_KEEP_FREE * req.payload.size
         schema18 = temp + ".schema18"
         try:
             req.payload.save_as(temp)
-            prepare_collection_file(temp, schema18)
+            prepare_collection_file(temp, schema18 if keep18 else None)
             with self.locked():
                 self.abort_session()
                 self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
@@ -4243,6 +4447,9 @@ class MediaStore:
 
     def connect(self):
         """The connection of the media methods; call it with `lock` held."""
+        if self.db is not None and not os.path.exists(self.db_path):
+            self.db.close()     # deleted under the server (`deluser --delete-data`): afresh
+            self.db = None
         if self.db is None:
             # Kept open: closing the last connection of a WAL database checkpoints it,
             # which cost more than a whole small upload.
@@ -4256,13 +4463,6 @@ class MediaStore:
                 db.execute("pragma user_version = 4")
             self.db = db
         return self.db
-
-    def forget(self):
-        """Drop the connection: the files may have been deleted under the server."""
-        with self.lock:
-            if self.db is not None:
-                self.db.close()
-                self.db = None
 
     def last_usn(self):
         """For `meta`, which must not wait for a media upload of the same user."""
@@ -4359,7 +4559,8 @@ class MediaSync:
 
     def uploadChanges(self, req, db):
         changes, incoming = self._unpack_upload(req.payload)
-        try:
+        moves = []                      # (temp or None to delete, path), done after the commit:
+        try:                            # a failed one (a full disk) leaves the files as they were
             with transaction(db):       # the whole batch or nothing
                 usn, total_bytes, total_files = db.execute(
                     "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
@@ -4375,10 +4576,7 @@ class MediaSync:
                         total_files -= 1
                         db.execute("update media set size=0, usn=?, mtime=? where fname=?",
                                    (usn, now, name))
-                        try:
-                            os.unlink(self.store.path_of(name))
-                        except FileNotFoundError:
-                            pass
+                        moves.append((None, self.store.path_of(name)))
                         continue
                     if row is not None and row[1] and bytes(row[0]) == sha1:
                         continue
@@ -4390,9 +4588,14 @@ class MediaSync:
                     total_files += 1
                     db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
                                (name, sha1, size, usn, now))
-                    os.replace(temp, self.store.path_of(name))
+                    moves.append((temp, self.store.path_of(name)))
                 db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
                            (usn, total_bytes, total_files))
+            for temp, path in moves:
+                if temp is not None:
+                    os.replace(temp, path)
+                elif os.path.exists(path):
+                    os.unlink(path)
         finally:
             for temp in incoming:
                 if os.path.exists(temp):
@@ -4468,7 +4671,12 @@ class MediaSync:
         try:
             with os.fdopen(fd, "wb") as out, archive.open(info) as src:
                 while True:
-                    block = src.read(IO_BLOCK)
+                    try:
+                        block = src.read(IO_BLOCK)
+                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error,
+                            NotImplementedError) as e:
+                        raise bad_request("uploadChanges: cannot read %r from the zip (%s)"
+                                          % (name[:60], e))
                     if not block:
                         break
                     size += len(block)
@@ -4476,10 +4684,7 @@ class MediaSync:
                         raise bad_request("uploadChanges: %r is over %d MiB"
                                           % (name[:60], MEDIA_FILE_MAX // MIB))
                     digest.update(block)
-                    out.write(block)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError) as e:
-            os.unlink(temp)
-            raise bad_request("uploadChanges: cannot read %r from the zip (%s)" % (name[:60], e))
+                    out.write(block)        # a full disk is the server's trouble: 507
         except BaseException:
             os.unlink(temp)
             raise
@@ -4634,7 +4839,7 @@ class SyncApp:
         """Temporary files of a server that was killed mid-request."""
         for root, _, files in os.walk(self.config.data):
             for name in files:
-                if name.startswith((".spool-", ".upload-", ".download-", ".incoming-",
+                if name.startswith((".spool-", ".upload-", ".copy-", ".incoming-",
                                     ".new-collection-")) or \
                         name.endswith(".convert"):
                     try:
@@ -4643,10 +4848,8 @@ class SyncApp:
                         pass
 
     def user_folder(self, user):
-        check_username(user)
-        folder = os.path.join(self.config.data, user)
-        os.makedirs(folder, exist_ok=True)
-        return folder
+        """Made when first written to, not here: a login must work on a full disk."""
+        return os.path.join(self.config.data, folder_name(user))
 
     def collection_for(self, user):
         with self._registry_lock:
@@ -4706,19 +4909,8 @@ class SyncApp:
             raise SyncError(403, "wrong user name or password")
         self.guard.succeeded(req.address)
         self.trust(req.address)
-        req.user = name
-        self.notice_deleted_data(req.user)
+        req.user = self.users.canonical(name)
         return Reply.json({"key": hkey})
-
-    def notice_deleted_data(self, user):
-        """`deluser --delete-data` then `adduser` in another process: start afresh."""
-        syncer = self.collection_for(user)
-        if os.path.exists(syncer.collection.path):
-            return          # the usual case: no lock, so a login never waits for a sync
-        with syncer.locked():
-            syncer.abort_session()
-            syncer.collection.close()
-        self.media_for(user).forget()
 
     def client_address(self, handler):
         """The TCP peer, or behind a proxy the address in the header the admin named."""
@@ -5008,11 +5200,18 @@ class Handler(BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout) as e:
             status, self.close_connection = 499, True
             log.info("connection lost during %s: %s", what, e)
-        except Exception:
-            status = 500
-            log.exception("internal error during %s", what)
+        except Exception as e:
             self.finish_body(body)
-            sent = self.send_text(500, "internal server error: see the server log")
+            if out_of_space(e):
+                status, free = 507, free_space(app.config.data) // MIB
+                log.error("disk full during %s: %s; %d MiB free in %s", what, e, free,
+                          app.config.data)
+                sent = self.send_text(507, "the sync server's disk is full (%d MiB free): sync "
+                                      "again once its admin has made room" % free)
+            else:
+                status = 500
+                log.exception("internal error during %s", what)
+                sent = self.send_text(500, "internal server error: see the server log")
         finally:
             if req is not None:
                 req.close()
@@ -5391,8 +5590,9 @@ class Server(ThreadingHTTPServer):
         except (OSError, AttributeError):
             pass
         peer = address[0]
-        if (len(self.connections) >= self.max_connections and not self.evict()) or \
-                (self.per_address.get(peer, 0) >= self.max_per_address and not self.evict(peer)):
+        if self.per_address.get(peer, 0) >= self.max_per_address:
+            self.evict(peer)        # its share is a soft limit: a burst of its own gets in
+        if len(self.connections) >= self.max_connections and not self.evict():
             self.notice(peer, "connection from %s refused: all %d connections are busy",
                         peer, len(self.connections))
             sock.close()
@@ -5404,9 +5604,11 @@ class Server(ThreadingHTTPServer):
 
     def evict(self, peer=None):
         """Close the connection (of `peer`, or of anyone) that has waited longest,
-        sparing requests on their way in while a silent or idle one is left."""
+        sparing requests on their way in while a silent or idle one is left, and
+        connections younger than EVICT_AFTER."""
+        old = time.monotonic() - EVICT_AFTER
         waiting = [c for c in self.connections
-                   if c.registered and (peer is None or c.peer == peer)]
+                   if c.registered and c.since < old and (peer is None or c.peer == peer)]
         if not waiting:
             return False
         self.close(min(waiting, key=lambda c: (c.state in ("head", "body"), c.since)))
@@ -5423,11 +5625,11 @@ class Server(ThreadingHTTPServer):
         except OSError:
             return self.close(conn)
         if first != b"\x16":                # not a TLS handshake record
-            if first:
-                self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
-                self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
-                                              "server address"))
-            return self.close(conn)
+            if not first:
+                return self.close(conn)
+            self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
+            return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
+                                                 "server address"))
         self.unlisten(conn)
         conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
                                          do_handshake_on_connect=False)
@@ -5669,33 +5871,41 @@ def read_password(name, stdin=None):
 
 def command_adduser(config, args):
     users = UserStore(config.data)
-    check_username(args.name)
-    if users.exists(args.name):
+    name = normalize_username(args.name)
+    if users.exists(name):
         raise ValueError("user %r already exists: use `passwd %s` to change the password"
-                         % (args.name, args.name))
-    users.add(args.name, read_password(args.name))
+                         % (users.canonical(name), name))
+    users.add(name, read_password(name))
     print("added user %s; their collection will live in %s"
-          % (args.name, os.path.join(config.data, args.name)))
+          % (name, os.path.join(config.data, folder_name(name))))
 
 
 def command_passwd(config, args):
     users = UserStore(config.data)
-    if not users.exists(args.name):
-        raise ValueError("no user %r: see `lsuser` for the names" % (args.name,))
-    users.set_password(args.name, read_password(args.name))
-    print("changed the password of %s; their devices must log in again" % args.name)
+    name = users.canonical(args.name)
+    users.set_password(name, read_password(name))
+    print("changed the password of %s; their devices must log in again" % name)
+    warn_if_from_environment(users, name, "sets the old password again")
+
+
+def warn_if_from_environment(users, name, what):
+    if users.source(name) == "env":
+        print("note: %s comes from a SYNC_USERn variable of the server, whose next start %s: "
+              "change or remove that variable too" % (name, what))
 
 
 def command_deluser(config, args):
     users = UserStore(config.data)
-    users.delete(args.name)
-    folder = os.path.join(config.data, args.name)
+    name = users.canonical(args.name)
+    warn_if_from_environment(users, name, "adds the user again")
+    users.delete(name)
+    folder = os.path.join(config.data, folder_name(name))
     if args.delete_data and os.path.isdir(folder):
         shutil.rmtree(folder)
-        print("deleted user %s and their data" % args.name)
+        print("deleted user %s and their data" % name)
     else:
         print("deleted user %s; their data stays in %s (add --delete-data to remove it)"
-              % (args.name, folder))
+              % (name, folder))
 
 
 def command_lsuser(config, args):
@@ -5713,6 +5923,8 @@ def limit_malloc_arenas():
 
 def command_serve(config, args):
     limit_malloc_arenas()
+    check_writable(config.data)
+    lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
     app = SyncApp(config)
     app.users.apply_environment(config.env_users, config.passwords_hashed)
     log.info("ankisync %s, Python %s, zstd backend: %s", __version__,
@@ -5742,6 +5954,68 @@ def command_serve(config, args):
     finally:
         stop.set()
         server.server_close()
+        lock.close()
+
+
+def check_writable(folder):
+    """A data folder this process can write, or a CLI error saying how to get one."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        auth = os.path.join(folder, "auth.db")
+        if os.path.exists(auth) and not os.access(auth, os.W_OK):
+            raise PermissionError(errno.EACCES, "read-only", auth)
+    except OSError as e:
+        raise SystemExit("ankisync: %s" % unwritable(e.filename or folder, e))
+
+
+def unwritable(path, error):
+    """One line on a file or folder this process may not write, with the fix."""
+    where = path
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    try:
+        owner = os.stat(where).st_uid
+    except OSError:
+        owner = None
+    me = os.getuid() if hasattr(os, "getuid") else None
+    reason = getattr(error, "strerror", None) or str(error)
+    if owner is not None and me is not None and owner != me:
+        return ("cannot write %s (%s): it belongs to uid %d and ankisync runs as uid %d: "
+                "`chown -R %d %s`, or set another data folder" % (path, reason, owner, me, me,
+                                                                  where))
+    return ("cannot write %s (%s): make it writable (chmod u+w), or set another data folder"
+            % (path, reason))
+
+
+class DataFolderLock:
+    """One server per data folder: two would each keep their own view of a collection.
+    The lock lives as long as the open file; the file tells who holds it."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".serve.lock")
+        self.file = open(self.path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                self.file.seek(0)
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise SystemExit("ankisync: %s already serves %s: stop it first, or give this one "
+                             "another data folder" % (holder, folder))
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write("ankisync (pid %d)" % os.getpid())
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
 
 
 def offer_first_user(app, config):
@@ -5750,7 +6024,7 @@ def offer_first_user(app, config):
     if sys.stdin.isatty():
         name = input("No users yet. Name of the first user (empty to skip): ").strip()
         if name:
-            check_username(name)
+            name = normalize_username(name)
             app.users.add(name, read_password(name))
             log.info("added user %s", name)
             return
@@ -5808,8 +6082,14 @@ def main(argv=None):
         raise SystemExit("ankisync: %s" % e)
     except ZstdError as e:
         raise SystemExit("ankisync: %s" % e)
+    except PermissionError as e:
+        raise SystemExit("ankisync: %s" % unwritable(e.filename or config.data, e))
     except OSError as e:
         raise SystemExit("ankisync: %s" % e)
+    except sqlite3.OperationalError as e:
+        if "readonly" in str(e) or "unable to open" in str(e):
+            raise SystemExit("ankisync: %s" % unwritable(os.path.join(config.data, "auth.db"), e))
+        raise SystemExit("ankisync: %s: %s" % (os.path.join(config.data, "auth.db"), e))
     except (EOFError, KeyboardInterrupt):
         raise SystemExit("ankisync: cancelled")
 
