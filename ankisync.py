@@ -4454,15 +4454,54 @@ class MediaStore:
             # Kept open: closing the last connection of a WAL database checkpoints it,
             # which cost more than a whole small upload.
             os.makedirs(self.folder, exist_ok=True)
-            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                                 timeout=LOCK_WAIT)
+            try:
+                self.db = self._open()
+            except sqlite3.DatabaseError as e:
+                if out_of_space(e) or "locked" in str(e):
+                    raise
+                self.db = self._rebuild(str(e))
+        return self.db
+
+    def _open(self):
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=LOCK_WAIT)
+        try:
             db.execute("pragma journal_mode=wal")      # readers (meta) never wait for writers
             if db.execute("pragma user_version").fetchone()[0] == 0:
                 db.executescript(MEDIA_SCHEMA)
                 db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
                 db.execute("pragma user_version = 4")
-            self.db = db
-        return self.db
+            db.execute("select last_usn from meta").fetchone()[0]
+        except (sqlite3.DatabaseError, TypeError):
+            db.close()
+            raise sqlite3.DatabaseError("media.db cannot be read")
+        return db
+
+    def _rebuild(self, why):
+        """A damaged media.db is set aside and made again from the files present. Their
+        usns start above any a device has seen (a clock's seconds), so every device
+        compares its files with these on its next media sync."""
+        aside = "%s.damaged-%s" % (self.db_path, time.strftime("%Y%m%d-%H%M%S"))
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.db_path + suffix):
+                os.replace(self.db_path + suffix, aside + suffix)
+        db = self._open()
+        usn, total = int(time.time()), 0
+        names = sorted(n for n in os.listdir(self.folder) if not n.startswith("."))
+        with transaction(db):
+            for usn, name in enumerate(names, usn + 1):
+                with open(os.path.join(self.folder, name), "rb") as f:
+                    digest = hashlib.sha1()
+                    copy_stream(f.read, digest.update)
+                size = os.path.getsize(os.path.join(self.folder, name))
+                total += size
+                db.execute("insert into media values (?, ?, ?, ?, ?)",
+                           (name, digest.digest(), size, usn, int(time.time())))
+            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                       (usn, total, len(names)))
+        log.error("%s was damaged (%s): moved to %s and made again from the %d files in %s",
+                  self.db_path, why, aside, len(names), self.folder)
+        return db
 
     def last_usn(self):
         """For `meta`, which must not wait for a media upload of the same user."""
@@ -5381,6 +5420,7 @@ class Connection:
         self.body_started = now
         self.keep = False               # the worker's verdict: keep alive or close
         self.registered = False         # in the listener's care, not a worker's
+        self.ended = False              # the client closed its side
         self.lingered = 0
 
     def advance(self, now, max_payload):
@@ -5534,7 +5574,7 @@ class Server(ThreadingHTTPServer):
         while self.running:
             for key, _ in self.selector.select(poll_interval):
                 if key.data == "accept":
-                    self.accept_all()
+                    self.accept()
                 elif key.data == "wake":
                     self.take_back()
                 elif key.data.state in ("hello", "handshake") and self.tls is not None:
@@ -5568,18 +5608,17 @@ class Server(ThreadingHTTPServer):
 
     # -- admitting ------------------------------------------------------------
 
-    def accept_all(self):
-        while True:
-            try:
-                sock, address = self.socket.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:            # out of file descriptors: make room
-                self.notice("accept", "cannot accept connections: %s", e)
-                if not self.evict():
-                    return
-                continue
-            self.admit(sock, address)
+    def accept(self):
+        """One connection; select() reports the listening socket again while more wait."""
+        try:
+            sock, address = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:                # out of file descriptors: make room
+            self.notice("accept", "cannot accept connections: %s", e)
+            self.evict()
+            return
+        self.admit(sock, address)
 
     def admit(self, sock, address):
         sock.setblocking(False)
@@ -5600,7 +5639,11 @@ class Server(ThreadingHTTPServer):
         conn = Connection(sock, address, time.monotonic())
         self.connections.add(conn)
         self.per_address[peer] = self.per_address.get(peer, 0) + 1
-        self.listen_to(conn)
+        if self.tls is None:
+            self.on_read(conn)      # the request has often come with the connection
+        if conn in self.connections and conn.state not in ("busy", "linger") and \
+                not conn.registered:
+            self.listen_to(conn)
 
     def evict(self, peer=None):
         """Close the connection (of `peer`, or of anyone) that has waited longest,
@@ -5722,7 +5765,7 @@ class Server(ThreadingHTTPServer):
             except OSError:
                 data = b""
             if not data:
-                conn.keep = False
+                conn.keep, conn.ended = False, True
                 return False
             conn.buffer += data
         conn.state = "head"
@@ -5746,6 +5789,8 @@ class Server(ThreadingHTTPServer):
                 return
             if conn.keep:
                 self.park(conn)
+            elif conn.ended:            # the client closed: nothing left to linger for
+                self.close(conn)
             else:
                 self.linger(conn)
 

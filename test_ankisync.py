@@ -3417,6 +3417,8 @@ import functools  # noqa: E402
 import resource  # noqa: E402
 import ssl  # noqa: E402
 import stat  # noqa: E402
+import pathlib  # noqa: E402
+import tempfile  # noqa: E402
 import types  # noqa: E402
 import zlib  # noqa: E402
 
@@ -4041,3 +4043,251 @@ def test_an_auth_db_of_0_1_0_is_converted_at_start_and_its_keys_keep_working(sta
         assert db.execute("pragma user_version").fetchone()[0] > 0
         assert (ankisync.key_digest(OLD_KEY),) in db.execute("select hkey from hostkeys")
     assert OLD_KEY.encode() not in file_bytes(auth, auth + "-wal")
+
+
+# --- faults and mistakes: full disks, damaged files, retyped commands, two servers ------
+
+def test_a_fault_inside_a_sync_is_a_500_with_its_traceback_not_a_client_error(tmp_path,
+                                                                             monkeypatch,
+                                                                             caplog):
+    """A bug of the server's (here a KeyError in `chunk`) is no "Check Database" for the
+    user: the answer is 500, the log has the traceback, and the next sync works."""
+    caplog.set_level("INFO", logger="ankisync")
+    config = ankisync.Config()
+    config.data, config.host, config.port = str(tmp_path / "data"), "127.0.0.1", free_port()
+    app = ankisync.SyncApp(config)
+    app.users.add(USER, PASSWORD)
+    srv = ankisync.Server((config.host, config.port), app)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        here = types.SimpleNamespace(url="http://127.0.0.1:%d/" % config.port, port=config.port)
+        phone = ModernDevice("phone", str(tmp_path / "phone"), here)
+        phone.do("add_notes", deck="Default", prefix="word", count=3)
+        first_upload(phone)
+        phone.do("add_notes", deck="Default", prefix="more", count=2)
+
+        def broken(self):
+            raise KeyError("a bug of the server's")
+        monkeypatch.setattr(ankisync.SyncSession, "chunk", broken)
+        with pytest.raises(Exception):
+            phone.sync()
+        assert "internal error during sync/chunk" in caplog.text
+        assert "KeyError: \"a bug of the server's\"" in caplog.text
+        assert re.search(r"sync/chunk 500 ", caplog.text)
+        monkeypatch.undo()
+        assert sync_normally(phone) == "normal_sync"
+        phone.close()
+    finally:
+        srv.shutdown()
+        thread.join(10)
+        srv.server_close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs, for a data folder that fills up; skipped where mount is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % proc.stderr.strip())
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(folder, leave=0):
+    """Fill the file system of `folder` up to `leave` bytes free; returns the filler."""
+    filler = os.path.join(folder, "filler")
+    with open(filler, "wb") as f:
+        block = b"\0" * 65536
+        try:
+            while shutil.disk_usage(folder).free > leave + len(block):
+                f.write(block)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_lets_users_log_in_refuses_writes_with_507_and_heals_by_itself(
+        small_disk, start_server, make_device, tmp_path):
+    srv = start_server(env={"SYNC_BASE": os.path.join(small_disk, "data")})
+    laptop = phone_with_notes(make_device, on=srv)
+    first_upload(laptop)
+    laptop.do("write_media", files=[["a.jpg", 2000, 1]])
+    laptop.sync_media()
+    filler = fill(small_disk)
+    try:
+        # A new device logs in (nothing is written for a login) ...
+        phone = make_device("modern", "phone2", on=srv)
+        phone.login()
+        # ... but what must be stored is refused with 507 and a reason, not 500 or 400.
+        key = login(srv)
+        big = media_zip([("b.jpg", os.urandom(300000))])
+        status, body = modern(srv, "uploadChanges", big, key=key, area="msync")
+        assert status == 507 and b"disk is full" in body, (status, body)
+        assert b"Errno" not in body
+        assert not os.path.exists(os.path.join(srv.base, USER, "media", "b.jpg"))
+        assert "disk full during msync/uploadChanges" in log_of(srv)
+    finally:
+        os.unlink(filler)
+    # Room again: the same device syncs on, nothing to repair.
+    join_by_download(phone)
+    assert_same(laptop, phone)
+    laptop.do("write_media", files=[["c.jpg", 2000, 2]])
+    laptop.sync_media()
+
+
+def test_a_full_download_needs_no_second_copy_of_the_collection(server, make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="word", count=20)
+    first_upload(laptop)
+    key = login(server)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    head = json.dumps({"v": 11, "k": key, "c": "test,0,linux", "s": "s1"})
+    conn.request("POST", "/sync/download", ZSTD.compress(b'{"_pad":null}'), {"anki-sync": head})
+    response = conn.getresponse()
+    first = response.read(10)           # the download is under way, and reads the file itself
+    folder = os.path.join(server.base, USER)
+    assert [n for n in os.listdir(folder) if n.startswith(".")] == []
+    # A sync that writes meanwhile goes on in a copy: the download stays whole.
+    laptop.do("add_notes", deck="Default", prefix="meanwhile", count=2)
+    assert sync_normally(laptop) == "normal_sync"
+    data = ZSTD.decompress(first + response.read(), 10 ** 9)
+    conn.close()
+    path = str(server.base) + ".downloaded.anki2"
+    with open(path, "wb") as f:
+        f.write(data)
+    db = ankisync.connect_collection(path)
+    assert db.execute("pragma integrity_check").fetchone() == ("ok",)
+    assert db.execute("select count() from notes").fetchone() == (20,)
+    db.close()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage"])
+def test_a_damaged_collection_is_set_aside_and_a_device_uploads_its_notes(server, make_device,
+                                                                          damage):
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="word", count=5)
+    first_upload(laptop)
+    path = os.path.join(server.base, USER, "collection.anki2")
+    server.stop()
+    with open(path, "r+b") as f:
+        if damage == "empty":
+            f.truncate(0)
+        elif damage == "truncated":
+            f.truncate(os.path.getsize(path) // 2)
+        else:
+            f.write(b"this is not a database at all")
+    server.start()
+    # The next sync finds an empty collection: a full sync, and the laptop uploads.
+    outcome = laptop.sync()
+    assert outcome in ("full_upload", "full_sync"), outcome
+    laptop.full_upload()
+    phone = make_device("modern", "phone")
+    join_by_download(phone)
+    assert_same(laptop, phone)
+    aside = [n for n in os.listdir(os.path.dirname(path)) if ".damaged-" in n]
+    assert aside == ([] if damage == "empty" else aside[:1]) and (damage == "empty" or aside)
+    if damage != "empty":
+        assert "is damaged" in server.log_tail(200)
+
+
+def test_a_user_deleted_with_data_and_added_again_syncs_at_once(server, make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="word", count=5)
+    first_upload(laptop)
+    env = dict(os.environ, SYNC_BASE=server.base)
+    run = lambda *args, stdin="": subprocess.run(
+        [sys.executable, os.path.join(HERE, "ankisync.py")] + list(args), input=stdin,
+        env=env, capture_output=True, text=True, timeout=60)
+    assert run("deluser", "--delete-data", USER).returncode == 0
+    assert run("adduser", USER, stdin=PASSWORD + "\n").returncode == 0
+    time.sleep(ankisync.KEY_CACHE_SECONDS + 0.5)
+    phone = make_device("modern", "phone")
+    phone.do("add_notes", deck="Default", prefix="again", count=2)
+    first_upload(phone)                 # the server holds nothing of the old data
+    laptop2 = make_device("modern", "laptop2")
+    join_by_download(laptop2)
+    assert_same(phone, laptop2)
+
+
+def test_a_second_server_on_the_same_data_folder_refuses_to_start(server):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNC_")}
+    env.update(SYNC_BASE=server.base, SYNC_HOST="127.0.0.1", SYNC_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ankisync.py"), "serve"],
+                          env=env, capture_output=True, text=True, timeout=30,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "already serves" in proc.stderr and "pid %d" % server.proc.pid in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert post(server, "/health", method="GET")[0] == 200
+
+
+def test_a_data_folder_the_server_cannot_write_is_one_line_naming_the_owner(tmp_path):
+    python = "/usr/bin/python3"
+    if os.getuid() != 0 or not shutil.which("runuser") or not os.path.exists(python):
+        pytest.skip("needs root, runuser and a Python other users can run")
+    shared = tempfile.mkdtemp(prefix="ankisync-test-", dir="/tmp")    # others may enter it
+    os.chmod(shared, 0o755)
+    script = os.path.join(shared, "ankisync.py")
+    shutil.copy(os.path.join(HERE, "ankisync.py"), script)
+    os.chmod(script, 0o644)
+    data = pathlib.Path(shared) / "data"
+    data.mkdir()
+    (data / "auth.db").write_bytes(b"")
+    os.chmod(str(data), 0o755)          # root's, as a bind mount made by Docker would be
+    for args in (["serve"], ["adduser", "bob"], ["lsuser"]):
+        proc = subprocess.run(["runuser", "-u", "nobody", "--", "env", "SYNC_BASE=%s" % data,
+                               python, script] + args, capture_output=True, text=True,
+                              timeout=30, input="pw\n")
+        assert proc.returncode != 0, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "cannot write" in lines[0] and "uid 0" in lines[0] and "chown" in lines[0]
+    shutil.rmtree(shared)
+
+
+def test_a_user_named_jose_from_the_environment_syncs_and_passwd_says_where_it_comes_from(
+        start_server, make_device, tmp_path):
+    srv = start_server(env={"SYNC_USER2": "José:contraseña"})
+    laptop = make_device("modern", "laptop", user="José", password="contraseña", on=srv)
+    laptop.do("add_notes", deck="Default", prefix="palabra", count=3)
+    first_upload(laptop)
+    # NFD, and another case: the same user, the same folder.
+    phone = make_device("modern", "phone", user=unicodedata.normalize("NFD", "JOSÉ"),
+                        password="contraseña", on=srv)
+    join_by_download(phone)
+    assert_same(laptop, phone)
+    assert os.path.exists(os.path.join(srv.base, "José", "collection.anki2"))
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ankisync.py"), "passwd", "josé"],
+                          env=dict(os.environ, SYNC_BASE=srv.base), input="nueva\n",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "SYNC_USER" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_damaged_media_db_is_made_again_from_the_files_and_devices_sync_on(server,
+                                                                           make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="word", count=2)
+    first_upload(laptop)
+    laptop.do("write_media", files=[["a.jpg", 3000, 1], ["b.mp3", 5000, 2]])
+    laptop.sync_media()
+    server.stop()
+    with open(os.path.join(server.base, USER, "media.db"), "wb") as f:
+        f.write(b"not a database" * 100)
+    for side in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(server.base, USER, "media.db" + side))
+    server.start()
+    phone = make_device("modern", "phone")
+    join_by_download(phone)
+    phone.sync_media()
+    assert phone.media_files() == laptop.media_files()
+    laptop.do("write_media", files=[["c.jpg", 2000, 3]])
+    laptop.sync_media()
+    phone.sync_media()
+    assert phone.media_files() == laptop.media_files() and len(phone.media_files()) == 3
+    assert "media.db was damaged" in server.log_tail(300)
