@@ -4291,3 +4291,23 @@ def test_a_damaged_media_db_is_made_again_from_the_files_and_devices_sync_on(ser
     phone.sync_media()
     assert phone.media_files() == laptop.media_files() and len(phone.media_files()) == 3
     assert "media.db was damaged" in server.log_tail(300)
+
+
+def test_on_a_small_disk_a_collection_is_stored_once_and_downloads_work(small_disk,
+                                                                         start_server,
+                                                                         make_device):
+    """A collection of a third of the disk: its schema-18 copy is not kept, and a full
+    download streams the file itself, needing no room for a copy."""
+    srv = start_server(env={"SYNC_BASE": os.path.join(small_disk, "data")})
+    laptop = make_device("modern", "laptop", on=srv)
+    rng = random.Random(5)
+    fronts = ["".join(rng.choice("abcdefghij klmnop") for _ in range(2000))
+              for _ in range(2000)]
+    laptop.do("add_notes_with_fronts", deck="Default", fronts=fronts)
+    first_upload(laptop)
+    folder = os.path.join(srv.base, USER)
+    assert not os.path.exists(os.path.join(folder, "collection.schema18.anki2"))
+    fill(small_disk, leave=256 * 1024)
+    phone = make_device("modern", "phone", on=srv)
+    join_by_download(phone)
+    assert_same(laptop, phone)
