@@ -4266,6 +4266,10 @@ def test_a_user_named_jose_from_the_environment_syncs_and_passwd_says_where_it_c
                           env=dict(os.environ, SYNC_BASE=srv.base), input="nueva\n",
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "SYNC_USER" in proc.stdout, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ankisync.py"), "deluser", "JOSÉ"],
+                          env=dict(os.environ, SYNC_BASE=srv.base), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "SYNC_USER" in proc.stdout and "José" in proc.stdout
 
 
 def test_a_damaged_media_db_is_made_again_from_the_files_and_devices_sync_on(server,
