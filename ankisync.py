@@ -5573,20 +5573,28 @@ class Server(ThreadingHTTPServer):
         next_sweep = time.monotonic() + poll_interval
         while self.running:
             for key, _ in self.selector.select(poll_interval):
-                if key.data == "accept":
-                    self.accept()
-                elif key.data == "wake":
-                    self.take_back()
-                elif key.data.state in ("hello", "handshake") and self.tls is not None:
-                    self.on_hello(key.data)
-                elif key.data.state == "linger":
-                    self.on_linger(key.data)
-                else:
-                    self.on_read(key.data)
+                try:
+                    self.on_event(key.data)
+                except Exception:           # a fault of ours: that connection, not the server
+                    log.exception("listener error on %s", key.data)
+                    if isinstance(key.data, Connection):
+                        self.close(key.data)
             now = time.monotonic()
             if now >= next_sweep:
                 self.sweep(now)
                 next_sweep = now + poll_interval
+
+    def on_event(self, what):
+        if what == "accept":
+            self.accept()
+        elif what == "wake":
+            self.take_back()
+        elif what.state in ("hello", "handshake") and self.tls is not None:
+            self.on_hello(what)
+        elif what.state == "linger":
+            self.on_linger(what)
+        else:
+            self.on_read(what)
 
     def shutdown(self):
         self.running = False
@@ -5639,11 +5647,9 @@ class Server(ThreadingHTTPServer):
         conn = Connection(sock, address, time.monotonic())
         self.connections.add(conn)
         self.per_address[peer] = self.per_address.get(peer, 0) + 1
+        self.listen_to(conn)
         if self.tls is None:
             self.on_read(conn)      # the request has often come with the connection
-        if conn in self.connections and conn.state not in ("busy", "linger") and \
-                not conn.registered:
-            self.listen_to(conn)
 
     def evict(self, peer=None):
         """Close the connection (of `peer`, or of anyone) that has waited longest,
@@ -5757,8 +5763,8 @@ class Server(ThreadingHTTPServer):
         would cost a third of a small request. Anything less goes back to wait."""
         conn.state, conn.head = "idle", None
         if not conn.buffer:
-            conn.sock.settimeout(HOT_WAIT)
             try:
+                conn.sock.settimeout(HOT_WAIT)
                 data = conn.sock.recv(HEAD_MAX)
             except (socket.timeout, ssl.SSLWantReadError):
                 return False
