@@ -2196,7 +2196,7 @@ def unicase_collate(a, b):
     return (a > b) - (a < b)
 
 
-# --- JSON as the official writer formats it (SCHEMA.md 1.8) -----------------
+# --- JSON as the official writer formats it (docs/SCHEMA.md 1.8) -----------------
 
 def _reject_constant(name):
     # Python accepts NaN/Infinity tokens; the official parser does not.
@@ -2280,7 +2280,7 @@ def f32_scaled_to_int(x, scale, maximum):
     return int(product)
 
 
-# --- protobuf wire reader (SCHEMA.md 6) ---------------------------------------
+# --- protobuf wire reader (docs/SCHEMA.md 6) ---------------------------------------
 
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
@@ -2458,7 +2458,7 @@ def pb_uint32s(fields, number):
     return result
 
 
-# --- the "other" extras (SCHEMA.md 4.1) ---------------------------------------
+# --- the "other" extras (docs/SCHEMA.md 4.1) ---------------------------------------
 
 NOTETYPE_RESERVED = frozenset((
     "latexPost", "flds", "css", "originalStockKind", "originalId", "id", "usn",
@@ -2508,7 +2508,7 @@ def extras(obj, reserved):
     return {key: value for key, value in obj.items() if key not in reserved}
 
 
-# --- note types (SCHEMA.md 4.2) -----------------------------------------------
+# --- note types (docs/SCHEMA.md 4.2) -----------------------------------------------
 
 NOTETYPE_KIND_CLOZE = 1
 REQUIREMENT_KINDS = {0: "none", 1: "any", 2: "all"}  # unknown -> "none"
@@ -2517,7 +2517,7 @@ BROWSER_FONT_SIZE_MASK = 0xFF  # bsize is u8 in Rust
 
 
 # In the *_to_legacy functions below, the numbers are protobuf field numbers;
-# each function follows its message's table in SCHEMA.md 4.2-4.4 row by row.
+# each function follows its message's table in docs/SCHEMA.md 4.2-4.4 row by row.
 
 def card_requirement_to_legacy(req):
     return [
@@ -2598,7 +2598,7 @@ def notetype_to_legacy(row, fields, templates):
     return notetype
 
 
-# --- decks (SCHEMA.md 4.3) ------------------------------------------------------
+# --- decks (docs/SCHEMA.md 4.3) ------------------------------------------------------
 
 DECK_KIND_NORMAL = 1
 DECK_KIND_FILTERED = 2
@@ -2701,7 +2701,7 @@ def filtered_deck_keys(filtered):
     }
 
 
-# --- deck config (SCHEMA.md 4.4) ------------------------------------------------
+# --- deck config (docs/SCHEMA.md 4.4) ------------------------------------------------
 
 # Field number -> (lowest, highest, default): the official reader replaces an
 # out-of-range value by the default before mapping. Float bounds are singles.
@@ -2831,7 +2831,7 @@ def deck_config_to_legacy(row):
     return conf
 
 
-# --- the 18 -> 11 downgrade (SCHEMA.md 4.9, steps 5-14) ---------------------------
+# --- the 18 -> 11 downgrade (docs/SCHEMA.md 4.9, steps 5-14) ---------------------------
 
 SCHEMA11_GRAVES = """CREATE TABLE graves (
   usn integer NOT NULL,
@@ -2924,7 +2924,7 @@ def downgrade_to_schema11(conn):
     conn.execute("PRAGMA journal_mode = delete")
 
 
-# --- validating schema-11 JSON (SCHEMA.md 5.3) ------------------------------------
+# --- validating schema-11 JSON (docs/SCHEMA.md 5.3) ------------------------------------
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -3066,7 +3066,7 @@ def check_schema11(conn):
         check_notetype(what, notetype)
 
 
-# --- a brand-new collection (SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
+# --- a brand-new collection (docs/SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
 
 SCHEMA11_DDL = """CREATE TABLE col (
   id integer PRIMARY KEY,
@@ -3215,7 +3215,7 @@ def default_deck_config():
     }
 
 
-# The stock note types' texts (SCHEMA.md 2.2).
+# The stock note types' texts (docs/SCHEMA.md 2.2).
 LATEX_PRE = (
     "\\documentclass[12pt]{article}\n"
     "\\special{papersize=3in,5in}\n"
@@ -3685,7 +3685,7 @@ class CollectionReader:
 
 # ---------------------------------------------------------------------------
 # Collection sync
-#   The collection methods by their wire names (PROTOCOL.md section 3 and 5).
+#   The collection methods by their wire names (docs/PROTOCOL.md section 3 and 5).
 #   A normal sync is one SQLite transaction, begun at `start` and committed at
 #   `finish`; anything else rolls it back.
 # ---------------------------------------------------------------------------
@@ -3725,7 +3725,7 @@ HTML_MARKUP = re.compile(r"<!--.*?-->|<style\b.*?>.*?</style>|<script\b.*?>.*?</
 
 
 def strip_html_keep_media(text):
-    """The text Anki sorts and checksums a field by (PROTOCOL.md appendix D)."""
+    """The text Anki sorts and checksums a field by (docs/PROTOCOL.md appendix D)."""
     if "<" not in text and "&" not in text:
         return text
     if "<" in text:
@@ -4521,7 +4521,7 @@ class MediaStore:
 
 
 class MediaSync:
-    """One user's media methods, by their wire names (PROTOCOL.md section 6)."""
+    """One user's media methods, by their wire names (docs/PROTOCOL.md section 6)."""
 
     def __init__(self, store, app):
         self.store = store
