@@ -102,7 +102,7 @@ MULTIPART_HEADER_MAX = 8 * 1024     # part headers are one or two short lines
 MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
-HOST_KEYS_PER_USER = 50             # logins remembered per user; older devices log in again
+KEY_CACHE_MAX = 5000                # host keys known in memory; past it the cache starts afresh
 HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password; a larger body is no login
 UNAUTHENTICATED_HOLD = 64 * 1024    # form bytes kept in memory, not on disk, till its key is seen
 TRUSTED_ADDRESS_SECONDS = 3600      # an address that showed a valid key may send big forms so long
@@ -484,13 +484,19 @@ class UserStore:
         row = self.find(name)
         return row[2] if row else None
 
-    def add(self, name, password=None, phc=None, source="cli"):
+    def check_new(self, name):
+        """The stored form of a name no user has yet, or ValueError naming the way out."""
         name = normalize_username(name)
+        row = self.find(name)
+        if row is not None:
+            raise ValueError("user %r already exists: use `passwd %s` to change the password"
+                             % (row[0], name))
+        return name
+
+    def add(self, name, password=None, phc=None, source="cli"):
+        name = self.check_new(name)
         phc = phc or hash_password(password)
         with self.connect() as db:
-            if self.find(name) is not None:
-                raise ValueError("user %r already exists: use `passwd %s` to change the password"
-                                 % (self.find(name)[0], name))
             db.execute("insert into users (name, hash, created, fold, source) values "
                        "(?, ?, ?, ?, ?)", (name, phc, int(time.time()), name_fold(name), source))
             self._store_key(db, name, phc)
@@ -547,7 +553,7 @@ class UserStore:
             row = db.execute("select name from hostkeys where hkey=?", (digest,)).fetchone()
         if row is None:
             return None
-        if len(self.key_cache) >= HOST_KEYS_PER_USER * 100:
+        if len(self.key_cache) >= KEY_CACHE_MAX:
             self.key_cache.clear()      # a cache, not a store: every entry is a query away
         self.key_cache[digest] = (row[0], now + KEY_CACHE_SECONDS)
         return row[0]
@@ -5502,10 +5508,15 @@ class Workers:
 
 def release_memory():
     """Hand freed heap back to the system: glibc keeps it for the threads that are gone."""
+    glibc_call("malloc_trim", 0)
+
+
+def glibc_call(name, *args):
+    """A glibc malloc tuning call; elsewhere (macOS, musl, Windows) nothing to tune."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        getattr(ctypes.CDLL(None), name)(*args)
     except (OSError, AttributeError, TypeError):
-        pass        # not glibc: nothing to do
+        pass
 
 
 def raise_fd_limit():
@@ -5922,10 +5933,7 @@ def read_password(name, stdin=None):
 
 def command_adduser(config, args):
     users = UserStore(config.data)
-    name = normalize_username(args.name)
-    if users.exists(name):
-        raise ValueError("user %r already exists: use `passwd %s` to change the password"
-                         % (users.canonical(name), name))
+    name = users.check_new(args.name)        # before asking for a password in vain
     users.add(name, read_password(name))
     print("added user %s; their collection will live in %s"
           % (name, os.path.join(config.data, folder_name(name))))
@@ -5966,10 +5974,7 @@ def command_lsuser(config, args):
 
 def limit_malloc_arenas():
     """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
-    try:
-        ctypes.CDLL(None).mallopt(GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
-    except (OSError, AttributeError, TypeError):
-        pass        # not glibc (macOS, musl, Windows): nothing to tune
+    glibc_call("mallopt", GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
 
 
 def command_serve(config, args):
