@@ -12,10 +12,17 @@ address for each client generation):
     Anki 2.1.57+, AnkiDroid 2.16+, AnkiMobile    http://HOST:27701/
     Anki 2.1.28 - 2.1.56                         SYNC_ENDPOINT=http://HOST:27701/sync/
                                                  SYNC_ENDPOINT_MEDIA=http://HOST:27701/msync/
-    Anki up to 2.1.27                            an add-on that sets anki.sync.SYNC_BASE
-                                                 = "http://HOST:27701/%s"
-    AnkiDroid up to 2.15                         sync URL http://HOST:27701/
-                                                 media URL http://HOST:27701/msync/
+    Anki 2.1.22 - 2.1.26 (an add-on)             import anki.sync, aqt.mediasync
+                                                 anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE
+                                                     = "http://HOST:27701/%s"
+    Anki 2.1.0 - 2.1.21 (an add-on)              import anki.sync
+                                                 anki.sync.SYNC_BASE = "http://HOST:27701/%s"
+    Anki 2.0 (an add-on)                         import anki.sync
+                                                 anki.sync.SYNC_BASE = "http://HOST:27701/"
+                                                 anki.sync.SYNC_MEDIA_BASE
+                                                     = "http://HOST:27701/msync/"
+    AnkiDroid up to 2.15                         Sync url http://HOST:27701/
+                                                 Media sync url http://HOST:27701/msync/
 
 Both protocol generations are spoken: the modern one (sync version 11: an
 ``anki-sync`` header and zstd bodies) and the legacy one (versions 8 to 10:
@@ -86,6 +93,8 @@ MIB = 1024 * 1024
 
 DEFAULT_PORT = 27701                # the port Anki's community servers settled on
 MIN_SYNC_VERSION = 8                # the oldest sync protocol the official server accepts
+V2_SCHEDULER_SYNC_VERSION = 9       # Anki 2.1.0, AnkiDroid 2.9: the v2 scheduler is known
+V2_TIMEZONE_SYNC_VERSION = 10       # Anki 2.1.22, AnkiDroid 2.15: days counted by creationOffset
 MAX_SYNC_VERSION = 11               # the newest protocol there is (Anki 2.1.57 to 26.x)
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
@@ -158,6 +167,20 @@ MEDIA_NAME_MAX_BYTES = 255          # longest file name in UTF-8 (official)
 
 UPLOAD_CORRUPT = "Your upload was corrupt. Please use Check Database, or restore from backup."
 UPLOAD_TOO_LARGE = "collection exceeds size limit"
+# What an old client shows instead of syncing a collection it would damage: Anki 2.0 and
+# 2.1 in a text window, AnkiDroid in its "Sync error" dialog (the official server says only
+# that the client does not support it).
+OLD_SCHEDULER_CLIENT = (
+    "This collection uses the v2 scheduler, which Anki 2.0 and AnkiDroid 2.8 and older do not "
+    "know: they would schedule its cards wrongly. Update this device (Anki 2.1, AnkiDroid 2.9 "
+    "or later) to keep syncing it.")
+OLD_TIMEZONE_CLIENT = (
+    "This collection uses the new timezone handling: Anki 2.1.21 and older and AnkiDroid 2.14 "
+    "and older cannot sync it without moving cards' due days. Update this device (Anki 2.1.22, "
+    "AnkiDroid 2.15 or later), or on a computer with Anki 2.1.41 to 2.1.66 tick \"Legacy "
+    "timezone handling\" in Preferences (on 2.1.22 to 2.1.40, untick \"New timezone "
+    "handling\"), sync there, then here.")
+
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
@@ -4185,6 +4208,24 @@ class UserLock:
         self.lock.release()
 
 
+def old_client_refusal(version, conf):
+    """Why a client of sync `version` must not sync a collection with this `conf`, or "".
+
+    The official server's rules (rslib sync/collection/meta.rs): the v2 scheduler needs
+    version 9, the new timezone handling (a creationOffset) version 10."""
+    try:
+        conf = json.loads(conf)
+    except ValueError:
+        conf = None
+    if not isinstance(conf, dict):
+        conf = {}
+    if conf.get("schedVer", 1) != 1 and version < V2_SCHEDULER_SYNC_VERSION:
+        return OLD_SCHEDULER_CLIENT
+    if conf.get("creationOffset") is not None and version < V2_TIMEZONE_SYNC_VERSION:
+        return OLD_TIMEZONE_CLIENT
+    return ""
+
+
 class CollectionSync:
     """One user's collection: the protocol methods and the sync session between them."""
 
@@ -4278,16 +4319,11 @@ class CollectionSync:
         if self.collection.size() > self.app.config.max_decompressed:
             # Too big to upload again: a moving scm makes clients offer a one-way sync.
             scm = now_ms()
-        cont, msg = True, ""
-        try:
-            sched_version = json.loads(conf).get("schedVer", 1)
-        except (ValueError, AttributeError):
-            sched_version = 1
-        if sched_version == 2 and version < 9:
-            cont, msg = False, "Your client does not support the v2 scheduler"
+        # An empty collection is about to be replaced by the device's own: nothing to damage.
+        msg = "" if empty else old_client_refusal(version, conf)
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
-            "cont": cont, "hostNum": 0, "empty": empty,
+            "cont": not msg, "hostNum": 0, "empty": empty,
             "media_usn": self.app.media_for(req.user).last_usn(),
             "uname": req.user,
         })
@@ -5073,11 +5109,20 @@ class SyncApp:
             ("Anki 2.1.28 to 2.1.56",
              "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
              "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
-            ("Anki 2.1.27 and older",
-             "an add-on that sets <code>anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
+            ("Anki 2.1.22 to 2.1.26",
+             "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync, "
+             "aqt.mediasync; anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE = \"%s%%s\"</code>"
+             % base),
+            ("Anki 2.1.0 to 2.1.21",
+             "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync; "
+             "anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
+            ("Anki 2.0",
+             "an add-on (<code>addons/custom_sync.py</code>): <code>import anki.sync; "
+             "anki.sync.SYNC_BASE = \"%s\"; anki.sync.SYNC_MEDIA_BASE = \"%smsync/\"</code>"
+             % (base, base)),
             ("AnkiDroid 2.15 and older",
-             "Settings &rarr; Advanced &rarr; Custom sync server: sync URL <code>%s</code>, "
-             "media URL <code>%smsync/</code>" % (base, base)),
+             "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
+             "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
         ]
         items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
         return ("""<!doctype html>

@@ -1223,6 +1223,8 @@ def test_old_2_1_26_desktop_uploads_and_keeps_syncing_with_modern_laptop(make_de
 # =====================================================================================
 
 import base64  # noqa: E402
+import gzip  # noqa: E402
+import html  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
@@ -1320,7 +1322,13 @@ def test_every_traced_multipart_body_parses_at_any_split(step, tmp_path):
         boundary = re.search(r"boundary=(\S+)", content_type).group(1)
         spool = ankisync.Spool(str(tmp_path), 10**9)
         fields = ankisync.MultipartParser(split_reader(raw, step), boundary, spool).parse()
-        expected = exchange["request"]["multipart_fields"]
+        expected = dict(exchange["request"]["multipart_fields"])
+        if not raw.rstrip().endswith(b"--"):
+            # Anki 2.0 writes no closing boundary; the recorder dropped that last part.
+            last = raw.rsplit(b"--" + boundary.encode(), 1)[1]
+            part, value = re.match(rb'\r\n.*name="(\w+)"\r\n\r\n(.*)\r\n$', last,
+                                   re.S).groups()
+            expected[part.decode()] = value.decode()
         assert set(fields) == set(expected), name
         for key, value in expected.items():
             if key != "data":
@@ -1395,6 +1403,192 @@ def test_every_traced_request_decodes_to_what_the_client_sent(app, monkeypatch):
     assert checked > 100
 
 
+# --- the seed's devices: Anki 2.0 (v8) and Anki 2.1.4 (v9), replayed ---------------------
+# Neither client installs from the package index any more: their real requests, recorded on
+# loopback (testdata/traces/README.md), are sent again byte for byte.
+
+
+class RecordedStory:
+    """The requests two old devices of one user really sent, replayed in order to a live
+    server. Host keys differ between servers: each recorded key is swapped for the live one,
+    learnt when the recorded hostKey is replayed. The recorded answers are one server's (the
+    official one for v9, ankisync 0.1.0 for v8); they are compared where they do not depend
+    on the clock."""
+
+    def __init__(self, server, folder):
+        self.server = server
+        self.trace = {name[len(folder) + 1:-len(".json")]: exchange
+                      for name, exchange in traced_exchanges() if name.startswith(folder + "/")}
+        self.keys = {}
+
+    def names(self, first="", last="~"):
+        return sorted(name for name in self.trace if first <= name <= last)
+
+    def send(self, name, path=None, body=None):
+        """Replay request `name` (e.g. "009-meta"), to another path or with another body."""
+        request = self.trace[name]["request"]
+        raw = base64.b64decode(request["body_b64"]) if body is None else body
+        path = path or request["path"]
+        for recorded, live in self.keys.items():
+            raw, path = raw.replace(recorded.encode(), live.encode()), path.replace(recorded, live)
+        headers = {k: v for k, v in request["headers"]
+                   if k.lower() not in ("host", "content-length")}
+        status, _, answer = post(self.server, path, raw, headers, method=request["method"])
+        if name.endswith("hostKey") and status == 200:
+            self.keys[self.trace[name]["response"]["json"]["key"]] = json.loads(answer)["key"]
+        return status, answer
+
+    def meta(self, name):
+        status, answer = self.send(name)
+        assert status == 200, answer
+        return json.loads(answer)
+
+    def collection_in(self, name):
+        """The collection file a recorded upload carried."""
+        raw = base64.b64decode(self.trace[name]["request"]["body_b64"])
+        part = raw.split(b"Content-Type: application/octet-stream\r\n\r\n", 1)[1]
+        return gzip.decompress(part.rsplit(b"\r\n--Anki-sync-boundary", 1)[0])
+
+    def upload_as(self, like, collection):
+        """A full upload in the form this client writes: the short fields of request
+        `like`, then the gzipped file and, this time, the closing boundary."""
+        fields = self.trace[like]["request"]["multipart_fields"]
+        body = b"".join(b'--Anki-sync-boundary\r\nContent-Disposition: form-data; '
+                        b'name="%s"\r\n\r\n%s\r\n' % (k.encode(), v.encode())
+                        for k, v in fields.items() if k != "data")
+        body += (b'--Anki-sync-boundary\r\nContent-Disposition: form-data; name="data"; '
+                 b'filename="data"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                 + gzip.compress(collection) + b"\r\n--Anki-sync-boundary--\r\n")
+        return self.send(like, "/sync/upload", body)
+
+    def replay(self, names):
+        """Send each request in turn and check each answer against the recorded one;
+        returns the answers by name."""
+        answers = {}
+        for name in names:
+            status, answer = answers[name] = self.send(name)
+            recorded = self.trace[name]["response"]
+            assert status == recorded["status"] == 200, (name, answer[:300])
+            method = name.split("-", 1)[1]
+            if method in ("hostKey", "upload", "download", "downloadFiles", "finish"):
+                continue            # keys, files and the server's clock: checked by the story
+            got, expected = json.loads(answer), recorded["json"]
+            if method == "meta":
+                for field in ("usn", "empty", "media_usn", "cont", "msg"):
+                    assert got[field] == expected[field], (name, field)
+            elif method == "begin":
+                assert got["data"]["usn"] == expected["data"]["usn"], name
+            elif method == "chunk":
+                # The official server sends rows in another order, and cards' data as "{}".
+                for table in ("revlog", "cards", "notes"):
+                    assert (sorted(row[0] for row in got.get(table, []))
+                            == sorted(row[0] for row in expected.get(table, []))), (name, table)
+                assert got["done"] == expected["done"], name
+            else:
+                assert got == expected, name
+        return answers
+
+
+def collection_rows(data, tmp_path):
+    """What a collection file holds (notes, cards, reviews, settings), to compare copies."""
+    path = str(tmp_path / ("copy-%d.anki2" % random.randrange(10**9)))
+    with open(path, "wb") as f:
+        f.write(data)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = {table: db.execute("select * from %s order by id" % table).fetchall()
+                for table in ("notes", "cards", "revlog")}
+        rows["conf"] = json.loads(db.execute("select conf from col").fetchone()[0])
+    return rows
+
+
+@pytest.fixture
+def old_server(tmp_path):
+    """An ankisync with the users the recorded devices log in as."""
+    srv = SyncServer("ankisync", str(tmp_path / "server-data"), [("u1", "pass"), ("u2", "pass")])
+    os.makedirs(srv.base)
+    srv.start()
+    yield srv
+    stop_and_report(srv)
+
+
+@pytest.mark.parametrize("version,conf,reason", [
+    (8, {}, ""),                                                    # no schedVer: v1
+    (8, {"schedVer": 1, "creationOffset": None}, ""),
+    (8, {"schedVer": 2, "creationOffset": None}, "v2 scheduler"),
+    (8, {"schedVer": 2, "creationOffset": 0}, "v2 scheduler"),      # the first reason wins
+    (9, {"schedVer": 2, "creationOffset": None}, ""),
+    (9, {"schedVer": 2, "creationOffset": 0}, "timezone"),          # UTC is an offset too
+    (9, {"schedVer": 1, "creationOffset": -60}, "timezone"),
+    (10, {"schedVer": 2, "creationOffset": 120}, ""),
+    (11, {"schedVer": 2, "creationOffset": 120}, ""),
+])
+def test_old_clients_are_refused_by_the_official_rules(version, conf, reason):
+    refusal = ankisync.old_client_refusal(version, json.dumps(conf))
+    assert (reason in refusal) if reason else refusal == ""
+
+
+def test_anki_2_0_starts_an_account_then_both_devices_sync_collection_and_media(old_server,
+                                                                              tmp_path):
+    """Anki 2.0.52 (sync v8, the protocol of AnkiDroid up to 2.8) on a new account. The
+    account's empty collection is v2-scheduler, which 2.0 cannot use, but the device is
+    about to upload its own: it is let through. Then the recorded story of 2.0 and an
+    Anki 2.1.4 laptop, including 2.0's download, a form with no closing boundary."""
+    story = RecordedStory(old_server, "v8-anki2.0.52")
+    story.replay(["008-hostKey"])                                   # the 2.0 device logs in
+    meta = story.meta("009-meta")
+    assert meta["cont"] and meta["empty"] and meta["msg"] == ""
+
+    # It uploads its v1-scheduler collection (the one of the recording): kept as it is.
+    collection = story.collection_in("003-upload")
+    assert collection_rows(collection, tmp_path)["conf"].get("schedVer", 1) == 1
+    assert story.upload_as("010-download", collection) == (200, b"OK")
+
+    story.replay(["001-hostKey"] + story.names("004", "007"))      # the laptop adds media
+    answers = story.replay(story.names("008"))                      # and the story goes on
+    downloaded = answers["010-download"][1]
+    assert collection_rows(downloaded, tmp_path) == collection_rows(collection, tmp_path)
+    assert b"snd1.mp3" in answers["013-downloadFiles"][1]
+
+
+def test_anki_2_1_4_devices_sync_the_recorded_story_as_with_the_official_server(old_server,
+                                                                               tmp_path):
+    """Two Anki 2.1.4 devices (sync v9, the tutorial's version): full upload of 50 notes with
+    reviews and media, full download, then edits, deletions and media both ways. Every
+    answer matches the official server's in the recording."""
+    story = RecordedStory(old_server, "v9-anki2.1.4")
+    answers = story.replay(story.names())
+    collection = story.collection_in("003-upload")
+    assert collection_rows(answers["010-download"][1], tmp_path) == collection_rows(collection,
+                                                                                   tmp_path)
+    assert len(collection_rows(collection, tmp_path)["notes"]) == 50
+
+
+def test_old_devices_are_stopped_before_they_damage_a_newer_collection(old_server, tmp_path):
+    """A laptop with Anki 26.9 uploads: its collection has the v2 (v3) scheduler and the new
+    timezone handling. Anki 2.0 would schedule it with v1 rules, Anki 2.1.4 would move due
+    days: both are told why they cannot sync and what to do, like the official server's
+    refusal but with the way out. Once the laptop turns on the legacy timezone handling,
+    the 2.1.4 device syncs again; 2.0 still cannot."""
+    laptop = ModernDevice("laptop", str(tmp_path / "laptop"), old_server, "u2", "pass")
+    try:
+        laptop.do("build_sample")
+        first_upload(laptop)
+        story = RecordedStory(old_server, "v8-anki2.0.52")
+        story.replay(["001-hostKey", "008-hostKey"])                # both old devices log in
+        old_laptop = story.meta("002-meta")                          # Anki 2.1.4, v9
+        assert not old_laptop["cont"]
+        assert "timezone" in old_laptop["msg"] and "Legacy timezone" in old_laptop["msg"]
+        old_phone = story.meta("009-meta")                           # Anki 2.0.52, v8
+        assert not old_phone["cont"] and "v2 scheduler" in old_phone["msg"]
+
+        laptop.col.set_config("creationOffset", None)
+        assert laptop.sync() == "normal_sync"
+        assert story.meta("002-meta")["cont"]
+        assert not story.meta("009-meta")["cont"]
+    finally:
+        laptop.close()
+
+
 @pytest.mark.parametrize("path,expected", [
     ("/sync/meta", ("sync", "meta")),
     ("/msync//begin", ("msync", "begin")),
@@ -1462,7 +1656,6 @@ def legacy(server, method, fields, data=None, area="sync", gzip_data=True, data_
            source=None):
     """A legacy form: the short fields, then `data` (before them with data_first, as
     Anki 2.1.50+ sends it)."""
-    import gzip
     parts = [b'--BB\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
              % (name.encode(), value.encode()) for name, value in fields.items()]
     if data is not None:
@@ -1634,6 +1827,25 @@ def test_the_front_page_tells_each_client_its_address(server):
         assert address in page
     status, _, page = post(server, "/", method="GET", headers={"Host": "<script>x</script>"})
     assert b"<script>x" not in page
+
+
+CLIENT_LINES = [      # what each generation's own code reads (README, "Setting up the clients")
+    "SYNC_ENDPOINT=http://HOST:27701/sync/", "SYNC_ENDPOINT_MEDIA=http://HOST:27701/msync/",
+    "aqt.mediasync.SYNC_BASE", '"http://HOST:27701/%s"',            # Anki 2.1.22 - 2.1.26
+    'SYNC_BASE = "http://HOST:27701/"', 'SYNC_MEDIA_BASE', '"http://HOST:27701/msync/"',  # 2.0
+    "Sync url", "Media sync url",                                   # AnkiDroid up to 2.15
+]
+
+
+def test_readme_front_page_and_docstring_give_each_client_the_same_lines(server):
+    status, _, page = post(server, "/", method="GET", headers={"Host": "HOST:27701"})
+    page = html.unescape(page.decode())
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    docstring = " ".join(ankisync.__doc__.split())
+    for line in CLIENT_LINES:
+        assert line in readme and line in page, line
+        assert line in docstring, line
 
 
 # --- the command line ---------------------------------------------------------------
