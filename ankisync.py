@@ -48,6 +48,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime
+import difflib
 import errno
 import getpass
 import hashlib
@@ -71,6 +72,7 @@ import stat
 import struct
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unicodedata
@@ -92,6 +94,7 @@ log = logging.getLogger("ankisync")
 MIB = 1024 * 1024
 
 DEFAULT_PORT = 27701                # the port Anki's community servers settled on
+ZSTD_BACKENDS = ("stdlib", "libzstd", "python")    # best first: see appendix A
 MIN_SYNC_VERSION = 8                # the oldest sync protocol the official server accepts
 V2_SCHEDULER_SYNC_VERSION = 9       # Anki 2.1.0, AnkiDroid 2.9: the v2 scheduler is known
 V2_TIMEZONE_SYNC_VERSION = 10       # Anki 2.1.22, AnkiDroid 2.15: days counted by creationOffset
@@ -220,27 +223,130 @@ class CorruptCollection(SyncError):
 
 # ---------------------------------------------------------------------------
 # Configuration
-#   ankisync.ini, then the official server's environment variables on top, so
-#   ankisync drops in where `python -m anki.syncserver` ran.
+#   One table of options: the ini file, its comments and the README's table are
+#   made from it. ankisync.ini is read first, then the official server's
+#   environment variables on top, so ankisync drops in where
+#   `python -m anki.syncserver` ran.
 # ---------------------------------------------------------------------------
 
+class Option:
+    """One setting: its ini name, default, parser, the environment variable that overrides
+    it, the README's summary of it and the ini's comment on it."""
+
+    def __init__(self, name, default, summary, comment, parse=str, env=None, choices=()):
+        self.name, self.default, self.summary = name, default, summary
+        self.comment, self.parse, self.env, self.choices = comment, parse, env, choices
+
+    def read(self, text, where):
+        """The value `text` (from the ini or the environment) gives, or a one-line error."""
+        text = text.strip()
+        if not text:
+            return self.default
+        try:
+            value = self.parse(text)
+        except ValueError:
+            raise SystemExit("ankisync: %s: %s takes a number, not %r" % (where, self.name, text))
+        if self.choices and value not in self.choices:
+            raise SystemExit("ankisync: %s: %s is one of %s, not %r"
+                             % (where, self.name, ", ".join(self.choices), text))
+        return value
+
+
+OPTIONS = (
+    Option("host", "0.0.0.0", "address to listen on", """
+        Address to listen on. 0.0.0.0 reaches the server from phones and other computers
+        on your network; 127.0.0.1 keeps it to this machine (behind a reverse proxy).""",
+           env="SYNC_HOST"),
+    Option("port", DEFAULT_PORT, "port", """
+        Port to listen on. 27701 is the port Anki sync servers have used for years.""",
+           parse=int, env="SYNC_PORT"),
+    Option("data", "ankisync-data", "data folder, relative to the ini file", """
+        Where users' collections, media and auth.db live: <data>/<user>/collection.anki2.
+        The same layout as Anki's own sync server, so the folder can move between the two.""",
+           env="SYNC_BASE"),
+    Option("base_path", "/", "path prefix behind a reverse proxy", """
+        Path prefix when a reverse proxy serves ankisync below a path, e.g. /anki/ for
+        https://example.com/anki/. Clients then use https://example.com/anki/ (with the slash)."""),
+    Option("max_payload_mb", DEFAULT_MAX_PAYLOAD_MB,
+           "largest request body (MiB on the wire; 3× that decompressed)", """
+        Largest request body, in MiB, as sent on the wire. Decompressed bodies may be 3x
+        this (collections compress well). 100 is the official server's default and lets
+        through collections of up to 300 MiB. Raise it for bigger collections.
+        (A modern client's upload is also kept in its own schema-18 form, which makes the
+        next modern download faster, but only while ten times its size stays free on the
+        disk: on a small disk the collection is stored once.)""",
+           parse=int, env="MAX_SYNC_PAYLOAD_MEGS"),
+    Option("session_timeout", SESSION_TIMEOUT, "seconds before an abandoned sync is rolled back",
+           """
+        Seconds a sync may sit idle before its changes are rolled back (a phone that lost
+        its connection mid-sync). Clients send requests every few seconds while syncing.""",
+           parse=int),
+    Option("log_level", "INFO", "one line per request at INFO", """
+        DEBUG, INFO, WARNING or ERROR. INFO logs one line per request.""",
+           parse=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+    Option("zstd", "auto", "`stdlib`, `libzstd` or `python` to force a backend", """
+        zstd backend: auto picks compression.zstd (Python 3.14+), then the system libzstd,
+        then the pure-Python decoder (slow for big uploads, but needs nothing installed).
+        Force one with stdlib, libzstd or python when troubleshooting.""",
+           parse=str.lower, env="ANKISYNC_ZSTD", choices=("auto",) + ZSTD_BACKENDS),
+    Option("certfile", "", "serve HTTPS directly: the certificate chain (PEM)", """
+        HTTPS without a reverse proxy: a certificate chain and its key (PEM). Leave empty
+        for plain HTTP. Anki accepts only certificates it trusts (e.g. Let's Encrypt)."""),
+    Option("keyfile", "", "...and its key", ""),
+    Option("ip_header", "", "behind a proxy: the header with the client's address", """
+        Behind a reverse proxy every connection comes from the proxy: name the header in
+        which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
+        official server's SYNC_IP_HEADER values such as RightmostXForwardedFor), so failed
+        logins are throttled per client and the log shows who connected. Leave it empty
+        when clients connect directly: the header is then ignored, since anyone can send it.""",
+           env="SYNC_IP_HEADER"),
+    Option("max_connections", MAX_CONNECTIONS,
+           "open connections; past it the longest-waiting one is closed", """
+        Open connections at most. An idle or slow connection costs a socket and a small
+        buffer, never a thread; past this number a new connection closes the one that has
+        waited longest for a request. The open-files limit (ulimit -n) must be larger.""",
+           parse=int),
+    Option("max_connections_per_address", MAX_CONNECTIONS_PER_ADDRESS,
+           "one client address's share of them", """
+        One client address's share of them, so one address cannot crowd out the others.
+        A family or a class behind one router shares an address: each device uses one or
+        two connections while it syncs. Raise it for a large school behind one NAT. Not
+        applied with ip_header set: then every connection comes from the proxy.""",
+           parse=int),
+)
+
+
+def render_ini():
+    """ankisync.ini as shipped: every option, commented, with its default."""
+    overrides = ", ".join("%s (%s)" % (o.env, o.name) for o in OPTIONS if o.env)
+    lines = ["# ankisync configuration.", "#",
+             "# Every option is shown with its default. Relative paths are relative to this "
+             "file.",
+             "# The official server's environment variables override what is set here:"]
+    lines += ["#   " + line for line in textwrap.wrap(
+        overrides + ", SYNC_USER1=name:password, SYNC_USER2, ..., PASSWORDS_HASHED=1 "
+        "(SYNC_USERn then hold $pbkdf2-sha256$ PHC strings).", 84)]
+    lines += ["", "[server]"]
+    for option in OPTIONS:
+        comment = textwrap.dedent(option.comment).strip()
+        if comment:
+            lines += [""] * (lines[-1] != "[server]") + ["# " + l for l in comment.splitlines()]
+        lines.append(("%s = %s" % (option.name, option.default)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def readme_row(option):
+    """The option's line in the README's table."""
+    default = "`%s`" % option.default if option.default != "" else "empty"
+    return "| `%s` | %s | %s |" % (option.name, default, option.summary)
+
+
 class Config:
-    """Every setting the server reads, with its default."""
+    """Every setting the server reads: the options' values, and the users from SYNC_USERn."""
 
     def __init__(self):
-        self.host = "0.0.0.0"
-        self.port = DEFAULT_PORT
-        self.data = "ankisync-data"
-        self.base_path = "/"
-        self.max_payload_mb = DEFAULT_MAX_PAYLOAD_MB
-        self.session_timeout = SESSION_TIMEOUT
-        self.log_level = "INFO"
-        self.zstd = "auto"
-        self.certfile = ""
-        self.keyfile = ""
-        self.ip_header = ""          # behind a reverse proxy: the header with the client's address
-        self.max_connections = MAX_CONNECTIONS
-        self.max_connections_per_address = MAX_CONNECTIONS_PER_ADDRESS
+        for option in OPTIONS:
+            setattr(self, option.name, option.default)
         self.env_users = []          # (name, password or PHC hash) from SYNC_USERn
         self.passwords_hashed = False
         self.source = None           # the ini file read, if any
@@ -281,40 +387,20 @@ class Config:
             raise SystemExit("ankisync: cannot read %s: %s" % (path, str(e).splitlines()[0]))
         self.source = path
         section = parser["server"] if parser.has_section("server") else {}
-        try:
-            self.host = section.get("host", self.host).strip() or self.host
-            self.port = int(section.get("port", self.port))
-            self.data = section.get("data", self.data).strip() or self.data
-            self.base_path = section.get("base_path", self.base_path).strip() or "/"
-            self.max_payload_mb = int(section.get("max_payload_mb", self.max_payload_mb))
-            self.session_timeout = int(section.get("session_timeout", self.session_timeout))
-            self.log_level = section.get("log_level", self.log_level).strip().upper()
-            self.zstd = section.get("zstd", self.zstd).strip().lower() or "auto"
-            self.certfile = section.get("certfile", "").strip()
-            self.keyfile = section.get("keyfile", "").strip()
-            self.ip_header = section.get("ip_header", "").strip()
-            self.max_connections = int(section.get("max_connections", self.max_connections))
-            self.max_connections_per_address = int(section.get(
-                "max_connections_per_address", self.max_connections_per_address))
-        except ValueError as e:
-            raise SystemExit("ankisync: %s: a number is expected (%s)" % (path, e))
+        known = {option.name: option for option in OPTIONS}
+        for name in section:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, 1)
+                print("ankisync: %s: unknown option %r ignored%s" % (
+                    path, name, " (did you mean %s?)" % near[0] if near else ""), file=sys.stderr)
+        for option in OPTIONS:
+            if option.name in section:
+                setattr(self, option.name, option.read(section[option.name], path))
 
     def read_environ(self, environ):
-        try:
-            if environ.get("SYNC_BASE"):
-                self.data = environ["SYNC_BASE"]
-            if environ.get("SYNC_HOST"):
-                self.host = environ["SYNC_HOST"]
-            if environ.get("SYNC_PORT"):
-                self.port = int(environ["SYNC_PORT"])
-            if environ.get("MAX_SYNC_PAYLOAD_MEGS"):
-                self.max_payload_mb = int(environ["MAX_SYNC_PAYLOAD_MEGS"])
-        except ValueError as e:
-            raise SystemExit("ankisync: SYNC_PORT and MAX_SYNC_PAYLOAD_MEGS take numbers (%s)" % e)
-        if environ.get("SYNC_IP_HEADER"):
-            self.ip_header = environ["SYNC_IP_HEADER"].strip()
-        if environ.get("ANKISYNC_ZSTD"):
-            self.zstd = environ["ANKISYNC_ZSTD"].strip().lower()
+        for option in OPTIONS:
+            if option.env and environ.get(option.env):
+                setattr(self, option.name, option.read(environ[option.env], option.env))
         self.passwords_hashed = bool(environ.get("PASSWORDS_HASHED"))
         number = 1
         while environ.get("SYNC_USER%d" % number):
@@ -1016,7 +1102,6 @@ OUTPUT_CHUNK = 128 * 1024             # hand decoded output over this much at a 
 COMPRESSION_LEVEL = 3                 # zstd's default level: fast, good enough for sync payloads
 COMPRESSION_WORKERS = 2               # a 56 MB download compresses in 0.13 s instead of 0.18 s
 COMPRESSION_JOB = 1024 * 1024         # per worker job: the default (8 MB here) cost 55 MB of RSS
-BACKEND_NAMES = ("stdlib", "libzstd", "python")
 
 
 class ZstdError(ValueError):
@@ -2199,14 +2284,14 @@ def choose_zstd(preference=None):
     choice = (preference or "auto").strip().lower()
     loaders = {"stdlib": _load_stdlib, "libzstd": _load_libzstd, "python": _load_python}
     if choice == "auto":
-        for name in BACKEND_NAMES:
+        for name in ZSTD_BACKENDS:
             try:
                 return loaders[name]()
             except ZstdError:
                 continue
     if choice not in loaders:
         raise ZstdError("unknown zstd backend %r: use auto, %s"
-                        % (preference, ", ".join(BACKEND_NAMES)))
+                        % (preference, ", ".join(ZSTD_BACKENDS)))
     return loaders[choice]()
 
 
@@ -6145,23 +6230,49 @@ def install_sigterm():
         pass        # not the main thread (tests): nothing to install
 
 
+class Command:
+    """One subcommand: its name, the function that runs it, its help, its arguments."""
+
+    def __init__(self, name, run, summary, description, arguments=()):
+        self.name, self.run, self.summary = name, run, summary
+        self.description, self.arguments = description, arguments
+
+
+USER_NAME = (("name",), {"help": "the user's name, as typed at the client's login"})
+COMMANDS = (
+    Command("serve", command_serve, "run the sync server",
+            "Serve every user's collection and media until Ctrl-C or SIGTERM. With no users "
+            "yet, asks for the first one on a terminal."),
+    Command("adduser", command_adduser, "add a user (password from the terminal or stdin)",
+            "Add a user. The password is asked twice on a terminal, or read as one line "
+            "from stdin. Works while the server runs.", [USER_NAME]),
+    Command("passwd", command_passwd, "change a user's password and log out their devices",
+            "Change a user's password; each of their devices must log in again.",
+            [USER_NAME]),
+    Command("deluser", command_deluser, "remove a user and log out their devices",
+            "Remove a user. Their collection and media stay in the data folder unless "
+            "--delete-data is given.",
+            [USER_NAME, (("--delete-data",), {"action": "store_true",
+                                               "help": "also delete the collection and media"})]),
+    Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
+)
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="ankisync.py", description="A self-hosted Anki sync server in one file.")
-    parser.add_argument("--config", metavar="PATH",
-                        help="ini file (default: ankisync.ini beside this script, if present)")
+    config_help = "ini file (default: ankisync.ini beside this script, if present)"
+    parser.add_argument("--config", metavar="PATH", help=config_help)
     parser.add_argument("--version", action="version", version="ankisync " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="run the sync server")
-    for name, text in (("adduser", "add a user (password from the terminal or stdin)"),
-                       ("passwd", "change a user's password and log out their devices"),
-                       ("deluser", "remove a user and log out their devices")):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("name")
-        if name == "deluser":
-            sub.add_argument("--delete-data", action="store_true",
-                             help="also delete the user's collection and media")
-    commands.add_parser("lsuser", help="list the users")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.summary,
+                                    description=command.description)
+        # --config may also come after the command; SUPPRESS keeps one given before it.
+        sub.add_argument("--config", metavar="PATH", help=config_help,
+                         default=argparse.SUPPRESS)
+        for flags, options in command.arguments:
+            sub.add_argument(*flags, **options)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -6175,10 +6286,9 @@ def main(argv=None):
     config = Config.load(args.config)
     logging.basicConfig(level=getattr(logging, config.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(message)s")
-    command = {"serve": command_serve, "adduser": command_adduser, "passwd": command_passwd,
-               "deluser": command_deluser, "lsuser": command_lsuser}[args.command]
+    command = next(c for c in COMMANDS if c.name == args.command)
     try:
-        command(config, args)
+        command.run(config, args)
     except ValueError as e:
         raise SystemExit("ankisync: %s" % e)
     except ZstdError as e:

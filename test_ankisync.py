@@ -1859,6 +1859,18 @@ def cli(tmp_path, *args, stdin=""):
                           text=True, timeout=60)
 
 
+def test_config_may_follow_the_command_and_each_command_explains_itself(tmp_path):
+    assert cli(tmp_path, "adduser", "ana", stdin="pw\n").returncode == 0
+    script = os.path.join(HERE, "ankisync.py")
+    after = subprocess.run([sys.executable, script, "lsuser", "--config",
+                            str(tmp_path / "test.ini")], capture_output=True, text=True, timeout=60)
+    assert after.returncode == 0 and after.stdout.split() == ["ana"]
+    for command in ankisync.COMMANDS:
+        shown = subprocess.run([sys.executable, script, command.name, "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+        assert " ".join(command.description.split()[:4]) in " ".join(shown.split())
+
+
 def test_cli_manages_users(tmp_path):
     assert cli(tmp_path, "adduser", "alice", stdin="s3cret\n").returncode == 0
     assert cli(tmp_path, "adduser", "bob@example.com", stdin="pw\n").returncode == 0
@@ -1995,6 +2007,30 @@ def test_configuration_from_the_ini_and_the_official_servers_variables(tmp_path,
         ankisync.Config.load(str(ini), environ={"SYNC_USER1": "nocolon"})
     with pytest.raises(SystemExit, match="does not exist"):
         ankisync.Config.load(str(tmp_path / "missing.ini"), environ={})
+
+
+def test_a_mistyped_option_is_named_and_a_bad_value_refused(tmp_path, capsys):
+    ini = tmp_path / "server.ini"
+    ini.write_text("[server]\nprot = 8080\n")
+    assert ankisync.Config.load(str(ini), environ={}).port == ankisync.DEFAULT_PORT
+    assert "unknown option 'prot' ignored (did you mean port?)" in capsys.readouterr().err
+    for line, error in [("log_level = LOUD", "log_level is one of DEBUG, INFO"),
+                        ("port = eighty", "port takes a number"),
+                        ("zstd = fast", "zstd is one of auto, stdlib")]:
+        ini.write_text("[server]\n%s\n" % line)
+        with pytest.raises(SystemExit, match=error):
+            ankisync.Config.load(str(ini), environ={})
+    with pytest.raises(SystemExit, match="SYNC_PORT: port takes a number"):
+        ankisync.Config.load(None, environ={"SYNC_PORT": "x"})
+
+
+def test_the_ini_and_the_readme_show_every_option_with_its_default():
+    with open(os.path.join(HERE, "ankisync.ini")) as f:
+        assert f.read() == ankisync.render_ini()
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    for option in ankisync.OPTIONS:
+        assert ankisync.readme_row(option) in readme, option.name
 
 
 # --- crashes ------------------------------------------------------------------------
@@ -2908,7 +2944,7 @@ MB = 1000 * 1000
 
 def available_backends():
     backends = []
-    for name in ankisync.BACKEND_NAMES:
+    for name in ankisync.ZSTD_BACKENDS:
         try:
             backends.append(ankisync.choose_zstd(name))
         except ankisync.ZstdError:

@@ -47,7 +47,7 @@ def main():
     with open(path, "rb") as f:
         original = f.read()
     print("collection %.1f MB (%s), upload body %.1f MB" % (size / 1e6, path, len(body) / 1e6))
-    for name in ankisync.BACKEND_NAMES:
+    for name in ankisync.ZSTD_BACKENDS:
         try:
             backend = ankisync.choose_zstd(name)
         except ankisync.ZstdError as e:
