@@ -95,10 +95,6 @@ MIB = 1024 * 1024
 
 DEFAULT_PORT = 27701                # the port Anki's community servers settled on
 ZSTD_BACKENDS = ("stdlib", "libzstd", "python")    # best first: see appendix A
-MIN_SYNC_VERSION = 8                # the oldest sync protocol the official server accepts
-V2_SCHEDULER_SYNC_VERSION = 9       # Anki 2.1.0, AnkiDroid 2.9: the v2 scheduler is known
-V2_TIMEZONE_SYNC_VERSION = 10       # Anki 2.1.22, AnkiDroid 2.15: days counted by creationOffset
-MAX_SYNC_VERSION = 11               # the newest protocol there is (Anki 2.1.57 to 26.x)
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
 SESSION_TIMEOUT = 300               # seconds before a vanished client's sync is rolled back
@@ -219,6 +215,45 @@ class CorruptCollection(SyncError):
 
     def __init__(self, reason):
         super().__init__(400, reason)
+
+
+# ---------------------------------------------------------------------------
+# Protocol words
+#   The versions clients speak, every method by its wire name, and the request
+#   and the reply that carry them.
+# ---------------------------------------------------------------------------
+
+class SyncVersion:
+    """The sync protocol's versions, named as in rslib (sync/version.rs) by what each added."""
+
+    V08_SESSIONKEY = 8          # Anki 2.0, AnkiDroid 2.8: the oldest the official server takes
+    V09_V2_SCHEDULER = 9        # Anki 2.1.0, AnkiDroid 2.9: knows the v2 scheduler
+    V10_V2_TIMEZONE = 10        # Anki 2.1.22, AnkiDroid 2.15: days counted by creationOffset
+    V11_DIRECT_POST = 11        # Anki 2.1.57, AnkiDroid 2.16, AnkiMobile: header and zstd
+    MIN, MAX = V08_SESSIONKEY, V11_DIRECT_POST
+
+    @classmethod
+    def check(cls, version):
+        """`version` if ankisync speaks it; else the 501 that old clients expect."""
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise bad_request("the client's sync version `v` is missing")
+        if not cls.MIN <= version <= cls.MAX:
+            raise SyncError(501, "sync version %d is not supported (%d to %d are)"
+                            % (version, cls.MIN, cls.MAX))
+        return version
+
+
+# Every method by its wire name, and how it runs: "login" needs no key; "alone" runs by
+# itself under the user's lock; "session" belongs to the sync that `start` opens; "upload"
+# takes the lock only to swap the file in. CollectionSync and MediaSync have one method
+# of each name.
+COLLECTION_METHODS = {
+    "hostKey": "login", "meta": "alone", "start": "session", "applyGraves": "session",
+    "applyChanges": "session", "chunk": "session", "applyChunk": "session",
+    "sanityCheck2": "session", "finish": "session", "abort": "alone", "upload": "upload",
+    "download": "alone",
+}
+MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
 
 
 # ---------------------------------------------------------------------------
@@ -763,6 +798,51 @@ class LoginGuard:
         return times[-1] + min(LOCKOUT_MAX, LOCKOUT_FIRST * 2 ** excess)
 
 
+class Accounts:
+    """Who may sync: `hostKey` logins, the host keys they hand out, and the addresses that
+    showed a valid key or password lately."""
+
+    def __init__(self, users):
+        self.users = users
+        self.guard = LoginGuard()
+        self.trusted = {}               # address -> when its last valid key stops counting
+        self.trusted_lock = threading.Lock()
+
+    def hostKey(self, req):
+        """A user name and password in, the user's host key out."""
+        data = req.json()
+        name, password = data.get("u"), data.get("p")
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise bad_request("hostKey needs a user name `u` and a password `p`")
+        name = name.strip()
+        with self.guard.turn(req.address, name):
+            hkey = self.users.login(name, password)
+        if hkey is None:
+            self.guard.failed(req.address, name)
+            log.warning("login failed: %r from %s: %s", name[:64], req.address,
+                        "wrong password" if self.users.exists(name) else "no such user")
+            raise SyncError(403, "wrong user name or password")
+        self.guard.succeeded(req.address)
+        self.trust(req.address)
+        req.user = self.users.canonical(name)
+        return Reply.json({"key": hkey})
+
+    def authenticate(self, req):
+        """Sets req.user from its host key, or refuses: before any of the body is read."""
+        req.user = self.users.user_for_key(req.hkey)
+        if req.user is None:
+            raise SyncError(403, "unknown sync key: log in again")
+        self.trust(req.address)
+
+    def trust(self, address):
+        """`address` showed a valid key or password: it may send forms whose key comes last."""
+        with self.trusted_lock:
+            _bounded(self.trusted, address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
+
+    def is_trusted(self, address):
+        return self.trusted.get(address, 0) > time.monotonic()
+
+
 def _recent(table, key, now):
     """The failures of `key` still inside the window, the stale ones dropped."""
     times = [t for t in table.get(key, ()) if t > now - LOGIN_FAILURE_WINDOW]
@@ -1075,6 +1155,115 @@ class MultipartParser:
         else:
             self.fields["data"] = None      # marks that a data part was present
         return ended
+
+
+class Envelopes:
+    """Undoes either envelope: a SyncRequest with its key checked before its body is read,
+    and its payload decompressed into a Spool."""
+
+    def __init__(self, accounts, zstd, spool_folder, config):
+        self.accounts = accounts
+        self.zstd = zstd
+        self.spool_folder = spool_folder
+        self.config = config
+
+    def decode(self, head, address, area, method, body):
+        """Undo the envelope: fills a SyncRequest with keys and the plain payload.
+
+        The key is checked before the body is decompressed or stored: a request
+        without a valid one costs a few KiB of memory and no disk.
+        """
+        req = SyncRequest(area, method, address)
+        header = head.headers.get("anki-sync")
+        content_type = head.headers.get("Content-Type", "")
+        try:
+            if head.command == "GET":
+                if (area, method) != ("msync", "begin"):
+                    raise SyncError(405, "%s/%s takes POST" % (area, method))
+                query = urllib.parse.parse_qs(head.path.partition("?")[2])
+                req.hkey = query.get("k", [""])[0]
+                req.client_version = query.get("v", [""])[0]
+                self.accounts.authenticate(req)
+            elif header is not None:
+                self._decode_modern(req, header, body)
+            elif content_type.lower().startswith("multipart/form-data"):
+                self._decode_legacy(req, content_type, body)
+            else:
+                raise bad_request("expected an anki-sync header (Anki 2.1.57+) or a multipart "
+                                  "form (older clients): is this an Anki client?")
+        except BaseException:
+            req.close()
+            raise
+        return req
+
+    def _decode_modern(self, req, header, body):
+        try:
+            fields = json.loads(header)
+            version, hkey, client, skey = fields["v"], fields["k"], fields["c"], fields["s"]
+        except (ValueError, KeyError, TypeError):
+            raise bad_request("bad anki-sync header: a JSON object with v, k, c and s is expected")
+        req.version = SyncVersion.check(version)
+        req.hkey, req.skey, req.client_version = str(hkey), str(skey), str(client)
+        limit = self.payload_limit(req)
+        req.payload = Spool(self.spool_folder, limit, "decompressed body")
+        try:
+            self.zstd.decompress_stream(body.read, req.payload.write, limit)
+        except ZstdLimitError:
+            raise over_limit(req, limit)
+        except ZstdError as e:
+            raise bad_request("bad zstd body: %s" % e)
+        if req.method == "begin":
+            req.client_version = str(req.json().get("v") or "")
+
+    def payload_limit(self, req):
+        """hostKey is the one method a stranger may call: its body stays small.
+        Every other method has its key checked here, before its body is read."""
+        if (req.area, req.method) == ("sync", "hostKey"):
+            return HOSTKEY_BODY_MAX
+        if req.user is None:
+            self.accounts.authenticate(req)
+        return self.config.max_decompressed
+
+    def _decode_legacy(self, req, content_type, body):
+        """Legacy forms carry the key as a field: Anki 2.1.26 and older, AnkiDroid and
+        2.0 send it before `data`, and it is checked as soon as it is read; 2.1.50+
+        send it after `data`, which then waits in memory (UNAUTHENTICATED_HOLD), and
+        goes on to disk only from an address that showed a valid key lately."""
+        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
+        login = (req.area, req.method) == ("sync", "hostKey")
+
+        def on_field(name, value):
+            if name in ("k", "sk") and value and not login and req.user is None:
+                req.hkey = value
+                self.accounts.authenticate(req)
+                raw.memory_max = SPOOL_MEMORY_MAX
+
+        def may_spill():
+            if req.user is None and not self.accounts.is_trusted(req.address):
+                raise SyncError(403, "a form whose key comes after its data must come from an "
+                                "address that synced lately: sync again")
+        raw = Spool(self.spool_folder, HOSTKEY_BODY_MAX if login else self.config.max_payload,
+                    "request body", SPOOL_MEMORY_MAX if self.accounts.is_trusted(req.address)
+                    else UNAUTHENTICATED_HOLD, may_spill)
+        try:
+            fields = MultipartParser(body.read, match.group(1) if match else "", raw,
+                                     on_field).parse()
+            req.hkey = fields.get("k") or fields.get("sk") or ""
+            req.skey = fields.get("s") or ""
+            req.client_version = fields.get("v") or ""
+            limit = self.payload_limit(req)
+            if fields.get("c", "0") != "0" and raw.size:
+                req.payload = Spool(self.spool_folder, limit, "decompressed body")
+                with raw.reader() as compressed:
+                    try:
+                        gunzip_stream(compressed.read, req.payload.write, limit)
+                    except SyncError as e:
+                        raise over_limit(req, limit) if e.status == 413 else e
+            else:
+                req.payload, raw = raw, None
+        finally:
+            if raw is not None:
+                raw.close()
 
 
 # ---------------------------------------------------------------------------
@@ -4304,9 +4493,9 @@ def old_client_refusal(version, conf):
         conf = None
     if not isinstance(conf, dict):
         conf = {}
-    if conf.get("schedVer", 1) != 1 and version < V2_SCHEDULER_SYNC_VERSION:
+    if conf.get("schedVer", 1) != 1 and version < SyncVersion.V09_V2_SCHEDULER:
         return OLD_SCHEDULER_CLIENT
-    if conf.get("creationOffset") is not None and version < V2_TIMEZONE_SYNC_VERSION:
+    if conf.get("creationOffset") is not None and version < SyncVersion.V10_V2_TIMEZONE:
         return OLD_TIMEZONE_CLIENT
     return ""
 
@@ -4314,9 +4503,10 @@ def old_client_refusal(version, conf):
 class CollectionSync:
     """One user's collection: the protocol methods and the sync session between them."""
 
-    def __init__(self, folder, app):
+    def __init__(self, folder, media, max_decompressed):
         self.folder = folder
-        self.app = app
+        self.media = media              # the user's MediaStore: meta tells its usn
+        self.max_decompressed = max_decompressed
         self.collection = Collection(folder)
         self.session = None
         self.lock = threading.Lock()
@@ -4325,26 +4515,23 @@ class CollectionSync:
         return UserLock(self.lock, "another device of this user is syncing the collection")
 
     def handle(self, req):
-        if req.method == "upload":
-            return self.upload(req)     # locks only around the swap: checking takes a while
-        in_session = {"start": self.start, "applyGraves": self.applyGraves,
-                      "applyChanges": self.applyChanges, "chunk": self.chunk,
-                      "applyChunk": self.applyChunk, "sanityCheck2": self.sanityCheck2,
-                      "finish": self.finish}
-        alone = {"meta": self.meta, "download": self.download, "abort": self.abort}
+        kind = COLLECTION_METHODS.get(req.method)
+        if kind not in ("alone", "session", "upload"):
+            raise SyncError(404, "unknown sync method %r" % req.method[:40])
+        method = getattr(self, req.method)      # each method is named as on the wire
+        if kind == "upload":
+            return method(req)          # locks only around the swap: checking takes a while
         with self.locked():
             try:
-                if req.method in in_session:
-                    return self.stateful(req, in_session[req.method])
-                if req.method in alone:
-                    return alone[req.method](req)
+                if kind == "session":
+                    return self.stateful(req, method)
+                return method(req)
             except sqlite3.DatabaseError as e:
                 if out_of_space(e) or self.collection.readable():
                     raise
                 self.collection.set_aside(str(e))
                 raise SyncError(503, "the server's copy of this collection was damaged and "
                                 "has been set aside: sync again to upload yours")
-            raise SyncError(404, "unknown sync method %r" % req.method)
 
     # -- session bookkeeping --------------------------------------------
 
@@ -4390,18 +4577,12 @@ class CollectionSync:
     # -- the methods, by their wire names -------------------------------
 
     def meta(self, req):
-        data = req.json()
-        version = data.get("v")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise bad_request("meta needs the client's sync version `v`")
-        if not MIN_SYNC_VERSION <= version <= MAX_SYNC_VERSION:
-            raise SyncError(501, "sync version %d is not supported (%d to %d are)"
-                            % (version, MIN_SYNC_VERSION, MAX_SYNC_VERSION))
+        version = SyncVersion.check(req.json().get("v"))
         self.abort_session()
         conn = self.collection.open()
         mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
         empty = conn.execute("select 1 from cards limit 1").fetchone() is None
-        if self.collection.size() > self.app.config.max_decompressed:
+        if self.collection.size() > self.max_decompressed:
             # Too big to upload again: a moving scm makes clients offer a one-way sync.
             scm = now_ms()
         # An empty collection is about to be replaced by the device's own: nothing to damage.
@@ -4409,7 +4590,7 @@ class CollectionSync:
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
             "cont": not msg, "hostNum": 0, "empty": empty,
-            "media_usn": self.app.media_for(req.user).last_usn(),
+            "media_usn": self.media.last_usn(),
             "uname": req.user,
         })
 
@@ -4485,7 +4666,7 @@ class CollectionSync:
     def upload(self, req):
         with self.locked():
             self.abort_session()
-        if req.payload.size >= self.app.config.max_decompressed:
+        if req.payload.size >= self.max_decompressed:
             raise SyncError(413, UPLOAD_TOO_LARGE)
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
@@ -4650,16 +4831,15 @@ class MediaStore:
 class MediaSync:
     """One user's media methods, by their wire names (docs/PROTOCOL.md section 6)."""
 
-    def __init__(self, store, app):
+    def __init__(self, store, spool_folder, max_decompressed):
         self.store = store
-        self.app = app
+        self.spool_folder = spool_folder
+        self.max_decompressed = max_decompressed
 
     def handle(self, req):
-        method = {"begin": self.begin, "mediaChanges": self.mediaChanges,
-                  "uploadChanges": self.uploadChanges, "downloadFiles": self.downloadFiles,
-                  "mediaSanity": self.mediaSanity}.get(req.method)
-        if method is None:
-            raise SyncError(404, "unknown media method %r" % req.method)
+        if req.method not in MEDIA_METHODS:
+            raise SyncError(404, "unknown media method %r" % req.method[:40])
+        method = getattr(self, req.method)      # each method is named as on the wire
         with UserLock(self.store.lock, "another device of this user is syncing media"):
             return method(req, self.store.connect())
 
@@ -4693,7 +4873,7 @@ class MediaSync:
         if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
             raise bad_request("downloadFiles: at most %d files per request"
                               % MEDIA_DOWNLOAD_FILES_MAX)
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.app.spool_folder)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.spool_folder)
         try:
             zip_meta, total = {}, 0
             with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
@@ -4803,9 +4983,9 @@ class MediaSync:
                     incoming.append(temp)
                     changes.append((name, temp, sha1, size))
                     total += size
-                    if total > self.app.config.max_decompressed:
+                    if total > self.max_decompressed:
                         raise SyncError(413, "uploadChanges: the zip unpacks to more than %d MiB"
-                                        % (self.app.config.max_decompressed // MIB))
+                                        % (self.max_decompressed // MIB))
                 return changes, incoming
         except BaseException:
             for temp in incoming:
@@ -4866,11 +5046,6 @@ class MediaSync:
 #   zstd; legacy multipart and gzip), keep-alive responses, one log line each.
 # ---------------------------------------------------------------------------
 
-COLLECTION_METHODS = ("hostKey", "meta", "start", "applyGraves", "applyChanges", "chunk",
-                      "applyChunk", "sanityCheck2", "finish", "abort", "upload", "download")
-MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
-
-
 class SyncRequest:
     """One decoded request: who, which method, and the payload behind the envelope."""
 
@@ -4878,13 +5053,18 @@ class SyncRequest:
         self.area = area                # "sync" or "msync"
         self.method = method
         self.address = address          # the client's, for throttling and the log
-        self.modern = False             # v11 envelope: answer with zstd
+        self.version = None             # the anki-sync header's; a form names none
         self.hkey = ""
         self.skey = ""
         self.client_version = ""
         self.user = None
         self.payload = None             # a Spool with the decompressed payload
         self._json = None
+
+    @property
+    def modern(self):
+        """Came in the v11 envelope (the anki-sync header), so is answered in it (zstd)."""
+        return self.version is not None
 
     def json(self):
         if self._json is None:
@@ -4968,7 +5148,8 @@ def route(path, base_path):
         return "page", "health"
     method = segments[-1]
     for glued in ("msync", "sync"):
-        if method.startswith(glued) and method[len(glued):] in COLLECTION_METHODS + MEDIA_METHODS:
+        if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
+                                         or method[len(glued):] in MEDIA_METHODS):
             method = method[len(glued):]
     if method in COLLECTION_METHODS:
         return "sync", method
@@ -4987,13 +5168,12 @@ class SyncApp:
         self.config = config
         os.makedirs(config.data, exist_ok=True)
         self.users = UserStore(config.data)
-        self.guard = LoginGuard()
+        self.accounts = Accounts(self.users)
         self.ip_header = ip_header_name(config.ip_header)
-        self.trusted = {}               # address -> when its last valid key stops counting
-        self.trusted_lock = threading.Lock()
         self.zstd = zstd or choose_zstd(config.zstd)
         self.spool_folder = os.path.join(config.data, ".tmp")
         os.makedirs(self.spool_folder, exist_ok=True)
+        self.envelopes = Envelopes(self.accounts, self.zstd, self.spool_folder, config)
         self._clean_leftovers()
         private_modes(config.data)
         self._collections = {}
@@ -5018,9 +5198,11 @@ class SyncApp:
         return os.path.join(self.config.data, folder_name(user))
 
     def collection_for(self, user):
+        media = self.media_for(user)
         with self._registry_lock:
             if user not in self._collections:
-                self._collections[user] = CollectionSync(self.user_folder(user), self)
+                self._collections[user] = CollectionSync(self.user_folder(user), media,
+                                                         self.config.max_decompressed)
             return self._collections[user]
 
     def media_for(self, user):
@@ -5039,178 +5221,46 @@ class SyncApp:
 
     def dispatch(self, req):
         """Run a decoded request; decode() has checked its key already."""
-        if req.area == "sync" and req.method == "hostKey":
-            return self.host_key(req)
+        if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
+            return self.accounts.hostKey(req)
         if req.area == "sync":
             return self.collection_for(req.user).handle(req)
-        return MediaSync(self.media_for(req.user), self).handle(req)
+        return MediaSync(self.media_for(req.user), self.spool_folder,
+                         self.config.max_decompressed).handle(req)
 
-    def authenticate(self, req):
-        """Sets req.user from its host key, or refuses: before any of the body is read."""
-        req.user = self.users.user_for_key(req.hkey)
-        if req.user is None:
-            raise SyncError(403, "unknown sync key: log in again")
-        self.trust(req.address)
-
-    def trust(self, address):
-        """`address` showed a valid key or password: it may send forms whose key comes last."""
-        with self.trusted_lock:
-            _bounded(self.trusted, address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
-
-    def is_trusted(self, address):
-        return self.trusted.get(address, 0) > time.monotonic()
-
-    def host_key(self, req):
-        data = req.json()
-        name, password = data.get("u"), data.get("p")
-        if not isinstance(name, str) or not isinstance(password, str):
-            raise bad_request("hostKey needs a user name `u` and a password `p`")
-        name = name.strip()
-        with self.guard.turn(req.address, name):
-            hkey = self.users.login(name, password)
-        if hkey is None:
-            self.guard.failed(req.address, name)
-            log.warning("login failed: %r from %s: %s", name[:64], req.address,
-                        "wrong password" if self.users.exists(name) else "no such user")
-            raise SyncError(403, "wrong user name or password")
-        self.guard.succeeded(req.address)
-        self.trust(req.address)
-        req.user = self.users.canonical(name)
-        return Reply.json({"key": hkey})
-
-    def client_address(self, handler):
+    def client_address(self, headers, peer):
         """The TCP peer, or behind a proxy the address in the header the admin named."""
-        return forwarded_address(handler.headers, self.ip_header) or handler.client_address[0]
+        return forwarded_address(headers, self.ip_header) or peer
 
-    def decode(self, handler, area, method, body):
-        """Undo the envelope: fills a SyncRequest with keys and the plain payload.
 
-        The key is checked before the body is decompressed or stored: a request
-        without a valid one costs a few KiB of memory and no disk.
-        """
-        req = SyncRequest(area, method, self.client_address(handler))
-        header = handler.headers.get("anki-sync")
-        content_type = handler.headers.get("Content-Type", "")
-        try:
-            if handler.command == "GET":
-                if (area, method) != ("msync", "begin"):
-                    raise SyncError(405, "%s/%s takes POST" % (area, method))
-                query = urllib.parse.parse_qs(handler.path.partition("?")[2])
-                req.hkey = query.get("k", [""])[0]
-                req.client_version = query.get("v", [""])[0]
-                self.authenticate(req)
-            elif header is not None:
-                self._decode_modern(req, header, body)
-            elif content_type.lower().startswith("multipart/form-data"):
-                self._decode_legacy(req, content_type, body)
-            else:
-                raise bad_request("expected an anki-sync header (Anki 2.1.57+) or a multipart "
-                                  "form (older clients): is this an Anki client?")
-        except BaseException:
-            req.close()
-            raise
-        return req
 
-    def _decode_modern(self, req, header, body):
-        try:
-            fields = json.loads(header)
-            version, hkey, client, skey = fields["v"], fields["k"], fields["c"], fields["s"]
-        except (ValueError, KeyError, TypeError):
-            raise bad_request("bad anki-sync header: a JSON object with v, k, c and s is expected")
-        if not isinstance(version, int) or not MIN_SYNC_VERSION <= version <= MAX_SYNC_VERSION:
-            raise bad_request("unsupported sync version: %s" % (version,))
-        req.modern = True
-        req.hkey, req.skey, req.client_version = str(hkey), str(skey), str(client)
-        limit = self.payload_limit(req)
-        req.payload = Spool(self.spool_folder, limit, "decompressed body")
-        try:
-            self.zstd.decompress_stream(body.read, req.payload.write, limit)
-        except ZstdLimitError:
-            raise over_limit(req, limit)
-        except ZstdError as e:
-            raise bad_request("bad zstd body: %s" % e)
-        if req.method == "begin":
-            req.client_version = str(req.json().get("v") or "")
-
-    def payload_limit(self, req):
-        """hostKey is the one method a stranger may call: its body stays small.
-        Every other method has its key checked here, before its body is read."""
-        if (req.area, req.method) == ("sync", "hostKey"):
-            return HOSTKEY_BODY_MAX
-        if req.user is None:
-            self.authenticate(req)
-        return self.config.max_decompressed
-
-    def _decode_legacy(self, req, content_type, body):
-        """Legacy forms carry the key as a field: Anki 2.1.26 and older, AnkiDroid and
-        2.0 send it before `data`, and it is checked as soon as it is read; 2.1.50+
-        send it after `data`, which then waits in memory (UNAUTHENTICATED_HOLD), and
-        goes on to disk only from an address that showed a valid key lately."""
-        match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
-        login = (req.area, req.method) == ("sync", "hostKey")
-
-        def on_field(name, value):
-            if name in ("k", "sk") and value and not login and req.user is None:
-                req.hkey = value
-                self.authenticate(req)
-                raw.memory_max = SPOOL_MEMORY_MAX
-
-        def may_spill():
-            if req.user is None and not self.is_trusted(req.address):
-                raise SyncError(403, "a form whose key comes after its data must come from an "
-                                "address that synced lately: sync again")
-        raw = Spool(self.spool_folder, HOSTKEY_BODY_MAX if login else self.config.max_payload,
-                    "request body", SPOOL_MEMORY_MAX if self.is_trusted(req.address)
-                    else UNAUTHENTICATED_HOLD, may_spill)
-        try:
-            fields = MultipartParser(body.read, match.group(1) if match else "", raw,
-                                     on_field).parse()
-            req.hkey = fields.get("k") or fields.get("sk") or ""
-            req.skey = fields.get("s") or ""
-            req.client_version = fields.get("v") or ""
-            limit = self.payload_limit(req)
-            if fields.get("c", "0") != "0" and raw.size:
-                req.payload = Spool(self.spool_folder, limit, "decompressed body")
-                with raw.reader() as compressed:
-                    try:
-                        gunzip_stream(compressed.read, req.payload.write, limit)
-                    except SyncError as e:
-                        raise over_limit(req, limit) if e.status == 413 else e
-            else:
-                req.payload, raw = raw, None
-        finally:
-            if raw is not None:
-                raw.close()
-
-    # -- the page at / ------------------------------------------------------
-
-    def index_page(self, host, scheme):
-        # The Host header is the client's to choose: escaped before it goes into HTML.
-        base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % self.config.port,
-                                          self.base_path))
-        rows = [
-            ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
-             "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
-            ("Anki 2.1.28 to 2.1.56",
-             "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
-             "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
-            ("Anki 2.1.22 to 2.1.26",
-             "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync, "
-             "aqt.mediasync; anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE = \"%s%%s\"</code>"
-             % base),
-            ("Anki 2.1.0 to 2.1.21",
-             "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync; "
-             "anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
-            ("Anki 2.0",
-             "an add-on (<code>addons/custom_sync.py</code>): <code>import anki.sync; "
-             "anki.sync.SYNC_BASE = \"%s\"; anki.sync.SYNC_MEDIA_BASE = \"%smsync/\"</code>"
-             % (base, base)),
-            ("AnkiDroid 2.15 and older",
-             "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
-             "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
-        ]
-        items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
-        return ("""<!doctype html>
+def front_page(host, scheme, config):
+    # The Host header is the client's to choose: escaped before it goes into HTML.
+    base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % config.port,
+                                  config.normalized_base_path()))
+    rows = [
+        ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
+         "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
+        ("Anki 2.1.28 to 2.1.56",
+         "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
+         "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
+        ("Anki 2.1.22 to 2.1.26",
+         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync, "
+         "aqt.mediasync; anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE = \"%s%%s\"</code>"
+         % base),
+        ("Anki 2.1.0 to 2.1.21",
+         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync; "
+         "anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
+        ("Anki 2.0",
+         "an add-on (<code>addons/custom_sync.py</code>): <code>import anki.sync; "
+         "anki.sync.SYNC_BASE = \"%s\"; anki.sync.SYNC_MEDIA_BASE = \"%smsync/\"</code>"
+         % (base, base)),
+        ("AnkiDroid 2.15 and older",
+         "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
+         "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
+    ]
+    items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
+    return ("""<!doctype html>
 <html><head><meta charset="utf-8"><title>ankisync</title>
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em}
 td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{background:#f3f3f3}</style>
@@ -5361,7 +5411,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.finish_body(body)
                 sent = self.send_page(method)
                 return
-            req = app.decode(self, area, method, body)
+            address = app.client_address(self.headers, self.client_address[0])
+            req = app.envelopes.decode(self.conn.head, address, area, method, body)
             body.drain()
             reply = app.dispatch(req)
             try:
@@ -5391,7 +5442,8 @@ class Handler(BaseHTTPRequestHandler):
             if req is not None:
                 req.close()
             log.info("%s %s %s %d in=%d out=%d %dms",
-                     req.address if req else app.client_address(self),
+                     req.address if req else app.client_address(self.headers,
+                                                                self.client_address[0]),
                      (req.user if req and req.user else "-"), what, status,
                      body.received if body else 0, sent, (time.monotonic() - started) * 1000)
 
@@ -5414,7 +5466,7 @@ class Handler(BaseHTTPRequestHandler):
         if name == "health":
             return self.send_text(200, "ok")
         scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
-        page = self.server.app.index_page(self.headers.get("Host"), scheme)
+        page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(page)))

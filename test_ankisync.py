@@ -1361,14 +1361,13 @@ def test_bad_multipart_bodies_are_refused(body, tmp_path):
 
 
 class FakeHandler:
-    """What SyncApp.decode reads of a request: the verb, path and headers."""
+    """What Envelopes.decode reads of a request's head: the verb, path and headers."""
 
     def __init__(self, exchange):
         request = exchange["request"]
         self.command = request["method"]
         self.path = request["path"]
         self.headers = Headers(request["headers"])
-        self.client_address = ("127.0.0.1", 40000)
 
 
 @pytest.fixture
@@ -1389,7 +1388,7 @@ def test_every_traced_request_decodes_to_what_the_client_sent(app, monkeypatch):
         handler = FakeHandler(exchange)
         body = ankisync.BodyReader(io.BufferedReader(io.BytesIO(raw)),
                                    Headers({"Content-Length": str(len(raw))}), 10**8)
-        req = app.decode(handler, area, method, body)
+        req = app.envelopes.decode(handler, "127.0.0.1", area, method, body)
         try:
             if "json" in request:
                 assert req.json() == request["json"], name
