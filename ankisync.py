@@ -87,7 +87,7 @@ log = logging.getLogger("ankisync")
 
 
 # ---------------------------------------------------------------------------
-# Constants and limits
+# Limits
 #   Every limit the server enforces, each with the reason for its value.
 # ---------------------------------------------------------------------------
 
@@ -166,6 +166,7 @@ MEDIA_NAME_MAX_BYTES = 255          # longest file name in UTF-8 (official)
 
 UPLOAD_CORRUPT = "Your upload was corrupt. Please use Check Database, or restore from backup."
 UPLOAD_TOO_LARGE = "collection exceeds size limit"
+
 # What an old client shows instead of syncing a collection it would damage: Anki 2.0 and
 # 2.1 in a text window, AnkiDroid in its "Sync error" dialog (the official server says only
 # that the client does not support it).
@@ -254,6 +255,76 @@ COLLECTION_METHODS = {
     "download": "alone",
 }
 MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
+
+
+class SyncRequest:
+    """One decoded request: who, which method, and the payload behind the envelope."""
+
+    def __init__(self, area, method, address="-"):
+        self.area = area                # "sync" or "msync"
+        self.method = method
+        self.address = address          # the client's, for throttling and the log
+        self.version = None             # the anki-sync header's; a form names none
+        self.hkey = ""
+        self.skey = ""
+        self.client_version = ""
+        self.user = None
+        self.payload = None             # a Spool with the decompressed payload
+        self._json = None
+
+    @property
+    def modern(self):
+        """Came in the v11 envelope (the anki-sync header), so is answered in it (zstd)."""
+        return self.version is not None
+
+    def json(self):
+        if self._json is None:
+            if self.payload is None or self.payload.size == 0:
+                self._json = {}
+            else:
+                if self.payload.size > JSON_PAYLOAD_MAX:
+                    raise SyncError(413, "JSON payload over %d MiB" % (JSON_PAYLOAD_MAX // MIB))
+                try:
+                    self._json = json.loads(self.payload.getvalue().decode("utf-8"))
+                except (ValueError, UnicodeDecodeError) as e:
+                    raise bad_request("invalid JSON in the %s request: %s" % (self.method, e))
+                if self._json is None:
+                    self._json = {}
+                if not isinstance(self._json, dict):
+                    raise bad_request("the %s request must be a JSON object" % self.method)
+        return self._json
+
+    def close(self):
+        if self.payload is not None:
+            self.payload.close()
+
+
+def over_limit(req, limit):
+    if (req.area, req.method) == ("sync", "hostKey"):
+        return SyncError(413, "hostKey body over %d KiB: this is no login" % (limit // 1024))
+    return SyncError(413, "decompressed body over the %d MiB limit (max_payload_mb x %d)"
+                     % (limit // MIB, DECOMPRESSED_FACTOR))
+
+
+class Reply:
+    """A method's answer: bytes in memory, or a file streamed from disk."""
+
+    def __init__(self, body=b"", stream=None, size=None):
+        self.body = body
+        self.stream = stream            # a readable file object, for large answers
+        self.size = len(body) if stream is None else size
+
+    @classmethod
+    def json(cls, obj):
+        return cls(dumps_compact(obj).encode("utf-8"))
+
+    @classmethod
+    def text(cls, text):
+        return cls(text.encode("utf-8"))
+
+    def close(self):
+        if self.stream is not None:
+            self.stream.close()
 
 
 # ---------------------------------------------------------------------------
@@ -451,17 +522,21 @@ class Config:
         return "/" + "".join(p + "/" for p in parts)
 
 
-def private_modes(folder):
-    """The data folder 0700 and all in it 0600 or 0700: host keys, collections and
-    media are the users' own, and an old umask or a copy may have left them open."""
-    for root, _, files in os.walk(folder):
-        for path, mode in [(root, 0o700)] + [(os.path.join(root, f), 0o600) for f in files]:
-            try:
-                status = os.lstat(path)
-                if status.st_mode & 0o077 and not stat.S_ISLNK(status.st_mode):
-                    os.chmod(path, mode)
-            except OSError as e:
-                log.warning("cannot make %s private: %s", path, e)
+# The official server's SYNC_IP_HEADER names (axum-client-ip), and the header each means.
+IP_HEADER_NAMES = {
+    "rightmostxforwardedfor": "x-forwarded-for", "xrealip": "x-real-ip",
+    "cfconnectingip": "cf-connecting-ip", "trueclientip": "true-client-ip",
+    "flyclientip": "fly-client-ip", "cloudfrontvieweraddress": "cloudfront-viewer-address",
+    "rightmostforwarded": "forwarded", "connectinfo": "",
+}
+
+
+def ip_header_name(setting):
+    """The request header to take client addresses from: a header name, or one of the
+    official server's SYNC_IP_HEADER values; empty for the TCP peer."""
+    setting = setting.strip()
+    return IP_HEADER_NAMES.get(setting.lower().replace("-", "").replace("_", ""),
+                               setting.lower())
 
 
 # ---------------------------------------------------------------------------
@@ -798,6 +873,25 @@ class LoginGuard:
         return times[-1] + min(LOCKOUT_MAX, LOCKOUT_FIRST * 2 ** excess)
 
 
+def _recent(table, key, now):
+    """The failures of `key` still inside the window, the stale ones dropped."""
+    times = [t for t in table.get(key, ()) if t > now - LOGIN_FAILURE_WINDOW]
+    if times:
+        table[key] = times
+    else:
+        table.pop(key, None)
+    return times
+
+
+def _bounded(table, key, value):
+    """table[key] = value, as the newest entry, forgetting the oldest past GUARD_TABLE_MAX."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > GUARD_TABLE_MAX:
+        del table[next(iter(table))]
+    return table
+
+
 class Accounts:
     """Who may sync: `hostKey` logins, the host keys they hand out, and the addresses that
     showed a valid key or password lately."""
@@ -843,27 +937,8 @@ class Accounts:
         return self.trusted.get(address, 0) > time.monotonic()
 
 
-def _recent(table, key, now):
-    """The failures of `key` still inside the window, the stale ones dropped."""
-    times = [t for t in table.get(key, ()) if t > now - LOGIN_FAILURE_WINDOW]
-    if times:
-        table[key] = times
-    else:
-        table.pop(key, None)
-    return times
-
-
-def _bounded(table, key, value):
-    """table[key] = value, as the newest entry, forgetting the oldest past GUARD_TABLE_MAX."""
-    table.pop(key, None)
-    table[key] = value
-    while len(table) > GUARD_TABLE_MAX:
-        del table[next(iter(table))]
-    return table
-
-
 # ---------------------------------------------------------------------------
-# Codecs
+# Envelopes
 #   Bodies arrive chunked or with a length, wrapped in zstd (v11) or in a
 #   multipart form with gzip (legacy). Everything streams through bounded
 #   buffers; large bodies land in a temporary file in the data folder.
@@ -1267,18 +1342,2635 @@ class Envelopes:
 
 
 # ---------------------------------------------------------------------------
-# zstd codec
-#
-# Anki clients compress every request body with zstd and expect zstd back.
-# Three interchangeable backends, best first:
+# Collection store
+#   One schema-11 SQLite file per user, replaced atomically; uploads are checked
+#   and converted first (appendix B), new collections made as Anki makes them
+#   (appendix C). The data folder's own safety: private modes, one server at a time.
+# ---------------------------------------------------------------------------
+
+class Collection:
+    """One user's collection file and the connection that reads and writes it.
+
+    Beside it may lie the schema-18 file a modern client uploaded, kept in step until
+    the next normal sync: modern clients that download it then skip upgrading a
+    schema-11 file, the slowest part of their full download.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, "collection.anki2")
+        self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
+        self.conn = None
+        self.ours = False           # the file is known to be schema 11: no need to look
+        self.readers = {}           # inode -> downloads sending that file now
+        self.readers_lock = threading.Lock()
+
+    def open(self):
+        if self.conn is not None and not os.path.exists(self.path):
+            self.close()        # deleted under the server (`deluser --delete-data`): afresh
+        if self.conn is None:
+            if os.path.exists(self.path) and not self.ours and not self.readable():
+                self.set_aside("it cannot be read as a collection")
+            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
+                # Empty, as SQLite would read a 0-byte file: the next device uploads.
+                os.makedirs(self.folder, mode=0o700, exist_ok=True)
+                create_collection(self.path)
+            elif not self.ours:
+                self._adopt_foreign_file()
+            self.ours = True
+            self.conn = connect_collection(self.path)
+        return self.conn
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+            except sqlite3.Error:
+                pass
+            self.conn.close()
+            self.conn = None
+
+    def readable(self):
+        """False for a file SQLite cannot read, or one that fails its quick check."""
+        if os.path.getsize(self.path) == 0:
+            return True
+        with open(self.path, "rb") as f:
+            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                return False
+        probe = connect_collection(self.path)
+        try:
+            probe.execute("select ver from col").fetchone()
+            return probe.execute("pragma quick_check(1)").fetchall() == [("ok",)]
+        except sqlite3.DatabaseError as e:
+            if out_of_space(e) or "locked" in str(e):
+                raise
+            return False
+        finally:
+            probe.close()
+
+    def set_aside(self, why):
+        """A damaged collection moves out of the way, never deleted, and an empty one
+        takes its place: the next device to sync is asked for a full sync, and one that
+        has the notes uploads them."""
+        self.close()
+        aside = "%s.damaged-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, aside + suffix)
+        self.drop_schema18()
+        self.ours = False
+        fsync_path(self.folder)
+        log.error("%s is damaged (%s): moved to %s; the next device to sync will be asked "
+                  "for a full sync", self.path, why, aside)
+
+    def _adopt_foreign_file(self):
+        """A schema-18 file (moved over from the official server) becomes schema 11 once."""
+        probe = connect_collection(self.path)
+        try:
+            version = probe.execute("select ver from col").fetchone()[0]
+        except (sqlite3.DatabaseError, TypeError):
+            probe.close()
+            raise SyncError(500, "the stored collection of this user cannot be read")
+        if version == 11:
+            probe.close()
+            return
+        temp = self.path + ".convert"
+        target = connect_collection(temp)
+        try:
+            probe.backup(target)    # takes what is still in a -wal file along
+        finally:
+            target.close()
+            probe.close()
+        try:
+            prepare_collection_file(temp)
+        except CorruptCollection as e:
+            os.unlink(temp)
+            raise SyncError(500, "cannot convert the stored schema-%s collection: %s"
+                            % (version, e.reason))
+        os.replace(temp, self.path)
+        remove_side_files(self.path)
+        fsync_path(self.folder)
+        log.info("converted %s from schema %s to 11", self.path, version)
+
+    def replace_with(self, new_path, schema18_path=None):
+        """Atomically put an already prepared file in place of the collection."""
+        self.close()
+        self.ours = True
+        self.drop_schema18()
+        os.replace(new_path, self.path)
+        remove_side_files(self.path)
+        if schema18_path:
+            os.replace(schema18_path, self.schema18_path)
+        fsync_path(self.folder)
+
+    def drop_schema18(self):
+        """The collection changed: the schema-18 copy no longer matches it."""
+        if os.path.exists(self.schema18_path):
+            os.unlink(self.schema18_path)
+            remove_side_files(self.schema18_path)
+
+    def bump_for_download(self, modern):
+        """A full download raises usn (and mod); returns the file to send.
+
+        The schema-18 copy gets the same change, or is dropped if out of step.
+        """
+        now = now_ms()
+        self.detach_readers(self.path)
+        conn = self.open()
+        before = conn.execute("select mod, scm, usn from col").fetchone()
+        conn.execute("update col set usn=usn+1, mod=?", (now,))
+        conn.execute("pragma journal_mode=delete")
+        if not os.path.exists(self.schema18_path):
+            return self.path
+        self.detach_readers(self.schema18_path)
+        try:
+            copy = connect_collection(self.schema18_path)
+            try:
+                in_step = copy.execute("select mod, scm, usn from col").fetchone() == before
+                if in_step:
+                    copy.execute("update col set usn=usn+1, mod=?", (now,))
+            finally:
+                copy.close()
+        except sqlite3.Error:
+            in_step = False
+        if not in_step:
+            self.drop_schema18()
+            return self.path
+        return self.schema18_path if modern else self.path
+
+    def size(self):
+        try:
+            return os.path.getsize(self.path)
+        except OSError:
+            return 0
+
+    # -- downloads read the file itself, not a copy -----------------------
+
+    def reader(self, path):
+        """`path` opened for a download, as it is now, for as long as the download takes."""
+        return CollectionReader(path, self)
+
+    def detach_readers(self, path):
+        """Before `path` is written in place: downloads still reading it keep that file,
+        and writing goes on in a copy. Only a sync that meets a slow download pays
+        for one; downloads themselves never need room for a second collection."""
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
+        with self.readers_lock:
+            if not self.readers.get(inode):
+                return
+        if path == self.path:
+            self.close()
+        fd, temp = tempfile.mkstemp(prefix=".copy-", dir=self.folder)
+        os.close(fd)
+        try:
+            shutil.copyfile(path, temp)
+            fsync_path(temp)
+            os.replace(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        fsync_path(self.folder)
+
+
+class CollectionReader:
+    """An open collection file that a download is sending, counted by its inode."""
+
+    def __init__(self, path, collection):
+        self.file = open(path, "rb")
+        self.collection = collection
+        self.inode = os.fstat(self.file.fileno()).st_ino
+        with collection.readers_lock:
+            collection.readers[self.inode] = collection.readers.get(self.inode, 0) + 1
+
+    def read(self, size=-1):
+        return self.file.read(size)
+
+    def fileno(self):
+        return self.file.fileno()
+
+    def close(self):
+        if self.file is None:
+            return
+        self.file.close()
+        self.file = None
+        readers = self.collection.readers
+        with self.collection.readers_lock:
+            readers[self.inode] -= 1
+            if not readers[self.inode]:
+                del readers[self.inode]
+
+
+# --- unicase collation ------------------------------------------------------
+def unicase_collate(a, b):
+    """The `unicase` collation of schema-18 tables: full case folding, then
+    code points. Register it before the first statement on every connection."""
+    a, b = a.casefold(), b.casefold()
+    return (a > b) - (a < b)
+
+
+def create_collection(path):
+    """Write a brand-new schema-11 collection at `path`, atomically: a reader
+    sees either nothing or the complete file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temp = tempfile.mkstemp(prefix=".new-collection-", suffix=".tmp",
+                                dir=folder)
+    os.close(fd)  # SQLite treats the empty file as a new database
+    try:
+        _write_new_collection(temp, time.time())
+        fsync_path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        for leftover in (temp, temp + "-journal"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+        raise
+    fsync_path(folder)
+
+
+def connect_collection(path):
+    """An sqlite3 connection set up the way every collection is opened here."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
+    conn.create_collation("unicase", unicase_collate)
+    try:
+        # An uploaded file is untrusted: its schema may not run functions behind our back.
+        conn.execute("pragma trusted_schema=off")
+    except sqlite3.Error:
+        pass
+    return conn
+
+
+def sqlite_version_of(conn):
+    try:
+        rows = conn.execute("select ver from col").fetchall()
+    except sqlite3.DatabaseError:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    if len(rows) != 1:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    return rows[0][0]
+
+
+def prepare_collection_file(path, schema18_copy=None):
+    """Check an uploaded SQLite file and leave it as a schema-11, DELETE-mode collection.
+
+    A schema-18 upload is first copied to `schema18_copy`, when given. Raises
+    CorruptCollection with the sentence the client shows to its user.
+    """
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+    conn = connect_collection(path)
+    try:
+        try:
+            result = conn.execute("pragma integrity_check").fetchall()
+        except sqlite3.DatabaseError:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+        if result != [("ok",)]:
+            raise CorruptCollection(UPLOAD_CORRUPT)
+        version = sqlite_version_of(conn)
+        if version == 18:
+            if schema18_copy:
+                conn.execute("pragma wal_checkpoint(truncate)")     # all of it in the file
+                shutil.copyfile(path, schema18_copy)
+            downgrade_to_schema11(conn)
+        elif version == 11:
+            check_schema11(conn)
+        elif isinstance(version, int) and 14 <= version <= 17:
+            raise CorruptCollection(
+                "Collection schema %d is not accepted by this sync server: please update "
+                "Anki, or use Check Database and sync again." % version)
+        else:
+            raise CorruptCollection(
+                "Unsupported collection version %s: please update the sync server." % (version,))
+        conn.execute("pragma journal_mode=delete")
+    except sqlite3.DatabaseError:
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    finally:
+        conn.close()
+    remove_side_files(path)
+
+
+def fsync_path(path):
+    """Make a written file, or a rename inside a folder, survive a power cut."""
+    folder = os.path.isdir(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if folder:
+            return      # Windows cannot open a folder; its renames are durable anyway
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:
+            raise
+    finally:
+        os.close(fd)
+
+
+def free_space(folder):
+    """Bytes free to this process in `folder` (or the nearest folder that exists)."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder or ".").free
+    except OSError:
+        return 0
+
+
+def remove_side_files(path):
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def private_modes(folder):
+    """The data folder 0700 and all in it 0600 or 0700: host keys, collections and
+    media are the users' own, and an old umask or a copy may have left them open."""
+    for root, _, files in os.walk(folder):
+        for path, mode in [(root, 0o700)] + [(os.path.join(root, f), 0o600) for f in files]:
+            try:
+                status = os.lstat(path)
+                if status.st_mode & 0o077 and not stat.S_ISLNK(status.st_mode):
+                    os.chmod(path, mode)
+            except OSError as e:
+                log.warning("cannot make %s private: %s", path, e)
+
+
+def check_writable(folder):
+    """A data folder this process can write, or a CLI error saying how to get one."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        auth = os.path.join(folder, "auth.db")
+        if os.path.exists(auth) and not os.access(auth, os.W_OK):
+            raise PermissionError(errno.EACCES, "read-only", auth)
+    except OSError as e:
+        raise SystemExit("ankisync: %s" % unwritable(e.filename or folder, e))
+
+
+def unwritable(path, error):
+    """One line on a file or folder this process may not write, with the fix."""
+    where = path
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    try:
+        owner = os.stat(where).st_uid
+    except OSError:
+        owner = None
+    me = os.getuid() if hasattr(os, "getuid") else None
+    reason = getattr(error, "strerror", None) or str(error)
+    if owner is not None and me is not None and owner != me:
+        return ("cannot write %s (%s): it belongs to uid %d and ankisync runs as uid %d: "
+                "`chown -R %d %s`, or set another data folder" % (path, reason, owner, me, me,
+                                                                  where))
+    return ("cannot write %s (%s): make it writable (chmod u+w), or set another data folder"
+            % (path, reason))
+
+
+class DataFolderLock:
+    """One server per data folder: two would each keep their own view of a collection.
+    The lock lives as long as the open file; the file tells who holds it."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".serve.lock")
+        self.file = open(self.path, "a+")
+        try:
+            if os.name == "nt":
+                import msvcrt
+                self.file.seek(0)
+                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise SystemExit("ankisync: %s already serves %s: stop it first, or give this one "
+                             "another data folder" % (holder, folder))
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write("ankisync (pid %d)" % os.getpid())
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+# ---------------------------------------------------------------------------
+# Collection sync
+#   One method per wire name, `meta` first (hostKey, the login, is Accounts.hostKey).
+#   A normal sync is one SQLite transaction, begun at `start` and committed at
+#   `finish`; anything else rolls it back.
+# ---------------------------------------------------------------------------
+
+def old_client_refusal(version, conf):
+    """Why a client of sync `version` must not sync a collection with this `conf`, or "".
+
+    The official server's rules (rslib sync/collection/meta.rs): the v2 scheduler needs
+    version 9, the new timezone handling (a creationOffset) version 10."""
+    try:
+        conf = json.loads(conf)
+    except ValueError:
+        conf = None
+    if not isinstance(conf, dict):
+        conf = {}
+    if conf.get("schedVer", 1) != 1 and version < SyncVersion.V09_V2_SCHEDULER:
+        return OLD_SCHEDULER_CLIENT
+    if conf.get("creationOffset") is not None and version < SyncVersion.V10_V2_TIMEZONE:
+        return OLD_TIMEZONE_CLIENT
+    return ""
+
+
+class UserLock:
+    """A user's lock with a deadline: a request that waits too long gets 409."""
+
+    def __init__(self, lock, reason):
+        self.lock = lock
+        self.reason = reason
+
+    def __enter__(self):
+        if not self.lock.acquire(timeout=LOCK_WAIT):
+            raise SyncError(409, self.reason)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+class CollectionSync:
+    """One user's collection: the protocol methods and the sync session between them."""
+
+    def __init__(self, folder, media, max_decompressed):
+        self.folder = folder
+        self.media = media              # the user's MediaStore: meta tells its usn
+        self.max_decompressed = max_decompressed
+        self.collection = Collection(folder)
+        self.session = None
+        self.lock = threading.Lock()
+
+    def locked(self):
+        return UserLock(self.lock, "another device of this user is syncing the collection")
+
+    def handle(self, req):
+        kind = COLLECTION_METHODS.get(req.method)
+        if kind not in ("alone", "session", "upload"):
+            raise SyncError(404, "unknown sync method %r" % req.method[:40])
+        method = getattr(self, req.method)      # each method is named as on the wire
+        if kind == "upload":
+            return method(req)          # locks only around the swap: checking takes a while
+        with self.locked():
+            try:
+                if kind == "session":
+                    return self.stateful(req, method)
+                return method(req)
+            except sqlite3.DatabaseError as e:
+                if out_of_space(e) or self.collection.readable():
+                    raise
+                self.collection.set_aside(str(e))
+                raise SyncError(503, "the server's copy of this collection was damaged and "
+                                "has been set aside: sync again to upload yours")
+
+    # -- session bookkeeping --------------------------------------------
+
+    def abort_session(self):
+        if self.session is not None:
+            self.session.rollback()
+            self.session = None
+
+    def expire_idle(self, timeout):
+        """Roll back a session whose device went quiet; called by the housekeeping thread."""
+        if self.session is None or not self.lock.acquire(blocking=False):
+            return
+        try:
+            if self.session is not None and time.monotonic() - self.session.touched > timeout:
+                log.info("%s: sync session idle for %d s, rolled back", self.folder, timeout)
+                self.abort_session()
+        finally:
+            self.lock.release()
+
+    def stateful(self, req, method):
+        """Run a method of the sync session; any failure in it rolls the session back."""
+        if not req.skey:
+            raise bad_request("missing session key (s)")
+        data = req.json()
+        if req.method != "start":
+            if self.session is None:
+                raise SyncError(409, "no sync in progress: the sync was cancelled or timed out")
+            if self.session.skey != req.skey:
+                raise SyncError(409, "another device started a sync of this collection")
+        try:
+            if req.method != "start":
+                self.session.settle()
+            result = method(data, req)
+        except BaseException:
+            # A client's mistake (SyncError 4xx) or a fault of ours (5xx, with its
+            # traceback in the log): either way the session is gone.
+            self.abort_session()
+            raise
+        if self.session is not None:
+            self.session.touched = time.monotonic()
+        return Reply.json(result)
+
+    # -- the methods, by their wire names -------------------------------
+
+    def meta(self, req):
+        version = SyncVersion.check(req.json().get("v"))
+        self.abort_session()
+        conn = self.collection.open()
+        mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
+        empty = conn.execute("select 1 from cards limit 1").fetchone() is None
+        if self.collection.size() > self.max_decompressed:
+            # Too big to upload again: a moving scm makes clients offer a one-way sync.
+            scm = now_ms()
+        # An empty collection is about to be replaced by the device's own: nothing to damage.
+        msg = "" if empty else old_client_refusal(version, conf)
+        return Reply.json({
+            "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
+            "cont": not msg, "hostNum": 0, "empty": empty,
+            "media_usn": self.media.last_usn(),
+            "uname": req.user,
+        })
+
+    def start(self, data, req):
+        self.abort_session()
+        self.collection.detach_readers(self.collection.path)
+        conn = self.collection.open()
+        self.session = SyncSession(req.skey, conn, to_int(data.get("minUsn", 0), "minUsn"),
+                                   bool(data.get("lnewer")))
+        graves = self.session.pending_graves()
+        legacy = data.get("graves")
+        if legacy:
+            # AnkiDroid and old clients send all their deletions here instead of applyGraves.
+            if not isinstance(legacy, dict):
+                raise bad_request("start: `graves` must be an object")
+            self.session.apply_graves(legacy)
+        return graves
+
+    def applyGraves(self, data, req):
+        chunk = data.get("chunk")
+        if not isinstance(chunk, dict):
+            raise bad_request("applyGraves needs a `chunk` object")
+        self.session.apply_graves(chunk)
+        return None
+
+    def applyChanges(self, data, req):
+        mine = self.session.pending_changes()
+        self.session.apply_changes(data.get("changes"))
+        return mine
+
+    def chunk(self, data, req):
+        return self.session.chunk()
+
+    def applyChunk(self, data, req):
+        self.session.apply_chunk(data.get("chunk"))
+        return None
+
+    def sanityCheck2(self, data, req):
+        client = data.get("client")
+        server = self.session.sanity_counts()
+        ok = False
+        if isinstance(client, list) and len(client) == 8 and server is not None:
+            client = [[0, 0, 0]] + [to_int(v, "sanity count") for v in client[1:]]
+            client[4] = 0
+            ok = client == server
+        if not ok:
+            self.session.rollback()
+            self.session.failed = True
+        return {"status": "ok" if ok else "bad", "c": client, "s": server}
+
+    def finish(self, data, req):
+        session = self.session
+        if session.failed:
+            raise bad_request("finish after a failed sanity check: the sync was rolled back")
+        self.session = None
+        try:
+            finished = session.finish()
+        except sqlite3.Error:
+            session.rollback()
+            raise
+        self.collection.drop_schema18()
+        return finished
+
+    def abort(self, req):
+        self.abort_session()
+        return Reply.json(None)
+
+    def download(self, req):
+        self.abort_session()
+        stream = self.collection.reader(self.collection.bump_for_download(req.modern))
+        return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
+
+    def upload(self, req):
+        with self.locked():
+            self.abort_session()
+        if req.payload.size >= self.max_decompressed:
+            raise SyncError(413, UPLOAD_TOO_LARGE)
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
+        os.close(fd)
+        # Kept for modern downloads only while it costs little of the disk.
+        keep18 = free_space(self.folder) > SCHEMA18_KEEP_FREE * req.payload.size
+        schema18 = temp + ".schema18"
+        try:
+            req.payload.save_as(temp)
+            prepare_collection_file(temp, schema18 if keep18 else None)
+            with self.locked():
+                self.abort_session()
+                self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
+        except CorruptCollection as e:
+            # A status, not the official 200 with a sentence: proxies, logs and scripts see
+            # the refusal, and modern clients answer it with "use Check Database", the
+            # same advice.
+            log.info("%s: upload refused: %s", req.user, e.reason)
+            raise
+        finally:
+            for path in (temp, schema18) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
+                if os.path.exists(path):
+                    os.unlink(path)
+        return Reply.text("OK")
+
+
+class SyncSession:
+    """One device's normal sync in progress: its keys, usns and open transaction."""
+
+    def __init__(self, skey, conn, client_usn, client_is_newer):
+        self.skey = skey
+        self.conn = conn
+        self.client_usn = client_usn
+        self.client_is_newer = client_is_newer
+        self.chunk_ids = None           # server rows still to send, filled by the first `chunk`
+        self.server_changed = {}        # table -> whether the server has rows to send there
+        self.writer = None              # the thread storing the last applyChunk's rows
+        self.write_error = None         # what went wrong there
+        self.failed = False             # a bad sanity check rolled the transaction back
+        self.touched = time.monotonic()
+        conn.execute("begin immediate")
+        self.server_usn = conn.execute("select usn from col").fetchone()[0]
+        self.objects = CollectionObjects(conn)
+
+    def rollback(self):
+        try:
+            self.settle()
+        except Exception:
+            pass            # rolled back either way
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("rollback")
+        except sqlite3.Error:
+            pass
+
+    # -- graves -----------------------------------------------------------
+
+    def pending_graves(self):
+        graves = {"cards": [], "notes": [], "decks": []}
+        names = {0: "cards", 1: "notes", 2: "decks"}
+        for oid, kind in self.conn.execute(
+                "select oid, type from graves where usn >= ?", (self.client_usn,)):
+            if kind in names:
+                graves[names[kind]].append(oid)
+        return graves
+
+    def apply_graves(self, graves):
+        usn = self.server_usn
+        cards, notes, decks = (graves_list(graves, key) for key in ("cards", "notes", "decks"))
+        if len(cards) + len(notes) + len(decks) > GRAVES_MAX:
+            raise bad_request("more than %d deletions in one request" % GRAVES_MAX)
+        self.conn.executemany("delete from cards where id=?", ((i,) for i in cards))
+        self.conn.executemany("delete from notes where id=?", ((i,) for i in notes))
+        for did in decks:
+            if self.objects.decks.pop(str(did), None) is not None:
+                self.objects.dirty.add("decks")
+        self.conn.executemany(
+            "insert into graves (usn, oid, type) values (?, ?, ?)",
+            [(usn, i, 0) for i in cards] + [(usn, i, 1) for i in notes] +
+            [(usn, i, 2) for i in decks])
+
+    # -- notetypes, decks, deck configs, tags, config -----------------------
+
+    def pending_changes(self):
+        """The server's side of applyChanges, gathered before the client's is applied."""
+        since = self.client_usn
+        objects = self.objects
+
+        def pending(mapping):
+            return [obj for obj in mapping.values() if to_int(obj.get("usn", 0)) >= since]
+
+        changes = {
+            "models": pending(objects.models),
+            "decks": [pending(objects.decks), pending(objects.dconf)],
+            "tags": [tag for tag, usn in objects.tags.items() if to_int(usn) >= since],
+        }
+        if not self.client_is_newer:
+            changes["conf"] = objects.conf
+            changes["crt"] = objects.crt
+        return changes
+
+    def apply_changes(self, changes):
+        if not isinstance(changes, dict):
+            raise bad_request("applyChanges needs a `changes` object")
+        models = changes.get("models")
+        models = [] if models is None else models
+        decks = changes.get("decks")
+        decks = [[], []] if decks is None else decks
+        if not (isinstance(models, list) and isinstance(decks, list) and len(decks) == 2):
+            raise bad_request("applyChanges: `models` must be a list and `decks` a pair of lists")
+        for model in models:
+            self.merge_notetype(model)
+        for deck in decks[0] or []:
+            self.merge_deck(deck)
+        for dconf in decks[1] or []:
+            self.merge_deck_config(dconf)
+        for tag in changes.get("tags") or []:
+            self.add_tag(tag)
+        if changes.get("crt") is not None:
+            self.objects.crt = to_int(changes["crt"], "crt")
+            self.objects.dirty.add("crt")
+        if changes.get("conf") is not None:
+            if not isinstance(changes["conf"], dict):
+                raise bad_request("applyChanges: `conf` must be an object")
+            self.objects.conf = changes["conf"]
+            self.objects.dirty.add("conf")
+
+    def _newer_than_stored(self, mapping, obj, what):
+        if not isinstance(obj, dict):
+            raise bad_request("applyChanges: a %s must be an object" % what)
+        oid = to_int(obj.get("id"), "%s id" % what)
+        obj["id"] = oid
+        obj["mod"] = to_int(obj.get("mod", 0), "%s mod" % what)
+        existing = mapping.get(str(oid))
+        if existing is not None and to_int(existing.get("mod", 0)) > obj["mod"]:
+            return None
+        # Stamped with this sync's usn whatever the client wrote: a stale usn from a
+        # client whose `meta` raced another device would hide the change from it.
+        obj["usn"] = self.server_usn
+        return existing if existing is not None else {}
+
+    def _taken_names(self, mapping, oid):
+        return {str(o.get("name", "")).casefold() for key, o in mapping.items() if key != str(oid)}
+
+    def merge_notetype(self, model):
+        existing = self._newer_than_stored(self.objects.models, model, "notetype")
+        if existing is None:
+            return
+        for key in ("flds", "tmpls"):
+            if not isinstance(model.get(key), list):
+                raise bad_request("applyChanges: notetype %s has no %s list" % (model["id"], key))
+        if existing and (len(existing.get("flds", [])) != len(model["flds"])
+                         or len(existing.get("tmpls", [])) != len(model["tmpls"])):
+            raise bad_request("notetype schema changed: notetype %s needs a full sync"
+                              % model["id"])
+        taken = self._taken_names(self.objects.models, model["id"])
+        name = unique_name(str(model.get("name", "")), taken)
+        if name != model.get("name"):
+            model["name"], model["mod"] = name, int(time.time())
+        self.objects.models[str(model["id"])] = model
+        self.objects.dirty.add("models")
+
+    def merge_deck(self, deck):
+        if self._newer_than_stored(self.objects.decks, deck, "deck") is None:
+            return
+        name = normalize_deck_name(deck.get("name", ""))
+        unique = unique_name(name, self._taken_names(self.objects.decks, deck["id"]))
+        if unique != deck.get("name"):
+            deck["name"] = unique
+            if unique != name:
+                deck["mod"] = int(time.time())
+        self.objects.decks[str(deck["id"])] = deck
+        self.objects.dirty.add("decks")
+
+    def merge_deck_config(self, dconf):
+        if self._newer_than_stored(self.objects.dconf, dconf, "deck config") is None:
+            return
+        self.objects.dconf[str(dconf["id"])] = dconf
+        self.objects.dirty.add("dconf")
+
+    def add_tag(self, tag):
+        if not isinstance(tag, str):
+            raise bad_request("applyChanges: tags must be strings")
+        tag = normalize_tag(tag)
+        if not tag:
+            return
+        tags = self.objects.tags
+        if tag in tags or tag.casefold() in {t.casefold() for t in tags}:
+            return
+        tags[tag] = self.server_usn
+        self.objects.dirty.add("tags")
+
+    # -- rows: revlog, cards, notes -----------------------------------------
+
+    REVLOG_COLUMNS = "id, cid, usn, ease, ivl, lastIvl, factor, time, type"
+    CARD_COLUMNS = ("id, nid, did, ord, mod, usn, type, queue, due, ivl, factor, reps, "
+                    "lapses, left, odue, odid, flags, data")
+    NOTE_COLUMNS = "id, guid, mid, mod, usn, tags, flds, '', '', flags, data"
+
+    def chunk(self):
+        if self.chunk_ids is None:
+            self.chunk_ids = [
+                [r[0] for r in self.conn.execute(
+                    "select id from %s where usn >= ?" % table, (self.client_usn,))]
+                for table in ("revlog", "cards", "notes")]
+            # Without server changes to those rows, the client's simply replace them.
+            self.server_changed = {"cards": bool(self.chunk_ids[1]),
+                                   "notes": bool(self.chunk_ids[2])}
+        revlog_ids, card_ids, note_ids = self.chunk_ids
+        taken = ([], [], [])
+        count = 0
+        # Round-robin over the three lists, as the official server picks them.
+        while count < CHUNK_SIZE and (revlog_ids or card_ids or note_ids):
+            for source, sink in ((revlog_ids, taken[0]), (note_ids, taken[2]),
+                                 (card_ids, taken[1])):
+                if source and count < CHUNK_SIZE:
+                    sink.append(source.pop())
+                    count += 1
+        reply = {"done": not (revlog_ids or card_ids or note_ids)}
+        for key, table, columns, ids in (("revlog", "revlog", self.REVLOG_COLUMNS, taken[0]),
+                                         ("cards", "cards", self.CARD_COLUMNS, taken[1]),
+                                         ("notes", "notes", self.NOTE_COLUMNS, taken[2])):
+            if ids:
+                reply[key] = [list(row) for row in self.conn.execute(
+                    "select %s from %s where id in (%s)"
+                    % (columns, table, ",".join("?" * len(ids))), ids)]
+        return reply
+
+    def apply_chunk(self, chunk):
+        if not isinstance(chunk, dict):
+            raise bad_request("applyChunk needs a `chunk` object")
+        revlog = [self.revlog_row(r) for r in chunk.get("revlog") or []]
+        cards = [self.card_row(r) for r in chunk.get("cards") or []]
+        notes = [self.note_row(r) for r in chunk.get("notes") or []]
+        # Checked rows are stored on a thread of their own, so SQLite works while the
+        # client prepares its next chunk; the next request of the session waits for it.
+        self.settle()
+        self.writer = threading.Thread(target=self.store_rows, args=(revlog, cards, notes),
+                                       name="ankisync-chunk", daemon=True)
+        self.writer.start()
+
+    def store_rows(self, revlog, cards, notes):
+        try:
+            if revlog:
+                self.conn.executemany("insert or ignore into revlog values (?,?,?,?,?,?,?,?,?)",
+                                      revlog)
+            self.merge_rows("cards", cards, mod_index=4)
+            self.merge_rows("notes", notes, mod_index=3)
+        except Exception as e:          # handed to the request that settles the session
+            self.write_error = e
+
+    def settle(self):
+        """Wait until the rows of the last applyChunk are stored; raise what failed there."""
+        if self.writer is not None:
+            self.writer.join()
+            self.writer = None
+        error, self.write_error = self.write_error, None
+        if error is not None:
+            raise error
+
+    def merge_rows(self, table, rows, mod_index):
+        """Insert new rows; replace stored ones unless changed here since and not older."""
+        if not rows:
+            return
+        if not self.server_changed.get(table, True):
+            self.conn.executemany("insert or replace into %s values (%s)"
+                                  % (table, ",".join("?" * len(rows[0]))), rows)
+            return
+        ids = [row[0] for row in rows]
+        stored = {}
+        for start in range(0, len(ids), 500):
+            part = ids[start:start + 500]
+            for oid, mod, usn in self.conn.execute(
+                    "select id, mod, usn from %s where id in (%s)"
+                    % (table, ",".join("?" * len(part))),
+                    part):
+                stored[oid] = (mod, usn)
+        keep = []
+        for row in rows:
+            old = stored.get(row[0])
+            if old is not None and old[1] >= self.client_usn and old[0] >= row[mod_index]:
+                continue
+            keep.append(row)
+        if keep:
+            self.conn.executemany("insert or replace into %s values (%s)"
+                                  % (table, ",".join("?" * len(keep[0]))), keep)
+
+    def revlog_row(self, row):
+        row = checked_row(row, 9, "revlog")
+        values = [v if type(v) is int else to_int(v, "revlog value") for v in row]
+        values[2] = self.server_usn
+        return values
+
+    def card_row(self, row):
+        row = checked_row(row, 18, "card")
+        values = [v if type(v) is int else to_int(v, "card value") for v in row[:17]]
+        values[5] = self.server_usn
+        data = row[17]
+        values.append(data if isinstance(data, str) else json.dumps(data))
+        return values
+
+    def note_row(self, row):
+        row = checked_row(row, 11, "note")
+        nid, guid, mid, mod, _, tags, flds = row[:7]
+        if not (type(nid) is int and type(mid) is int and type(mod) is int):
+            nid, mid, mod = to_int(nid, "note id"), to_int(mid, "note mid"), to_int(mod, "note mod")
+        if not (type(guid) is str and type(tags) is str and type(flds) is str):
+            raise bad_request("note %s: guid, tags and fields must be strings" % nid)
+        model = self.objects.models.get(str(mid))
+        if model is None:
+            raise bad_request("note %s uses notetype %s, which this collection does not have"
+                              % (nid, mid))
+        flds = FIELD_CONTROL.sub("", flds)
+        fields = flds.split("\x1f")
+        expected = max(1, len(model.get("flds") or []))
+        if len(fields) != expected:
+            raise bad_request("note %s has %d fields, its notetype %s has %d"
+                              % (nid, len(fields), mid, expected))
+        first = strip_html_keep_media(fields[0])
+        sort_index = to_int(model.get("sortf", 0))
+        if sort_index == 0:
+            sort_field = first
+        else:
+            sort_field = strip_html_keep_media(fields[sort_index]) \
+                if sort_index < len(fields) else ""
+        return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags), flds,
+                sort_field, field_checksum(first), 0, ""]
+
+    # -- the end ------------------------------------------------------------
+
+    def sanity_counts(self):
+        if self.has_unsynced():
+            return None
+        conn = self.conn
+        count = lambda table: conn.execute("select count() from %s" % table).fetchone()[0]
+        return [[0, 0, 0], count("cards"), count("notes"), count("revlog"), 0,
+                len(self.objects.models), len(self.objects.decks), len(self.objects.dconf)]
+
+    def has_unsynced(self):
+        """usn -1 anywhere means something of a client's slipped in unstamped."""
+        for table in ("cards", "notes", "revlog", "graves"):
+            if self.conn.execute("select 1 from %s where usn = -1 limit 1" % table).fetchone():
+                return True
+        objects = self.objects
+        for mapping in (objects.models, objects.decks, objects.dconf):
+            if any(to_int(o.get("usn", 0)) == -1 for o in mapping.values()):
+                return True
+        return any(to_int(usn) == -1 for usn in objects.tags.values())
+
+    def finish(self):
+        now = now_ms()
+        self.objects.save(self.conn)
+        self.conn.execute("update col set ls=?, mod=?, usn=usn+1", (now, now))
+        self.conn.execute("commit")
+        return now
+
+
+class CollectionObjects:
+    """The JSON columns of the `col` row, parsed once per sync session.
+
+    Notetypes, decks, deck configs, tags and config change in memory and are
+    written back just before the commit at `finish`.
+    """
+
+    COLUMNS = ("models", "decks", "dconf", "tags", "conf")
+
+    def __init__(self, conn):
+        row = conn.execute("select crt, models, decks, dconf, tags, conf from col").fetchone()
+        self.crt = row[0]
+        self.models, self.decks, self.dconf, self.tags, self.conf = (json.loads(v) for v in row[1:])
+        self.dirty = set()
+
+    def save(self, conn):
+        for column in self.COLUMNS:
+            if column in self.dirty:
+                value = getattr(self, column)
+                conn.execute("update col set %s=?" % column, (dumps_compact(value),))
+        if "crt" in self.dirty:
+            conn.execute("update col set crt=?", (self.crt,))
+        self.dirty.clear()
+
+
+def checked_row(row, length, what):
+    if not isinstance(row, list) or len(row) != length:
+        raise bad_request("a %s row must be a list of %d values" % (what, length))
+    return row
+
+
+def graves_list(graves, key):
+    values = graves.get(key) or []
+    if not isinstance(values, list):
+        raise bad_request("graves: `%s` must be a list of ids" % key)
+    return [to_int(v, "grave id") for v in values]
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def to_int(value, what="value"):
+    """Numbers as clients send them: ints, floats (legacy) or numeric strings."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    try:
+        if isinstance(value, float):
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                return int(float(value))
+    except (ValueError, OverflowError):
+        pass
+    raise bad_request("%s must be a number, not %r" % (what, value if not isinstance(value, str)
+                                                       else value[:40]))
+
+
+ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1e\x7f]")   # keeps TAB, LF and the 0x1f separator
+MEDIA_TAG = re.compile(
+    r"""<(?:img|audio|video|object|source)\b[^>]*?\b(?:src|data)\s*=\s*"""
+    r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))[^>]*>""", re.IGNORECASE | re.DOTALL)
+
+# Comments, style and script blocks with their content, then any other tag: one pass.
+HTML_MARKUP = re.compile(r"<!--.*?-->|<style\b.*?>.*?</style>|<script\b.*?>.*?</script>|<.*?>",
+                         re.IGNORECASE | re.DOTALL)
+
+
+def strip_html_keep_media(text):
+    """The text Anki sorts and checksums a field by (docs/PROTOCOL.md appendix D)."""
+    if "<" not in text and "&" not in text:
+        return text
+    if "<" in text:
+        text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
+        text = HTML_MARKUP.sub("", text)
+    if "&" in text:
+        text = html.unescape(text).replace("\xa0", " ")
+    return text
+
+
+def field_checksum(text):
+    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)
+
+
+def normalize_name_component(part, fallback="blank"):
+    part = ASCII_CONTROL.sub("", unicodedata.normalize("NFC", part)).strip().strip(":").strip()
+    return part or fallback
+
+
+def normalize_deck_name(name):
+    return "::".join(normalize_name_component(p) for p in str(name).split("::"))
+
+
+def normalize_tag(name):
+    parts = []
+    for part in unicodedata.normalize("NFC", str(name)).split("::"):
+        part = re.sub(r"[\x00-\x20\x7f\u3000]", "", part)
+        parts.append(part or "blank")
+    tag = "::".join(parts)
+    return "" if tag == "blank" else tag
+
+
+def normalize_note_tags(tags):
+    """" a b " with single spaces, or "" (U+3000 separates tags too)."""
+    if len(tags) > 2 and tags[0] == tags[-1] == " " and "  " not in tags and "\u3000" not in tags:
+        return tags         # already in shape, as from every client but 2.1.26
+    names = tags.replace("\u3000", " ").split()
+    return " %s " % " ".join(names) if names else ""
+
+
+def unique_name(name, taken):
+    """Anki's rule for a clash: append '+' until no other object has the name."""
+    while name.casefold() in taken:
+        name += "+"
+    return name
+
+
+# ---------------------------------------------------------------------------
+# Media sync
+#   media.db and media/ per user, laid out like the official server's. The
+#   media usn rises by exactly one per change; deletions stay as entries.
+# ---------------------------------------------------------------------------
+
+class MediaSync:
+    """One user's media methods, by their wire names (docs/PROTOCOL.md section 6)."""
+
+    def __init__(self, store, spool_folder, max_decompressed):
+        self.store = store
+        self.spool_folder = spool_folder
+        self.max_decompressed = max_decompressed
+
+    def handle(self, req):
+        if req.method not in MEDIA_METHODS:
+            raise SyncError(404, "unknown media method %r" % req.method[:40])
+        method = getattr(self, req.method)      # each method is named as on the wire
+        with UserLock(self.store.lock, "another device of this user is syncing media"):
+            return method(req, self.store.connect())
+
+    @staticmethod
+    def wrapped(data):
+        return Reply.json({"data": data, "err": ""})
+
+    def begin(self, req, db):
+        if not req.client_version:
+            raise bad_request("msync/begin needs the client version (v)")
+        usn = db.execute("select last_usn from meta").fetchone()[0]
+        # The host key doubles as the legacy media session key, as on the official server.
+        return self.wrapped({"usn": usn, "sk": req.hkey})
+
+    def mediaChanges(self, req, db):
+        since = to_int(req.json().get("lastUsn", 0), "lastUsn")
+        rows = db.execute("select fname, usn, csum, size from media where usn > ? "
+                          "order by usn limit ?", (since, MEDIA_CHANGES_PAGE)).fetchall()
+        return self.wrapped([[name, usn, csum.hex() if size else ""]
+                             for name, usn, csum, size in rows])
+
+    def mediaSanity(self, req, db):
+        local = to_int(req.json().get("local"), "local")
+        total = db.execute("select total_nonempty_files from meta").fetchone()[0]
+        return self.wrapped("OK" if local == total else "mediaSanity")
+
+    def downloadFiles(self, req, db):
+        names = req.json().get("files")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise bad_request("downloadFiles needs a list of file names")
+        if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
+            raise bad_request("downloadFiles: at most %d files per request"
+                              % MEDIA_DOWNLOAD_FILES_MAX)
+        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.spool_folder)
+        try:
+            zip_meta, total = {}, 0
+            with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
+                for index, name in enumerate(names):
+                    row = db.execute("select size from media where fname=?", (name,)).fetchone()
+                    if row is None or row[0] == 0:
+                        raise SyncError(409, "downloadFiles: %r is not on the server" % name[:60])
+                    path = self.store.path_of(name)
+                    if not os.path.exists(path):
+                        # Forget it without a deletion entry, so the loss does not spread.
+                        with transaction(db):
+                            db.execute("update meta set total_bytes=max(0, total_bytes-?), "
+                                       "total_nonempty_files=max(0, total_nonempty_files-1)",
+                                       (row[0],))
+                            db.execute("delete from media where fname=?", (name,))
+                        raise SyncError(409, "downloadFiles: %r is missing on disk" % name[:60])
+                    archive.write(path, str(index))
+                    zip_meta[str(index)] = name
+                    total += os.path.getsize(path)
+                    if total > MEDIA_DOWNLOAD_BYTES:
+                        break
+                archive.writestr("_meta", dumps_compact(zip_meta))
+            size = spool.tell()
+            spool.seek(0)
+        except BaseException:
+            spool.close()
+            raise
+        return Reply(stream=spool, size=size)
+
+    def uploadChanges(self, req, db):
+        changes, incoming = self._unpack_upload(req.payload)
+        moves = []                      # (temp or None to delete, path), done after the commit:
+        try:                            # a failed one (a full disk) leaves the files as they were
+            with transaction(db):       # the whole batch or nothing
+                usn, total_bytes, total_files = db.execute(
+                    "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
+                now = int(time.time())
+                for name, temp, sha1, size in changes:
+                    row = db.execute("select csum, size from media where fname=?",
+                                     (name,)).fetchone()
+                    if temp is None:
+                        if row is None or row[1] == 0:
+                            continue
+                        usn += 1
+                        total_bytes -= row[1]
+                        total_files -= 1
+                        db.execute("update media set size=0, usn=?, mtime=? where fname=?",
+                                   (usn, now, name))
+                        moves.append((None, self.store.path_of(name)))
+                        continue
+                    if row is not None and row[1] and bytes(row[0]) == sha1:
+                        continue
+                    usn += 1
+                    if row is not None and row[1]:
+                        total_bytes -= row[1]
+                        total_files -= 1
+                    total_bytes += size
+                    total_files += 1
+                    db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
+                               (name, sha1, size, usn, now))
+                    moves.append((temp, self.store.path_of(name)))
+                db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                           (usn, total_bytes, total_files))
+            for temp, path in moves:
+                if temp is not None:
+                    os.replace(temp, path)
+                elif os.path.exists(path):
+                    os.unlink(path)
+        finally:
+            for temp in incoming:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+        return self.wrapped([len(changes), usn])
+
+    def _unpack_upload(self, payload):
+        """Check the whole zip and write its files to temporary names before touching anything.
+
+        Returns [(name, temp path or None for a deletion, sha1, size)] and the temp paths.
+        """
+        incoming = []
+        try:
+            with payload.reader() as raw:
+                try:
+                    archive = zipfile.ZipFile(raw)
+                    entries = {info.filename: info for info in archive.infolist()}
+                except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+                    raise bad_request("uploadChanges: not a readable zip (%s)" % e)
+                if len(entries) > MEDIA_UPLOAD_MAX_FILES + 1:
+                    raise bad_request("uploadChanges: more than %d files in one zip"
+                                      % MEDIA_UPLOAD_MAX_FILES)
+                meta = self._read_zip_meta(archive, entries)
+                changes, names, total = [], set(), 0
+                for item in meta:
+                    if not (isinstance(item, list) and len(item) == 2):
+                        raise bad_request("uploadChanges: _meta entries must be [name, entry]")
+                    name, entry = check_media_name(item[0]), item[1]
+                    if name in names:
+                        raise bad_request("uploadChanges: %r appears twice" % name[:60])
+                    names.add(name)
+                    if entry is None or entry == "":
+                        changes.append((name, None, None, 0))
+                        continue
+                    if not isinstance(entry, str) or entry not in entries or entry == "_meta":
+                        raise bad_request("uploadChanges: zip entry %r for %r is missing"
+                                          % (str(entry)[:20], name[:60]))
+                    temp, sha1, size = self._extract(archive, entries[entry], name)
+                    incoming.append(temp)
+                    changes.append((name, temp, sha1, size))
+                    total += size
+                    if total > self.max_decompressed:
+                        raise SyncError(413, "uploadChanges: the zip unpacks to more than %d MiB"
+                                        % (self.max_decompressed // MIB))
+                return changes, incoming
+        except BaseException:
+            for temp in incoming:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            raise
+
+    @staticmethod
+    def _read_zip_meta(archive, entries):
+        if "_meta" not in entries:
+            raise bad_request("uploadChanges: the zip has no _meta entry")
+        try:
+            with archive.open(entries["_meta"]) as f:
+                text = f.read(MEDIA_META_MAX + 1)
+            if len(text) > MEDIA_META_MAX:
+                raise bad_request("uploadChanges: _meta over %d bytes" % MEDIA_META_MAX)
+            meta = json.loads(text.decode("utf-8"))
+        except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise bad_request("uploadChanges: unreadable _meta (%s)" % str(e)[:80])
+        if not isinstance(meta, list) or len(meta) > MEDIA_UPLOAD_MAX_FILES:
+            raise bad_request("uploadChanges: _meta must list at most %d changes"
+                              % MEDIA_UPLOAD_MAX_FILES)
+        return meta
+
+    def _extract(self, archive, info, name):
+        """Copy one entry to a temp file, counting real bytes (a zip's header can lie)."""
+        fd, temp = tempfile.mkstemp(prefix=".incoming-", dir=self.store.folder)
+        digest, size = hashlib.sha1(), 0
+        try:
+            with os.fdopen(fd, "wb") as out, archive.open(info) as src:
+                while True:
+                    try:
+                        block = src.read(IO_BLOCK)
+                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error,
+                            NotImplementedError) as e:
+                        raise bad_request("uploadChanges: cannot read %r from the zip (%s)"
+                                          % (name[:60], e))
+                    if not block:
+                        break
+                    size += len(block)
+                    if size > MEDIA_FILE_MAX:
+                        raise bad_request("uploadChanges: %r is over %d MiB"
+                                          % (name[:60], MEDIA_FILE_MAX // MIB))
+                    digest.update(block)
+                    out.write(block)        # a full disk is the server's trouble: 507
+        except BaseException:
+            os.unlink(temp)
+            raise
+        if size == 0:
+            os.unlink(temp)
+            raise bad_request("uploadChanges: %r is empty" % name[:60])
+        return temp, digest.digest(), size
+
+
+class MediaStore:
+    """A user's media files and the database that numbers their changes."""
+
+    def __init__(self, folder):
+        self.folder = os.path.join(folder, "media")
+        self.db_path = os.path.join(folder, "media.db")
+        self.lock = threading.Lock()        # held by the media method in progress
+        self.db = None                      # its connection, kept open between requests
+
+    def connect(self):
+        """The connection of the media methods; call it with `lock` held."""
+        if self.db is not None and not os.path.exists(self.db_path):
+            self.db.close()     # deleted under the server (`deluser --delete-data`): afresh
+            self.db = None
+        if self.db is None:
+            # Kept open: closing the last connection of a WAL database checkpoints it,
+            # which cost more than a whole small upload.
+            os.makedirs(self.folder, exist_ok=True)
+            try:
+                self.db = self._open()
+            except sqlite3.DatabaseError as e:
+                if out_of_space(e) or "locked" in str(e):
+                    raise
+                self.db = self._rebuild(str(e))
+        return self.db
+
+    def _open(self):
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=LOCK_WAIT)
+        try:
+            db.execute("pragma journal_mode=wal")      # readers (meta) never wait for writers
+            if db.execute("pragma user_version").fetchone()[0] == 0:
+                db.executescript(MEDIA_SCHEMA)
+                db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
+                db.execute("pragma user_version = 4")
+            db.execute("select last_usn from meta").fetchone()[0]
+        except (sqlite3.DatabaseError, TypeError):
+            db.close()
+            raise sqlite3.DatabaseError("media.db cannot be read")
+        return db
+
+    def _rebuild(self, why):
+        """A damaged media.db is set aside and made again from the files present. Their
+        usns start above any a device has seen (a clock's seconds), so every device
+        compares its files with these on its next media sync."""
+        aside = "%s.damaged-%s" % (self.db_path, time.strftime("%Y%m%d-%H%M%S"))
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.db_path + suffix):
+                os.replace(self.db_path + suffix, aside + suffix)
+        db = self._open()
+        usn, total = int(time.time()), 0
+        names = sorted(n for n in os.listdir(self.folder) if not n.startswith("."))
+        with transaction(db):
+            for usn, name in enumerate(names, usn + 1):
+                with open(os.path.join(self.folder, name), "rb") as f:
+                    digest = hashlib.sha1()
+                    copy_stream(f.read, digest.update)
+                size = os.path.getsize(os.path.join(self.folder, name))
+                total += size
+                db.execute("insert into media values (?, ?, ?, ?, ?)",
+                           (name, digest.digest(), size, usn, int(time.time())))
+            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                       (usn, total, len(names)))
+        log.error("%s was damaged (%s): moved to %s and made again from the %d files in %s",
+                  self.db_path, why, aside, len(names), self.folder)
+        return db
+
+    def last_usn(self):
+        """For `meta`, which must not wait for a media upload of the same user."""
+        if self.lock.acquire(blocking=False):
+            try:
+                return self.connect().execute("select last_usn from meta").fetchone()[0]
+            finally:
+                self.lock.release()
+        db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)     # WAL: reads never wait
+        try:
+            return db.execute("select last_usn from meta").fetchone()[0]
+        finally:
+            db.close()
+
+    def path_of(self, name):
+        return os.path.join(self.folder, check_media_name(name))
+
+
+MEDIA_SCHEMA = """
+    create table if not exists media (
+        fname text not null primary key,
+        csum blob not null,
+        size integer not null,
+        usn integer not null,
+        mtime integer not null);
+    create index if not exists ix_usn on media (usn);
+    create table if not exists meta (
+        last_usn integer not null,
+        total_bytes integer not null,
+        total_nonempty_files integer not null);
+"""
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@contextlib.contextmanager
+def transaction(db):
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connections)."""
+    db.execute("begin immediate")
+    try:
+        yield db
+    except BaseException:
+        db.execute("rollback")
+        raise
+    db.execute("commit")
+
+
+def check_media_name(name):
+    """A name a client may store a file under; anything else could escape the folder."""
+    if not isinstance(name, str) or not name:
+        raise bad_request("media: empty or missing file name")
+    shown = name[:60]
+    if name in (".", "..", "_meta") or "/" in name or "\\" in name or WINDOWS_DRIVE.match(name):
+        raise bad_request("media: file name %r is not a plain file name" % shown)
+    if ASCII_CONTROL.search(name):
+        raise bad_request("media: file name %r contains control characters" % shown)
+    if len(name.encode("utf-8")) > MEDIA_NAME_MAX_BYTES:
+        raise bad_request("media: file name %r is longer than %d bytes"
+                          % (shown, MEDIA_NAME_MAX_BYTES))
+    if unicodedata.normalize("NFC", name) != name:
+        raise bad_request("media: file name %r is not in Unicode NFC form" % shown)
+    return name
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+#   The server's parts by who owns them: SyncApp (the users' syncers, the
+#   dispatch), routing that forgives what users type, the front page, the
+#   listener that holds every idle connection, and the workers that answer.
+# ---------------------------------------------------------------------------
+
+class SyncApp:
+    """The server's state: configuration, users, zstd backend, and per-user syncers."""
+
+    def __init__(self, config, zstd=None):
+        self.config = config
+        os.makedirs(config.data, exist_ok=True)
+        self.users = UserStore(config.data)
+        self.accounts = Accounts(self.users)
+        self.ip_header = ip_header_name(config.ip_header)
+        self.zstd = zstd or choose_zstd(config.zstd)
+        self.spool_folder = os.path.join(config.data, ".tmp")
+        os.makedirs(self.spool_folder, exist_ok=True)
+        self.envelopes = Envelopes(self.accounts, self.zstd, self.spool_folder, config)
+        self._clean_leftovers()
+        private_modes(config.data)
+        self._collections = {}
+        self._media = {}
+        self._registry_lock = threading.Lock()
+        self.base_path = config.normalized_base_path()
+
+    def _clean_leftovers(self):
+        """Temporary files of a server that was killed mid-request."""
+        for root, _, files in os.walk(self.config.data):
+            for name in files:
+                if name.startswith((".spool-", ".upload-", ".copy-", ".incoming-",
+                                    ".new-collection-")) or \
+                        name.endswith(".convert"):
+                    try:
+                        os.unlink(os.path.join(root, name))
+                    except OSError:
+                        pass
+
+    def user_folder(self, user):
+        """Made when first written to, not here: a login must work on a full disk."""
+        return os.path.join(self.config.data, folder_name(user))
+
+    def collection_for(self, user):
+        media = self.media_for(user)
+        with self._registry_lock:
+            if user not in self._collections:
+                self._collections[user] = CollectionSync(self.user_folder(user), media,
+                                                         self.config.max_decompressed)
+            return self._collections[user]
+
+    def media_for(self, user):
+        with self._registry_lock:
+            if user not in self._media:
+                self._media[user] = MediaStore(self.user_folder(user))
+            return self._media[user]
+
+    def expire_idle_sessions(self):
+        with self._registry_lock:
+            syncers = list(self._collections.values())
+        for syncer in syncers:
+            syncer.expire_idle(self.config.session_timeout)
+
+    # -- the request path ---------------------------------------------------
+
+    def dispatch(self, req):
+        """Run a decoded request; decode() has checked its key already."""
+        if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
+            return self.accounts.hostKey(req)
+        if req.area == "sync":
+            return self.collection_for(req.user).handle(req)
+        return MediaSync(self.media_for(req.user), self.spool_folder,
+                         self.config.max_decompressed).handle(req)
+
+    def client_address(self, headers, peer):
+        """The TCP peer, or behind a proxy the address in the header the admin named."""
+        return forwarded_address(headers, self.ip_header) or peer
+
+
+def forwarded_address(headers, name):
+    """The client's address as the proxy told it, or "" when the header is not there.
+
+    Proxies append, so the rightmost entry is the one the nearest proxy wrote; an
+    entry further left is whatever the client claimed.
+    """
+    value = headers.get(name, "") if name else ""
+    entry = value.split(",")[-1].strip()
+    if name == "forwarded":
+        match = re.search(r'for="?\[?([^\]";]+)', entry, re.IGNORECASE)
+        entry = match.group(1) if match else ""
+    elif name == "cloudfront-viewer-address":
+        entry = entry.rpartition(":")[0]            # "ip:port", also for IPv6
+    return entry.strip()[:64]
+
+
+def route(path, base_path):
+    """(area, method) for a sync URL; ('page', name) for the rest.
+
+    The method name alone decides, since collection and media methods have distinct
+    names. So whatever users type and proxies send still arrives: double and
+    trailing slashes, prefixes (`/anki/sync/meta`), `.../sync/` typed as the modern
+    endpoint (`/sync/sync/meta`), a legacy endpoint without its slash (`/syncmeta`),
+    a media URL without `msync/` (`/begin`).
+    """
+    path = path.split("?", 1)[0]      # not urlsplit: it reads '//sync/...' as a host name
+    segments = [s for s in path.split("/") if s]
+    prefix = [s for s in base_path.split("/") if s]
+    if segments[:len(prefix)] == prefix:
+        segments = segments[len(prefix):]
+    if segments in ([], ["index.html"]):
+        return "page", "index"
+    if segments == ["health"]:
+        return "page", "health"
+    method = segments[-1]
+    for glued in ("msync", "sync"):
+        if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
+                                         or method[len(glued):] in MEDIA_METHODS):
+            method = method[len(glued):]
+    if method in COLLECTION_METHODS:
+        return "sync", method
+    if method in MEDIA_METHODS:
+        return "msync", method
+    if len(segments) >= 2 and segments[-2] in ("sync", "msync"):
+        raise SyncError(404, "unknown sync method %r" % method[:40])
+    raise SyncError(404, "nothing here: sync clients use %ssync/ and %smsync/"
+                    % (base_path, base_path))
+
+
+def front_page(host, scheme, config):
+    # The Host header is the client's to choose: escaped before it goes into HTML.
+    base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % config.port,
+                                  config.normalized_base_path()))
+    rows = [
+        ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
+         "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
+        ("Anki 2.1.28 to 2.1.56",
+         "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
+         "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
+        ("Anki 2.1.22 to 2.1.26",
+         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync, "
+         "aqt.mediasync; anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE = \"%s%%s\"</code>"
+         % base),
+        ("Anki 2.1.0 to 2.1.21",
+         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync; "
+         "anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
+        ("Anki 2.0",
+         "an add-on (<code>addons/custom_sync.py</code>): <code>import anki.sync; "
+         "anki.sync.SYNC_BASE = \"%s\"; anki.sync.SYNC_MEDIA_BASE = \"%smsync/\"</code>"
+         % (base, base)),
+        ("AnkiDroid 2.15 and older",
+         "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
+         "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
+    ]
+    items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
+    return ("""<!doctype html>
+<html><head><meta charset="utf-8"><title>ankisync</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em}
+td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{background:#f3f3f3}</style>
+</head><body>
+<h1>ankisync %s is running</h1>
+<p>A self-hosted Anki sync server. Log in from Anki with a user made by
+<code>python3 ankisync.py adduser NAME</code>. The address to enter, by client:</p>
+<table>%s</table>
+<p>The trailing slash matters for modern clients: without it they drop the last part
+of the path.</p>
+</body></html>
+""" % (__version__, items)).encode("utf-8")
+
+
+HTTP_DATE = [0, ""]        # the Date header of the current second
+HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+class RequestHeaders(dict):
+    """Request headers by lower-case name; get() takes any case."""
+
+    def get(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+
+class RequestHead:
+    """A request line and its headers, read by the listener before a worker is spent.
+
+    http.server's own parser goes through the email package, which cost a fifth of
+    a small request; this one takes what HTTP/1.1 clients send and refuses the rest.
+    """
+
+    def __init__(self, block):
+        lines = block.decode("latin-1").split("\n")
+        self.requestline = lines[0].rstrip("\r")
+        words = self.requestline.split()
+        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+            raise bad_request("bad request line")
+        self.command, self.path, self.version = words
+        if len(lines) > MAX_HEADERS + 1:
+            raise SyncError(431, "more than %d headers" % MAX_HEADERS)
+        self.headers = RequestHeaders()
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise bad_request("bad header line")
+            self.headers[name.strip().lower()] = value.strip()
+        connection = self.headers.get("connection", "").lower()
+        self.close = connection == "close" or (self.version == "HTTP/1.0"
+                                               and connection != "keep-alive")
+        self.expect_continue = self.version == "HTTP/1.1" and \
+            self.headers.get("expect", "").lower() == "100-continue"
+        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
+        length = self.headers.get("content-length", "0").strip() or "0"
+        self.length = int(length) if length.isdigit() else 0      # BodyReader refuses it
+
+    def preread(self):
+        """How much of the body the listener gathers before a worker reads on.
+
+        A modern request carries its key in a header: the worker checks it before
+        reading a byte of the body, so it needs no gathering, but for hostKey. The
+        other requests show their key, if any, in the body.
+        """
+        if "anki-sync" in self.headers and \
+                not self.path.split("?", 1)[0].rstrip("/").endswith("hostKey"):
+            return 0
+        return BODY_PREREAD if self.chunked else min(self.length, BODY_PREREAD)
+
+    def gathered(self, buffer, wanted):
+        # A chunked body that ends before `wanted` ends with the last chunk; a data
+        # chunk ending the same way only hands the request over a little early.
+        return len(buffer) >= wanted or (self.chunked and buffer.endswith(b"0\r\n\r\n"))
+
+
+def response_bytes(status, text, close=True):
+    """A short plain-text answer, for the listener, which has no handler to write it."""
+    body = (text + "\n").encode("utf-8")
+    phrase = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    return ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d"
+            "\r\n%s\r\n" % (status, phrase, len(body), "Connection: close\r\n" if close else "")
+            ).encode("latin-1") + body
+
+
+class Handler(BaseHTTPRequestHandler):
+    """One request, on a worker thread; the listener has read its head already.
+
+    HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync,
+    and between requests the connection goes back to the listener, not holding a thread.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "ankisync/" + __version__
+    wbufsize = IO_BLOCK        # headers and a small body leave in one packet
+
+    def date_time_string(self, timestamp=None):
+        # http.server formats the Date header through the email package on every reply.
+        now = int(time.time()) if timestamp is None else int(timestamp)
+        if HTTP_DATE[0] != now:
+            HTTP_DATE[:] = [now, super().date_time_string(now)]
+        return HTTP_DATE[1]
+
+    def setup(self):
+        self.conn = self.request
+        self.connection = self.conn.sock
+        self.connection.settimeout(SEND_TIMEOUT)
+        self.rfile = SocketReader(self.conn)
+        self.wfile = self.connection.makefile("wb", self.wbufsize)
+
+    def handle(self):
+        head = self.conn.head
+        self.requestline, self.command = head.requestline, head.command
+        self.path, self.request_version = head.path, head.version
+        self.headers, self.close_connection = head.headers, head.close
+        if head.expect_continue:
+            self.handle_expect_100()
+            self.wfile.flush()          # the client waits for it before sending its body
+        verb = getattr(self, "do_" + self.command, None)
+        if verb is None:
+            self.close_connection = True
+            self.send_text(501, "%s is not an HTTP method ankisync answers" % self.command[:20])
+        else:
+            verb()
+        self.wfile.flush()
+
+    def finish(self):
+        super().finish()
+        self.conn.keep = not self.close_connection
+
+    def do_GET(self):
+        self.serve()
+
+    def do_POST(self):
+        self.serve()
+
+    def do_HEAD(self):
+        self.send_text(405, "use GET or POST")
+
+    def serve(self):
+        app = self.server.app
+        started = time.monotonic()
+        req, status, sent, what = None, 200, 0, "-"
+        body = None
+        try:
+            body = BodyReader(self.rfile, self.headers, app.config.max_payload)
+            area, method = route(self.path, app.base_path)
+            what = "%s/%s" % (area, method)
+            if area == "page":
+                self.finish_body(body)
+                sent = self.send_page(method)
+                return
+            address = app.client_address(self.headers, self.client_address[0])
+            req = app.envelopes.decode(self.conn.head, address, area, method, body)
+            body.drain()
+            reply = app.dispatch(req)
+            try:
+                sent = self.send_reply(req, reply)
+            finally:
+                reply.close()
+        except SyncError as e:
+            status = e.status
+            self.finish_body(body)
+            sent = self.send_text(e.status, e.reason, e.retry_after)
+        except (ConnectionError, socket.timeout) as e:
+            status, self.close_connection = 499, True
+            log.info("connection lost during %s: %s", what, e)
+        except Exception as e:
+            self.finish_body(body)
+            if out_of_space(e):
+                status, free = 507, free_space(app.config.data) // MIB
+                log.error("disk full during %s: %s; %d MiB free in %s", what, e, free,
+                          app.config.data)
+                sent = self.send_text(507, "the sync server's disk is full (%d MiB free): sync "
+                                      "again once its admin has made room" % free)
+            else:
+                status = 500
+                log.exception("internal error during %s", what)
+                sent = self.send_text(500, "internal server error: see the server log")
+        finally:
+            if req is not None:
+                req.close()
+            log.info("%s %s %s %d in=%d out=%d %dms",
+                     req.address if req else app.client_address(self.headers,
+                                                                self.client_address[0]),
+                     (req.user if req and req.user else "-"), what, status,
+                     body.received if body else 0, sent, (time.monotonic() - started) * 1000)
+
+    def finish_body(self, body):
+        """Keep the connection only if the rest of the body is small enough to skip."""
+        if body is None:                # refused before reading: its body is still unread
+            self.close_connection = True
+            return
+        try:
+            if body.finished:
+                return
+            if not body.chunked and body.remaining <= IO_BLOCK:
+                body.drain()
+                return
+        except SyncError:
+            pass
+        self.close_connection = True
+
+    def send_page(self, name):
+        if name == "health":
+            return self.send_text(200, "ok")
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+        return len(page)
+
+    def send_text(self, status, text, retry_after=None):
+        data = (text + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        return len(data)
+
+    def send_reply(self, req, reply):
+        zstd = self.server.app.zstd
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if not req.modern:
+            self.send_header("Content-Length", str(reply.size))
+            self.end_headers()
+            if reply.stream is None:
+                self.wfile.write(reply.body)
+                return reply.size
+            return copy_stream(reply.stream.read, self.wfile.write)
+        self.send_header("anki-original-size", str(reply.size))
+        if reply.stream is None:
+            data = zstd.compress(reply.body)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return len(data)
+        # Large answers stream through the compressor with chunked framing.
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunked = ChunkedWriter(self.wfile)
+        zstd.compress_stream(reply.stream.read, chunked.write)
+        chunked.close()
+        return chunked.sent
+
+    def log_message(self, format, *args):
+        log.debug(format, *args)
+
+
+class ChunkedWriter:
+    """HTTP/1.1 chunked framing for an answer whose compressed size is not known ahead."""
+
+    def __init__(self, wfile):
+        self.wfile = wfile
+        self.sent = 0
+
+    def write(self, data):
+        if data:
+            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
+            self.sent += len(data)
+        return len(data)
+
+    def close(self):
+        self.wfile.write(b"0\r\n\r\n")
+
+
+class SocketReader:
+    """A request's rfile: the bytes the listener gathered, then the socket, at a pace.
+
+    Past BODY_GRACE the body must average BODY_MIN_RATE, so a client that trickles a
+    byte now and then loses its worker in seconds. What the request leaves unread
+    stays in the connection's buffer: the start of the next request.
+    """
+
+    def __init__(self, conn):
+        self.sock = conn.sock
+        self.buffer = conn.buffer
+        self.started = time.monotonic()
+        self.received = 0
+
+    def _fill(self):
+        wait = self.started + BODY_GRACE + self.received / BODY_MIN_RATE - time.monotonic()
+        try:
+            if wait <= 0:
+                raise socket.timeout
+            self.sock.settimeout(wait)
+            data = self.sock.recv(IO_BLOCK)
+        except socket.timeout:
+            raise SyncError(408, "the request arrives too slowly: under %d bytes a second"
+                            % BODY_MIN_RATE)
+        finally:
+            self.sock.settimeout(SEND_TIMEOUT)
+        self.received += len(data)
+        self.buffer += data
+        return len(data)
+
+    def _take(self, n):
+        data = bytes(self.buffer[:n])
+        del self.buffer[:n]
+        return data
+
+    def read(self, n=IO_BLOCK):
+        if not self.buffer and not self._fill():
+            return b""
+        return self._take(n if n >= 0 else len(self.buffer))
+
+    def readline(self, limit=-1):
+        searched = 0
+        while True:
+            at = self.buffer.find(b"\n", searched)
+            if at >= 0 and (limit < 0 or at < limit):
+                return self._take(at + 1)
+            if 0 <= limit <= len(self.buffer):
+                return self._take(limit)
+            searched = len(self.buffer)
+            if not self._fill():
+                return self._take(len(self.buffer))
+
+    def close(self):
+        pass
+
+
+# --- connections: one listener, a pool of workers -----------------------------
+class Connection:
+    """A client connection, and the request arriving on it."""
+
+    def __init__(self, sock, address, now):
+        self.sock = sock
+        self.address = address          # (host, port) of the TCP peer
+        self.peer = address[0]
+        self.buffer = bytearray()       # bytes read and not yet used
+        self.state = "hello"            # hello, handshake, idle, head, body; busy; linger
+        self.since = now                # when it last began to wait: the oldest goes first
+        self.deadline = now + HEADER_TIMEOUT
+        self.head = None
+        self.wanted = 0                 # body bytes to gather before a worker takes over
+        self.body_started = now
+        self.keep = False               # the worker's verdict: keep alive or close
+        self.registered = False         # in the listener's care, not a worker's
+        self.ended = False              # the client closed its side
+        self.lingered = 0
+
+    def advance(self, now, max_payload):
+        """Take in what has arrived: True once the request can go to a worker.
+        Raises SyncError for a request to refuse before a worker sees it."""
+        if self.state == "head":
+            while self.buffer[:1] in (b"\r", b"\n"):    # blank lines before a request
+                del self.buffer[:1]
+            end = HEAD_END.search(self.buffer, 0, HEAD_MAX + 4)
+            if end is None:
+                if len(self.buffer) > HEAD_MAX:
+                    raise SyncError(431, "request head over %d KiB" % (HEAD_MAX // 1024))
+                return False
+            self.head = RequestHead(bytes(self.buffer[:end.start()]))
+            del self.buffer[:end.end()]
+            if self.head.length > max_payload:
+                raise body_too_large(self.head.length, max_payload)
+            self.wanted = self.head.preread()
+            if not self.wanted:
+                return True
+            self.state, self.body_started = "body", now
+            if self.head.expect_continue:
+                self.head.expect_continue = False
+                self.send_quietly(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.head.gathered(self.buffer, self.wanted):
+            return True
+        self.deadline = self.body_started + BODY_GRACE + len(self.buffer) / BODY_MIN_RATE
+        return False
+
+    def send_quietly(self, data):
+        try:
+            self.sock.send(data)
+        except OSError:
+            pass            # a short answer to a client that went away or stopped reading
+
+
+class Workers:
+    """Threads that serve one request at a time: started when requests wait, ended
+    after WORKER_IDLE, so a burst's threads and their caches do not stay."""
+
+    def __init__(self, serve, maximum):
+        self.serve = serve
+        self.maximum = maximum
+        self.jobs = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.threads = 0
+        self.idle = 0
+        self.waiting = 0                # jobs queued and not yet taken
+
+    def submit(self, job):
+        self.jobs.put(job)
+        with self.lock:
+            self.waiting += 1
+            start = self.waiting > self.idle and self.threads < self.maximum
+            if start:
+                self.threads += 1
+        if start:
+            threading.Thread(target=self._work, name="ankisync-worker", daemon=True).start()
+
+    def _work(self):
+        while True:
+            with self.lock:
+                self.idle += 1
+            try:
+                job = self.jobs.get(timeout=WORKER_IDLE)
+            except queue.Empty:
+                with self.lock:
+                    self.idle -= 1
+                    if not self.waiting:
+                        self.threads -= 1
+                        break
+                continue
+            with self.lock:
+                self.idle -= 1
+                self.waiting -= 1
+            self.serve(job)
+        release_memory()
+
+
+def release_memory():
+    """Hand freed heap back to the system: glibc keeps it for the threads that are gone."""
+    glibc_call("malloc_trim", 0)
+
+
+def glibc_call(name, *args):
+    """A glibc malloc tuning call; elsewhere (macOS, musl, Windows) nothing to tune."""
+    try:
+        getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def raise_fd_limit():
+    """The soft limit on open files raised to the hard one; the limit, or None."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+            soft = hard if hard != resource.RLIM_INFINITY else 1 << 16
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        return None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+class Server(ThreadingHTTPServer):
+    """The listener: one thread that owns every connection while no request is running.
+
+    It accepts, does TLS handshakes, reads each request's head (and a form's first
+    bytes, BODY_PREREAD) without blocking, and only then hands the connection to a
+    worker; after the answer the connection comes back here to wait. So an idle, slow
+    or silent client costs a socket and a small buffer, never a thread, and nothing
+    one client does can stall another. Deadlines: HEADER_TIMEOUT for a head,
+    BODY_GRACE and BODY_MIN_RATE for a body, IDLE_TIMEOUT between requests. Past
+    max_connections, or an address's share of them, a new connection closes the one
+    that has waited longest.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512        # the kernel's queue of connections not yet accepted
+
+    def __init__(self, address, app, tls=None):
+        self.app = app
+        self.tls = tls                  # an ssl.SSLContext, or None for plain HTTP
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, Handler)
+        self.max_connections = app.config.max_connections
+        # Behind a proxy every connection comes from the proxy: no share to enforce.
+        self.max_per_address = math.inf if app.ip_header else \
+            app.config.max_connections_per_address
+        files = raise_fd_limit()
+        if files is not None and self.max_connections > files - FD_RESERVE:
+            self.max_connections = max(16, files - FD_RESERVE)
+            log.warning("only %d open files allowed: at most %d connections (raise the "
+                        "limit with ulimit -n)", files, self.max_connections)
+        self.connections = set()
+        self.per_address = {}
+        self.selector = selectors.DefaultSelector()
+        self.returned = queue.SimpleQueue()         # connections workers are done with
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_w.setblocking(False)
+        self.workers = Workers(self.serve_request, MAX_WORKERS)
+        self.notices = {}
+        self.running = False
+
+    # -- the loop -------------------------------------------------------------
+
+    def serve_forever(self, poll_interval=SWEEP_INTERVAL):
+        self.socket.setblocking(False)
+        self.wake_r.setblocking(False)
+        self.selector.register(self.socket, selectors.EVENT_READ, "accept")
+        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.running = True
+        next_sweep = time.monotonic() + poll_interval
+        while self.running:
+            for key, _ in self.selector.select(poll_interval):
+                try:
+                    self.on_event(key.data)
+                except Exception:           # a fault of ours: that connection, not the server
+                    log.exception("listener error on %s", key.data)
+                    if isinstance(key.data, Connection):
+                        self.close(key.data)
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.sweep(now)
+                next_sweep = now + poll_interval
+
+    def on_event(self, what):
+        if what == "accept":
+            self.accept()
+        elif what == "wake":
+            self.take_back()
+        elif what.state in ("hello", "handshake") and self.tls is not None:
+            self.on_hello(what)
+        elif what.state == "linger":
+            self.on_linger(what)
+        else:
+            self.on_read(what)
+
+    def shutdown(self):
+        self.running = False
+        self.wake()
+
+    def server_close(self):
+        super().server_close()
+        for conn in list(self.connections):
+            self.close(conn)
+        self.selector.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def wake(self):
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:
+            pass            # full: the listener is woken already
+
+    # -- admitting ------------------------------------------------------------
+
+    def accept(self):
+        """One connection; select() reports the listening socket again while more wait."""
+        try:
+            sock, address = self.socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:                # out of file descriptors: make room
+            self.notice("accept", "cannot accept connections: %s", e)
+            self.evict()
+            return
+        self.admit(sock, address)
+
+    def admit(self, sock, address):
+        sock.setblocking(False)
+        try:
+            # Without it, Nagle's algorithm and the client's delayed ACK add 40 ms to
+            # every request of a sync.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        peer = address[0]
+        if self.per_address.get(peer, 0) >= self.max_per_address:
+            self.evict(peer)        # its share is a soft limit: a burst of its own gets in
+        if len(self.connections) >= self.max_connections and not self.evict():
+            self.notice(peer, "connection from %s refused: all %d connections are busy",
+                        peer, len(self.connections))
+            sock.close()
+            return
+        conn = Connection(sock, address, time.monotonic())
+        self.connections.add(conn)
+        self.per_address[peer] = self.per_address.get(peer, 0) + 1
+        self.listen_to(conn)
+        if self.tls is None:
+            self.on_read(conn)      # the request has often come with the connection
+
+    def evict(self, peer=None):
+        """Close the connection (of `peer`, or of anyone) that has waited longest,
+        sparing requests on their way in while a silent or idle one is left, and
+        connections younger than EVICT_AFTER."""
+        old = time.monotonic() - EVICT_AFTER
+        waiting = [c for c in self.connections
+                   if c.registered and c.since < old and (peer is None or c.peer == peer)]
+        if not waiting:
+            return False
+        self.close(min(waiting, key=lambda c: (c.state in ("head", "body"), c.since)))
+        return True
+
+    def on_hello(self, conn):
+        """A TLS port's connection: its first byte tells a handshake from plain HTTP."""
+        if conn.state == "handshake":
+            return self.handshake(conn)
+        try:
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.close(conn)
+        if first != b"\x16":                # not a TLS handshake record
+            if not first:
+                return self.close(conn)
+            self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
+            return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
+                                                 "server address"))
+        self.unlisten(conn)
+        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
+                                         do_handshake_on_connect=False)
+        conn.state = "handshake"
+        self.listen_to(conn)
+        self.handshake(conn)
+
+    def handshake(self, conn):
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return self.listen_to(conn, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self.listen_to(conn, selectors.EVENT_WRITE)
+        except (ssl.SSLError, OSError) as e:
+            self.notice(conn.peer, "TLS handshake with %s failed: %s", conn.peer,
+                        getattr(e, "reason", None) or e)
+            return self.close(conn)
+        conn.state = "head"             # the first request's deadline runs on from connect
+        self.listen_to(conn, selectors.EVENT_READ)
+        self.on_read(conn)
+
+    # -- reading requests -----------------------------------------------------
+
+    def on_read(self, conn):
+        size = HEAD_MAX if conn.state != "body" else max(1, conn.wanted - len(conn.buffer))
+        try:
+            data = conn.sock.recv(size)
+            # TLS: select() sees the socket, not the records already decrypted.
+            while data and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending() and \
+                    len(data) < size:
+                data += conn.sock.recv(size - len(data))
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except OSError:
+            return self.close(conn)
+        if not data:
+            return self.close(conn)
+        now = time.monotonic()
+        if conn.state == "hello":           # the plain port's first bytes
+            if data[:1] == b"\x16":
+                self.notice(conn.peer, "%s spoke HTTPS to this HTTP port: clients must use "
+                            "http://, or set certfile and keyfile", conn.peer)
+                return self.close(conn)
+            conn.state = "head"
+        elif conn.state == "idle":
+            conn.state, conn.deadline = "head", now + HEADER_TIMEOUT
+        conn.buffer += data
+        self.advance(conn, now)
+
+    def advance(self, conn, now):
+        try:
+            arrived = conn.advance(now, self.app.config.max_payload)
+        except SyncError as e:
+            return self.refuse(conn, e)
+        if arrived:
+            self.hand_over(conn)
+
+    def hand_over(self, conn):
+        self.unlisten(conn)
+        conn.state = "busy"
+        self.workers.submit(conn)
+
+    def serve_request(self, conn):
+        """On a worker: answer the request, and the next ones while they come at once;
+        then give the connection back."""
+        while True:
+            conn.keep = False
+            try:
+                self.finish_request(conn, conn.address)
+            except Exception:
+                log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
+                conn.keep = False
+            if not (conn.keep and self.next_request(conn)):
+                break
+        self.returned.put(conn)
+        self.wake()
+
+    def next_request(self, conn):
+        """True when the next request has arrived whole within HOT_WAIT: a client in
+        the middle of a sync sends it at once, and the trip through the listener
+        would cost a third of a small request. Anything less goes back to wait."""
+        conn.state, conn.head = "idle", None
+        if not conn.buffer:
+            try:
+                conn.sock.settimeout(HOT_WAIT)
+                data = conn.sock.recv(HEAD_MAX)
+            except (socket.timeout, ssl.SSLWantReadError):
+                return False
+            except OSError:
+                data = b""
+            if not data:
+                conn.keep, conn.ended = False, True
+                return False
+            conn.buffer += data
+        conn.state = "head"
+        try:
+            return conn.advance(time.monotonic(), self.app.config.max_payload)
+        except SyncError as e:
+            conn.send_quietly(response_bytes(e.status, e.reason))
+            conn.keep = False
+            return False
+
+    def take_back(self):
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+        while True:
+            try:
+                conn = self.returned.get_nowait()
+            except queue.Empty:
+                return
+            if conn.keep:
+                self.park(conn)
+            elif conn.ended:            # the client closed: nothing left to linger for
+                self.close(conn)
+            else:
+                self.linger(conn)
+
+    def park(self, conn):
+        """A kept-alive connection waits here for its next request, or for the rest of
+        one whose start the worker saw."""
+        now = time.monotonic()
+        conn.sock.setblocking(False)
+        conn.since = now
+        self.listen_to(conn)
+        if conn.state == "head":
+            conn.deadline = now + HEADER_TIMEOUT
+        elif conn.state == "idle":
+            conn.deadline = now + IDLE_TIMEOUT
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+            self.on_read(conn)
+
+    # -- closing --------------------------------------------------------------
+
+    def sweep(self, now):
+        for conn in [c for c in self.connections if c.registered and c.deadline < now]:
+            if conn.state in ("head", "body"):
+                self.refuse(conn, SyncError(408, "the request took too long to arrive"))
+            elif conn.state in ("hello", "handshake") and self.tls is not None:
+                self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
+                            conn.peer, HEADER_TIMEOUT)
+                self.close(conn)
+            else:
+                self.close(conn)
+
+    def refuse(self, conn, error):
+        """Answer what the listener will not hand on, and close: the client learns why."""
+        conn.send_quietly(response_bytes(error.status, error.reason))
+        self.linger(conn)
+
+    def linger(self, conn):
+        """Close after the answer, reading what the client still sends for a moment:
+        closing with unread bytes resets the connection, and the answer with it."""
+        if isinstance(conn.sock, ssl.SSLSocket):
+            return self.close(conn)
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.close(conn)
+        conn.buffer.clear()
+        now = time.monotonic()
+        conn.state, conn.since, conn.deadline = "linger", now, now + LINGER_SECONDS
+        self.listen_to(conn)
+
+    def on_linger(self, conn):
+        try:
+            data = conn.sock.recv(IO_BLOCK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered > LINGER_BYTES:
+            self.close(conn)
+
+    def close(self, conn):
+        self.unlisten(conn)
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_address.pop(conn.peer) - 1
+            if left:
+                self.per_address[conn.peer] = left
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def listen_to(self, conn, events=selectors.EVENT_READ):
+        if conn.registered:
+            self.selector.modify(conn.sock, events, conn)
+        else:
+            self.selector.register(conn.sock, events, conn)
+            conn.registered = True
+
+    def unlisten(self, conn):
+        if conn.registered:
+            self.selector.unregister(conn.sock)
+            conn.registered = False
+
+    def notice(self, about, text, *args):
+        """Log a warning about a client at most once a NOTICE_REPEAT per address."""
+        now = time.monotonic()
+        if self.notices.get((about, text), 0) > now:
+            return
+        _bounded(self.notices, (about, text), now + NOTICE_REPEAT)
+        log.warning(text, *args)
+
+
+def housekeeping(app, stop):
+    """Roll back sync sessions of clients that vanished; runs beside the server."""
+    while not stop.wait(min(30, max(1, app.config.session_timeout // 4))):
+        try:
+            app.expire_idle_sessions()
+        except Exception:
+            log.exception("housekeeping failed")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+#   One table of commands. User commands write auth.db and take effect at
+#   once, also while the server runs.
+# ---------------------------------------------------------------------------
+
+def read_password(name, stdin=None):
+    """getpass twice on a terminal; one line from stdin for scripts and Docker."""
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        first = getpass.getpass("Password for %s: " % name)
+        if first != getpass.getpass("Again: "):
+            raise ValueError("the two passwords differ: nothing changed")
+    else:
+        first = stdin.readline().rstrip("\r\n")
+    if not first:
+        raise ValueError("an empty password is not allowed: nothing changed")
+    return first
+
+
+def command_adduser(config, args):
+    users = UserStore(config.data)
+    name = users.check_new(args.name)        # before asking for a password in vain
+    users.add(name, read_password(name))
+    print("added user %s; their collection will live in %s"
+          % (name, os.path.join(config.data, folder_name(name))))
+
+
+def command_passwd(config, args):
+    users = UserStore(config.data)
+    name = users.canonical(args.name)
+    users.set_password(name, read_password(name))
+    print("changed the password of %s; their devices must log in again" % name)
+    warn_if_from_environment(users, name, "sets the old password again")
+
+
+def warn_if_from_environment(users, name, what):
+    if users.source(name) == "env":
+        print("note: %s comes from a SYNC_USERn variable of the server, whose next start %s: "
+              "change or remove that variable too" % (name, what))
+
+
+def command_deluser(config, args):
+    users = UserStore(config.data)
+    name = users.canonical(args.name)
+    warn_if_from_environment(users, name, "adds the user again")
+    users.delete(name)
+    folder = os.path.join(config.data, folder_name(name))
+    if args.delete_data and os.path.isdir(folder):
+        shutil.rmtree(folder)
+        print("deleted user %s and their data" % name)
+    else:
+        print("deleted user %s; their data stays in %s (add --delete-data to remove it)"
+              % (name, folder))
+
+
+def command_lsuser(config, args):
+    for name in UserStore(config.data).names():
+        print(name)
+
+
+def limit_malloc_arenas():
+    """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
+    glibc_call("mallopt", GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
+
+
+def command_serve(config, args):
+    limit_malloc_arenas()
+    check_writable(config.data)
+    lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
+    app = SyncApp(config)
+    app.users.apply_environment(config.env_users, config.passwords_hashed)
+    log.info("ankisync %s, Python %s, zstd backend: %s", __version__,
+             sys.version.split()[0], app.zstd.name)
+    if app.zstd.name == "python":
+        log.warning("zstd runs in pure Python here: large uploads from modern clients will be "
+                    "slow. Python 3.14+ or the system libzstd (libzstd1) make them fast.")
+    log.info("data folder: %s", config.data)
+    if not app.users.names():
+        offer_first_user(app, config)
+    context = None
+    if config.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(config.certfile, config.keyfile or None)
+    server = Server((config.host, config.port), app, context)
+    scheme = "https" if context else "http"
+    shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
+    log.info("listening on %s://%s:%d%s (open it in a browser for client setup)",
+             scheme, shown, config.port, app.base_path)
+    stop = threading.Event()
+    threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
+    install_sigterm()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("shutting down")
+    finally:
+        stop.set()
+        server.server_close()
+        lock.close()
+
+
+def offer_first_user(app, config):
+    hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
+                                          " --config %s" % config.source if config.source else "")
+    if sys.stdin.isatty():
+        name = input("No users yet. Name of the first user (empty to skip): ").strip()
+        if name:
+            name = normalize_username(name)
+            app.users.add(name, read_password(name))
+            log.info("added user %s", name)
+            return
+    log.warning("no users yet: add one with `%s` (it works while the server runs), "
+                "or set SYNC_USER1=name:password", hint)
+
+
+def install_sigterm():
+    """Docker stops containers with SIGTERM: shut down as on Ctrl-C."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        pass        # not the main thread (tests): nothing to install
+
+
+class Command:
+    """One subcommand: its name, the function that runs it, its help, its arguments."""
+
+    def __init__(self, name, run, summary, description, arguments=()):
+        self.name, self.run, self.summary = name, run, summary
+        self.description, self.arguments = description, arguments
+
+
+USER_NAME = (("name",), {"help": "the user's name, as typed at the client's login"})
+COMMANDS = (
+    Command("serve", command_serve, "run the sync server",
+            "Serve every user's collection and media until Ctrl-C or SIGTERM. With no users "
+            "yet, asks for the first one on a terminal."),
+    Command("adduser", command_adduser, "add a user (password from the terminal or stdin)",
+            "Add a user. The password is asked twice on a terminal, or read as one line "
+            "from stdin. Works while the server runs.", [USER_NAME]),
+    Command("passwd", command_passwd, "change a user's password and log out their devices",
+            "Change a user's password; each of their devices must log in again.",
+            [USER_NAME]),
+    Command("deluser", command_deluser, "remove a user and log out their devices",
+            "Remove a user. Their collection and media stay in the data folder unless "
+            "--delete-data is given.",
+            [USER_NAME, (("--delete-data",), {"action": "store_true",
+                                               "help": "also delete the collection and media"})]),
+    Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
+)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="ankisync.py", description="A self-hosted Anki sync server in one file.")
+    config_help = "ini file (default: ankisync.ini beside this script, if present)"
+    parser.add_argument("--config", metavar="PATH", help=config_help)
+    parser.add_argument("--version", action="version", version="ankisync " + __version__)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.summary,
+                                    description=command.description)
+        # --config may also come after the command; SUPPRESS keeps one given before it.
+        sub.add_argument("--config", metavar="PATH", help=config_help,
+                         default=argparse.SUPPRESS)
+        for flags, options in command.arguments:
+            sub.add_argument(*flags, **options)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        raise SystemExit(2)
+    return args
+
+
+# ---------------------------------------------------------------------------
+# Appendix A. zstd
+#   Anki clients compress every request body with zstd and expect zstd back.
+#   Three interchangeable backends, best first:
 #   stdlib   compression.zstd (Python 3.14+) or its twin `backports.zstd`
 #   libzstd  the system library through ctypes
 #   python   a pure-Python decoder (RFC 8878) and a writer of raw blocks
-# choose_zstd() picks one. All decode every frame of a stream, skip skippable
-# frames, refuse corrupt or truncated input with ZstdError and stop with
-# ZstdLimitError before output passes a caller-given limit.
+#   choose_zstd() picks one. All decode every frame of a stream, skip skippable
+#   frames, refuse corrupt or truncated input with ZstdError and stop with
+#   ZstdLimitError before output passes a caller-given limit.
 # ---------------------------------------------------------------------------
-
 
 ZSTD_MAGIC = 0xFD2FB528               # RFC 8878 3.1.1: Magic_Number of a zstd frame
 SKIPPABLE_MAGIC = 0x184D2A50          # RFC 8878 3.1.2: skippable frames use 0x184D2A5?
@@ -1333,7 +4025,6 @@ class Zstd(object):
 
 
 # --- backend: libzstd through ctypes ----------------------------------------
-
 ZSTD_d_windowLogMax = 100             # zstd.h: ZSTD_dParameter
 ZSTD_c_compressionLevel = 100         # zstd.h: ZSTD_cParameter
 ZSTD_c_checksumFlag = 201             # zstd.h: ZSTD_cParameter
@@ -1539,7 +4230,6 @@ class _ThreadContexts:
 
 
 # --- backend: compression.zstd (3.14+) or backports.zstd ---------------------
-
 class StdlibZstd(Zstd):
     """compression.zstd; `module` is it or backports.zstd, which has the same API."""
 
@@ -1615,7 +4305,6 @@ class StdlibZstd(Zstd):
 # stream means walking its bytes from the end, and a little-endian int of bytes
 # [p-k:p] is exactly those k bytes in reading order, so a refill is one
 # int.from_bytes(). The writer stores raw blocks: valid zstd, no compressor.
-
 MAGIC_SIZE = 4                        # 3.1.1: Magic_Number, and a skippable frame's Frame_Size
 BLOCK_HEADER_SIZE = 3                 # 3.1.1.2: Last_Block, Block_Type and Block_Size
 FRAME_HEADER_RESERVED_BIT = 0x08      # 3.1.1.1.1: must be zero
@@ -1657,6 +4346,7 @@ LITERALS_LENGTH_CODES = tuple((n, 0) for n in range(16)) + (
     (16, 1), (18, 1), (20, 1), (22, 1), (24, 2), (28, 2), (32, 3), (40, 3), (48, 4), (64, 6),
     (128, 7), (256, 8), (512, 9), (1024, 10), (2048, 11), (4096, 12), (8192, 13), (16384, 14),
     (32768, 15), (65536, 16))
+
 # 3.1.1.3.2.1.1: Match_Length codes -> (Baseline, Number_of_Bits); codes 0..31 are length - 3.
 MATCH_LENGTH_CODES = tuple((n + 3, 0) for n in range(32)) + (
     (35, 1), (37, 1), (39, 1), (41, 1), (43, 2), (47, 2), (51, 3), (59, 3), (67, 4), (83, 4),
@@ -1668,6 +4358,7 @@ OFFSET_CODE_MAX = 31                  # 3.1.1.3.2.1.1: Offset_Value = 2**code + 
 LITERALS_LENGTH_MAX_LOG, LITERALS_LENGTH_DEFAULT_LOG = 9, 6
 MATCH_LENGTH_MAX_LOG, MATCH_LENGTH_DEFAULT_LOG = 9, 6
 OFFSET_MAX_LOG, OFFSET_DEFAULT_LOG = 8, 5
+
 # 3.1.1.3.2.2: predefined distributions (-1 means "less than 1").
 LITERALS_LENGTH_DEFAULT = (4, 3, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
                            2, 3, 2, 1, 1, 1, 1, 1, -1, -1, -1, -1)
@@ -2434,7 +5125,6 @@ def _write_raw_block(write, block, last):
 
 
 # --- choosing a backend -------------------------------------------------------
-
 LIBZSTD_FALLBACK_NAMES = ("libzstd.so.1", "libzstd.1.dylib")   # when find_library has no answer
 
 
@@ -2485,22 +5175,13 @@ def choose_zstd(preference=None):
 
 
 # ---------------------------------------------------------------------------
-# Collection store
-#   One schema-11 SQLite file per user. Creation, the one-way 18 -> 11
-#   conversion of uploads, validation, atomic replacement.
+# Appendix B. Schema 18 to 11
+#   Modern clients upload schema 18: notetypes, decks and deck configs as
+#   protobuf blobs in their own tables. ankisync stores schema 11, so an upload
+#   is converted once, the way the official code would write it, and checked.
 # ---------------------------------------------------------------------------
 
-# --- unicase collation ------------------------------------------------------
-
-def unicase_collate(a, b):
-    """The `unicase` collation of schema-18 tables: full case folding, then
-    code points. Register it before the first statement on every connection."""
-    a, b = a.casefold(), b.casefold()
-    return (a > b) - (a < b)
-
-
 # --- JSON as the official writer formats it (docs/SCHEMA.md 1.8) -----------------
-
 def _reject_constant(name):
     # Python accepts NaN/Infinity tokens; the official parser does not.
     raise ValueError("invalid JSON number " + name)
@@ -2542,7 +5223,6 @@ def dumps_compact(obj):
 
 
 # --- 32-bit floats ------------------------------------------------------------
-
 F32_MAX_DIGITS = 9  # 9 significant digits always round-trip an IEEE single
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
@@ -2584,7 +5264,6 @@ def f32_scaled_to_int(x, scale, maximum):
 
 
 # --- protobuf wire reader (docs/SCHEMA.md 6) ---------------------------------------
-
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
 WIRE_LEN = 2
@@ -2762,7 +5441,6 @@ def pb_uint32s(fields, number):
 
 
 # --- the "other" extras (docs/SCHEMA.md 4.1) ---------------------------------------
-
 NOTETYPE_RESERVED = frozenset((
     "latexPost", "flds", "css", "originalStockKind", "originalId", "id", "usn",
     "mod", "req", "latexPre", "name", "did", "tmpls", "type", "sortf",
@@ -2812,7 +5490,6 @@ def extras(obj, reserved):
 
 
 # --- note types (docs/SCHEMA.md 4.2) -----------------------------------------------
-
 NOTETYPE_KIND_CLOZE = 1
 REQUIREMENT_KINDS = {0: "none", 1: "any", 2: "all"}  # unknown -> "none"
 ORD_MASK = 0xFFFF  # sortf, size, card_ord and field_ords are u16 in Rust
@@ -2821,7 +5498,6 @@ BROWSER_FONT_SIZE_MASK = 0xFF  # bsize is u8 in Rust
 
 # In the *_to_legacy functions below, the numbers are protobuf field numbers;
 # each function follows its message's table in docs/SCHEMA.md 4.2-4.4 row by row.
-
 def card_requirement_to_legacy(req):
     return [
         pb_uint32(req, 1) & ORD_MASK,
@@ -2902,7 +5578,6 @@ def notetype_to_legacy(row, fields, templates):
 
 
 # --- decks (docs/SCHEMA.md 4.3) ------------------------------------------------------
-
 DECK_KIND_NORMAL = 1
 DECK_KIND_FILTERED = 2
 PERCENT = 100.0  # a deck's desired retention is a fraction in 18, percent in 11
@@ -3135,12 +5810,12 @@ def deck_config_to_legacy(row):
 
 
 # --- the 18 -> 11 downgrade (docs/SCHEMA.md 4.9, steps 5-14) ---------------------------
-
 SCHEMA11_GRAVES = """CREATE TABLE graves (
   usn integer NOT NULL,
   oid integer NOT NULL,
   type integer NOT NULL
 )"""
+
 # The official order; each table's indexes go with it.
 SCHEMA18_TABLES = ("config", "deck_config", "tags", "fields", "templates",
                    "notetypes", "decks")
@@ -3228,7 +5903,6 @@ def downgrade_to_schema11(conn):
 
 
 # --- validating schema-11 JSON (docs/SCHEMA.md 5.3) ------------------------------------
-
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
 
@@ -3369,8 +6043,13 @@ def check_schema11(conn):
         check_notetype(what, notetype)
 
 
-# --- a brand-new collection (docs/SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
+# ---------------------------------------------------------------------------
+# Appendix C. A new collection
+#   What the server creates for a new user: an empty schema-11 collection as
+#   Anki itself makes one, with its stock note types, deck and deck config.
+# ---------------------------------------------------------------------------
 
+# --- a brand-new collection (docs/SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
 SCHEMA11_DDL = """CREATE TABLE col (
   id integer PRIMARY KEY,
   crt integer NOT NULL,
@@ -3571,6 +6250,7 @@ IMAGE_OCCLUSION_AFMT = (
     + "{{#Back Extra}}<div>{{Back Extra}}</div>{{/Back Extra}}\n"
 )
 BASIC_CARD_1 = ("Card 1", "{{Front}}", ANSWER_PREFIX + "{{Back}}")
+
 # (name, type, originalStockKind, fields, templates, req, css); a field is
 # (name, tag, preventDeletion), a template (name, qfmt, afmt).
 STOCK_NOTETYPES = (
@@ -3654,2683 +6334,10 @@ def _write_new_collection(path, now):
         conn.close()
 
 
-def fsync_path(path):
-    """Make a written file, or a rename inside a folder, survive a power cut."""
-    folder = os.path.isdir(path)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if folder:
-            return      # Windows cannot open a folder; its renames are durable anyway
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not folder:
-            raise
-    finally:
-        os.close(fd)
-
-
-def free_space(folder):
-    """Bytes free to this process in `folder` (or the nearest folder that exists)."""
-    while folder and not os.path.isdir(folder):
-        folder = os.path.dirname(folder)
-    try:
-        return shutil.disk_usage(folder or ".").free
-    except OSError:
-        return 0
-
-
-def remove_side_files(path):
-    for suffix in ("-wal", "-shm", "-journal"):
-        try:
-            os.unlink(path + suffix)
-        except FileNotFoundError:
-            pass
-
-
-def create_collection(path):
-    """Write a brand-new schema-11 collection at `path`, atomically: a reader
-    sees either nothing or the complete file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".new-collection-", suffix=".tmp",
-                                dir=folder)
-    os.close(fd)  # SQLite treats the empty file as a new database
-    try:
-        _write_new_collection(temp, time.time())
-        fsync_path(temp)
-        os.replace(temp, path)
-    except BaseException:
-        for leftover in (temp, temp + "-journal"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
-    fsync_path(folder)
-
-
-def connect_collection(path):
-    """An sqlite3 connection set up the way every collection is opened here."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=LOCK_WAIT)
-    conn.create_collation("unicase", unicase_collate)
-    try:
-        # An uploaded file is untrusted: its schema may not run functions behind our back.
-        conn.execute("pragma trusted_schema=off")
-    except sqlite3.Error:
-        pass
-    return conn
-
-
-def sqlite_version_of(conn):
-    try:
-        rows = conn.execute("select ver from col").fetchall()
-    except sqlite3.DatabaseError:
-        raise CorruptCollection(UPLOAD_CORRUPT)
-    if len(rows) != 1:
-        raise CorruptCollection(UPLOAD_CORRUPT)
-    return rows[0][0]
-
-
-def prepare_collection_file(path, schema18_copy=None):
-    """Check an uploaded SQLite file and leave it as a schema-11, DELETE-mode collection.
-
-    A schema-18 upload is first copied to `schema18_copy`, when given. Raises
-    CorruptCollection with the sentence the client shows to its user.
-    """
-    with open(path, "rb") as f:
-        if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-            raise CorruptCollection(UPLOAD_CORRUPT)
-    conn = connect_collection(path)
-    try:
-        try:
-            result = conn.execute("pragma integrity_check").fetchall()
-        except sqlite3.DatabaseError:
-            raise CorruptCollection(UPLOAD_CORRUPT)
-        if result != [("ok",)]:
-            raise CorruptCollection(UPLOAD_CORRUPT)
-        version = sqlite_version_of(conn)
-        if version == 18:
-            if schema18_copy:
-                conn.execute("pragma wal_checkpoint(truncate)")     # all of it in the file
-                shutil.copyfile(path, schema18_copy)
-            downgrade_to_schema11(conn)
-        elif version == 11:
-            check_schema11(conn)
-        elif isinstance(version, int) and 14 <= version <= 17:
-            raise CorruptCollection(
-                "Collection schema %d is not accepted by this sync server: please update "
-                "Anki, or use Check Database and sync again." % version)
-        else:
-            raise CorruptCollection(
-                "Unsupported collection version %s: please update the sync server." % (version,))
-        conn.execute("pragma journal_mode=delete")
-    except sqlite3.DatabaseError:
-        raise CorruptCollection(UPLOAD_CORRUPT)
-    finally:
-        conn.close()
-    remove_side_files(path)
-
-
-class Collection:
-    """One user's collection file and the connection that reads and writes it.
-
-    Beside it may lie the schema-18 file a modern client uploaded, kept in step until
-    the next normal sync: modern clients that download it then skip upgrading a
-    schema-11 file, the slowest part of their full download.
-    """
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.path = os.path.join(folder, "collection.anki2")
-        self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
-        self.conn = None
-        self.ours = False           # the file is known to be schema 11: no need to look
-        self.readers = {}           # inode -> downloads sending that file now
-        self.readers_lock = threading.Lock()
-
-    def open(self):
-        if self.conn is not None and not os.path.exists(self.path):
-            self.close()        # deleted under the server (`deluser --delete-data`): afresh
-        if self.conn is None:
-            if os.path.exists(self.path) and not self.ours and not self.readable():
-                self.set_aside("it cannot be read as a collection")
-            if not os.path.exists(self.path) or os.path.getsize(self.path) == 0:
-                # Empty, as SQLite would read a 0-byte file: the next device uploads.
-                os.makedirs(self.folder, mode=0o700, exist_ok=True)
-                create_collection(self.path)
-            elif not self.ours:
-                self._adopt_foreign_file()
-            self.ours = True
-            self.conn = connect_collection(self.path)
-        return self.conn
-
-    def close(self):
-        if self.conn is not None:
-            try:
-                self.conn.rollback()
-            except sqlite3.Error:
-                pass
-            self.conn.close()
-            self.conn = None
-
-    def readable(self):
-        """False for a file SQLite cannot read, or one that fails its quick check."""
-        if os.path.getsize(self.path) == 0:
-            return True
-        with open(self.path, "rb") as f:
-            if f.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
-                return False
-        probe = connect_collection(self.path)
-        try:
-            probe.execute("select ver from col").fetchone()
-            return probe.execute("pragma quick_check(1)").fetchall() == [("ok",)]
-        except sqlite3.DatabaseError as e:
-            if out_of_space(e) or "locked" in str(e):
-                raise
-            return False
-        finally:
-            probe.close()
-
-    def set_aside(self, why):
-        """A damaged collection moves out of the way, never deleted, and an empty one
-        takes its place: the next device to sync is asked for a full sync, and one that
-        has the notes uploads them."""
-        self.close()
-        aside = "%s.damaged-%s" % (self.path, time.strftime("%Y%m%d-%H%M%S"))
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            if os.path.exists(self.path + suffix):
-                os.replace(self.path + suffix, aside + suffix)
-        self.drop_schema18()
-        self.ours = False
-        fsync_path(self.folder)
-        log.error("%s is damaged (%s): moved to %s; the next device to sync will be asked "
-                  "for a full sync", self.path, why, aside)
-
-    def _adopt_foreign_file(self):
-        """A schema-18 file (moved over from the official server) becomes schema 11 once."""
-        probe = connect_collection(self.path)
-        try:
-            version = probe.execute("select ver from col").fetchone()[0]
-        except (sqlite3.DatabaseError, TypeError):
-            probe.close()
-            raise SyncError(500, "the stored collection of this user cannot be read")
-        if version == 11:
-            probe.close()
-            return
-        temp = self.path + ".convert"
-        target = connect_collection(temp)
-        try:
-            probe.backup(target)    # takes what is still in a -wal file along
-        finally:
-            target.close()
-            probe.close()
-        try:
-            prepare_collection_file(temp)
-        except CorruptCollection as e:
-            os.unlink(temp)
-            raise SyncError(500, "cannot convert the stored schema-%s collection: %s"
-                            % (version, e.reason))
-        os.replace(temp, self.path)
-        remove_side_files(self.path)
-        fsync_path(self.folder)
-        log.info("converted %s from schema %s to 11", self.path, version)
-
-    def replace_with(self, new_path, schema18_path=None):
-        """Atomically put an already prepared file in place of the collection."""
-        self.close()
-        self.ours = True
-        self.drop_schema18()
-        os.replace(new_path, self.path)
-        remove_side_files(self.path)
-        if schema18_path:
-            os.replace(schema18_path, self.schema18_path)
-        fsync_path(self.folder)
-
-    def drop_schema18(self):
-        """The collection changed: the schema-18 copy no longer matches it."""
-        if os.path.exists(self.schema18_path):
-            os.unlink(self.schema18_path)
-            remove_side_files(self.schema18_path)
-
-    def bump_for_download(self, modern):
-        """A full download raises usn (and mod); returns the file to send.
-
-        The schema-18 copy gets the same change, or is dropped if out of step.
-        """
-        now = now_ms()
-        self.detach_readers(self.path)
-        conn = self.open()
-        before = conn.execute("select mod, scm, usn from col").fetchone()
-        conn.execute("update col set usn=usn+1, mod=?", (now,))
-        conn.execute("pragma journal_mode=delete")
-        if not os.path.exists(self.schema18_path):
-            return self.path
-        self.detach_readers(self.schema18_path)
-        try:
-            copy = connect_collection(self.schema18_path)
-            try:
-                in_step = copy.execute("select mod, scm, usn from col").fetchone() == before
-                if in_step:
-                    copy.execute("update col set usn=usn+1, mod=?", (now,))
-            finally:
-                copy.close()
-        except sqlite3.Error:
-            in_step = False
-        if not in_step:
-            self.drop_schema18()
-            return self.path
-        return self.schema18_path if modern else self.path
-
-    def size(self):
-        try:
-            return os.path.getsize(self.path)
-        except OSError:
-            return 0
-
-    # -- downloads read the file itself, not a copy -----------------------
-
-    def reader(self, path):
-        """`path` opened for a download, as it is now, for as long as the download takes."""
-        return CollectionReader(path, self)
-
-    def detach_readers(self, path):
-        """Before `path` is written in place: downloads still reading it keep that file,
-        and writing goes on in a copy. Only a sync that meets a slow download pays
-        for one; downloads themselves never need room for a second collection."""
-        try:
-            inode = os.stat(path).st_ino
-        except OSError:
-            return
-        with self.readers_lock:
-            if not self.readers.get(inode):
-                return
-        if path == self.path:
-            self.close()
-        fd, temp = tempfile.mkstemp(prefix=".copy-", dir=self.folder)
-        os.close(fd)
-        try:
-            shutil.copyfile(path, temp)
-            fsync_path(temp)
-            os.replace(temp, path)
-        except BaseException:
-            os.unlink(temp)
-            raise
-        fsync_path(self.folder)
-
-
-class CollectionReader:
-    """An open collection file that a download is sending, counted by its inode."""
-
-    def __init__(self, path, collection):
-        self.file = open(path, "rb")
-        self.collection = collection
-        self.inode = os.fstat(self.file.fileno()).st_ino
-        with collection.readers_lock:
-            collection.readers[self.inode] = collection.readers.get(self.inode, 0) + 1
-
-    def read(self, size=-1):
-        return self.file.read(size)
-
-    def fileno(self):
-        return self.file.fileno()
-
-    def close(self):
-        if self.file is None:
-            return
-        self.file.close()
-        self.file = None
-        readers = self.collection.readers
-        with self.collection.readers_lock:
-            readers[self.inode] -= 1
-            if not readers[self.inode]:
-                del readers[self.inode]
-
-
 # ---------------------------------------------------------------------------
-# Collection sync
-#   The collection methods by their wire names (docs/PROTOCOL.md section 3 and 5).
-#   A normal sync is one SQLite transaction, begun at `start` and committed at
-#   `finish`; anything else rolls it back.
+# Main
+#   `python3 ankisync.py COMMAND`: one command of the table above, run.
 # ---------------------------------------------------------------------------
-
-def now_ms():
-    return int(time.time() * 1000)
-
-
-def to_int(value, what="value"):
-    """Numbers as clients send them: ints, floats (legacy) or numeric strings."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    try:
-        if isinstance(value, float):
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                return int(float(value))
-    except (ValueError, OverflowError):
-        pass
-    raise bad_request("%s must be a number, not %r" % (what, value if not isinstance(value, str)
-                                                       else value[:40]))
-
-
-ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-FIELD_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1e\x7f]")   # keeps TAB, LF and the 0x1f separator
-MEDIA_TAG = re.compile(
-    r"""<(?:img|audio|video|object|source)\b[^>]*?\b(?:src|data)\s*=\s*"""
-    r"""(?:"([^"]*)"|'([^']*)'|([^\s>]+))[^>]*>""", re.IGNORECASE | re.DOTALL)
-# Comments, style and script blocks with their content, then any other tag: one pass.
-HTML_MARKUP = re.compile(r"<!--.*?-->|<style\b.*?>.*?</style>|<script\b.*?>.*?</script>|<.*?>",
-                         re.IGNORECASE | re.DOTALL)
-
-
-def strip_html_keep_media(text):
-    """The text Anki sorts and checksums a field by (docs/PROTOCOL.md appendix D)."""
-    if "<" not in text and "&" not in text:
-        return text
-    if "<" in text:
-        text = MEDIA_TAG.sub(lambda m: " %s " % next(g for g in m.groups() if g is not None), text)
-        text = HTML_MARKUP.sub("", text)
-    if "&" in text:
-        text = html.unescape(text).replace("\xa0", " ")
-    return text
-
-
-def field_checksum(text):
-    return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)
-
-
-def normalize_name_component(part, fallback="blank"):
-    part = ASCII_CONTROL.sub("", unicodedata.normalize("NFC", part)).strip().strip(":").strip()
-    return part or fallback
-
-
-def normalize_deck_name(name):
-    return "::".join(normalize_name_component(p) for p in str(name).split("::"))
-
-
-def normalize_tag(name):
-    parts = []
-    for part in unicodedata.normalize("NFC", str(name)).split("::"):
-        part = re.sub(r"[\x00-\x20\x7f\u3000]", "", part)
-        parts.append(part or "blank")
-    tag = "::".join(parts)
-    return "" if tag == "blank" else tag
-
-
-def normalize_note_tags(tags):
-    """" a b " with single spaces, or "" (U+3000 separates tags too)."""
-    if len(tags) > 2 and tags[0] == tags[-1] == " " and "  " not in tags and "\u3000" not in tags:
-        return tags         # already in shape, as from every client but 2.1.26
-    names = tags.replace("\u3000", " ").split()
-    return " %s " % " ".join(names) if names else ""
-
-
-def unique_name(name, taken):
-    """Anki's rule for a clash: append '+' until no other object has the name."""
-    while name.casefold() in taken:
-        name += "+"
-    return name
-
-
-class CollectionObjects:
-    """The JSON columns of the `col` row, parsed once per sync session.
-
-    Notetypes, decks, deck configs, tags and config change in memory and are
-    written back just before the commit at `finish`.
-    """
-
-    COLUMNS = ("models", "decks", "dconf", "tags", "conf")
-
-    def __init__(self, conn):
-        row = conn.execute("select crt, models, decks, dconf, tags, conf from col").fetchone()
-        self.crt = row[0]
-        self.models, self.decks, self.dconf, self.tags, self.conf = (json.loads(v) for v in row[1:])
-        self.dirty = set()
-
-    def save(self, conn):
-        for column in self.COLUMNS:
-            if column in self.dirty:
-                value = getattr(self, column)
-                conn.execute("update col set %s=?" % column, (dumps_compact(value),))
-        if "crt" in self.dirty:
-            conn.execute("update col set crt=?", (self.crt,))
-        self.dirty.clear()
-
-
-class SyncSession:
-    """One device's normal sync in progress: its keys, usns and open transaction."""
-
-    def __init__(self, skey, conn, client_usn, client_is_newer):
-        self.skey = skey
-        self.conn = conn
-        self.client_usn = client_usn
-        self.client_is_newer = client_is_newer
-        self.chunk_ids = None           # server rows still to send, filled by the first `chunk`
-        self.server_changed = {}        # table -> whether the server has rows to send there
-        self.writer = None              # the thread storing the last applyChunk's rows
-        self.write_error = None         # what went wrong there
-        self.failed = False             # a bad sanity check rolled the transaction back
-        self.touched = time.monotonic()
-        conn.execute("begin immediate")
-        self.server_usn = conn.execute("select usn from col").fetchone()[0]
-        self.objects = CollectionObjects(conn)
-
-    def rollback(self):
-        try:
-            self.settle()
-        except Exception:
-            pass            # rolled back either way
-        try:
-            if self.conn.in_transaction:
-                self.conn.execute("rollback")
-        except sqlite3.Error:
-            pass
-
-    # -- graves -----------------------------------------------------------
-
-    def pending_graves(self):
-        graves = {"cards": [], "notes": [], "decks": []}
-        names = {0: "cards", 1: "notes", 2: "decks"}
-        for oid, kind in self.conn.execute(
-                "select oid, type from graves where usn >= ?", (self.client_usn,)):
-            if kind in names:
-                graves[names[kind]].append(oid)
-        return graves
-
-    def apply_graves(self, graves):
-        usn = self.server_usn
-        cards, notes, decks = (graves_list(graves, key) for key in ("cards", "notes", "decks"))
-        if len(cards) + len(notes) + len(decks) > GRAVES_MAX:
-            raise bad_request("more than %d deletions in one request" % GRAVES_MAX)
-        self.conn.executemany("delete from cards where id=?", ((i,) for i in cards))
-        self.conn.executemany("delete from notes where id=?", ((i,) for i in notes))
-        for did in decks:
-            if self.objects.decks.pop(str(did), None) is not None:
-                self.objects.dirty.add("decks")
-        self.conn.executemany(
-            "insert into graves (usn, oid, type) values (?, ?, ?)",
-            [(usn, i, 0) for i in cards] + [(usn, i, 1) for i in notes] +
-            [(usn, i, 2) for i in decks])
-
-    # -- notetypes, decks, deck configs, tags, config -----------------------
-
-    def pending_changes(self):
-        """The server's side of applyChanges, gathered before the client's is applied."""
-        since = self.client_usn
-        objects = self.objects
-
-        def pending(mapping):
-            return [obj for obj in mapping.values() if to_int(obj.get("usn", 0)) >= since]
-
-        changes = {
-            "models": pending(objects.models),
-            "decks": [pending(objects.decks), pending(objects.dconf)],
-            "tags": [tag for tag, usn in objects.tags.items() if to_int(usn) >= since],
-        }
-        if not self.client_is_newer:
-            changes["conf"] = objects.conf
-            changes["crt"] = objects.crt
-        return changes
-
-    def apply_changes(self, changes):
-        if not isinstance(changes, dict):
-            raise bad_request("applyChanges needs a `changes` object")
-        models = changes.get("models")
-        models = [] if models is None else models
-        decks = changes.get("decks")
-        decks = [[], []] if decks is None else decks
-        if not (isinstance(models, list) and isinstance(decks, list) and len(decks) == 2):
-            raise bad_request("applyChanges: `models` must be a list and `decks` a pair of lists")
-        for model in models:
-            self.merge_notetype(model)
-        for deck in decks[0] or []:
-            self.merge_deck(deck)
-        for dconf in decks[1] or []:
-            self.merge_deck_config(dconf)
-        for tag in changes.get("tags") or []:
-            self.add_tag(tag)
-        if changes.get("crt") is not None:
-            self.objects.crt = to_int(changes["crt"], "crt")
-            self.objects.dirty.add("crt")
-        if changes.get("conf") is not None:
-            if not isinstance(changes["conf"], dict):
-                raise bad_request("applyChanges: `conf` must be an object")
-            self.objects.conf = changes["conf"]
-            self.objects.dirty.add("conf")
-
-    def _newer_than_stored(self, mapping, obj, what):
-        if not isinstance(obj, dict):
-            raise bad_request("applyChanges: a %s must be an object" % what)
-        oid = to_int(obj.get("id"), "%s id" % what)
-        obj["id"] = oid
-        obj["mod"] = to_int(obj.get("mod", 0), "%s mod" % what)
-        existing = mapping.get(str(oid))
-        if existing is not None and to_int(existing.get("mod", 0)) > obj["mod"]:
-            return None
-        # Stamped with this sync's usn whatever the client wrote: a stale usn from a
-        # client whose `meta` raced another device would hide the change from it.
-        obj["usn"] = self.server_usn
-        return existing if existing is not None else {}
-
-    def _taken_names(self, mapping, oid):
-        return {str(o.get("name", "")).casefold() for key, o in mapping.items() if key != str(oid)}
-
-    def merge_notetype(self, model):
-        existing = self._newer_than_stored(self.objects.models, model, "notetype")
-        if existing is None:
-            return
-        for key in ("flds", "tmpls"):
-            if not isinstance(model.get(key), list):
-                raise bad_request("applyChanges: notetype %s has no %s list" % (model["id"], key))
-        if existing and (len(existing.get("flds", [])) != len(model["flds"])
-                         or len(existing.get("tmpls", [])) != len(model["tmpls"])):
-            raise bad_request("notetype schema changed: notetype %s needs a full sync"
-                              % model["id"])
-        taken = self._taken_names(self.objects.models, model["id"])
-        name = unique_name(str(model.get("name", "")), taken)
-        if name != model.get("name"):
-            model["name"], model["mod"] = name, int(time.time())
-        self.objects.models[str(model["id"])] = model
-        self.objects.dirty.add("models")
-
-    def merge_deck(self, deck):
-        if self._newer_than_stored(self.objects.decks, deck, "deck") is None:
-            return
-        name = normalize_deck_name(deck.get("name", ""))
-        unique = unique_name(name, self._taken_names(self.objects.decks, deck["id"]))
-        if unique != deck.get("name"):
-            deck["name"] = unique
-            if unique != name:
-                deck["mod"] = int(time.time())
-        self.objects.decks[str(deck["id"])] = deck
-        self.objects.dirty.add("decks")
-
-    def merge_deck_config(self, dconf):
-        if self._newer_than_stored(self.objects.dconf, dconf, "deck config") is None:
-            return
-        self.objects.dconf[str(dconf["id"])] = dconf
-        self.objects.dirty.add("dconf")
-
-    def add_tag(self, tag):
-        if not isinstance(tag, str):
-            raise bad_request("applyChanges: tags must be strings")
-        tag = normalize_tag(tag)
-        if not tag:
-            return
-        tags = self.objects.tags
-        if tag in tags or tag.casefold() in {t.casefold() for t in tags}:
-            return
-        tags[tag] = self.server_usn
-        self.objects.dirty.add("tags")
-
-    # -- rows: revlog, cards, notes -----------------------------------------
-
-    REVLOG_COLUMNS = "id, cid, usn, ease, ivl, lastIvl, factor, time, type"
-    CARD_COLUMNS = ("id, nid, did, ord, mod, usn, type, queue, due, ivl, factor, reps, "
-                    "lapses, left, odue, odid, flags, data")
-    NOTE_COLUMNS = "id, guid, mid, mod, usn, tags, flds, '', '', flags, data"
-
-    def chunk(self):
-        if self.chunk_ids is None:
-            self.chunk_ids = [
-                [r[0] for r in self.conn.execute(
-                    "select id from %s where usn >= ?" % table, (self.client_usn,))]
-                for table in ("revlog", "cards", "notes")]
-            # Without server changes to those rows, the client's simply replace them.
-            self.server_changed = {"cards": bool(self.chunk_ids[1]),
-                                   "notes": bool(self.chunk_ids[2])}
-        revlog_ids, card_ids, note_ids = self.chunk_ids
-        taken = ([], [], [])
-        count = 0
-        # Round-robin over the three lists, as the official server picks them.
-        while count < CHUNK_SIZE and (revlog_ids or card_ids or note_ids):
-            for source, sink in ((revlog_ids, taken[0]), (note_ids, taken[2]),
-                                 (card_ids, taken[1])):
-                if source and count < CHUNK_SIZE:
-                    sink.append(source.pop())
-                    count += 1
-        reply = {"done": not (revlog_ids or card_ids or note_ids)}
-        for key, table, columns, ids in (("revlog", "revlog", self.REVLOG_COLUMNS, taken[0]),
-                                         ("cards", "cards", self.CARD_COLUMNS, taken[1]),
-                                         ("notes", "notes", self.NOTE_COLUMNS, taken[2])):
-            if ids:
-                reply[key] = [list(row) for row in self.conn.execute(
-                    "select %s from %s where id in (%s)"
-                    % (columns, table, ",".join("?" * len(ids))), ids)]
-        return reply
-
-    def apply_chunk(self, chunk):
-        if not isinstance(chunk, dict):
-            raise bad_request("applyChunk needs a `chunk` object")
-        revlog = [self.revlog_row(r) for r in chunk.get("revlog") or []]
-        cards = [self.card_row(r) for r in chunk.get("cards") or []]
-        notes = [self.note_row(r) for r in chunk.get("notes") or []]
-        # Checked rows are stored on a thread of their own, so SQLite works while the
-        # client prepares its next chunk; the next request of the session waits for it.
-        self.settle()
-        self.writer = threading.Thread(target=self.store_rows, args=(revlog, cards, notes),
-                                       name="ankisync-chunk", daemon=True)
-        self.writer.start()
-
-    def store_rows(self, revlog, cards, notes):
-        try:
-            if revlog:
-                self.conn.executemany("insert or ignore into revlog values (?,?,?,?,?,?,?,?,?)",
-                                      revlog)
-            self.merge_rows("cards", cards, mod_index=4)
-            self.merge_rows("notes", notes, mod_index=3)
-        except Exception as e:          # handed to the request that settles the session
-            self.write_error = e
-
-    def settle(self):
-        """Wait until the rows of the last applyChunk are stored; raise what failed there."""
-        if self.writer is not None:
-            self.writer.join()
-            self.writer = None
-        error, self.write_error = self.write_error, None
-        if error is not None:
-            raise error
-
-    def merge_rows(self, table, rows, mod_index):
-        """Insert new rows; replace stored ones unless changed here since and not older."""
-        if not rows:
-            return
-        if not self.server_changed.get(table, True):
-            self.conn.executemany("insert or replace into %s values (%s)"
-                                  % (table, ",".join("?" * len(rows[0]))), rows)
-            return
-        ids = [row[0] for row in rows]
-        stored = {}
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
-            for oid, mod, usn in self.conn.execute(
-                    "select id, mod, usn from %s where id in (%s)"
-                    % (table, ",".join("?" * len(part))),
-                    part):
-                stored[oid] = (mod, usn)
-        keep = []
-        for row in rows:
-            old = stored.get(row[0])
-            if old is not None and old[1] >= self.client_usn and old[0] >= row[mod_index]:
-                continue
-            keep.append(row)
-        if keep:
-            self.conn.executemany("insert or replace into %s values (%s)"
-                                  % (table, ",".join("?" * len(keep[0]))), keep)
-
-    def revlog_row(self, row):
-        row = checked_row(row, 9, "revlog")
-        values = [v if type(v) is int else to_int(v, "revlog value") for v in row]
-        values[2] = self.server_usn
-        return values
-
-    def card_row(self, row):
-        row = checked_row(row, 18, "card")
-        values = [v if type(v) is int else to_int(v, "card value") for v in row[:17]]
-        values[5] = self.server_usn
-        data = row[17]
-        values.append(data if isinstance(data, str) else json.dumps(data))
-        return values
-
-    def note_row(self, row):
-        row = checked_row(row, 11, "note")
-        nid, guid, mid, mod, _, tags, flds = row[:7]
-        if not (type(nid) is int and type(mid) is int and type(mod) is int):
-            nid, mid, mod = to_int(nid, "note id"), to_int(mid, "note mid"), to_int(mod, "note mod")
-        if not (type(guid) is str and type(tags) is str and type(flds) is str):
-            raise bad_request("note %s: guid, tags and fields must be strings" % nid)
-        model = self.objects.models.get(str(mid))
-        if model is None:
-            raise bad_request("note %s uses notetype %s, which this collection does not have"
-                              % (nid, mid))
-        flds = FIELD_CONTROL.sub("", flds)
-        fields = flds.split("\x1f")
-        expected = max(1, len(model.get("flds") or []))
-        if len(fields) != expected:
-            raise bad_request("note %s has %d fields, its notetype %s has %d"
-                              % (nid, len(fields), mid, expected))
-        first = strip_html_keep_media(fields[0])
-        sort_index = to_int(model.get("sortf", 0))
-        if sort_index == 0:
-            sort_field = first
-        else:
-            sort_field = strip_html_keep_media(fields[sort_index]) \
-                if sort_index < len(fields) else ""
-        return [nid, guid, mid, mod, self.server_usn, normalize_note_tags(tags), flds,
-                sort_field, field_checksum(first), 0, ""]
-
-    # -- the end ------------------------------------------------------------
-
-    def sanity_counts(self):
-        if self.has_unsynced():
-            return None
-        conn = self.conn
-        count = lambda table: conn.execute("select count() from %s" % table).fetchone()[0]
-        return [[0, 0, 0], count("cards"), count("notes"), count("revlog"), 0,
-                len(self.objects.models), len(self.objects.decks), len(self.objects.dconf)]
-
-    def has_unsynced(self):
-        """usn -1 anywhere means something of a client's slipped in unstamped."""
-        for table in ("cards", "notes", "revlog", "graves"):
-            if self.conn.execute("select 1 from %s where usn = -1 limit 1" % table).fetchone():
-                return True
-        objects = self.objects
-        for mapping in (objects.models, objects.decks, objects.dconf):
-            if any(to_int(o.get("usn", 0)) == -1 for o in mapping.values()):
-                return True
-        return any(to_int(usn) == -1 for usn in objects.tags.values())
-
-    def finish(self):
-        now = now_ms()
-        self.objects.save(self.conn)
-        self.conn.execute("update col set ls=?, mod=?, usn=usn+1", (now, now))
-        self.conn.execute("commit")
-        return now
-
-
-def checked_row(row, length, what):
-    if not isinstance(row, list) or len(row) != length:
-        raise bad_request("a %s row must be a list of %d values" % (what, length))
-    return row
-
-
-def graves_list(graves, key):
-    values = graves.get(key) or []
-    if not isinstance(values, list):
-        raise bad_request("graves: `%s` must be a list of ids" % key)
-    return [to_int(v, "grave id") for v in values]
-
-
-class Reply:
-    """A method's answer: bytes in memory, or a file streamed from disk."""
-
-    def __init__(self, body=b"", stream=None, size=None):
-        self.body = body
-        self.stream = stream            # a readable file object, for large answers
-        self.size = len(body) if stream is None else size
-
-    @classmethod
-    def json(cls, obj):
-        return cls(dumps_compact(obj).encode("utf-8"))
-
-    @classmethod
-    def text(cls, text):
-        return cls(text.encode("utf-8"))
-
-    def close(self):
-        if self.stream is not None:
-            self.stream.close()
-
-
-class UserLock:
-    """A user's lock with a deadline: a request that waits too long gets 409."""
-
-    def __init__(self, lock, reason):
-        self.lock = lock
-        self.reason = reason
-
-    def __enter__(self):
-        if not self.lock.acquire(timeout=LOCK_WAIT):
-            raise SyncError(409, self.reason)
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
-
-
-def old_client_refusal(version, conf):
-    """Why a client of sync `version` must not sync a collection with this `conf`, or "".
-
-    The official server's rules (rslib sync/collection/meta.rs): the v2 scheduler needs
-    version 9, the new timezone handling (a creationOffset) version 10."""
-    try:
-        conf = json.loads(conf)
-    except ValueError:
-        conf = None
-    if not isinstance(conf, dict):
-        conf = {}
-    if conf.get("schedVer", 1) != 1 and version < SyncVersion.V09_V2_SCHEDULER:
-        return OLD_SCHEDULER_CLIENT
-    if conf.get("creationOffset") is not None and version < SyncVersion.V10_V2_TIMEZONE:
-        return OLD_TIMEZONE_CLIENT
-    return ""
-
-
-class CollectionSync:
-    """One user's collection: the protocol methods and the sync session between them."""
-
-    def __init__(self, folder, media, max_decompressed):
-        self.folder = folder
-        self.media = media              # the user's MediaStore: meta tells its usn
-        self.max_decompressed = max_decompressed
-        self.collection = Collection(folder)
-        self.session = None
-        self.lock = threading.Lock()
-
-    def locked(self):
-        return UserLock(self.lock, "another device of this user is syncing the collection")
-
-    def handle(self, req):
-        kind = COLLECTION_METHODS.get(req.method)
-        if kind not in ("alone", "session", "upload"):
-            raise SyncError(404, "unknown sync method %r" % req.method[:40])
-        method = getattr(self, req.method)      # each method is named as on the wire
-        if kind == "upload":
-            return method(req)          # locks only around the swap: checking takes a while
-        with self.locked():
-            try:
-                if kind == "session":
-                    return self.stateful(req, method)
-                return method(req)
-            except sqlite3.DatabaseError as e:
-                if out_of_space(e) or self.collection.readable():
-                    raise
-                self.collection.set_aside(str(e))
-                raise SyncError(503, "the server's copy of this collection was damaged and "
-                                "has been set aside: sync again to upload yours")
-
-    # -- session bookkeeping --------------------------------------------
-
-    def abort_session(self):
-        if self.session is not None:
-            self.session.rollback()
-            self.session = None
-
-    def expire_idle(self, timeout):
-        """Roll back a session whose device went quiet; called by the housekeeping thread."""
-        if self.session is None or not self.lock.acquire(blocking=False):
-            return
-        try:
-            if self.session is not None and time.monotonic() - self.session.touched > timeout:
-                log.info("%s: sync session idle for %d s, rolled back", self.folder, timeout)
-                self.abort_session()
-        finally:
-            self.lock.release()
-
-    def stateful(self, req, method):
-        """Run a method of the sync session; any failure in it rolls the session back."""
-        if not req.skey:
-            raise bad_request("missing session key (s)")
-        data = req.json()
-        if req.method != "start":
-            if self.session is None:
-                raise SyncError(409, "no sync in progress: the sync was cancelled or timed out")
-            if self.session.skey != req.skey:
-                raise SyncError(409, "another device started a sync of this collection")
-        try:
-            if req.method != "start":
-                self.session.settle()
-            result = method(data, req)
-        except BaseException:
-            # A client's mistake (SyncError 4xx) or a fault of ours (5xx, with its
-            # traceback in the log): either way the session is gone.
-            self.abort_session()
-            raise
-        if self.session is not None:
-            self.session.touched = time.monotonic()
-        return Reply.json(result)
-
-    # -- the methods, by their wire names -------------------------------
-
-    def meta(self, req):
-        version = SyncVersion.check(req.json().get("v"))
-        self.abort_session()
-        conn = self.collection.open()
-        mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
-        empty = conn.execute("select 1 from cards limit 1").fetchone() is None
-        if self.collection.size() > self.max_decompressed:
-            # Too big to upload again: a moving scm makes clients offer a one-way sync.
-            scm = now_ms()
-        # An empty collection is about to be replaced by the device's own: nothing to damage.
-        msg = "" if empty else old_client_refusal(version, conf)
-        return Reply.json({
-            "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
-            "cont": not msg, "hostNum": 0, "empty": empty,
-            "media_usn": self.media.last_usn(),
-            "uname": req.user,
-        })
-
-    def start(self, data, req):
-        self.abort_session()
-        self.collection.detach_readers(self.collection.path)
-        conn = self.collection.open()
-        self.session = SyncSession(req.skey, conn, to_int(data.get("minUsn", 0), "minUsn"),
-                                   bool(data.get("lnewer")))
-        graves = self.session.pending_graves()
-        legacy = data.get("graves")
-        if legacy:
-            # AnkiDroid and old clients send all their deletions here instead of applyGraves.
-            if not isinstance(legacy, dict):
-                raise bad_request("start: `graves` must be an object")
-            self.session.apply_graves(legacy)
-        return graves
-
-    def applyGraves(self, data, req):
-        chunk = data.get("chunk")
-        if not isinstance(chunk, dict):
-            raise bad_request("applyGraves needs a `chunk` object")
-        self.session.apply_graves(chunk)
-        return None
-
-    def applyChanges(self, data, req):
-        mine = self.session.pending_changes()
-        self.session.apply_changes(data.get("changes"))
-        return mine
-
-    def chunk(self, data, req):
-        return self.session.chunk()
-
-    def applyChunk(self, data, req):
-        self.session.apply_chunk(data.get("chunk"))
-        return None
-
-    def sanityCheck2(self, data, req):
-        client = data.get("client")
-        server = self.session.sanity_counts()
-        ok = False
-        if isinstance(client, list) and len(client) == 8 and server is not None:
-            client = [[0, 0, 0]] + [to_int(v, "sanity count") for v in client[1:]]
-            client[4] = 0
-            ok = client == server
-        if not ok:
-            self.session.rollback()
-            self.session.failed = True
-        return {"status": "ok" if ok else "bad", "c": client, "s": server}
-
-    def finish(self, data, req):
-        session = self.session
-        if session.failed:
-            raise bad_request("finish after a failed sanity check: the sync was rolled back")
-        self.session = None
-        try:
-            finished = session.finish()
-        except sqlite3.Error:
-            session.rollback()
-            raise
-        self.collection.drop_schema18()
-        return finished
-
-    def abort(self, req):
-        self.abort_session()
-        return Reply.json(None)
-
-    def download(self, req):
-        self.abort_session()
-        stream = self.collection.reader(self.collection.bump_for_download(req.modern))
-        return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
-
-    def upload(self, req):
-        with self.locked():
-            self.abort_session()
-        if req.payload.size >= self.max_decompressed:
-            raise SyncError(413, UPLOAD_TOO_LARGE)
-        os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
-        os.close(fd)
-        # Kept for modern downloads only while it costs little of the disk.
-        keep18 = free_space(self.folder) > SCHEMA18_KEEP_FREE * req.payload.size
-        schema18 = temp + ".schema18"
-        try:
-            req.payload.save_as(temp)
-            prepare_collection_file(temp, schema18 if keep18 else None)
-            with self.locked():
-                self.abort_session()
-                self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
-        except CorruptCollection as e:
-            # A status, not the official 200 with a sentence: proxies, logs and scripts see
-            # the refusal, and modern clients answer it with "use Check Database", the
-            # same advice.
-            log.info("%s: upload refused: %s", req.user, e.reason)
-            raise
-        finally:
-            for path in (temp, schema18) + tuple(temp + s for s in ("-wal", "-shm", "-journal")):
-                if os.path.exists(path):
-                    os.unlink(path)
-        return Reply.text("OK")
-
-
-# ---------------------------------------------------------------------------
-# Media sync
-#   media.db and media/ per user, laid out like the official server's. The
-#   media usn rises by exactly one per change; deletions stay as entries.
-# ---------------------------------------------------------------------------
-
-MEDIA_SCHEMA = """
-    create table if not exists media (
-        fname text not null primary key,
-        csum blob not null,
-        size integer not null,
-        usn integer not null,
-        mtime integer not null);
-    create index if not exists ix_usn on media (usn);
-    create table if not exists meta (
-        last_usn integer not null,
-        total_bytes integer not null,
-        total_nonempty_files integer not null);
-"""
-WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-@contextlib.contextmanager
-def transaction(db):
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connections)."""
-    db.execute("begin immediate")
-    try:
-        yield db
-    except BaseException:
-        db.execute("rollback")
-        raise
-    db.execute("commit")
-
-
-def check_media_name(name):
-    """A name a client may store a file under; anything else could escape the folder."""
-    if not isinstance(name, str) or not name:
-        raise bad_request("media: empty or missing file name")
-    shown = name[:60]
-    if name in (".", "..", "_meta") or "/" in name or "\\" in name or WINDOWS_DRIVE.match(name):
-        raise bad_request("media: file name %r is not a plain file name" % shown)
-    if ASCII_CONTROL.search(name):
-        raise bad_request("media: file name %r contains control characters" % shown)
-    if len(name.encode("utf-8")) > MEDIA_NAME_MAX_BYTES:
-        raise bad_request("media: file name %r is longer than %d bytes"
-                          % (shown, MEDIA_NAME_MAX_BYTES))
-    if unicodedata.normalize("NFC", name) != name:
-        raise bad_request("media: file name %r is not in Unicode NFC form" % shown)
-    return name
-
-
-class MediaStore:
-    """A user's media files and the database that numbers their changes."""
-
-    def __init__(self, folder):
-        self.folder = os.path.join(folder, "media")
-        self.db_path = os.path.join(folder, "media.db")
-        self.lock = threading.Lock()        # held by the media method in progress
-        self.db = None                      # its connection, kept open between requests
-
-    def connect(self):
-        """The connection of the media methods; call it with `lock` held."""
-        if self.db is not None and not os.path.exists(self.db_path):
-            self.db.close()     # deleted under the server (`deluser --delete-data`): afresh
-            self.db = None
-        if self.db is None:
-            # Kept open: closing the last connection of a WAL database checkpoints it,
-            # which cost more than a whole small upload.
-            os.makedirs(self.folder, exist_ok=True)
-            try:
-                self.db = self._open()
-            except sqlite3.DatabaseError as e:
-                if out_of_space(e) or "locked" in str(e):
-                    raise
-                self.db = self._rebuild(str(e))
-        return self.db
-
-    def _open(self):
-        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                             timeout=LOCK_WAIT)
-        try:
-            db.execute("pragma journal_mode=wal")      # readers (meta) never wait for writers
-            if db.execute("pragma user_version").fetchone()[0] == 0:
-                db.executescript(MEDIA_SCHEMA)
-                db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
-                db.execute("pragma user_version = 4")
-            db.execute("select last_usn from meta").fetchone()[0]
-        except (sqlite3.DatabaseError, TypeError):
-            db.close()
-            raise sqlite3.DatabaseError("media.db cannot be read")
-        return db
-
-    def _rebuild(self, why):
-        """A damaged media.db is set aside and made again from the files present. Their
-        usns start above any a device has seen (a clock's seconds), so every device
-        compares its files with these on its next media sync."""
-        aside = "%s.damaged-%s" % (self.db_path, time.strftime("%Y%m%d-%H%M%S"))
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(self.db_path + suffix):
-                os.replace(self.db_path + suffix, aside + suffix)
-        db = self._open()
-        usn, total = int(time.time()), 0
-        names = sorted(n for n in os.listdir(self.folder) if not n.startswith("."))
-        with transaction(db):
-            for usn, name in enumerate(names, usn + 1):
-                with open(os.path.join(self.folder, name), "rb") as f:
-                    digest = hashlib.sha1()
-                    copy_stream(f.read, digest.update)
-                size = os.path.getsize(os.path.join(self.folder, name))
-                total += size
-                db.execute("insert into media values (?, ?, ?, ?, ?)",
-                           (name, digest.digest(), size, usn, int(time.time())))
-            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
-                       (usn, total, len(names)))
-        log.error("%s was damaged (%s): moved to %s and made again from the %d files in %s",
-                  self.db_path, why, aside, len(names), self.folder)
-        return db
-
-    def last_usn(self):
-        """For `meta`, which must not wait for a media upload of the same user."""
-        if self.lock.acquire(blocking=False):
-            try:
-                return self.connect().execute("select last_usn from meta").fetchone()[0]
-            finally:
-                self.lock.release()
-        db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)     # WAL: reads never wait
-        try:
-            return db.execute("select last_usn from meta").fetchone()[0]
-        finally:
-            db.close()
-
-    def path_of(self, name):
-        return os.path.join(self.folder, check_media_name(name))
-
-
-class MediaSync:
-    """One user's media methods, by their wire names (docs/PROTOCOL.md section 6)."""
-
-    def __init__(self, store, spool_folder, max_decompressed):
-        self.store = store
-        self.spool_folder = spool_folder
-        self.max_decompressed = max_decompressed
-
-    def handle(self, req):
-        if req.method not in MEDIA_METHODS:
-            raise SyncError(404, "unknown media method %r" % req.method[:40])
-        method = getattr(self, req.method)      # each method is named as on the wire
-        with UserLock(self.store.lock, "another device of this user is syncing media"):
-            return method(req, self.store.connect())
-
-    @staticmethod
-    def wrapped(data):
-        return Reply.json({"data": data, "err": ""})
-
-    def begin(self, req, db):
-        if not req.client_version:
-            raise bad_request("msync/begin needs the client version (v)")
-        usn = db.execute("select last_usn from meta").fetchone()[0]
-        # The host key doubles as the legacy media session key, as on the official server.
-        return self.wrapped({"usn": usn, "sk": req.hkey})
-
-    def mediaChanges(self, req, db):
-        since = to_int(req.json().get("lastUsn", 0), "lastUsn")
-        rows = db.execute("select fname, usn, csum, size from media where usn > ? "
-                          "order by usn limit ?", (since, MEDIA_CHANGES_PAGE)).fetchall()
-        return self.wrapped([[name, usn, csum.hex() if size else ""]
-                             for name, usn, csum, size in rows])
-
-    def mediaSanity(self, req, db):
-        local = to_int(req.json().get("local"), "local")
-        total = db.execute("select total_nonempty_files from meta").fetchone()[0]
-        return self.wrapped("OK" if local == total else "mediaSanity")
-
-    def downloadFiles(self, req, db):
-        names = req.json().get("files")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise bad_request("downloadFiles needs a list of file names")
-        if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
-            raise bad_request("downloadFiles: at most %d files per request"
-                              % MEDIA_DOWNLOAD_FILES_MAX)
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.spool_folder)
-        try:
-            zip_meta, total = {}, 0
-            with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
-                for index, name in enumerate(names):
-                    row = db.execute("select size from media where fname=?", (name,)).fetchone()
-                    if row is None or row[0] == 0:
-                        raise SyncError(409, "downloadFiles: %r is not on the server" % name[:60])
-                    path = self.store.path_of(name)
-                    if not os.path.exists(path):
-                        # Forget it without a deletion entry, so the loss does not spread.
-                        with transaction(db):
-                            db.execute("update meta set total_bytes=max(0, total_bytes-?), "
-                                       "total_nonempty_files=max(0, total_nonempty_files-1)",
-                                       (row[0],))
-                            db.execute("delete from media where fname=?", (name,))
-                        raise SyncError(409, "downloadFiles: %r is missing on disk" % name[:60])
-                    archive.write(path, str(index))
-                    zip_meta[str(index)] = name
-                    total += os.path.getsize(path)
-                    if total > MEDIA_DOWNLOAD_BYTES:
-                        break
-                archive.writestr("_meta", dumps_compact(zip_meta))
-            size = spool.tell()
-            spool.seek(0)
-        except BaseException:
-            spool.close()
-            raise
-        return Reply(stream=spool, size=size)
-
-    def uploadChanges(self, req, db):
-        changes, incoming = self._unpack_upload(req.payload)
-        moves = []                      # (temp or None to delete, path), done after the commit:
-        try:                            # a failed one (a full disk) leaves the files as they were
-            with transaction(db):       # the whole batch or nothing
-                usn, total_bytes, total_files = db.execute(
-                    "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
-                now = int(time.time())
-                for name, temp, sha1, size in changes:
-                    row = db.execute("select csum, size from media where fname=?",
-                                     (name,)).fetchone()
-                    if temp is None:
-                        if row is None or row[1] == 0:
-                            continue
-                        usn += 1
-                        total_bytes -= row[1]
-                        total_files -= 1
-                        db.execute("update media set size=0, usn=?, mtime=? where fname=?",
-                                   (usn, now, name))
-                        moves.append((None, self.store.path_of(name)))
-                        continue
-                    if row is not None and row[1] and bytes(row[0]) == sha1:
-                        continue
-                    usn += 1
-                    if row is not None and row[1]:
-                        total_bytes -= row[1]
-                        total_files -= 1
-                    total_bytes += size
-                    total_files += 1
-                    db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
-                               (name, sha1, size, usn, now))
-                    moves.append((temp, self.store.path_of(name)))
-                db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
-                           (usn, total_bytes, total_files))
-            for temp, path in moves:
-                if temp is not None:
-                    os.replace(temp, path)
-                elif os.path.exists(path):
-                    os.unlink(path)
-        finally:
-            for temp in incoming:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-        return self.wrapped([len(changes), usn])
-
-    def _unpack_upload(self, payload):
-        """Check the whole zip and write its files to temporary names before touching anything.
-
-        Returns [(name, temp path or None for a deletion, sha1, size)] and the temp paths.
-        """
-        incoming = []
-        try:
-            with payload.reader() as raw:
-                try:
-                    archive = zipfile.ZipFile(raw)
-                    entries = {info.filename: info for info in archive.infolist()}
-                except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-                    raise bad_request("uploadChanges: not a readable zip (%s)" % e)
-                if len(entries) > MEDIA_UPLOAD_MAX_FILES + 1:
-                    raise bad_request("uploadChanges: more than %d files in one zip"
-                                      % MEDIA_UPLOAD_MAX_FILES)
-                meta = self._read_zip_meta(archive, entries)
-                changes, names, total = [], set(), 0
-                for item in meta:
-                    if not (isinstance(item, list) and len(item) == 2):
-                        raise bad_request("uploadChanges: _meta entries must be [name, entry]")
-                    name, entry = check_media_name(item[0]), item[1]
-                    if name in names:
-                        raise bad_request("uploadChanges: %r appears twice" % name[:60])
-                    names.add(name)
-                    if entry is None or entry == "":
-                        changes.append((name, None, None, 0))
-                        continue
-                    if not isinstance(entry, str) or entry not in entries or entry == "_meta":
-                        raise bad_request("uploadChanges: zip entry %r for %r is missing"
-                                          % (str(entry)[:20], name[:60]))
-                    temp, sha1, size = self._extract(archive, entries[entry], name)
-                    incoming.append(temp)
-                    changes.append((name, temp, sha1, size))
-                    total += size
-                    if total > self.max_decompressed:
-                        raise SyncError(413, "uploadChanges: the zip unpacks to more than %d MiB"
-                                        % (self.max_decompressed // MIB))
-                return changes, incoming
-        except BaseException:
-            for temp in incoming:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-            raise
-
-    @staticmethod
-    def _read_zip_meta(archive, entries):
-        if "_meta" not in entries:
-            raise bad_request("uploadChanges: the zip has no _meta entry")
-        try:
-            with archive.open(entries["_meta"]) as f:
-                text = f.read(MEDIA_META_MAX + 1)
-            if len(text) > MEDIA_META_MAX:
-                raise bad_request("uploadChanges: _meta over %d bytes" % MEDIA_META_MAX)
-            meta = json.loads(text.decode("utf-8"))
-        except (ValueError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-            raise bad_request("uploadChanges: unreadable _meta (%s)" % str(e)[:80])
-        if not isinstance(meta, list) or len(meta) > MEDIA_UPLOAD_MAX_FILES:
-            raise bad_request("uploadChanges: _meta must list at most %d changes"
-                              % MEDIA_UPLOAD_MAX_FILES)
-        return meta
-
-    def _extract(self, archive, info, name):
-        """Copy one entry to a temp file, counting real bytes (a zip's header can lie)."""
-        fd, temp = tempfile.mkstemp(prefix=".incoming-", dir=self.store.folder)
-        digest, size = hashlib.sha1(), 0
-        try:
-            with os.fdopen(fd, "wb") as out, archive.open(info) as src:
-                while True:
-                    try:
-                        block = src.read(IO_BLOCK)
-                    except (zipfile.BadZipFile, OSError, EOFError, zlib.error,
-                            NotImplementedError) as e:
-                        raise bad_request("uploadChanges: cannot read %r from the zip (%s)"
-                                          % (name[:60], e))
-                    if not block:
-                        break
-                    size += len(block)
-                    if size > MEDIA_FILE_MAX:
-                        raise bad_request("uploadChanges: %r is over %d MiB"
-                                          % (name[:60], MEDIA_FILE_MAX // MIB))
-                    digest.update(block)
-                    out.write(block)        # a full disk is the server's trouble: 507
-        except BaseException:
-            os.unlink(temp)
-            raise
-        if size == 0:
-            os.unlink(temp)
-            raise bad_request("uploadChanges: %r is empty" % name[:60])
-        return temp, digest.digest(), size
-
-
-# ---------------------------------------------------------------------------
-# HTTP
-#   Routing that forgives what users type, the two envelopes (v11 header and
-#   zstd; legacy multipart and gzip), keep-alive responses, one log line each.
-# ---------------------------------------------------------------------------
-
-class SyncRequest:
-    """One decoded request: who, which method, and the payload behind the envelope."""
-
-    def __init__(self, area, method, address="-"):
-        self.area = area                # "sync" or "msync"
-        self.method = method
-        self.address = address          # the client's, for throttling and the log
-        self.version = None             # the anki-sync header's; a form names none
-        self.hkey = ""
-        self.skey = ""
-        self.client_version = ""
-        self.user = None
-        self.payload = None             # a Spool with the decompressed payload
-        self._json = None
-
-    @property
-    def modern(self):
-        """Came in the v11 envelope (the anki-sync header), so is answered in it (zstd)."""
-        return self.version is not None
-
-    def json(self):
-        if self._json is None:
-            if self.payload is None or self.payload.size == 0:
-                self._json = {}
-            else:
-                if self.payload.size > JSON_PAYLOAD_MAX:
-                    raise SyncError(413, "JSON payload over %d MiB" % (JSON_PAYLOAD_MAX // MIB))
-                try:
-                    self._json = json.loads(self.payload.getvalue().decode("utf-8"))
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise bad_request("invalid JSON in the %s request: %s" % (self.method, e))
-                if self._json is None:
-                    self._json = {}
-                if not isinstance(self._json, dict):
-                    raise bad_request("the %s request must be a JSON object" % self.method)
-        return self._json
-
-    def close(self):
-        if self.payload is not None:
-            self.payload.close()
-
-
-def over_limit(req, limit):
-    if (req.area, req.method) == ("sync", "hostKey"):
-        return SyncError(413, "hostKey body over %d KiB: this is no login" % (limit // 1024))
-    return SyncError(413, "decompressed body over the %d MiB limit (max_payload_mb x %d)"
-                     % (limit // MIB, DECOMPRESSED_FACTOR))
-
-
-# The official server's SYNC_IP_HEADER names (axum-client-ip), and the header each means.
-IP_HEADER_NAMES = {
-    "rightmostxforwardedfor": "x-forwarded-for", "xrealip": "x-real-ip",
-    "cfconnectingip": "cf-connecting-ip", "trueclientip": "true-client-ip",
-    "flyclientip": "fly-client-ip", "cloudfrontvieweraddress": "cloudfront-viewer-address",
-    "rightmostforwarded": "forwarded", "connectinfo": "",
-}
-
-
-def ip_header_name(setting):
-    """The request header to take client addresses from: a header name, or one of the
-    official server's SYNC_IP_HEADER values; empty for the TCP peer."""
-    setting = setting.strip()
-    return IP_HEADER_NAMES.get(setting.lower().replace("-", "").replace("_", ""),
-                               setting.lower())
-
-
-def forwarded_address(headers, name):
-    """The client's address as the proxy told it, or "" when the header is not there.
-
-    Proxies append, so the rightmost entry is the one the nearest proxy wrote; an
-    entry further left is whatever the client claimed.
-    """
-    value = headers.get(name, "") if name else ""
-    entry = value.split(",")[-1].strip()
-    if name == "forwarded":
-        match = re.search(r'for="?\[?([^\]";]+)', entry, re.IGNORECASE)
-        entry = match.group(1) if match else ""
-    elif name == "cloudfront-viewer-address":
-        entry = entry.rpartition(":")[0]            # "ip:port", also for IPv6
-    return entry.strip()[:64]
-
-
-def route(path, base_path):
-    """(area, method) for a sync URL; ('page', name) for the rest.
-
-    The method name alone decides, since collection and media methods have distinct
-    names. So whatever users type and proxies send still arrives: double and
-    trailing slashes, prefixes (`/anki/sync/meta`), `.../sync/` typed as the modern
-    endpoint (`/sync/sync/meta`), a legacy endpoint without its slash (`/syncmeta`),
-    a media URL without `msync/` (`/begin`).
-    """
-    path = path.split("?", 1)[0]      # not urlsplit: it reads '//sync/...' as a host name
-    segments = [s for s in path.split("/") if s]
-    prefix = [s for s in base_path.split("/") if s]
-    if segments[:len(prefix)] == prefix:
-        segments = segments[len(prefix):]
-    if segments in ([], ["index.html"]):
-        return "page", "index"
-    if segments == ["health"]:
-        return "page", "health"
-    method = segments[-1]
-    for glued in ("msync", "sync"):
-        if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
-                                         or method[len(glued):] in MEDIA_METHODS):
-            method = method[len(glued):]
-    if method in COLLECTION_METHODS:
-        return "sync", method
-    if method in MEDIA_METHODS:
-        return "msync", method
-    if len(segments) >= 2 and segments[-2] in ("sync", "msync"):
-        raise SyncError(404, "unknown sync method %r" % method[:40])
-    raise SyncError(404, "nothing here: sync clients use %ssync/ and %smsync/"
-                    % (base_path, base_path))
-
-
-class SyncApp:
-    """The server's state: configuration, users, zstd backend, and per-user syncers."""
-
-    def __init__(self, config, zstd=None):
-        self.config = config
-        os.makedirs(config.data, exist_ok=True)
-        self.users = UserStore(config.data)
-        self.accounts = Accounts(self.users)
-        self.ip_header = ip_header_name(config.ip_header)
-        self.zstd = zstd or choose_zstd(config.zstd)
-        self.spool_folder = os.path.join(config.data, ".tmp")
-        os.makedirs(self.spool_folder, exist_ok=True)
-        self.envelopes = Envelopes(self.accounts, self.zstd, self.spool_folder, config)
-        self._clean_leftovers()
-        private_modes(config.data)
-        self._collections = {}
-        self._media = {}
-        self._registry_lock = threading.Lock()
-        self.base_path = config.normalized_base_path()
-
-    def _clean_leftovers(self):
-        """Temporary files of a server that was killed mid-request."""
-        for root, _, files in os.walk(self.config.data):
-            for name in files:
-                if name.startswith((".spool-", ".upload-", ".copy-", ".incoming-",
-                                    ".new-collection-")) or \
-                        name.endswith(".convert"):
-                    try:
-                        os.unlink(os.path.join(root, name))
-                    except OSError:
-                        pass
-
-    def user_folder(self, user):
-        """Made when first written to, not here: a login must work on a full disk."""
-        return os.path.join(self.config.data, folder_name(user))
-
-    def collection_for(self, user):
-        media = self.media_for(user)
-        with self._registry_lock:
-            if user not in self._collections:
-                self._collections[user] = CollectionSync(self.user_folder(user), media,
-                                                         self.config.max_decompressed)
-            return self._collections[user]
-
-    def media_for(self, user):
-        with self._registry_lock:
-            if user not in self._media:
-                self._media[user] = MediaStore(self.user_folder(user))
-            return self._media[user]
-
-    def expire_idle_sessions(self):
-        with self._registry_lock:
-            syncers = list(self._collections.values())
-        for syncer in syncers:
-            syncer.expire_idle(self.config.session_timeout)
-
-    # -- the request path ---------------------------------------------------
-
-    def dispatch(self, req):
-        """Run a decoded request; decode() has checked its key already."""
-        if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
-            return self.accounts.hostKey(req)
-        if req.area == "sync":
-            return self.collection_for(req.user).handle(req)
-        return MediaSync(self.media_for(req.user), self.spool_folder,
-                         self.config.max_decompressed).handle(req)
-
-    def client_address(self, headers, peer):
-        """The TCP peer, or behind a proxy the address in the header the admin named."""
-        return forwarded_address(headers, self.ip_header) or peer
-
-
-
-def front_page(host, scheme, config):
-    # The Host header is the client's to choose: escaped before it goes into HTML.
-    base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % config.port,
-                                  config.normalized_base_path()))
-    rows = [
-        ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
-         "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
-        ("Anki 2.1.28 to 2.1.56",
-         "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
-         "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
-        ("Anki 2.1.22 to 2.1.26",
-         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync, "
-         "aqt.mediasync; anki.sync.SYNC_BASE = aqt.mediasync.SYNC_BASE = \"%s%%s\"</code>"
-         % base),
-        ("Anki 2.1.0 to 2.1.21",
-         "an add-on (<code>addons21/custom_sync/__init__.py</code>): <code>import anki.sync; "
-         "anki.sync.SYNC_BASE = \"%s%%s\"</code>" % base),
-        ("Anki 2.0",
-         "an add-on (<code>addons/custom_sync.py</code>): <code>import anki.sync; "
-         "anki.sync.SYNC_BASE = \"%s\"; anki.sync.SYNC_MEDIA_BASE = \"%smsync/\"</code>"
-         % (base, base)),
-        ("AnkiDroid 2.15 and older",
-         "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
-         "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
-    ]
-    items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
-    return ("""<!doctype html>
-<html><head><meta charset="utf-8"><title>ankisync</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em}
-td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{background:#f3f3f3}</style>
-</head><body>
-<h1>ankisync %s is running</h1>
-<p>A self-hosted Anki sync server. Log in from Anki with a user made by
-<code>python3 ankisync.py adduser NAME</code>. The address to enter, by client:</p>
-<table>%s</table>
-<p>The trailing slash matters for modern clients: without it they drop the last part
-of the path.</p>
-</body></html>
-""" % (__version__, items)).encode("utf-8")
-
-
-HTTP_DATE = [0, ""]        # the Date header of the current second
-HEAD_END = re.compile(rb"\r?\n\r?\n")
-
-
-class RequestHeaders(dict):
-    """Request headers by lower-case name; get() takes any case."""
-
-    def get(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-
-class RequestHead:
-    """A request line and its headers, read by the listener before a worker is spent.
-
-    http.server's own parser goes through the email package, which cost a fifth of
-    a small request; this one takes what HTTP/1.1 clients send and refuses the rest.
-    """
-
-    def __init__(self, block):
-        lines = block.decode("latin-1").split("\n")
-        self.requestline = lines[0].rstrip("\r")
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
-            raise bad_request("bad request line")
-        self.command, self.path, self.version = words
-        if len(lines) > MAX_HEADERS + 1:
-            raise SyncError(431, "more than %d headers" % MAX_HEADERS)
-        self.headers = RequestHeaders()
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise bad_request("bad header line")
-            self.headers[name.strip().lower()] = value.strip()
-        connection = self.headers.get("connection", "").lower()
-        self.close = connection == "close" or (self.version == "HTTP/1.0"
-                                               and connection != "keep-alive")
-        self.expect_continue = self.version == "HTTP/1.1" and \
-            self.headers.get("expect", "").lower() == "100-continue"
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        length = self.headers.get("content-length", "0").strip() or "0"
-        self.length = int(length) if length.isdigit() else 0      # BodyReader refuses it
-
-    def preread(self):
-        """How much of the body the listener gathers before a worker reads on.
-
-        A modern request carries its key in a header: the worker checks it before
-        reading a byte of the body, so it needs no gathering, but for hostKey. The
-        other requests show their key, if any, in the body.
-        """
-        if "anki-sync" in self.headers and \
-                not self.path.split("?", 1)[0].rstrip("/").endswith("hostKey"):
-            return 0
-        return BODY_PREREAD if self.chunked else min(self.length, BODY_PREREAD)
-
-    def gathered(self, buffer, wanted):
-        # A chunked body that ends before `wanted` ends with the last chunk; a data
-        # chunk ending the same way only hands the request over a little early.
-        return len(buffer) >= wanted or (self.chunked and buffer.endswith(b"0\r\n\r\n"))
-
-
-def response_bytes(status, text, close=True):
-    """A short plain-text answer, for the listener, which has no handler to write it."""
-    body = (text + "\n").encode("utf-8")
-    phrase = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
-    return ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d"
-            "\r\n%s\r\n" % (status, phrase, len(body), "Connection: close\r\n" if close else "")
-            ).encode("latin-1") + body
-
-
-class Handler(BaseHTTPRequestHandler):
-    """One request, on a worker thread; the listener has read its head already.
-
-    HTTP/1.1 with keep-alive: modern clients reuse their connection for a whole sync,
-    and between requests the connection goes back to the listener, not holding a thread.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "ankisync/" + __version__
-    wbufsize = IO_BLOCK        # headers and a small body leave in one packet
-
-    def date_time_string(self, timestamp=None):
-        # http.server formats the Date header through the email package on every reply.
-        now = int(time.time()) if timestamp is None else int(timestamp)
-        if HTTP_DATE[0] != now:
-            HTTP_DATE[:] = [now, super().date_time_string(now)]
-        return HTTP_DATE[1]
-
-    def setup(self):
-        self.conn = self.request
-        self.connection = self.conn.sock
-        self.connection.settimeout(SEND_TIMEOUT)
-        self.rfile = SocketReader(self.conn)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
-
-    def handle(self):
-        head = self.conn.head
-        self.requestline, self.command = head.requestline, head.command
-        self.path, self.request_version = head.path, head.version
-        self.headers, self.close_connection = head.headers, head.close
-        if head.expect_continue:
-            self.handle_expect_100()
-            self.wfile.flush()          # the client waits for it before sending its body
-        verb = getattr(self, "do_" + self.command, None)
-        if verb is None:
-            self.close_connection = True
-            self.send_text(501, "%s is not an HTTP method ankisync answers" % self.command[:20])
-        else:
-            verb()
-        self.wfile.flush()
-
-    def finish(self):
-        super().finish()
-        self.conn.keep = not self.close_connection
-
-    def do_GET(self):
-        self.serve()
-
-    def do_POST(self):
-        self.serve()
-
-    def do_HEAD(self):
-        self.send_text(405, "use GET or POST")
-
-    def serve(self):
-        app = self.server.app
-        started = time.monotonic()
-        req, status, sent, what = None, 200, 0, "-"
-        body = None
-        try:
-            body = BodyReader(self.rfile, self.headers, app.config.max_payload)
-            area, method = route(self.path, app.base_path)
-            what = "%s/%s" % (area, method)
-            if area == "page":
-                self.finish_body(body)
-                sent = self.send_page(method)
-                return
-            address = app.client_address(self.headers, self.client_address[0])
-            req = app.envelopes.decode(self.conn.head, address, area, method, body)
-            body.drain()
-            reply = app.dispatch(req)
-            try:
-                sent = self.send_reply(req, reply)
-            finally:
-                reply.close()
-        except SyncError as e:
-            status = e.status
-            self.finish_body(body)
-            sent = self.send_text(e.status, e.reason, e.retry_after)
-        except (ConnectionError, socket.timeout) as e:
-            status, self.close_connection = 499, True
-            log.info("connection lost during %s: %s", what, e)
-        except Exception as e:
-            self.finish_body(body)
-            if out_of_space(e):
-                status, free = 507, free_space(app.config.data) // MIB
-                log.error("disk full during %s: %s; %d MiB free in %s", what, e, free,
-                          app.config.data)
-                sent = self.send_text(507, "the sync server's disk is full (%d MiB free): sync "
-                                      "again once its admin has made room" % free)
-            else:
-                status = 500
-                log.exception("internal error during %s", what)
-                sent = self.send_text(500, "internal server error: see the server log")
-        finally:
-            if req is not None:
-                req.close()
-            log.info("%s %s %s %d in=%d out=%d %dms",
-                     req.address if req else app.client_address(self.headers,
-                                                                self.client_address[0]),
-                     (req.user if req and req.user else "-"), what, status,
-                     body.received if body else 0, sent, (time.monotonic() - started) * 1000)
-
-    def finish_body(self, body):
-        """Keep the connection only if the rest of the body is small enough to skip."""
-        if body is None:                # refused before reading: its body is still unread
-            self.close_connection = True
-            return
-        try:
-            if body.finished:
-                return
-            if not body.chunked and body.remaining <= IO_BLOCK:
-                body.drain()
-                return
-        except SyncError:
-            pass
-        self.close_connection = True
-
-    def send_page(self, name):
-        if name == "health":
-            return self.send_text(200, "ok")
-        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
-        page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
-        return len(page)
-
-    def send_text(self, status, text, retry_after=None):
-        data = (text + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        if retry_after is not None:
-            self.send_header("Retry-After", str(retry_after))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)
-        return len(data)
-
-    def send_reply(self, req, reply):
-        zstd = self.server.app.zstd
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        if not req.modern:
-            self.send_header("Content-Length", str(reply.size))
-            self.end_headers()
-            if reply.stream is None:
-                self.wfile.write(reply.body)
-                return reply.size
-            return copy_stream(reply.stream.read, self.wfile.write)
-        self.send_header("anki-original-size", str(reply.size))
-        if reply.stream is None:
-            data = zstd.compress(reply.body)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-            return len(data)
-        # Large answers stream through the compressor with chunked framing.
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        chunked = ChunkedWriter(self.wfile)
-        zstd.compress_stream(reply.stream.read, chunked.write)
-        chunked.close()
-        return chunked.sent
-
-    def log_message(self, format, *args):
-        log.debug(format, *args)
-
-
-class ChunkedWriter:
-    """HTTP/1.1 chunked framing for an answer whose compressed size is not known ahead."""
-
-    def __init__(self, wfile):
-        self.wfile = wfile
-        self.sent = 0
-
-    def write(self, data):
-        if data:
-            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n")
-            self.sent += len(data)
-        return len(data)
-
-    def close(self):
-        self.wfile.write(b"0\r\n\r\n")
-
-
-class SocketReader:
-    """A request's rfile: the bytes the listener gathered, then the socket, at a pace.
-
-    Past BODY_GRACE the body must average BODY_MIN_RATE, so a client that trickles a
-    byte now and then loses its worker in seconds. What the request leaves unread
-    stays in the connection's buffer: the start of the next request.
-    """
-
-    def __init__(self, conn):
-        self.sock = conn.sock
-        self.buffer = conn.buffer
-        self.started = time.monotonic()
-        self.received = 0
-
-    def _fill(self):
-        wait = self.started + BODY_GRACE + self.received / BODY_MIN_RATE - time.monotonic()
-        try:
-            if wait <= 0:
-                raise socket.timeout
-            self.sock.settimeout(wait)
-            data = self.sock.recv(IO_BLOCK)
-        except socket.timeout:
-            raise SyncError(408, "the request arrives too slowly: under %d bytes a second"
-                            % BODY_MIN_RATE)
-        finally:
-            self.sock.settimeout(SEND_TIMEOUT)
-        self.received += len(data)
-        self.buffer += data
-        return len(data)
-
-    def _take(self, n):
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
-
-    def read(self, n=IO_BLOCK):
-        if not self.buffer and not self._fill():
-            return b""
-        return self._take(n if n >= 0 else len(self.buffer))
-
-    def readline(self, limit=-1):
-        searched = 0
-        while True:
-            at = self.buffer.find(b"\n", searched)
-            if at >= 0 and (limit < 0 or at < limit):
-                return self._take(at + 1)
-            if 0 <= limit <= len(self.buffer):
-                return self._take(limit)
-            searched = len(self.buffer)
-            if not self._fill():
-                return self._take(len(self.buffer))
-
-    def close(self):
-        pass
-
-
-# --- connections: one listener, a pool of workers -----------------------------
-
-class Connection:
-    """A client connection, and the request arriving on it."""
-
-    def __init__(self, sock, address, now):
-        self.sock = sock
-        self.address = address          # (host, port) of the TCP peer
-        self.peer = address[0]
-        self.buffer = bytearray()       # bytes read and not yet used
-        self.state = "hello"            # hello, handshake, idle, head, body; busy; linger
-        self.since = now                # when it last began to wait: the oldest goes first
-        self.deadline = now + HEADER_TIMEOUT
-        self.head = None
-        self.wanted = 0                 # body bytes to gather before a worker takes over
-        self.body_started = now
-        self.keep = False               # the worker's verdict: keep alive or close
-        self.registered = False         # in the listener's care, not a worker's
-        self.ended = False              # the client closed its side
-        self.lingered = 0
-
-    def advance(self, now, max_payload):
-        """Take in what has arrived: True once the request can go to a worker.
-        Raises SyncError for a request to refuse before a worker sees it."""
-        if self.state == "head":
-            while self.buffer[:1] in (b"\r", b"\n"):    # blank lines before a request
-                del self.buffer[:1]
-            end = HEAD_END.search(self.buffer, 0, HEAD_MAX + 4)
-            if end is None:
-                if len(self.buffer) > HEAD_MAX:
-                    raise SyncError(431, "request head over %d KiB" % (HEAD_MAX // 1024))
-                return False
-            self.head = RequestHead(bytes(self.buffer[:end.start()]))
-            del self.buffer[:end.end()]
-            if self.head.length > max_payload:
-                raise body_too_large(self.head.length, max_payload)
-            self.wanted = self.head.preread()
-            if not self.wanted:
-                return True
-            self.state, self.body_started = "body", now
-            if self.head.expect_continue:
-                self.head.expect_continue = False
-                self.send_quietly(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if self.head.gathered(self.buffer, self.wanted):
-            return True
-        self.deadline = self.body_started + BODY_GRACE + len(self.buffer) / BODY_MIN_RATE
-        return False
-
-    def send_quietly(self, data):
-        try:
-            self.sock.send(data)
-        except OSError:
-            pass            # a short answer to a client that went away or stopped reading
-
-
-class Workers:
-    """Threads that serve one request at a time: started when requests wait, ended
-    after WORKER_IDLE, so a burst's threads and their caches do not stay."""
-
-    def __init__(self, serve, maximum):
-        self.serve = serve
-        self.maximum = maximum
-        self.jobs = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.threads = 0
-        self.idle = 0
-        self.waiting = 0                # jobs queued and not yet taken
-
-    def submit(self, job):
-        self.jobs.put(job)
-        with self.lock:
-            self.waiting += 1
-            start = self.waiting > self.idle and self.threads < self.maximum
-            if start:
-                self.threads += 1
-        if start:
-            threading.Thread(target=self._work, name="ankisync-worker", daemon=True).start()
-
-    def _work(self):
-        while True:
-            with self.lock:
-                self.idle += 1
-            try:
-                job = self.jobs.get(timeout=WORKER_IDLE)
-            except queue.Empty:
-                with self.lock:
-                    self.idle -= 1
-                    if not self.waiting:
-                        self.threads -= 1
-                        break
-                continue
-            with self.lock:
-                self.idle -= 1
-                self.waiting -= 1
-            self.serve(job)
-        release_memory()
-
-
-def release_memory():
-    """Hand freed heap back to the system: glibc keeps it for the threads that are gone."""
-    glibc_call("malloc_trim", 0)
-
-
-def glibc_call(name, *args):
-    """A glibc malloc tuning call; elsewhere (macOS, musl, Windows) nothing to tune."""
-    try:
-        getattr(ctypes.CDLL(None), name)(*args)
-    except (OSError, AttributeError, TypeError):
-        pass
-
-
-def raise_fd_limit():
-    """The soft limit on open files raised to the hard one; the limit, or None."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
-            soft = hard if hard != resource.RLIM_INFINITY else 1 << 16
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        return None if soft == resource.RLIM_INFINITY else soft
-    except (ImportError, ValueError, OSError):
-        return None
-
-
-class Server(ThreadingHTTPServer):
-    """The listener: one thread that owns every connection while no request is running.
-
-    It accepts, does TLS handshakes, reads each request's head (and a form's first
-    bytes, BODY_PREREAD) without blocking, and only then hands the connection to a
-    worker; after the answer the connection comes back here to wait. So an idle, slow
-    or silent client costs a socket and a small buffer, never a thread, and nothing
-    one client does can stall another. Deadlines: HEADER_TIMEOUT for a head,
-    BODY_GRACE and BODY_MIN_RATE for a body, IDLE_TIMEOUT between requests. Past
-    max_connections, or an address's share of them, a new connection closes the one
-    that has waited longest.
-    """
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 512        # the kernel's queue of connections not yet accepted
-
-    def __init__(self, address, app, tls=None):
-        self.app = app
-        self.tls = tls                  # an ssl.SSLContext, or None for plain HTTP
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
-        self.max_connections = app.config.max_connections
-        # Behind a proxy every connection comes from the proxy: no share to enforce.
-        self.max_per_address = math.inf if app.ip_header else \
-            app.config.max_connections_per_address
-        files = raise_fd_limit()
-        if files is not None and self.max_connections > files - FD_RESERVE:
-            self.max_connections = max(16, files - FD_RESERVE)
-            log.warning("only %d open files allowed: at most %d connections (raise the "
-                        "limit with ulimit -n)", files, self.max_connections)
-        self.connections = set()
-        self.per_address = {}
-        self.selector = selectors.DefaultSelector()
-        self.returned = queue.SimpleQueue()         # connections workers are done with
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_w.setblocking(False)
-        self.workers = Workers(self.serve_request, MAX_WORKERS)
-        self.notices = {}
-        self.running = False
-
-    # -- the loop -------------------------------------------------------------
-
-    def serve_forever(self, poll_interval=SWEEP_INTERVAL):
-        self.socket.setblocking(False)
-        self.wake_r.setblocking(False)
-        self.selector.register(self.socket, selectors.EVENT_READ, "accept")
-        self.selector.register(self.wake_r, selectors.EVENT_READ, "wake")
-        self.running = True
-        next_sweep = time.monotonic() + poll_interval
-        while self.running:
-            for key, _ in self.selector.select(poll_interval):
-                try:
-                    self.on_event(key.data)
-                except Exception:           # a fault of ours: that connection, not the server
-                    log.exception("listener error on %s", key.data)
-                    if isinstance(key.data, Connection):
-                        self.close(key.data)
-            now = time.monotonic()
-            if now >= next_sweep:
-                self.sweep(now)
-                next_sweep = now + poll_interval
-
-    def on_event(self, what):
-        if what == "accept":
-            self.accept()
-        elif what == "wake":
-            self.take_back()
-        elif what.state in ("hello", "handshake") and self.tls is not None:
-            self.on_hello(what)
-        elif what.state == "linger":
-            self.on_linger(what)
-        else:
-            self.on_read(what)
-
-    def shutdown(self):
-        self.running = False
-        self.wake()
-
-    def server_close(self):
-        super().server_close()
-        for conn in list(self.connections):
-            self.close(conn)
-        self.selector.close()
-        self.wake_r.close()
-        self.wake_w.close()
-
-    def wake(self):
-        try:
-            self.wake_w.send(b"\0")
-        except OSError:
-            pass            # full: the listener is woken already
-
-    # -- admitting ------------------------------------------------------------
-
-    def accept(self):
-        """One connection; select() reports the listening socket again while more wait."""
-        try:
-            sock, address = self.socket.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:                # out of file descriptors: make room
-            self.notice("accept", "cannot accept connections: %s", e)
-            self.evict()
-            return
-        self.admit(sock, address)
-
-    def admit(self, sock, address):
-        sock.setblocking(False)
-        try:
-            # Without it, Nagle's algorithm and the client's delayed ACK add 40 ms to
-            # every request of a sync.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
-        peer = address[0]
-        if self.per_address.get(peer, 0) >= self.max_per_address:
-            self.evict(peer)        # its share is a soft limit: a burst of its own gets in
-        if len(self.connections) >= self.max_connections and not self.evict():
-            self.notice(peer, "connection from %s refused: all %d connections are busy",
-                        peer, len(self.connections))
-            sock.close()
-            return
-        conn = Connection(sock, address, time.monotonic())
-        self.connections.add(conn)
-        self.per_address[peer] = self.per_address.get(peer, 0) + 1
-        self.listen_to(conn)
-        if self.tls is None:
-            self.on_read(conn)      # the request has often come with the connection
-
-    def evict(self, peer=None):
-        """Close the connection (of `peer`, or of anyone) that has waited longest,
-        sparing requests on their way in while a silent or idle one is left, and
-        connections younger than EVICT_AFTER."""
-        old = time.monotonic() - EVICT_AFTER
-        waiting = [c for c in self.connections
-                   if c.registered and c.since < old and (peer is None or c.peer == peer)]
-        if not waiting:
-            return False
-        self.close(min(waiting, key=lambda c: (c.state in ("head", "body"), c.since)))
-        return True
-
-    def on_hello(self, conn):
-        """A TLS port's connection: its first byte tells a handshake from plain HTTP."""
-        if conn.state == "handshake":
-            return self.handshake(conn)
-        try:
-            first = conn.sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return self.close(conn)
-        if first != b"\x16":                # not a TLS handshake record
-            if not first:
-                return self.close(conn)
-            self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
-            return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
-                                                 "server address"))
-        self.unlisten(conn)
-        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
-                                         do_handshake_on_connect=False)
-        conn.state = "handshake"
-        self.listen_to(conn)
-        self.handshake(conn)
-
-    def handshake(self, conn):
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            return self.listen_to(conn, selectors.EVENT_READ)
-        except ssl.SSLWantWriteError:
-            return self.listen_to(conn, selectors.EVENT_WRITE)
-        except (ssl.SSLError, OSError) as e:
-            self.notice(conn.peer, "TLS handshake with %s failed: %s", conn.peer,
-                        getattr(e, "reason", None) or e)
-            return self.close(conn)
-        conn.state = "head"             # the first request's deadline runs on from connect
-        self.listen_to(conn, selectors.EVENT_READ)
-        self.on_read(conn)
-
-    # -- reading requests -----------------------------------------------------
-
-    def on_read(self, conn):
-        size = HEAD_MAX if conn.state != "body" else max(1, conn.wanted - len(conn.buffer))
-        try:
-            data = conn.sock.recv(size)
-            # TLS: select() sees the socket, not the records already decrypted.
-            while data and isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending() and \
-                    len(data) < size:
-                data += conn.sock.recv(size - len(data))
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except OSError:
-            return self.close(conn)
-        if not data:
-            return self.close(conn)
-        now = time.monotonic()
-        if conn.state == "hello":           # the plain port's first bytes
-            if data[:1] == b"\x16":
-                self.notice(conn.peer, "%s spoke HTTPS to this HTTP port: clients must use "
-                            "http://, or set certfile and keyfile", conn.peer)
-                return self.close(conn)
-            conn.state = "head"
-        elif conn.state == "idle":
-            conn.state, conn.deadline = "head", now + HEADER_TIMEOUT
-        conn.buffer += data
-        self.advance(conn, now)
-
-    def advance(self, conn, now):
-        try:
-            arrived = conn.advance(now, self.app.config.max_payload)
-        except SyncError as e:
-            return self.refuse(conn, e)
-        if arrived:
-            self.hand_over(conn)
-
-    def hand_over(self, conn):
-        self.unlisten(conn)
-        conn.state = "busy"
-        self.workers.submit(conn)
-
-    def serve_request(self, conn):
-        """On a worker: answer the request, and the next ones while they come at once;
-        then give the connection back."""
-        while True:
-            conn.keep = False
-            try:
-                self.finish_request(conn, conn.address)
-            except Exception:
-                log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
-                conn.keep = False
-            if not (conn.keep and self.next_request(conn)):
-                break
-        self.returned.put(conn)
-        self.wake()
-
-    def next_request(self, conn):
-        """True when the next request has arrived whole within HOT_WAIT: a client in
-        the middle of a sync sends it at once, and the trip through the listener
-        would cost a third of a small request. Anything less goes back to wait."""
-        conn.state, conn.head = "idle", None
-        if not conn.buffer:
-            try:
-                conn.sock.settimeout(HOT_WAIT)
-                data = conn.sock.recv(HEAD_MAX)
-            except (socket.timeout, ssl.SSLWantReadError):
-                return False
-            except OSError:
-                data = b""
-            if not data:
-                conn.keep, conn.ended = False, True
-                return False
-            conn.buffer += data
-        conn.state = "head"
-        try:
-            return conn.advance(time.monotonic(), self.app.config.max_payload)
-        except SyncError as e:
-            conn.send_quietly(response_bytes(e.status, e.reason))
-            conn.keep = False
-            return False
-
-    def take_back(self):
-        try:
-            while self.wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
-        while True:
-            try:
-                conn = self.returned.get_nowait()
-            except queue.Empty:
-                return
-            if conn.keep:
-                self.park(conn)
-            elif conn.ended:            # the client closed: nothing left to linger for
-                self.close(conn)
-            else:
-                self.linger(conn)
-
-    def park(self, conn):
-        """A kept-alive connection waits here for its next request, or for the rest of
-        one whose start the worker saw."""
-        now = time.monotonic()
-        conn.sock.setblocking(False)
-        conn.since = now
-        self.listen_to(conn)
-        if conn.state == "head":
-            conn.deadline = now + HEADER_TIMEOUT
-        elif conn.state == "idle":
-            conn.deadline = now + IDLE_TIMEOUT
-        if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
-            self.on_read(conn)
-
-    # -- closing --------------------------------------------------------------
-
-    def sweep(self, now):
-        for conn in [c for c in self.connections if c.registered and c.deadline < now]:
-            if conn.state in ("head", "body"):
-                self.refuse(conn, SyncError(408, "the request took too long to arrive"))
-            elif conn.state in ("hello", "handshake") and self.tls is not None:
-                self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
-                            conn.peer, HEADER_TIMEOUT)
-                self.close(conn)
-            else:
-                self.close(conn)
-
-    def refuse(self, conn, error):
-        """Answer what the listener will not hand on, and close: the client learns why."""
-        conn.send_quietly(response_bytes(error.status, error.reason))
-        self.linger(conn)
-
-    def linger(self, conn):
-        """Close after the answer, reading what the client still sends for a moment:
-        closing with unread bytes resets the connection, and the answer with it."""
-        if isinstance(conn.sock, ssl.SSLSocket):
-            return self.close(conn)
-        try:
-            conn.sock.setblocking(False)
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            return self.close(conn)
-        conn.buffer.clear()
-        now = time.monotonic()
-        conn.state, conn.since, conn.deadline = "linger", now, now + LINGER_SECONDS
-        self.listen_to(conn)
-
-    def on_linger(self, conn):
-        try:
-            data = conn.sock.recv(IO_BLOCK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        conn.lingered += len(data)
-        if not data or conn.lingered > LINGER_BYTES:
-            self.close(conn)
-
-    def close(self, conn):
-        self.unlisten(conn)
-        if conn in self.connections:
-            self.connections.discard(conn)
-            left = self.per_address.pop(conn.peer) - 1
-            if left:
-                self.per_address[conn.peer] = left
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
-
-    def listen_to(self, conn, events=selectors.EVENT_READ):
-        if conn.registered:
-            self.selector.modify(conn.sock, events, conn)
-        else:
-            self.selector.register(conn.sock, events, conn)
-            conn.registered = True
-
-    def unlisten(self, conn):
-        if conn.registered:
-            self.selector.unregister(conn.sock)
-            conn.registered = False
-
-    def notice(self, about, text, *args):
-        """Log a warning about a client at most once a NOTICE_REPEAT per address."""
-        now = time.monotonic()
-        if self.notices.get((about, text), 0) > now:
-            return
-        _bounded(self.notices, (about, text), now + NOTICE_REPEAT)
-        log.warning(text, *args)
-
-
-def housekeeping(app, stop):
-    """Roll back sync sessions of clients that vanished; runs beside the server."""
-    while not stop.wait(min(30, max(1, app.config.session_timeout // 4))):
-        try:
-            app.expire_idle_sessions()
-        except Exception:
-            log.exception("housekeeping failed")
-
-
-# ---------------------------------------------------------------------------
-# Command line
-#   serve, adduser, deluser, lsuser, passwd. User commands write auth.db and
-#   take effect at once, also while the server runs.
-# ---------------------------------------------------------------------------
-
-def read_password(name, stdin=None):
-    """getpass twice on a terminal; one line from stdin for scripts and Docker."""
-    stdin = stdin or sys.stdin
-    if stdin.isatty():
-        first = getpass.getpass("Password for %s: " % name)
-        if first != getpass.getpass("Again: "):
-            raise ValueError("the two passwords differ: nothing changed")
-    else:
-        first = stdin.readline().rstrip("\r\n")
-    if not first:
-        raise ValueError("an empty password is not allowed: nothing changed")
-    return first
-
-
-def command_adduser(config, args):
-    users = UserStore(config.data)
-    name = users.check_new(args.name)        # before asking for a password in vain
-    users.add(name, read_password(name))
-    print("added user %s; their collection will live in %s"
-          % (name, os.path.join(config.data, folder_name(name))))
-
-
-def command_passwd(config, args):
-    users = UserStore(config.data)
-    name = users.canonical(args.name)
-    users.set_password(name, read_password(name))
-    print("changed the password of %s; their devices must log in again" % name)
-    warn_if_from_environment(users, name, "sets the old password again")
-
-
-def warn_if_from_environment(users, name, what):
-    if users.source(name) == "env":
-        print("note: %s comes from a SYNC_USERn variable of the server, whose next start %s: "
-              "change or remove that variable too" % (name, what))
-
-
-def command_deluser(config, args):
-    users = UserStore(config.data)
-    name = users.canonical(args.name)
-    warn_if_from_environment(users, name, "adds the user again")
-    users.delete(name)
-    folder = os.path.join(config.data, folder_name(name))
-    if args.delete_data and os.path.isdir(folder):
-        shutil.rmtree(folder)
-        print("deleted user %s and their data" % name)
-    else:
-        print("deleted user %s; their data stays in %s (add --delete-data to remove it)"
-              % (name, folder))
-
-
-def command_lsuser(config, args):
-    for name in UserStore(config.data).names():
-        print(name)
-
-
-def limit_malloc_arenas():
-    """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
-    glibc_call("mallopt", GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
-
-
-def command_serve(config, args):
-    limit_malloc_arenas()
-    check_writable(config.data)
-    lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
-    app = SyncApp(config)
-    app.users.apply_environment(config.env_users, config.passwords_hashed)
-    log.info("ankisync %s, Python %s, zstd backend: %s", __version__,
-             sys.version.split()[0], app.zstd.name)
-    if app.zstd.name == "python":
-        log.warning("zstd runs in pure Python here: large uploads from modern clients will be "
-                    "slow. Python 3.14+ or the system libzstd (libzstd1) make them fast.")
-    log.info("data folder: %s", config.data)
-    if not app.users.names():
-        offer_first_user(app, config)
-    context = None
-    if config.certfile:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(config.certfile, config.keyfile or None)
-    server = Server((config.host, config.port), app, context)
-    scheme = "https" if context else "http"
-    shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
-    log.info("listening on %s://%s:%d%s (open it in a browser for client setup)",
-             scheme, shown, config.port, app.base_path)
-    stop = threading.Event()
-    threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
-    install_sigterm()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        log.info("shutting down")
-    finally:
-        stop.set()
-        server.server_close()
-        lock.close()
-
-
-def check_writable(folder):
-    """A data folder this process can write, or a CLI error saying how to get one."""
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-        auth = os.path.join(folder, "auth.db")
-        if os.path.exists(auth) and not os.access(auth, os.W_OK):
-            raise PermissionError(errno.EACCES, "read-only", auth)
-    except OSError as e:
-        raise SystemExit("ankisync: %s" % unwritable(e.filename or folder, e))
-
-
-def unwritable(path, error):
-    """One line on a file or folder this process may not write, with the fix."""
-    where = path
-    while where and not os.path.exists(where):
-        where = os.path.dirname(where)
-    try:
-        owner = os.stat(where).st_uid
-    except OSError:
-        owner = None
-    me = os.getuid() if hasattr(os, "getuid") else None
-    reason = getattr(error, "strerror", None) or str(error)
-    if owner is not None and me is not None and owner != me:
-        return ("cannot write %s (%s): it belongs to uid %d and ankisync runs as uid %d: "
-                "`chown -R %d %s`, or set another data folder" % (path, reason, owner, me, me,
-                                                                  where))
-    return ("cannot write %s (%s): make it writable (chmod u+w), or set another data folder"
-            % (path, reason))
-
-
-class DataFolderLock:
-    """One server per data folder: two would each keep their own view of a collection.
-    The lock lives as long as the open file; the file tells who holds it."""
-
-    def __init__(self, folder):
-        self.path = os.path.join(folder, ".serve.lock")
-        self.file = open(self.path, "a+")
-        try:
-            if os.name == "nt":
-                import msvcrt
-                self.file.seek(0)
-                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise SystemExit("ankisync: %s already serves %s: stop it first, or give this one "
-                             "another data folder" % (holder, folder))
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write("ankisync (pid %d)" % os.getpid())
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def offer_first_user(app, config):
-    hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
-                                          " --config %s" % config.source if config.source else "")
-    if sys.stdin.isatty():
-        name = input("No users yet. Name of the first user (empty to skip): ").strip()
-        if name:
-            name = normalize_username(name)
-            app.users.add(name, read_password(name))
-            log.info("added user %s", name)
-            return
-    log.warning("no users yet: add one with `%s` (it works while the server runs), "
-                "or set SYNC_USER1=name:password", hint)
-
-
-def install_sigterm():
-    """Docker stops containers with SIGTERM: shut down as on Ctrl-C."""
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        signal.signal(signal.SIGTERM, stop)
-    except ValueError:
-        pass        # not the main thread (tests): nothing to install
-
-
-class Command:
-    """One subcommand: its name, the function that runs it, its help, its arguments."""
-
-    def __init__(self, name, run, summary, description, arguments=()):
-        self.name, self.run, self.summary = name, run, summary
-        self.description, self.arguments = description, arguments
-
-
-USER_NAME = (("name",), {"help": "the user's name, as typed at the client's login"})
-COMMANDS = (
-    Command("serve", command_serve, "run the sync server",
-            "Serve every user's collection and media until Ctrl-C or SIGTERM. With no users "
-            "yet, asks for the first one on a terminal."),
-    Command("adduser", command_adduser, "add a user (password from the terminal or stdin)",
-            "Add a user. The password is asked twice on a terminal, or read as one line "
-            "from stdin. Works while the server runs.", [USER_NAME]),
-    Command("passwd", command_passwd, "change a user's password and log out their devices",
-            "Change a user's password; each of their devices must log in again.",
-            [USER_NAME]),
-    Command("deluser", command_deluser, "remove a user and log out their devices",
-            "Remove a user. Their collection and media stay in the data folder unless "
-            "--delete-data is given.",
-            [USER_NAME, (("--delete-data",), {"action": "store_true",
-                                               "help": "also delete the collection and media"})]),
-    Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
-)
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        prog="ankisync.py", description="A self-hosted Anki sync server in one file.")
-    config_help = "ini file (default: ankisync.ini beside this script, if present)"
-    parser.add_argument("--config", metavar="PATH", help=config_help)
-    parser.add_argument("--version", action="version", version="ankisync " + __version__)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
-        sub = subparsers.add_parser(command.name, help=command.summary,
-                                    description=command.description)
-        # --config may also come after the command; SUPPRESS keeps one given before it.
-        sub.add_argument("--config", metavar="PATH", help=config_help,
-                         default=argparse.SUPPRESS)
-        for flags, options in command.arguments:
-            sub.add_argument(*flags, **options)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        raise SystemExit(2)
-    return args
-
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
