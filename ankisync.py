@@ -182,6 +182,21 @@ OLD_TIMEZONE_CLIENT = (
     "handling\"), sync there, then here.")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+QUOTED_MAX = 60                     # characters of a client's text quoted in an error or the log
+HOST_KEY_HEX = 40                   # the host key's length: clients kept it as a sha1 hex digest
+ADDRESS_MAX = 64                    # an address from a proxy header, as logged and counted
+CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real ones are ~10 bytes
+TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
+SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
+
+# Temporary files, named so that a server started again removes what a killed one left.
+TEMP_SPOOL = ".spool-"              # a request body too big for memory
+TEMP_UPLOAD = ".upload-"            # an uploaded collection, checked before it replaces one
+TEMP_COPY = ".copy-"                # a download's snapshot while a sync writes
+TEMP_INCOMING = ".incoming-"        # a media file on its way in
+TEMP_NEW_COLLECTION = ".new-collection-"
+TEMP_CONVERT = ".convert"           # suffix: a stored schema-18 file being converted
+TEMP_PREFIXES = (TEMP_SPOOL, TEMP_UPLOAD, TEMP_COPY, TEMP_INCOMING, TEMP_NEW_COLLECTION)
 
 
 # ---------------------------------------------------------------------------
@@ -740,7 +755,7 @@ class UserStore:
 
     def key_for(self, name, phc):
         return hmac.new(self.secret, ("%s\0%s" % (name, phc)).encode("utf-8"),
-                        hashlib.sha256).hexdigest()[:40]
+                        hashlib.sha256).hexdigest()[:HOST_KEY_HEX]
 
     def _store_key(self, db, name, phc, key=None):
         db.execute("insert or ignore into hostkeys values (?, ?, ?)",
@@ -913,7 +928,7 @@ class Accounts:
             hkey = self.users.login(name, password)
         if hkey is None:
             self.guard.failed(req.address, name)
-            log.warning("login failed: %r from %s: %s", name[:64], req.address,
+            log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], req.address,
                         "wrong password" if self.users.exists(name) else "no such user")
             raise SyncError(403, "wrong user name or password")
         self.guard.succeeded(req.address)
@@ -966,7 +981,7 @@ class Spool:
         if self.file is None and self.size > self.memory_max:
             if self.may_spill is not None:
                 self.may_spill()
-            fd, self.path = tempfile.mkstemp(prefix=".spool-", dir=self.folder)
+            fd, self.path = tempfile.mkstemp(prefix=TEMP_SPOOL, dir=self.folder)
             self.file = os.fdopen(fd, "w+b")
             self.file.write(self.memory.getvalue())
             self.memory = None
@@ -1072,16 +1087,16 @@ class BodyReader:
         return data
 
     def _next_chunk_size(self):
-        line = self.rfile.readline(1024)
+        line = self.rfile.readline(CHUNK_LINE_MAX)
         size = line.split(b";", 1)[0].strip()
         try:
             return int(size, 16)
         except ValueError:
-            raise bad_request("bad chunked encoding: chunk size %r" % size[:20])
+            raise bad_request("bad chunked encoding: chunk size %r" % size[:QUOTED_MAX])
 
     def _skip_trailers(self):
         for _ in range(100):
-            if self.rfile.readline(8192) in (b"\r\n", b"\n", b""):
+            if self.rfile.readline(TRAILER_LINE_MAX) in (b"\r\n", b"\n", b""):
                 return
         raise bad_request("bad chunked encoding: too many trailers")
 
@@ -1434,7 +1449,7 @@ class Collection:
         if version == 11:
             probe.close()
             return
-        temp = self.path + ".convert"
+        temp = self.path + TEMP_CONVERT
         target = connect_collection(temp)
         try:
             probe.backup(target)    # takes what is still in a -wal file along
@@ -1523,7 +1538,7 @@ class Collection:
                 return
         if path == self.path:
             self.close()
-        fd, temp = tempfile.mkstemp(prefix=".copy-", dir=self.folder)
+        fd, temp = tempfile.mkstemp(prefix=TEMP_COPY, dir=self.folder)
         os.close(fd)
         try:
             shutil.copyfile(path, temp)
@@ -1575,7 +1590,7 @@ def create_collection(path):
     """Write a brand-new schema-11 collection at `path`, atomically: a reader
     sees either nothing or the complete file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, temp = tempfile.mkstemp(prefix=".new-collection-", suffix=".tmp",
+    fd, temp = tempfile.mkstemp(prefix=TEMP_NEW_COLLECTION, suffix=".tmp",
                                 dir=folder)
     os.close(fd)  # SQLite treats the empty file as a new database
     try:
@@ -1820,7 +1835,7 @@ class CollectionSync:
     def handle(self, req):
         kind = COLLECTION_METHODS.get(req.method)
         if kind not in ("alone", "session", "upload"):
-            raise SyncError(404, "unknown sync method %r" % req.method[:40])
+            raise SyncError(404, "unknown sync method %r" % req.method[:QUOTED_MAX])
         method = getattr(self, req.method)      # each method is named as on the wire
         if kind == "upload":
             return method(req)          # locks only around the swap: checking takes a while
@@ -1972,7 +1987,7 @@ class CollectionSync:
         if req.payload.size >= self.max_decompressed:
             raise SyncError(413, UPLOAD_TOO_LARGE)
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".upload-", suffix=".anki2", dir=self.folder)
+        fd, temp = tempfile.mkstemp(prefix=TEMP_UPLOAD, suffix=".anki2", dir=self.folder)
         os.close(fd)
         # Kept for modern downloads only while it costs little of the disk.
         keep18 = free_space(self.folder) > SCHEMA18_KEEP_FREE * req.payload.size
@@ -2240,8 +2255,8 @@ class SyncSession:
             return
         ids = [row[0] for row in rows]
         stored = {}
-        for start in range(0, len(ids), 500):
-            part = ids[start:start + 500]
+        for start in range(0, len(ids), SQL_IDS_PER_QUERY):
+            part = ids[start:start + SQL_IDS_PER_QUERY]
             for oid, mod, usn in self.conn.execute(
                     "select id, mod, usn from %s where id in (%s)"
                     % (table, ",".join("?" * len(part))),
@@ -2386,7 +2401,7 @@ def to_int(value, what="value"):
     except (ValueError, OverflowError):
         pass
     raise bad_request("%s must be a number, not %r" % (what, value if not isinstance(value, str)
-                                                       else value[:40]))
+                                                       else value[:QUOTED_MAX]))
 
 
 ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -2465,7 +2480,7 @@ class MediaSync:
 
     def handle(self, req):
         if req.method not in MEDIA_METHODS:
-            raise SyncError(404, "unknown media method %r" % req.method[:40])
+            raise SyncError(404, "unknown media method %r" % req.method[:QUOTED_MAX])
         method = getattr(self, req.method)      # each method is named as on the wire
         with UserLock(self.store.lock, "another device of this user is syncing media"):
             return method(req, self.store.connect())
@@ -2507,7 +2522,8 @@ class MediaSync:
                 for index, name in enumerate(names):
                     row = db.execute("select size from media where fname=?", (name,)).fetchone()
                     if row is None or row[0] == 0:
-                        raise SyncError(409, "downloadFiles: %r is not on the server" % name[:60])
+                        raise SyncError(409, "downloadFiles: %r is not on the server"
+                                        % name[:QUOTED_MAX])
                     path = self.store.path_of(name)
                     if not os.path.exists(path):
                         # Forget it without a deletion entry, so the loss does not spread.
@@ -2516,7 +2532,8 @@ class MediaSync:
                                        "total_nonempty_files=max(0, total_nonempty_files-1)",
                                        (row[0],))
                             db.execute("delete from media where fname=?", (name,))
-                        raise SyncError(409, "downloadFiles: %r is missing on disk" % name[:60])
+                        raise SyncError(409, "downloadFiles: %r is missing on disk"
+                                        % name[:QUOTED_MAX])
                     archive.write(path, str(index))
                     zip_meta[str(index)] = name
                     total += os.path.getsize(path)
@@ -2598,14 +2615,14 @@ class MediaSync:
                         raise bad_request("uploadChanges: _meta entries must be [name, entry]")
                     name, entry = check_media_name(item[0]), item[1]
                     if name in names:
-                        raise bad_request("uploadChanges: %r appears twice" % name[:60])
+                        raise bad_request("uploadChanges: %r appears twice" % name[:QUOTED_MAX])
                     names.add(name)
                     if entry is None or entry == "":
                         changes.append((name, None, None, 0))
                         continue
                     if not isinstance(entry, str) or entry not in entries or entry == "_meta":
                         raise bad_request("uploadChanges: zip entry %r for %r is missing"
-                                          % (str(entry)[:20], name[:60]))
+                                          % (str(entry)[:QUOTED_MAX], name[:QUOTED_MAX]))
                     temp, sha1, size = self._extract(archive, entries[entry], name)
                     incoming.append(temp)
                     changes.append((name, temp, sha1, size))
@@ -2639,7 +2656,7 @@ class MediaSync:
 
     def _extract(self, archive, info, name):
         """Copy one entry to a temp file, counting real bytes (a zip's header can lie)."""
-        fd, temp = tempfile.mkstemp(prefix=".incoming-", dir=self.store.folder)
+        fd, temp = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=self.store.folder)
         digest, size = hashlib.sha1(), 0
         try:
             with os.fdopen(fd, "wb") as out, archive.open(info) as src:
@@ -2649,13 +2666,13 @@ class MediaSync:
                     except (zipfile.BadZipFile, OSError, EOFError, zlib.error,
                             NotImplementedError) as e:
                         raise bad_request("uploadChanges: cannot read %r from the zip (%s)"
-                                          % (name[:60], e))
+                                          % (name[:QUOTED_MAX], e))
                     if not block:
                         break
                     size += len(block)
                     if size > MEDIA_FILE_MAX:
                         raise bad_request("uploadChanges: %r is over %d MiB"
-                                          % (name[:60], MEDIA_FILE_MAX // MIB))
+                                          % (name[:QUOTED_MAX], MEDIA_FILE_MAX // MIB))
                     digest.update(block)
                     out.write(block)        # a full disk is the server's trouble: 507
         except BaseException:
@@ -2663,7 +2680,7 @@ class MediaSync:
             raise
         if size == 0:
             os.unlink(temp)
-            raise bad_request("uploadChanges: %r is empty" % name[:60])
+            raise bad_request("uploadChanges: %r is empty" % name[:QUOTED_MAX])
         return temp, digest.digest(), size
 
 
@@ -2769,7 +2786,7 @@ WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 @contextlib.contextmanager
 def transaction(db):
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (autocommit connections)."""
+    """begin immediate ... commit, or rollback on any error (autocommit connections)."""
     db.execute("begin immediate")
     try:
         yield db
@@ -2783,7 +2800,7 @@ def check_media_name(name):
     """A name a client may store a file under; anything else could escape the folder."""
     if not isinstance(name, str) or not name:
         raise bad_request("media: empty or missing file name")
-    shown = name[:60]
+    shown = name[:QUOTED_MAX]
     if name in (".", "..", "_meta") or "/" in name or "\\" in name or WINDOWS_DRIVE.match(name):
         raise bad_request("media: file name %r is not a plain file name" % shown)
     if ASCII_CONTROL.search(name):
@@ -2827,9 +2844,7 @@ class SyncApp:
         """Temporary files of a server that was killed mid-request."""
         for root, _, files in os.walk(self.config.data):
             for name in files:
-                if name.startswith((".spool-", ".upload-", ".copy-", ".incoming-",
-                                    ".new-collection-")) or \
-                        name.endswith(".convert"):
+                if name.startswith(TEMP_PREFIXES) or name.endswith(TEMP_CONVERT):
                     try:
                         os.unlink(os.path.join(root, name))
                     except OSError:
@@ -2888,7 +2903,7 @@ def forwarded_address(headers, name):
         entry = match.group(1) if match else ""
     elif name == "cloudfront-viewer-address":
         entry = entry.rpartition(":")[0]            # "ip:port", also for IPv6
-    return entry.strip()[:64]
+    return entry.strip()[:ADDRESS_MAX]
 
 
 def route(path, base_path):
@@ -2919,7 +2934,7 @@ def route(path, base_path):
     if method in MEDIA_METHODS:
         return "msync", method
     if len(segments) >= 2 and segments[-2] in ("sync", "msync"):
-        raise SyncError(404, "unknown sync method %r" % method[:40])
+        raise SyncError(404, "unknown sync method %r" % method[:QUOTED_MAX])
     raise SyncError(404, "nothing here: sync clients use %ssync/ and %smsync/"
                     % (base_path, base_path))
 
@@ -3070,7 +3085,8 @@ class Handler(BaseHTTPRequestHandler):
         verb = getattr(self, "do_" + self.command, None)
         if verb is None:
             self.close_connection = True
-            self.send_text(501, "%s is not an HTTP method ankisync answers" % self.command[:20])
+            self.send_text(501, "%s is not an HTTP method ankisync answers"
+                           % self.command[:QUOTED_MAX])
         else:
             verb()
         self.wfile.flush()
@@ -3997,7 +4013,7 @@ def _limit_error(limit):
     return ZstdLimitError("zstd data decodes to more than the %d byte limit" % limit)
 
 
-class Zstd(object):
+class Zstd:
     """One zstd implementation; subclasses supply the two stream methods."""
 
     name = "?"
@@ -4385,7 +4401,7 @@ def _truncated():
     return ZstdError("truncated zstd data: input ends inside a frame")
 
 
-class XXH64(object):
+class XXH64:
     """Streaming xxHash64 with seed 0: the frame's Content_Checksum (3.1.1)."""
 
     def __init__(self):
@@ -4449,7 +4465,7 @@ class XXH64(object):
         return (x << n | x >> (64 - n)) & MASK64
 
 
-class _Input(object):
+class _Input:
     """Exact reads over read(n), which may return less than asked, with bounded buffering."""
 
     def __init__(self, read):
@@ -4487,7 +4503,7 @@ class _Input(object):
             size -= step
 
 
-class _BackwardBits(object):
+class _BackwardBits:
     """A short backward bitstream (4.1) read a few bits at a time; for the cold paths."""
 
     def __init__(self, data):
@@ -4575,7 +4591,7 @@ def _build_fse_table(accuracy_log, probabilities):
     return table
 
 
-class _SequenceTable(object):
+class _SequenceTable:
     """An FSE table for one sequence field, entries ready for the hot loop:
     (value Baseline, value Number_of_Bits, state Number_of_Bits, state Baseline)."""
 
@@ -4584,7 +4600,7 @@ class _SequenceTable(object):
         self.entries = entries
 
 
-class _SequenceField(object):
+class _SequenceField:
     """What differs between Literals_Length, Match_Length and Offset (3.1.1.3.2.1)."""
 
     def __init__(self, name, codes, max_log, default, default_log):
@@ -4607,7 +4623,7 @@ class _SequenceField(object):
         return _SequenceTable(0, [self.codes[code] + (0, 0)])
 
 
-class _HuffmanTable(object):
+class _HuffmanTable:
     """4.2.1: a literals prefix code, decoded Max_Number_of_Bits bits at a time.
 
     `symbols`/`bits` give one literal per index; `runs`/`run_bits` give all the
@@ -4692,7 +4708,7 @@ class _HuffmanTable(object):
         return literals
 
 
-class _FrameDecoder(object):
+class _FrameDecoder:
     """Decodes one zstd frame (3.1.1) after its magic number, block by block."""
 
     def __init__(self, fields, source, write, room):
@@ -5825,34 +5841,34 @@ SCHEMA18_INDEXES = ("idx_cards_odid", "idx_notes_mid")
 def _rebuild_graves(conn):
     conn.execute("ALTER TABLE graves RENAME TO graves_old")
     conn.execute(SCHEMA11_GRAVES)
-    conn.execute("INSERT INTO graves (usn, oid, type) "
-                 "SELECT usn, oid, type FROM graves_old")
+    conn.execute("insert into graves (usn, oid, type) "
+                 "select usn, oid, type from graves_old")
     conn.execute("DROP TABLE graves_old")
 
 
 def legacy_dconf(conn):
     rows = conn.execute(
-        "SELECT id, name, mtime_secs, usn, config FROM deck_config")
+        "select id, name, mtime_secs, usn, config from deck_config")
     return {str(row[0]): deck_config_to_legacy(row) for row in rows}
 
 
 def legacy_decks(conn):
     rows = conn.execute(
-        "SELECT id, name, mtime_secs, usn, common, kind FROM decks")
+        "select id, name, mtime_secs, usn, common, kind from decks")
     return {str(row[0]): deck_to_legacy(row) for row in rows}
 
 
 def legacy_models(conn):
     models = {}
     rows = conn.execute(
-        "SELECT id, name, mtime_secs, usn, config FROM notetypes").fetchall()
+        "select id, name, mtime_secs, usn, config from notetypes").fetchall()
     for row in rows:
         ntid = row[0]
         fields = [field_to_legacy(*field) for field in conn.execute(
-            "SELECT ord, name, config FROM fields WHERE ntid = ? ORDER BY ord",
+            "select ord, name, config from fields where ntid = ? order by ord",
             (ntid,))]
         templates = [template_to_legacy(*tmpl) for tmpl in conn.execute(
-            "SELECT ord, name, config FROM templates WHERE ntid = ? "
+            "select ord, name, config from templates where ntid = ? "
             "ORDER BY ord", (ntid,))]
         models[str(ntid)] = notetype_to_legacy(row, fields, templates)
     return models
@@ -5860,7 +5876,7 @@ def legacy_models(conn):
 
 def legacy_conf(conn):
     conf = {}
-    for key, val in conn.execute("SELECT KEY, val FROM config"):
+    for key, val in conn.execute("select key, val from config"):
         if not isinstance(val, (bytes, str)):
             raise CorruptCollection("config %r is not JSON text" % key)
         try:
@@ -5871,27 +5887,27 @@ def legacy_conf(conn):
 
 
 def legacy_tags(conn):
-    return {tag: usn for tag, usn in conn.execute("SELECT tag, usn FROM tags")}
+    return {tag: usn for tag, usn in conn.execute("select tag, usn from tags")}
 
 
 def downgrade_to_schema11(conn):
     """Turn an integrity-checked schema-18 collection into schema 11, as
     `close(downgrade=True)` does. `conn` must be in autocommit mode
     (isolation_level=None) with `unicase` registered."""
-    conn.execute("BEGIN EXCLUSIVE")
+    conn.execute("begin exclusive")
     try:
         _rebuild_graves(conn)
         columns = (legacy_dconf(conn), legacy_decks(conn), legacy_models(conn),
                    legacy_conf(conn), legacy_tags(conn))
         conn.execute(
-            "UPDATE col SET dconf = ?, decks = ?, models = ?, conf = ?, tags = ?",
+            "update col set dconf = ?, decks = ?, models = ?, conf = ?, tags = ?",
             [dumps_compact(column) for column in columns])
         for table in SCHEMA18_TABLES:
             conn.execute("DROP TABLE " + table)
         for index in SCHEMA18_INDEXES:
             conn.execute("DROP INDEX " + index)
-        conn.execute("UPDATE col SET ver = 11")
-        conn.execute("COMMIT")
+        conn.execute("update col set ver = 11")
+        conn.execute("commit")
     except Exception as exc:
         conn.execute("ROLLBACK")
         if isinstance(exc, CorruptCollection):
@@ -5899,7 +5915,7 @@ def downgrade_to_schema11(conn):
         # Unexpected column types, missing tables: still a bad upload.
         raise CorruptCollection("cannot downgrade: %s" % exc) from exc
     # Outside the transaction: checkpoints and removes the -wal file.
-    conn.execute("PRAGMA journal_mode = delete")
+    conn.execute("pragma journal_mode = delete")
 
 
 # --- validating schema-11 JSON (docs/SCHEMA.md 5.3) ------------------------------------
@@ -6026,7 +6042,7 @@ def check_notetype(what, notetype):
 def check_schema11(conn):
     """Reject schema-11 JSON that a modern client could not upgrade."""
     row = conn.execute(
-        "SELECT conf, models, decks, dconf, tags FROM col").fetchone()
+        "select conf, models, decks, dconf, tags from col").fetchone()
     if row is None:
         raise CorruptCollection("col has no row")
     conf, models, decks, dconf, tags = (
@@ -6319,17 +6335,17 @@ def _write_new_collection(path, now):
         models[str(created_ms + offset)] = stock_notetype(created_ms + offset, spec)
     conn = sqlite3.connect(path, isolation_level=None)
     try:
-        conn.execute("PRAGMA page_size = %d" % PAGE_SIZE)
-        conn.execute("PRAGMA journal_mode = delete")
-        conn.executescript("BEGIN;\n" + SCHEMA11_DDL)  # stays open
+        conn.execute("pragma page_size = %d" % PAGE_SIZE)
+        conn.execute("pragma journal_mode = delete")
+        conn.executescript("begin;\n" + SCHEMA11_DDL)  # stays open
         conn.execute(
-            "UPDATE col SET crt = ?, scm = ?, ver = 11, conf = ?, models = ?, "
+            "update col set crt = ?, scm = ?, ver = 11, conf = ?, models = ?, "
             "decks = ?, dconf = ?, tags = '{}'",
             (collection_start(now), created_ms, dumps_compact(default_conf(created_ms)),
              dumps_compact(models),
              dumps_compact({str(DEFAULT_DECK_ID): default_deck()}),
              dumps_compact({str(DEFAULT_DECK_CONFIG_ID): default_deck_config()})))
-        conn.execute("COMMIT")
+        conn.execute("commit")
     finally:
         conn.close()
 
