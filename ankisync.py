@@ -34,9 +34,15 @@ Nothing but the Python standard library is needed. zstd comes from
 ``compression.zstd`` (Python 3.14+), from the system's libzstd, or from the pure
 Python decoder below, in that order.
 
-The file reads top to bottom in the order a request flows: limits, errors,
-configuration, users, codecs, collection store, collection sync, media sync, HTTP,
-command line.
+The file reads top to bottom from the protocol's words to its machinery: limits,
+errors, protocol words (versions, wire names, request and reply), configuration,
+users, envelopes, the collection store, collection sync (one method per wire name,
+``meta`` first), media sync, HTTP, the command line; then three appendices: A. zstd,
+B. the schema 18 to 11 conversion, C. a new collection; ``main()`` last. A request
+enters at ``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by
+``Accounts`` and answered by ``CollectionSync`` or ``MediaSync``.
+``docs/protocol.md`` describes the protocol as ankisync speaks it; comments cite it by
+section.
 
 License: GNU Affero General Public License v3.0 or later.
 """
@@ -81,7 +87,7 @@ import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("ankisync")
 
@@ -240,7 +246,8 @@ class CorruptCollection(SyncError):
 # ---------------------------------------------------------------------------
 
 class SyncVersion:
-    """The sync protocol's versions, named as in rslib (sync/version.rs) by what each added."""
+    """The sync protocol's versions, named as rslib names them by what each added
+    (docs/protocol.md 1.2)."""
 
     V08_SESSIONKEY = 8          # Anki 2.0, AnkiDroid 2.8: the oldest the official server takes
     V09_V2_SCHEDULER = 9        # Anki 2.1.0, AnkiDroid 2.9: knows the v2 scheduler
@@ -451,7 +458,8 @@ def render_ini():
     for option in OPTIONS:
         comment = textwrap.dedent(option.comment).strip()
         if comment:
-            lines += [""] * (lines[-1] != "[server]") + ["# " + l for l in comment.splitlines()]
+            lines += [""] * (lines[-1] != "[server]")
+            lines += ["# " + line for line in comment.splitlines()]
         lines.append(("%s = %s" % (option.name, option.default)).rstrip())
     return "\n".join(lines) + "\n"
 
@@ -613,7 +621,8 @@ def folder_name(name):
     some file system refuses written as %XX."""
     if USERNAME_PATTERN.match(name):
         return name
-    escape = lambda match: "".join("%%%02X" % b for b in match.group().encode("utf-8"))
+    def escape(match):
+        return "".join("%%%02X" % b for b in match.group().encode("utf-8"))
     folder = FOLDER_UNSAFE.sub(escape, name)
     folder = re.sub(r"^\.|[. ]$", escape, folder)       # hidden, or dropped by Windows
     return folder
@@ -1248,8 +1257,8 @@ class MultipartParser:
 
 
 class Envelopes:
-    """Undoes either envelope: a SyncRequest with its key checked before its body is read,
-    and its payload decompressed into a Spool."""
+    """Undoes either envelope (docs/protocol.md 3): a SyncRequest with its key checked
+    before its body is read, and its payload decompressed into a Spool."""
 
     def __init__(self, accounts, zstd, spool_folder, config):
         self.accounts = accounts
@@ -1315,10 +1324,11 @@ class Envelopes:
         return self.config.max_decompressed
 
     def _decode_legacy(self, req, content_type, body):
-        """Legacy forms carry the key as a field: Anki 2.1.26 and older, AnkiDroid and
-        2.0 send it before `data`, and it is checked as soon as it is read; 2.1.50+
-        send it after `data`, which then waits in memory (UNAUTHENTICATED_HOLD), and
-        goes on to disk only from an address that showed a valid key lately."""
+        """Legacy forms carry the key as a field: Anki 2.0 to 2.1.26 and AnkiDroid send it
+        before `data`, and it is checked as soon as it is read; the Rust clients (2.1.28+
+        for the collection, 2.1.22+ for media) send it after `data`, which then waits in
+        memory (UNAUTHENTICATED_HOLD), and goes on to disk only from an address that
+        showed a valid key lately."""
         match = re.search(r'boundary="?([^";]+)"?', content_type, re.IGNORECASE)
         login = (req.area, req.method) == ("sync", "hostKey")
 
@@ -1578,7 +1588,7 @@ class CollectionReader:
                 del readers[self.inode]
 
 
-# --- unicase collation ------------------------------------------------------
+# --- unicase collation ----------------------------------------------------------------
 def unicase_collate(a, b):
     """The `unicase` collation of schema-18 tables: full case folding, then
     code points. Register it before the first statement on every connection."""
@@ -1787,8 +1797,8 @@ class DataFolderLock:
 def old_client_refusal(version, conf):
     """Why a client of sync `version` must not sync a collection with this `conf`, or "".
 
-    The official server's rules (rslib sync/collection/meta.rs): the v2 scheduler needs
-    version 9, the new timezone handling (a creationOffset) version 10."""
+    The official server's rules (rslib sync/collection/meta.rs; docs/protocol.md 1.3): the
+    v2 scheduler needs version 9, the new timezone handling (a creationOffset) version 10."""
     try:
         conf = json.loads(conf)
     except ValueError:
@@ -1819,7 +1829,8 @@ class UserLock:
 
 
 class CollectionSync:
-    """One user's collection: the protocol methods and the sync session between them."""
+    """One user's collection: the protocol methods and the sync session between them
+    (docs/protocol.md 4)."""
 
     def __init__(self, folder, media, max_decompressed):
         self.folder = folder
@@ -2319,7 +2330,8 @@ class SyncSession:
         if self.has_unsynced():
             return None
         conn = self.conn
-        count = lambda table: conn.execute("select count() from %s" % table).fetchone()[0]
+        def count(table):
+            return conn.execute("select count() from %s" % table).fetchone()[0]
         return [[0, 0, 0], count("cards"), count("notes"), count("revlog"), 0,
                 len(self.objects.models), len(self.objects.decks), len(self.objects.dconf)]
 
@@ -2416,7 +2428,7 @@ HTML_MARKUP = re.compile(r"<!--.*?-->|<style\b.*?>.*?</style>|<script\b.*?>.*?</
 
 
 def strip_html_keep_media(text):
-    """The text Anki sorts and checksums a field by (docs/PROTOCOL.md appendix D)."""
+    """The text Anki sorts and checksums a field by (docs/protocol.md appendix A)."""
     if "<" not in text and "&" not in text:
         return text
     if "<" in text:
@@ -2471,7 +2483,7 @@ def unique_name(name, taken):
 # ---------------------------------------------------------------------------
 
 class MediaSync:
-    """One user's media methods, by their wire names (docs/PROTOCOL.md section 6)."""
+    """One user's media methods, by their wire names (docs/protocol.md 6)."""
 
     def __init__(self, store, spool_folder, max_decompressed):
         self.store = store
@@ -2907,7 +2919,7 @@ def forwarded_address(headers, name):
 
 
 def route(path, base_path):
-    """(area, method) for a sync URL; ('page', name) for the rest.
+    """(area, method) for a sync URL; ('page', name) for the rest (docs/protocol.md 2).
 
     The method name alone decides, since collection and media methods have distinct
     names. So whatever users type and proxies send still arrives: double and
@@ -3296,7 +3308,7 @@ class SocketReader:
         pass
 
 
-# --- connections: one listener, a pool of workers -----------------------------
+# --- connections: one listener, a pool of workers -------------------------------------
 class Connection:
     """A client connection, and the request arriving on it."""
 
@@ -4040,7 +4052,7 @@ class Zstd:
         return "<Zstd %s>" % self.name
 
 
-# --- backend: libzstd through ctypes ----------------------------------------
+# --- backend: libzstd through ctypes --------------------------------------------------
 ZSTD_d_windowLogMax = 100             # zstd.h: ZSTD_dParameter
 ZSTD_c_compressionLevel = 100         # zstd.h: ZSTD_cParameter
 ZSTD_c_checksumFlag = 201             # zstd.h: ZSTD_cParameter
@@ -4245,7 +4257,7 @@ class _ThreadContexts:
             self.zstd._free_cctx(self.cctx)
 
 
-# --- backend: compression.zstd (3.14+) or backports.zstd ---------------------
+# --- backend: compression.zstd (3.14+) or backports.zstd ------------------------------
 class StdlibZstd(Zstd):
     """compression.zstd; `module` is it or backports.zstd, which has the same API."""
 
@@ -4312,7 +4324,7 @@ class StdlibZstd(Zstd):
                 return written
 
 
-# --- backend: pure Python ----------------------------------------------------
+# --- backend: pure Python -------------------------------------------------------------
 #
 # The decoder follows RFC 8878; section numbers below refer to it. Speed comes
 # from the two hot loops (Huffman literals, sequences), which keep their bit
@@ -5140,7 +5152,7 @@ def _write_raw_block(write, block, last):
     return len(header) + len(block)
 
 
-# --- choosing a backend -------------------------------------------------------
+# --- choosing a backend ---------------------------------------------------------------
 LIBZSTD_FALLBACK_NAMES = ("libzstd.so.1", "libzstd.1.dylib")   # when find_library has no answer
 
 
@@ -5197,7 +5209,7 @@ def choose_zstd(preference=None):
 #   is converted once, the way the official code would write it, and checked.
 # ---------------------------------------------------------------------------
 
-# --- JSON as the official writer formats it (docs/SCHEMA.md 1.8) -----------------
+# --- JSON as the official writer formats it (docs/protocol.md 5.11) -------------------
 def _reject_constant(name):
     # Python accepts NaN/Infinity tokens; the official parser does not.
     raise ValueError("invalid JSON number " + name)
@@ -5238,7 +5250,7 @@ def dumps_compact(obj):
                           ensure_ascii=False, allow_nan=False)
 
 
-# --- 32-bit floats ------------------------------------------------------------
+# --- 32-bit floats --------------------------------------------------------------------
 F32_MAX_DIGITS = 9  # 9 significant digits always round-trip an IEEE single
 U16_MAX = 0xFFFF
 U32_MAX = 0xFFFFFFFF
@@ -5279,7 +5291,7 @@ def f32_scaled_to_int(x, scale, maximum):
     return int(product)
 
 
-# --- protobuf wire reader (docs/SCHEMA.md 6) ---------------------------------------
+# --- protobuf wire reader (docs/protocol.md 5.5) --------------------------------------
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
 WIRE_LEN = 2
@@ -5456,7 +5468,7 @@ def pb_uint32s(fields, number):
     return result
 
 
-# --- the "other" extras (docs/SCHEMA.md 4.1) ---------------------------------------
+# --- the "other" extras (docs/protocol.md 5.6) ----------------------------------------
 NOTETYPE_RESERVED = frozenset((
     "latexPost", "flds", "css", "originalStockKind", "originalId", "id", "usn",
     "mod", "req", "latexPre", "name", "did", "tmpls", "type", "sortf",
@@ -5505,7 +5517,7 @@ def extras(obj, reserved):
     return {key: value for key, value in obj.items() if key not in reserved}
 
 
-# --- note types (docs/SCHEMA.md 4.2) -----------------------------------------------
+# --- note types (docs/protocol.md 5.7) ------------------------------------------------
 NOTETYPE_KIND_CLOZE = 1
 REQUIREMENT_KINDS = {0: "none", 1: "any", 2: "all"}  # unknown -> "none"
 ORD_MASK = 0xFFFF  # sortf, size, card_ord and field_ords are u16 in Rust
@@ -5513,7 +5525,7 @@ BROWSER_FONT_SIZE_MASK = 0xFF  # bsize is u8 in Rust
 
 
 # In the *_to_legacy functions below, the numbers are protobuf field numbers;
-# each function follows its message's table in docs/SCHEMA.md 4.2-4.4 row by row.
+# each function follows its message's table in docs/protocol.md 5.7-5.9 field by field.
 def card_requirement_to_legacy(req):
     return [
         pb_uint32(req, 1) & ORD_MASK,
@@ -5593,7 +5605,7 @@ def notetype_to_legacy(row, fields, templates):
     return notetype
 
 
-# --- decks (docs/SCHEMA.md 4.3) ------------------------------------------------------
+# --- decks (docs/protocol.md 5.8) -----------------------------------------------------
 DECK_KIND_NORMAL = 1
 DECK_KIND_FILTERED = 2
 PERCENT = 100.0  # a deck's desired retention is a fraction in 18, percent in 11
@@ -5695,7 +5707,7 @@ def filtered_deck_keys(filtered):
     }
 
 
-# --- deck config (docs/SCHEMA.md 4.4) ------------------------------------------------
+# --- deck config (docs/protocol.md 5.9) -----------------------------------------------
 
 # Field number -> (lowest, highest, default): the official reader replaces an
 # out-of-range value by the default before mapping. Float bounds are singles.
@@ -5825,7 +5837,7 @@ def deck_config_to_legacy(row):
     return conf
 
 
-# --- the 18 -> 11 downgrade (docs/SCHEMA.md 4.9, steps 5-14) ---------------------------
+# --- the 18 -> 11 downgrade (docs/protocol.md 5.12, steps 5-9) ------------------------
 SCHEMA11_GRAVES = """CREATE TABLE graves (
   usn integer NOT NULL,
   oid integer NOT NULL,
@@ -5918,7 +5930,7 @@ def downgrade_to_schema11(conn):
     conn.execute("pragma journal_mode = delete")
 
 
-# --- validating schema-11 JSON (docs/SCHEMA.md 5.3) ------------------------------------
+# --- validating schema-11 JSON (docs/protocol.md 5.13) --------------------------------
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
 
@@ -6065,7 +6077,7 @@ def check_schema11(conn):
 #   Anki itself makes one, with its stock note types, deck and deck config.
 # ---------------------------------------------------------------------------
 
-# --- a brand-new collection (docs/SCHEMA.md 1.1, 2.1, 2.2) -------------------------------
+# --- a brand-new collection (docs/protocol.md 5.3, 5.14) ------------------------------
 SCHEMA11_DDL = """CREATE TABLE col (
   id integer PRIMARY KEY,
   crt integer NOT NULL,
@@ -6213,7 +6225,7 @@ def default_deck_config():
     }
 
 
-# The stock note types' texts (docs/SCHEMA.md 2.2).
+# The stock note types' texts (docs/protocol.md 5.14).
 LATEX_PRE = (
     "\\documentclass[12pt]{article}\n"
     "\\special{papersize=3in,5in}\n"

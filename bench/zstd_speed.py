@@ -39,7 +39,8 @@ def upload_body(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=30, help="collection size (default 30)")
-    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ankisync-bench-cache"))
+    parser.add_argument("--cache",
+                        default=os.path.join(tempfile.gettempdir(), "ankisync-bench-cache"))
     args = parser.parse_args()
     path = Builder(args.cache).get(int(args.mb * NOTES_PER_MB))
     size = os.path.getsize(path)
