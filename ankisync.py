@@ -916,51 +916,6 @@ def _bounded(table, key, value):
     return table
 
 
-class Accounts:
-    """Who may sync: `hostKey` logins, the host keys they hand out, and the addresses that
-    showed a valid key or password lately."""
-
-    def __init__(self, users):
-        self.users = users
-        self.guard = LoginGuard()
-        self.trusted = {}               # address -> when its last valid key stops counting
-        self.trusted_lock = threading.Lock()
-
-    def hostKey(self, req):
-        """A user name and password in, the user's host key out."""
-        data = req.json()
-        name, password = data.get("u"), data.get("p")
-        if not isinstance(name, str) or not isinstance(password, str):
-            raise bad_request("hostKey needs a user name `u` and a password `p`")
-        name = name.strip()
-        with self.guard.turn(req.address, name):
-            hkey = self.users.login(name, password)
-        if hkey is None:
-            self.guard.failed(req.address, name)
-            log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], req.address,
-                        "wrong password" if self.users.exists(name) else "no such user")
-            raise SyncError(403, "wrong user name or password")
-        self.guard.succeeded(req.address)
-        self.trust(req.address)
-        req.user = self.users.canonical(name)
-        return Reply.json({"key": hkey})
-
-    def authenticate(self, req):
-        """Sets req.user from its host key, or refuses: before any of the body is read."""
-        req.user = self.users.user_for_key(req.hkey)
-        if req.user is None:
-            raise SyncError(403, "unknown sync key: log in again")
-        self.trust(req.address)
-
-    def trust(self, address):
-        """`address` showed a valid key or password: it may send forms whose key comes last."""
-        with self.trusted_lock:
-            _bounded(self.trusted, address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
-
-    def is_trusted(self, address):
-        return self.trusted.get(address, 0) > time.monotonic()
-
-
 # ---------------------------------------------------------------------------
 # Envelopes
 #   Bodies arrive chunked or with a length, wrapped in zstd (v11) or in a
@@ -1789,10 +1744,56 @@ class DataFolderLock:
 
 # ---------------------------------------------------------------------------
 # Collection sync
-#   One method per wire name, `meta` first (hostKey, the login, is Accounts.hostKey).
-#   A normal sync is one SQLite transaction, begun at `start` and committed at
-#   `finish`; anything else rolls it back.
+#   One method per wire name, in the order a sync calls them: `hostKey` (the login,
+#   in Accounts), then CollectionSync's `meta`, `start` ... `finish`, `upload` and
+#   `download`. A normal sync is one SQLite transaction, begun at `start` and
+#   committed at `finish`; anything else rolls it back.
 # ---------------------------------------------------------------------------
+
+class Accounts:
+    """Who may sync: `hostKey` logins, the host keys they hand out, and the addresses that
+    showed a valid key or password lately."""
+
+    def __init__(self, users):
+        self.users = users
+        self.guard = LoginGuard()
+        self.trusted = {}               # address -> when its last valid key stops counting
+        self.trusted_lock = threading.Lock()
+
+    def hostKey(self, req):
+        """A user name and password in, the user's host key out."""
+        data = req.json()
+        name, password = data.get("u"), data.get("p")
+        if not isinstance(name, str) or not isinstance(password, str):
+            raise bad_request("hostKey needs a user name `u` and a password `p`")
+        name = name.strip()
+        with self.guard.turn(req.address, name):
+            hkey = self.users.login(name, password)
+        if hkey is None:
+            self.guard.failed(req.address, name)
+            log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], req.address,
+                        "wrong password" if self.users.exists(name) else "no such user")
+            raise SyncError(403, "wrong user name or password")
+        self.guard.succeeded(req.address)
+        self.trust(req.address)
+        req.user = self.users.canonical(name)
+        return Reply.json({"key": hkey})
+
+    def authenticate(self, req):
+        """Sets req.user from its host key, or refuses: before any of the body is read."""
+        req.user = self.users.user_for_key(req.hkey)
+        if req.user is None:
+            raise SyncError(403, "unknown sync key: log in again")
+        self.trust(req.address)
+
+    def trust(self, address):
+        """`address` showed a valid key or password: it may send forms whose key comes last."""
+        with self.trusted_lock:
+            _bounded(self.trusted, address, time.monotonic() + TRUSTED_ADDRESS_SECONDS)
+
+    def is_trusted(self, address):
+        return self.trusted.get(address, 0) > time.monotonic()
+
 
 def old_client_refusal(version, conf):
     """Why a client of sync `version` must not sync a collection with this `conf`, or "".
@@ -2478,8 +2479,9 @@ def unique_name(name, taken):
 
 # ---------------------------------------------------------------------------
 # Media sync
-#   media.db and media/ per user, laid out like the official server's. The
-#   media usn rises by exactly one per change; deletions stay as entries.
+#   media.db and media/ per user, laid out like the official server's. MediaSync
+#   speaks the protocol; MediaStore keeps the books: the media usn rises by exactly
+#   one per change, and deletions stay as entries.
 # ---------------------------------------------------------------------------
 
 class MediaSync:
@@ -2495,32 +2497,29 @@ class MediaSync:
             raise SyncError(404, "unknown media method %r" % req.method[:QUOTED_MAX])
         method = getattr(self, req.method)      # each method is named as on the wire
         with UserLock(self.store.lock, "another device of this user is syncing media"):
-            return method(req, self.store.connect())
+            self.store.connect()        # media.db open, media/ made: uploads unpack into it
+            return method(req)
 
     @staticmethod
     def wrapped(data):
         return Reply.json({"data": data, "err": ""})
 
-    def begin(self, req, db):
+    def begin(self, req):
         if not req.client_version:
             raise bad_request("msync/begin needs the client version (v)")
-        usn = db.execute("select last_usn from meta").fetchone()[0]
         # The host key doubles as the legacy media session key, as on the official server.
-        return self.wrapped({"usn": usn, "sk": req.hkey})
+        return self.wrapped({"usn": self.store.usn(), "sk": req.hkey})
 
-    def mediaChanges(self, req, db):
+    def mediaChanges(self, req):
         since = to_int(req.json().get("lastUsn", 0), "lastUsn")
-        rows = db.execute("select fname, usn, csum, size from media where usn > ? "
-                          "order by usn limit ?", (since, MEDIA_CHANGES_PAGE)).fetchall()
         return self.wrapped([[name, usn, csum.hex() if size else ""]
-                             for name, usn, csum, size in rows])
+                             for name, usn, csum, size in self.store.changes_since(since)])
 
-    def mediaSanity(self, req, db):
+    def mediaSanity(self, req):
         local = to_int(req.json().get("local"), "local")
-        total = db.execute("select total_nonempty_files from meta").fetchone()[0]
-        return self.wrapped("OK" if local == total else "mediaSanity")
+        return self.wrapped("OK" if local == self.store.file_count() else "mediaSanity")
 
-    def downloadFiles(self, req, db):
+    def downloadFiles(self, req):
         names = req.json().get("files")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise bad_request("downloadFiles needs a list of file names")
@@ -2532,18 +2531,13 @@ class MediaSync:
             zip_meta, total = {}, 0
             with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
                 for index, name in enumerate(names):
-                    row = db.execute("select size from media where fname=?", (name,)).fetchone()
-                    if row is None or row[0] == 0:
+                    size = self.store.size_of(name)
+                    if not size:
                         raise SyncError(409, "downloadFiles: %r is not on the server"
                                         % name[:QUOTED_MAX])
                     path = self.store.path_of(name)
                     if not os.path.exists(path):
-                        # Forget it without a deletion entry, so the loss does not spread.
-                        with transaction(db):
-                            db.execute("update meta set total_bytes=max(0, total_bytes-?), "
-                                       "total_nonempty_files=max(0, total_nonempty_files-1)",
-                                       (row[0],))
-                            db.execute("delete from media where fname=?", (name,))
+                        self.store.forget(name, size)
                         raise SyncError(409, "downloadFiles: %r is missing on disk"
                                         % name[:QUOTED_MAX])
                     archive.write(path, str(index))
@@ -2559,45 +2553,10 @@ class MediaSync:
             raise
         return Reply(stream=spool, size=size)
 
-    def uploadChanges(self, req, db):
+    def uploadChanges(self, req):
         changes, incoming = self._unpack_upload(req.payload)
-        moves = []                      # (temp or None to delete, path), done after the commit:
-        try:                            # a failed one (a full disk) leaves the files as they were
-            with transaction(db):       # the whole batch or nothing
-                usn, total_bytes, total_files = db.execute(
-                    "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
-                now = int(time.time())
-                for name, temp, sha1, size in changes:
-                    row = db.execute("select csum, size from media where fname=?",
-                                     (name,)).fetchone()
-                    if temp is None:
-                        if row is None or row[1] == 0:
-                            continue
-                        usn += 1
-                        total_bytes -= row[1]
-                        total_files -= 1
-                        db.execute("update media set size=0, usn=?, mtime=? where fname=?",
-                                   (usn, now, name))
-                        moves.append((None, self.store.path_of(name)))
-                        continue
-                    if row is not None and row[1] and bytes(row[0]) == sha1:
-                        continue
-                    usn += 1
-                    if row is not None and row[1]:
-                        total_bytes -= row[1]
-                        total_files -= 1
-                    total_bytes += size
-                    total_files += 1
-                    db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
-                               (name, sha1, size, usn, now))
-                    moves.append((temp, self.store.path_of(name)))
-                db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
-                           (usn, total_bytes, total_files))
-            for temp, path in moves:
-                if temp is not None:
-                    os.replace(temp, path)
-                elif os.path.exists(path):
-                    os.unlink(path)
+        try:
+            usn = self.store.apply(changes)
         finally:
             for temp in incoming:
                 if os.path.exists(temp):
@@ -2763,11 +2722,81 @@ class MediaStore:
                   self.db_path, why, aside, len(names), self.folder)
         return db
 
+    # -- the bookkeeping, for the media methods (with `lock` held) ---------
+
+    def usn(self):
+        return self.connect().execute("select last_usn from meta").fetchone()[0]
+
+    def file_count(self):
+        return self.connect().execute("select total_nonempty_files from meta").fetchone()[0]
+
+    def changes_since(self, usn):
+        """(name, usn, sha1, size) of the next page of changes after `usn`; size 0: deleted."""
+        return self.connect().execute(
+            "select fname, usn, csum, size from media where usn > ? order by usn limit ?",
+            (usn, MEDIA_CHANGES_PAGE)).fetchall()
+
+    def size_of(self, name):
+        """The file's size; 0 when it was deleted or never was."""
+        row = self.connect().execute("select size from media where fname=?", (name,)).fetchone()
+        return row[0] if row else 0
+
+    def forget(self, name, size):
+        """A file lost from the disk: dropped without a deletion entry, so the loss does not
+        spread to the devices that still have it."""
+        db = self.connect()
+        with transaction(db):
+            db.execute("update meta set total_bytes=max(0, total_bytes-?), "
+                       "total_nonempty_files=max(0, total_nonempty_files-1)", (size,))
+            db.execute("delete from media where fname=?", (name,))
+
+    def apply(self, changes):
+        """An upload's [(name, temp file or None to delete, sha1, size)]: one usn per real
+        change, all or nothing; returns the new last usn. Files move only after the commit,
+        so a failed move (a full disk) leaves them as they were."""
+        db, moves = self.connect(), []
+        with transaction(db):
+            usn, total_bytes, total_files = db.execute(
+                "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
+            now = int(time.time())
+            for name, temp, sha1, size in changes:
+                row = db.execute("select csum, size from media where fname=?",
+                                 (name,)).fetchone()
+                if temp is None:
+                    if row is None or row[1] == 0:
+                        continue
+                    usn += 1
+                    total_bytes -= row[1]
+                    total_files -= 1
+                    db.execute("update media set size=0, usn=?, mtime=? where fname=?",
+                               (usn, now, name))
+                    moves.append((None, self.path_of(name)))
+                    continue
+                if row is not None and row[1] and bytes(row[0]) == sha1:
+                    continue
+                usn += 1
+                if row is not None and row[1]:
+                    total_bytes -= row[1]
+                    total_files -= 1
+                total_bytes += size
+                total_files += 1
+                db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
+                           (name, sha1, size, usn, now))
+                moves.append((temp, self.path_of(name)))
+            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                       (usn, total_bytes, total_files))
+        for temp, path in moves:
+            if temp is not None:
+                os.replace(temp, path)
+            elif os.path.exists(path):
+                os.unlink(path)
+        return usn
+
     def last_usn(self):
         """For `meta`, which must not wait for a media upload of the same user."""
         if self.lock.acquire(blocking=False):
             try:
-                return self.connect().execute("select last_usn from meta").fetchone()[0]
+                return self.usn()
             finally:
                 self.lock.release()
         db = sqlite3.connect(self.db_path, timeout=LOCK_WAIT)     # WAL: reads never wait
