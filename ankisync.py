@@ -57,6 +57,7 @@ import datetime
 import difflib
 import errno
 import getpass
+import gzip
 import hashlib
 import hmac
 import html
@@ -202,7 +203,20 @@ TEMP_COPY = ".copy-"                # a download's snapshot while a sync writes
 TEMP_INCOMING = ".incoming-"        # a media file on its way in
 TEMP_NEW_COLLECTION = ".new-collection-"
 TEMP_CONVERT = ".convert"           # suffix: a stored schema-18 file being converted
-TEMP_PREFIXES = (TEMP_SPOOL, TEMP_UPLOAD, TEMP_COPY, TEMP_INCOMING, TEMP_NEW_COLLECTION)
+TEMP_BACKUP = ".backup-"            # a restore point being written, or unpacked
+TEMP_PREFIXES = (TEMP_SPOOL, TEMP_UPLOAD, TEMP_COPY, TEMP_INCOMING, TEMP_NEW_COLLECTION,
+                 TEMP_BACKUP)
+
+# A user's folder: what the server and the CLI share, and the locks they both take.
+BACKUP_FOLDER = "backups"           # restore points
+MEDIA_TRASH_FOLDER = "media.trash"  # media files deleted or replaced, for a restore
+COLLECTION_LOCK = ".collection.lock"
+MEDIA_LOCK = ".media.lock"
+LOCK_POLL = 0.02                    # seconds between tries of a lock another process holds
+BACKUP_GZIP_LEVEL = 1               # a collection packs to about a third; level 6 gains ~5%
+BACKUP_FREE_FACTOR = 3              # a point is made only while 3x the collection is free
+PACKAGE_LEGACY, PACKAGE_LEGACY_2, PACKAGE_LATEST = 1, 2, 3      # a .colpkg's `meta` version
+ANKISYNCD_SCHEME = "ankisyncd-sha256"   # an imported ankisyncd hash, until the next login
 
 
 # ---------------------------------------------------------------------------
@@ -428,6 +442,26 @@ OPTIONS = (
         logins are throttled per client and the log shows who connected. Leave it empty
         when clients connect directly: the header is then ignored, since anyone can send it.""",
            env="SYNC_IP_HEADER"),
+    Option("backup_uploads", 10, "restore points kept from before full uploads and restores",
+           """
+        Restore points: before a full upload replaces a collection (one device answering
+        "Upload" in the full-sync dialog is the commonest way to lose reviews), and at
+        most once a day after a normal sync, the collection is kept in <user>/backups/,
+        compressed; deleted media files wait in <user>/media.trash/ as long. List and
+        restore them with `ankisync.py backups NAME` and `restore NAME ID`.
+        The last this many points from before a full upload, a restore or an import.""",
+           parse=int),
+    Option("backup_days", 7, "daily restore points kept (one per day)", """
+        Daily points kept: the newest of each of the last this many days with a sync.""",
+           parse=int),
+    Option("backup_weeks", 4, "weekly restore points kept (one per week)", """
+        Weekly points kept: the newest of each of the last this many weeks.""",
+           parse=int),
+    Option("backup_budget_mb", 1024, "MiB of restore points per user at most", """
+        MiB the points of one user may take; the oldest go first (the newest always
+        stays). A point is about a third of the collection's size; none is made while
+        less than three times the collection's size is free on the disk.""",
+           parse=int),
     Option("max_connections", MAX_CONNECTIONS,
            "open connections; past it the longest-waiting one is closed", """
         Open connections at most. An idle or slow connection costs a socket and a small
@@ -577,6 +611,8 @@ def hash_password(password, rounds=PBKDF2_ROUNDS):
 
 
 def verify_password(password, phc):
+    if phc.startswith("$%s$" % ANKISYNCD_SCHEME):
+        return verify_ankisyncd_hash(password, phc)
     try:
         _, scheme, params, salt, expected = phc.split("$")
         settings = dict(p.split("=", 1) for p in params.split(","))
@@ -587,6 +623,18 @@ def verify_password(password, phc):
     except ValueError:
         return False
     digest = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, rounds, len(expected))
+    return hmac.compare_digest(digest, expected)
+
+
+def verify_ankisyncd_hash(password, phc):
+    """ankisyncd's scheme: sha256 of name + password + salt, in hex (the name as it was
+    stored there, kept in the string)."""
+    try:
+        _, _, name, salt, expected = phc.split("$")
+        name = b64_decode_nopad(name).decode("utf-8")
+    except ValueError:
+        return False
+    digest = hashlib.sha256((name + password + salt).encode("utf-8")).hexdigest()
     return hmac.compare_digest(digest, expected)
 
 
@@ -778,6 +826,14 @@ class UserStore:
         ok = verify_password(password, row[1] if row else self.decoy_hash)
         if not (row and ok):
             return None
+        if row[1].startswith("$%s$" % ANKISYNCD_SCHEME):
+            # An imported hash of another server: PBKDF2 now that the password is known.
+            phc = hash_password(password)
+            with self.connect() as db:
+                db.execute("update users set hash=? where name=?", (phc, row[0]))
+                db.execute("delete from hostkeys where name=?", (row[0],))
+                self._store_key(db, row[0], phc)
+            return self.key_for(row[0], phc)
         key = self.key_for(row[0], row[1])
         if self.user_for_key(key) is None:      # stored with the password; written only
             with self.connect() as db:          # if auth.db was edited by hand
@@ -1341,13 +1397,14 @@ class Collection:
         self.path = os.path.join(folder, "collection.anki2")
         self.schema18_path = os.path.join(folder, "collection.schema18.anki2")
         self.conn = None
+        self.inode = None           # of the file `conn` has open
         self.ours = False           # the file is known to be schema 11: no need to look
         self.readers = {}           # inode -> downloads sending that file now
         self.readers_lock = threading.Lock()
 
     def open(self):
-        if self.conn is not None and not os.path.exists(self.path):
-            self.close()        # deleted under the server (`deluser --delete-data`): afresh
+        if self.conn is not None and self.replaced():
+            self.close()        # deleted (`deluser --delete-data`) or restored: afresh
         if self.conn is None:
             if os.path.exists(self.path) and not self.ours and not self.readable():
                 self.set_aside("it cannot be read as a collection")
@@ -1359,7 +1416,15 @@ class Collection:
                 self._adopt_foreign_file()
             self.ours = True
             self.conn = connect_collection(self.path)
+            self.inode = os.stat(self.path).st_ino
         return self.conn
+
+    def replaced(self):
+        """True when the file is no longer the one open: a command restored another."""
+        try:
+            return self.conn is not None and os.stat(self.path).st_ino != self.inode
+        except FileNotFoundError:
+            return True
 
     def close(self):
         if self.conn is not None:
@@ -1712,6 +1777,55 @@ def unwritable(path, error):
             % (path, reason))
 
 
+def try_lock_file(file):
+    """An exclusive lock on an open file, if no other process holds one; True if taken."""
+    try:
+        if os.name == "nt":
+            import msvcrt
+            file.seek(0)
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def unlock_file(file):
+    if os.name == "nt":
+        import msvcrt
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+
+
+class FolderLock:
+    """A lock shared with other processes: the server's sync methods and the commands
+    that change a user's folder (restore, import) take it. Its file stays open."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = None
+
+    def acquire(self, timeout):
+        if self.file is None:
+            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+            self.file = open(self.path, "a+")
+        deadline = time.monotonic() + timeout
+        while not try_lock_file(self.file):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(LOCK_POLL)
+        return True
+
+    def release(self):
+        if self.file is not None:
+            unlock_file(self.file)
+
+
 class DataFolderLock:
     """One server per data folder: two would each keep their own view of a collection.
     The lock lives as long as the open file; the file tells who holds it."""
@@ -1719,15 +1833,7 @@ class DataFolderLock:
     def __init__(self, folder):
         self.path = os.path.join(folder, ".serve.lock")
         self.file = open(self.path, "a+")
-        try:
-            if os.name == "nt":
-                import msvcrt
-                self.file.seek(0)
-                msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock_file(self.file):
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
@@ -1814,18 +1920,28 @@ def old_client_refusal(version, conf):
 
 
 class UserLock:
-    """A user's lock with a deadline: a request that waits too long gets 409."""
+    """A user's lock with a deadline: a request that waits too long gets 409. The thread
+    lock orders this server's requests, the folder lock a command's (restore) among them."""
 
-    def __init__(self, lock, reason):
+    def __init__(self, lock, reason, folder_lock):
         self.lock = lock
         self.reason = reason
+        self.folder_lock = folder_lock
 
     def __enter__(self):
+        deadline = time.monotonic() + LOCK_WAIT
         if not self.lock.acquire(timeout=LOCK_WAIT):
             raise SyncError(409, self.reason)
+        try:
+            if not self.folder_lock.acquire(max(0, deadline - time.monotonic())):
+                raise SyncError(409, "a command is changing this user's data: sync again")
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def __exit__(self, *exc):
+        self.folder_lock.release()
         self.lock.release()
 
 
@@ -1833,16 +1949,19 @@ class CollectionSync:
     """One user's collection: the protocol methods and the sync session between them
     (docs/protocol.md 4)."""
 
-    def __init__(self, folder, media, max_decompressed):
+    def __init__(self, folder, media, config):
         self.folder = folder
         self.media = media              # the user's MediaStore: meta tells its usn
-        self.max_decompressed = max_decompressed
+        self.max_decompressed = config.max_decompressed
         self.collection = Collection(folder)
+        self.points = RestorePoints(folder, config)
         self.session = None
         self.lock = threading.Lock()
+        self.folder_lock = FolderLock(os.path.join(folder, COLLECTION_LOCK))
 
     def locked(self):
-        return UserLock(self.lock, "another device of this user is syncing the collection")
+        return UserLock(self.lock, "another device of this user is syncing the collection",
+                        self.folder_lock)
 
     def handle(self, req):
         kind = COLLECTION_METHODS.get(req.method)
@@ -1891,6 +2010,9 @@ class CollectionSync:
                 raise SyncError(409, "no sync in progress: the sync was cancelled or timed out")
             if self.session.skey != req.skey:
                 raise SyncError(409, "another device started a sync of this collection")
+            if self.collection.replaced():
+                self.abort_session()
+                raise SyncError(409, "the collection was restored meanwhile: sync again")
         try:
             if req.method != "start":
                 self.session.settle()
@@ -1982,6 +2104,8 @@ class CollectionSync:
             session.rollback()
             raise
         self.collection.drop_schema18()
+        if self.points.daily_due():
+            self.points.keep(self.collection.path, "daily")
         return finished
 
     def abort(self, req):
@@ -2009,6 +2133,8 @@ class CollectionSync:
             prepare_collection_file(temp, schema18 if keep18 else None)
             with self.locked():
                 self.abort_session()
+                self.points.keep(self.collection.path, "upload",
+                                 "before a full upload from %s" % req.address)
                 self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
         except CorruptCollection as e:
             # A status, not the official 200 with a sentence: proxies, logs and scripts see
@@ -2496,7 +2622,8 @@ class MediaSync:
         if req.method not in MEDIA_METHODS:
             raise SyncError(404, "unknown media method %r" % req.method[:QUOTED_MAX])
         method = getattr(self, req.method)      # each method is named as on the wire
-        with UserLock(self.store.lock, "another device of this user is syncing media"):
+        with UserLock(self.store.lock, "another device of this user is syncing media",
+                      self.store.folder_lock):
             self.store.connect()        # media.db open, media/ made: uploads unpack into it
             return method(req)
 
@@ -2662,6 +2789,7 @@ class MediaStore:
         self.folder = os.path.join(folder, "media")
         self.db_path = os.path.join(folder, "media.db")
         self.lock = threading.Lock()        # held by the media method in progress
+        self.folder_lock = FolderLock(os.path.join(folder, MEDIA_LOCK))
         self.db = None                      # its connection, kept open between requests
 
     def connect(self):
@@ -2730,11 +2858,24 @@ class MediaStore:
     def file_count(self):
         return self.connect().execute("select total_nonempty_files from meta").fetchone()[0]
 
-    def changes_since(self, usn):
-        """(name, usn, sha1, size) of the next page of changes after `usn`; size 0: deleted."""
+    def changes_since(self, usn, limit=MEDIA_CHANGES_PAGE):
+        """(name, usn, sha1, size) of the next page of changes after `usn`; size 0: deleted.
+        A limit of -1: all of them."""
         return self.connect().execute(
             "select fname, usn, csum, size from media where usn > ? order by usn limit ?",
-            (usn, MEDIA_CHANGES_PAGE)).fetchall()
+            (usn, limit)).fetchall()
+
+    def start_above_devices(self):
+        """Files arriving from another server: their usns start above any a device has
+        seen (a clock's seconds), so every device compares its files with these."""
+        db = self.connect()
+        with transaction(db):
+            db.execute("update meta set last_usn=max(last_usn, ?)", (int(time.time()),))
+
+    def close(self):
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
     def size_of(self, name):
         """The file's size; 0 when it was deleted or never was."""
@@ -2753,7 +2894,8 @@ class MediaStore:
     def apply(self, changes):
         """An upload's [(name, temp file or None to delete, sha1, size)]: one usn per real
         change, all or nothing; returns the new last usn. Files move only after the commit,
-        so a failed move (a full disk) leaves them as they were."""
+        so a failed move (a full disk) leaves them as they were; what they delete or
+        replace goes to the trash, for a restore."""
         db, moves = self.connect(), []
         with transaction(db):
             usn, total_bytes, total_files = db.execute(
@@ -2785,11 +2927,14 @@ class MediaStore:
                 moves.append((temp, self.path_of(name)))
             db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
                        (usn, total_bytes, total_files))
+        trash = os.path.join(os.path.dirname(self.folder), MEDIA_TRASH_FOLDER,
+                             "%d-%s" % (time.time() * 1000, secrets.token_hex(2)))
         for temp, path in moves:
+            if os.path.exists(path):
+                os.makedirs(trash, mode=0o700, exist_ok=True)
+                os.replace(path, os.path.join(trash, os.path.basename(path)))
             if temp is not None:
                 os.replace(temp, path)
-            elif os.path.exists(path):
-                os.unlink(path)
         return usn
 
     def last_usn(self):
@@ -2855,6 +3000,517 @@ def check_media_name(name):
 
 
 # ---------------------------------------------------------------------------
+# Restore points
+#   The commonest loss is one device answering "Upload" in the full-sync dialog.
+#   So before a full upload replaces a collection, and once a day after a normal
+#   sync, the collection is kept in <user>/backups/; deleted and replaced media
+#   files wait in <user>/media.trash/. The CLI lists, makes and restores them,
+#   also while the server runs: both take the user's folder locks.
+# ---------------------------------------------------------------------------
+
+class RestorePoints:
+    """One user's restore points: `<id>.anki2.gz`, a consistent SQLite snapshot, and
+    `<id>.json` (when, why, notes, cards, size), written last, so a point exists only
+    once it is whole."""
+
+    def __init__(self, user_folder, config):
+        self.user_folder = user_folder
+        self.folder = os.path.join(user_folder, BACKUP_FOLDER)
+        self.trash = os.path.join(user_folder, MEDIA_TRASH_FOLDER)
+        self.config = config
+
+    def list(self):
+        """Every point, newest first, as dicts."""
+        points = []
+        if os.path.isdir(self.folder):
+            for name in os.listdir(self.folder):
+                if name.endswith(".json") and not name.startswith("."):
+                    try:
+                        with open(os.path.join(self.folder, name), encoding="utf-8") as f:
+                            point = json.load(f)
+                    except (OSError, ValueError):
+                        continue
+                    if os.path.exists(self.file_of(point["id"])):
+                        points.append(point)
+        return sorted(points, key=lambda p: (p["time"], p["id"]), reverse=True)
+
+    def file_of(self, point_id):
+        return os.path.join(self.folder, point_id + ".anki2.gz")
+
+    def find(self, point_id):
+        for point in self.list():
+            if point["id"] == point_id:
+                return point
+        raise ValueError("%s has no restore point %r: `backups NAME` lists them"
+                         % (os.path.basename(self.user_folder), point_id))
+
+    def daily_due(self):
+        today = time.strftime("%Y-%m-%d")
+        return not any(p["why"] == "daily" and time.strftime("%Y-%m-%d", time.localtime(
+            p["time"])) == today for p in self.list())
+
+    def keep(self, collection_path, why, note=""):
+        """A point of the collection as it is now; None when it is empty, or when the disk
+        has too little room left for it (then the log says so)."""
+        if not os.path.exists(collection_path) or os.path.getsize(collection_path) == 0:
+            return None
+        size = os.path.getsize(collection_path)
+        if free_space(self.user_folder) < BACKUP_FREE_FACTOR * size:
+            log.warning("%s: no %s restore point: less than %d times the collection's size "
+                        "is free", self.user_folder, why, BACKUP_FREE_FACTOR)
+            return None
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        now = time.time()
+        base = point_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        number = 2
+        while os.path.exists(self.file_of(point_id)):
+            point_id = "%s-%d" % (base, number)
+            number += 1
+        fd, snapshot = tempfile.mkstemp(prefix=TEMP_BACKUP, dir=self.folder)
+        os.close(fd)
+        packed = snapshot + ".gz"
+        try:
+            notes, cards = snapshot_collection(collection_path, snapshot)
+            if not (notes or cards) and why != "manual":
+                return None             # a new account's empty collection: nothing to lose
+            with open(snapshot, "rb") as src, open(packed, "wb") as raw:
+                with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=BACKUP_GZIP_LEVEL,
+                                   mtime=0) as out:
+                    copy_stream(src.read, out.write)
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(packed, self.file_of(point_id))
+            point = {"id": point_id, "time": int(now), "why": why, "note": note,
+                     "notes": notes, "cards": cards,
+                     "size": os.path.getsize(self.file_of(point_id))}
+            write_atomically(os.path.join(self.folder, point_id + ".json"),
+                             json.dumps(point, indent=1).encode("utf-8"), TEMP_BACKUP)
+        finally:
+            for path in (snapshot, packed):
+                if os.path.exists(path):
+                    os.unlink(path)
+        self.prune()
+        log.info("%s: restore point %s (%s): %d notes, %d cards", self.user_folder,
+                 point_id, why, notes, cards)
+        return point
+
+    def unpack(self, point_id, target):
+        """The point's collection, written to `target`."""
+        with gzip.open(self.file_of(point_id), "rb") as src, open(target, "wb") as out:
+            copy_stream(src.read, out.write)
+
+    def retained(self, points):
+        """The points retention keeps, newest first: the last `backup_uploads` replacements
+        (uploads, restores, imports, by hand), the newest daily point of each of the last
+        `backup_days` days and of each of the last `backup_weeks` weeks, all within
+        `backup_budget_mb`; the newest point always."""
+        keep, days, weeks, replaced = [], set(), set(), 0
+        for point in points:
+            stamp = time.localtime(point["time"])
+            day, week = time.strftime("%Y-%m-%d", stamp), time.strftime("%G-%V", stamp)
+            wanted = False
+            if point["why"] == "daily":
+                if day not in days and len(days) < self.config.backup_days:
+                    days.add(day)
+                    wanted = True
+                if week not in weeks and len(weeks) < self.config.backup_weeks:
+                    weeks.add(week)
+                    wanted = True
+            elif replaced < self.config.backup_uploads:
+                replaced += 1
+                wanted = True
+            if wanted:
+                keep.append(point)
+        budget, total, kept = self.config.backup_budget_mb * MIB, 0, []
+        for point in keep:
+            if kept and total + point["size"] > budget:
+                continue
+            kept.append(point)
+            total += point["size"]
+        return kept
+
+    def prune(self):
+        points = self.list()
+        kept = {p["id"] for p in self.retained(points)}
+        for point in points:
+            if point["id"] not in kept:
+                os.unlink(os.path.join(self.folder, point["id"] + ".json"))
+                os.unlink(self.file_of(point["id"]))
+        # Media deleted before the oldest point cannot be brought back by any restore.
+        oldest = min([p["time"] for p in points if p["id"] in kept] or [time.time()])
+        horizon = min(oldest, time.time() - self.config.backup_days * 86400)
+        for batch in trash_batches(self.trash):
+            if batch[0] < horizon:
+                shutil.rmtree(batch[1], ignore_errors=True)
+
+
+def snapshot_collection(path, target):
+    """A consistent copy of a collection (SQLite's backup API), and its note and card
+    counts."""
+    source = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)),
+                             uri=True, timeout=LOCK_WAIT)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+        copy.execute("pragma journal_mode=delete")
+        notes = copy.execute("select count() from notes").fetchone()[0]
+        cards = copy.execute("select count() from cards").fetchone()[0]
+    finally:
+        copy.close()
+        source.close()
+    return notes, cards
+
+
+def write_atomically(path, data, prefix):
+    fd, temp = tempfile.mkstemp(prefix=prefix, dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def trash_batches(trash):
+    """(time, folder) of each batch of media files one upload deleted or replaced."""
+    batches = []
+    if os.path.isdir(trash):
+        for name in os.listdir(trash):
+            try:
+                batches.append((int(name.split("-")[0]) / 1000.0, os.path.join(trash, name)))
+            except ValueError:
+                continue
+    return sorted(batches)
+
+
+class UserFolder:
+    """A user's folder, for the commands that change it while the server may run: they
+    take the same locks as the server's sync methods, collection and media."""
+
+    def __init__(self, config, name):
+        self.config = config
+        self.name = name
+        self.path = os.path.join(config.data, folder_name(name))
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self.collection = Collection(self.path)
+        self.points = RestorePoints(self.path, config)
+
+    @contextlib.contextmanager
+    def locked(self):
+        locks = [FolderLock(os.path.join(self.path, lock)) for lock in
+                 (COLLECTION_LOCK, MEDIA_LOCK)]
+        try:
+            for lock in locks:
+                if not lock.acquire(LOCK_WAIT):
+                    raise ValueError("%s is syncing for more than %d s: try again when it "
+                                     "has finished" % (self.name, LOCK_WAIT))
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+
+    def backup(self, why="manual", note=""):
+        with self.locked():
+            return self.points.keep(self.collection.path, why, note)
+
+    def restore(self, point_id):
+        """The point becomes the collection (the current one a point itself first), media
+        deleted since it come back, and every device is asked for a full sync."""
+        point = self.points.find(point_id)
+        with self.locked():
+            before = self.points.keep(self.collection.path, "restore",
+                                      "before restoring %s" % point_id)
+            fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=self.path)
+            os.close(fd)
+            try:
+                self.points.unpack(point_id, temp)
+                self.install(temp)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            store = MediaStore(self.path)
+            try:
+                returned = bring_back_media(store, self.points.trash, point["time"])
+            finally:
+                store.close()
+        return point, before, returned
+
+    def install(self, prepared):
+        """A checked schema-11 file becomes the collection, with a new schema time: every
+        device's next sync then asks for a full sync, and a download gives this file."""
+        conn = connect_collection(prepared)
+        try:
+            if conn.execute("pragma quick_check(1)").fetchall() != [("ok",)]:
+                raise ValueError("the collection to install is damaged: nothing changed")
+            usn = conn.execute("select usn from col").fetchone()[0]
+            current = 0
+            if os.path.exists(self.collection.path) and os.path.getsize(self.collection.path):
+                probe = connect_collection(self.collection.path)
+                try:
+                    current = probe.execute("select usn from col").fetchone()[0]
+                finally:
+                    probe.close()
+            now = now_ms()
+            conn.execute("update col set scm=?, mod=?, usn=?", (now, now, max(usn, current) + 1))
+            conn.commit()
+        finally:
+            conn.close()
+        remove_side_files(prepared)
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        self.collection.replace_with(prepared)
+
+
+def bring_back_media(store, trash, since):
+    """Media files deleted after `since` and not on the server now: back, as new changes
+    every device downloads."""
+    wanted = {}
+    for stamp, batch in trash_batches(trash):
+        if stamp < since:
+            continue
+        for name in os.listdir(batch):
+            wanted.setdefault(name, os.path.join(batch, name))     # the oldest copy after
+    db, returned = store.connect(), []
+    for name, path in sorted(wanted.items()):
+        if store.size_of(name):
+            continue
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            copy_stream(f.read, digest.update)
+        # The file first, its entry second: a kill between leaves a file no entry names.
+        shutil.copyfile(path, store.path_of(name))
+        returned.append((name, digest.digest(), os.path.getsize(path)))
+    if returned:
+        with transaction(db):
+            usn, total_bytes, total_files = db.execute(
+                "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
+            for name, sha1, size in returned:
+                usn += 1
+                db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
+                           (name, sha1, size, usn, int(time.time())))
+                total_bytes += size
+                total_files += 1
+            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
+                       (usn, total_bytes, total_files))
+    return [name for name, _, _ in returned]
+
+
+# --- a user's collection in and out: .colpkg, and ankisyncd's data folder --------------
+
+def export_package(folder, out_path):
+    """A collection package (.colpkg) Anki imports with File > Import: the collection
+    (schema 11, the layout Anki 2.1 wrote) and its media. Returns (notes, cards, files)."""
+    fd, snapshot = tempfile.mkstemp(prefix=TEMP_BACKUP, dir=folder.path)
+    os.close(fd)
+    try:
+        with folder.locked():
+            notes, cards = snapshot_collection(folder.collection.path, snapshot)
+            store = MediaStore(folder.path)
+            names = [name for name, _, _, size in store.changes_since(-1, limit=-1) if size]
+            store.close()
+        conn = connect_collection(snapshot)
+        try:
+            conf = json.loads(conn.execute("select conf from col").fetchone()[0])
+        finally:
+            conn.close()
+        # Anki 2.1 put a v2-scheduler collection under the name Anki 2.0 does not read.
+        entry = "collection.anki2" if conf.get("schedVer", 1) == 1 else "collection.anki21"
+        temp = out_path + ".partial"
+        media = {}
+        with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+            archive.write(snapshot, entry)
+            for name in names:
+                path = os.path.join(folder.path, "media", name)
+                if os.path.exists(path):
+                    archive.write(path, str(len(media)), zipfile.ZIP_STORED)
+                    media[str(len(media))] = name
+            archive.writestr("media", json.dumps(media))
+        os.replace(temp, out_path)
+    finally:
+        os.unlink(snapshot)
+    return notes, cards, len(media)
+
+
+def import_package(folder, package, zstd):
+    """A .colpkg (any Anki's: 2.1's layout or the newer zstd one) becomes the user's
+    collection, a restore point of the old one kept first; its media join the user's."""
+    fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=folder.path)
+    os.close(fd)
+    incoming = []
+    try:
+        try:
+            archive = zipfile.ZipFile(package)
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError("%s is not a collection package (%s)" % (package, e))
+        with archive:
+            entries = set(archive.namelist())
+            latest = package_version(archive, entries) == PACKAGE_LATEST
+            name = ("collection.anki21b" if latest else "collection.anki21"
+                    if "collection.anki21" in entries else "collection.anki2")
+            if name not in entries:
+                raise ValueError("%s holds no collection" % package)
+            with archive.open(name) as src, open(temp, "wb") as out:
+                if latest:
+                    zstd.decompress_stream(src.read, out.write, 1 << 40)
+                else:
+                    copy_stream(src.read, out.write)
+            try:
+                prepare_collection_file(temp)
+            except CorruptCollection as e:
+                raise ValueError("%s: %s" % (package, e.reason))
+            for index, media_name in package_media(archive, entries, latest, zstd):
+                fd, path = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
+                os.close(fd)
+                incoming.append((check_media_name(media_name), path))
+                with archive.open(str(index)) as src, open(path, "wb") as out:
+                    if latest:
+                        zstd.decompress_stream(src.read, out.write, MEDIA_FILE_MAX)
+                    else:
+                        copy_stream(src.read, out.write)
+        with folder.locked():
+            before = folder.points.keep(folder.collection.path, "import",
+                                        "before importing %s" % os.path.basename(package))
+            folder.install(temp)
+            store = MediaStore(folder.path)
+            added = add_media_files(store, incoming)
+            store.close()
+        return before, added
+    finally:
+        for path in [temp] + [path for _, path in incoming]:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def package_version(archive, entries):
+    """The `meta` entry's version (PackageMetadata field 1); 2.1's packages have none."""
+    if "meta" not in entries:
+        return PACKAGE_LEGACY
+    with archive.open("meta") as f:
+        fields = proto_fields(f.read(MEDIA_META_MAX))
+    version = pb_uint32(fields, 1)
+    if version not in (PACKAGE_LEGACY, PACKAGE_LEGACY_2, PACKAGE_LATEST):
+        raise ValueError("the package is from a newer Anki than ankisync knows")
+    return version
+
+
+def package_media(archive, entries, latest, zstd):
+    """(zip entry number, file name) of the package's media."""
+    if "media" not in entries:
+        return []           # old AnkiDroid packages have no media map
+    with archive.open("media") as f:
+        raw = f.read(JSON_PAYLOAD_MAX)
+    if not latest:
+        try:
+            return sorted((int(k), v) for k, v in json.loads(raw.decode("utf-8")).items())
+        except (ValueError, AttributeError):
+            raise ValueError("the package's media list cannot be read")
+    listing = bytearray()
+    try:
+        zstd.decompress_stream(io.BytesIO(raw).read, listing.extend, JSON_PAYLOAD_MAX)
+        entries = pb_messages(proto_fields(bytes(listing)), 1)      # MediaEntries.entries
+        return [(index, pb_string(entry, 1)) for index, entry in enumerate(entries)]
+    except (ZstdError, CorruptCollection):
+        raise ValueError("the package's media list cannot be read")
+
+
+def add_media_files(store, files):
+    """[(name, temp path)] into the user's media, each a change every device downloads;
+    a file that is there with the same content stays as it is. Returns how many came."""
+    changes = []
+    for name, path in files:
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            copy_stream(f.read, digest.update)
+        changes.append((name, path, digest.digest(), os.path.getsize(path)))
+    before = store.usn()
+    return store.apply(changes) - before
+
+
+def import_ankisyncd(config, root, zstd):
+    """Users, collections and media of an ankisyncd (or anki-sync-server-rs) data folder:
+    <root>/auth.db and <root>/collections/<user>/. Old password hashes keep working and
+    become PBKDF2 at each user's first login. Returns what each user got."""
+    auth = os.path.join(root, "auth.db")
+    collections = os.path.join(root, "collections")
+    if not os.path.exists(auth):
+        raise ValueError("%s has no auth.db: give the folder that holds ankisyncd's auth.db "
+                         "and collections/" % root)
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(auth)),
+                         uri=True)
+    try:
+        columns = [row[1] for row in db.execute("pragma table_info(auth)")]
+        column = "username" if "username" in columns else "user"
+        rows = db.execute("select %s, hash from auth" % column).fetchall()
+    finally:
+        db.close()
+    users, report = UserStore(config.data), []
+    for name, old_hash in rows:
+        if users.exists(name):
+            report.append((name, "skipped: there is a user of that name already"))
+            continue
+        users.add(name, phc=ankisyncd_phc(name, old_hash), source="ankisyncd")
+        folder = UserFolder(config, users.canonical(name))
+        source = os.path.join(collections, name)
+        report.append((name, import_ankisyncd_user(folder, source)))
+    return report
+
+
+def ankisyncd_phc(name, old_hash):
+    """ankisyncd's sha256(name + password + salt) hex followed by its 16-hex salt, kept
+    as a PHC-style string verify_password knows."""
+    if not (isinstance(old_hash, str) and len(old_hash) == 80):
+        raise ValueError("%r: the password hash in auth.db is not ankisyncd's" % name)
+    return "$%s$%s$%s$%s" % (ANKISYNCD_SCHEME, b64_nopad(name.encode("utf-8")),
+                             old_hash[64:], old_hash[:64])
+
+
+def import_ankisyncd_user(folder, source):
+    """One user's collection and media files; what happened, in words."""
+    collection = os.path.join(source, "collection.anki2")
+    if not os.path.exists(collection):
+        return "no collection: the first device uploads"
+    fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=folder.path)
+    os.close(fd)
+    try:
+        notes, cards = snapshot_collection(collection, temp)
+        try:
+            prepare_collection_file(temp)
+        except CorruptCollection as e:
+            return "collection not imported (%s): the first device uploads" % e.reason
+        with folder.locked():
+            folder.collection.replace_with(temp)
+        media = os.path.join(source, "media") if os.path.isdir(os.path.join(source, "media")) \
+            else os.path.join(source, "collection.media")
+        files = 0
+        if os.path.isdir(media):
+            incoming = []
+            try:
+                for name in sorted(os.listdir(media)):
+                    path = os.path.join(media, name)
+                    if name.startswith(".") or not os.path.isfile(path):
+                        continue
+                    fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
+                    os.close(fd)
+                    shutil.copyfile(path, copy)
+                    incoming.append((check_media_name(name), copy))
+                with folder.locked():
+                    store = MediaStore(folder.path)
+                    store.start_above_devices()
+                    files = add_media_files(store, incoming)
+                    store.close()
+            finally:
+                for _, copy in incoming:
+                    if os.path.exists(copy):
+                        os.unlink(copy)
+        return "%d notes, %d cards, %d media files" % (notes, cards, files)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+# ---------------------------------------------------------------------------
 # HTTP
 #   The server's parts by who owns them: SyncApp (the users' syncers, the
 #   dispatch), routing that forgives what users type, the front page, the
@@ -2900,7 +3556,7 @@ class SyncApp:
         with self._registry_lock:
             if user not in self._collections:
                 self._collections[user] = CollectionSync(self.user_folder(user), media,
-                                                         self.config.max_decompressed)
+                                                         self.config)
             return self._collections[user]
 
     def media_for(self, user):
@@ -3900,6 +4556,78 @@ def command_lsuser(config, args):
         print(name)
 
 
+def user_folder_of(config, name):
+    return UserFolder(config, UserStore(config.data).canonical(name))
+
+
+def describe_point(point):
+    return "%-17s  %s  %-7s %6d notes %7d cards %9s  %s" % (
+        point["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(point["time"])),
+        point["why"], point["notes"], point["cards"], human_size(point["size"]),
+        point.get("note", ""))
+
+
+def human_size(size):
+    return "%.1f MiB" % (size / MIB) if size >= MIB else "%d KiB" % max(1, size // 1024)
+
+
+def command_backups(config, args):
+    folder = user_folder_of(config, args.name)
+    points = folder.points.list()
+    for point in points:
+        print(describe_point(point).rstrip())
+    if not points:
+        print("no restore points of %s yet: one is made before each full upload and once a "
+              "day after a sync; `backup %s` makes one now" % (folder.name, folder.name))
+
+
+def command_backup(config, args):
+    folder = user_folder_of(config, args.name)
+    point = folder.backup()
+    if point is None:
+        raise ValueError("nothing to keep: %s's collection is empty, or the disk too full "
+                         "(see the message above)" % folder.name)
+    print(describe_point(point).rstrip())
+
+
+def command_restore(config, args):
+    folder = user_folder_of(config, args.name)
+    point, before, media = folder.restore(args.id)
+    print("restored %s of %s: %d notes, %d cards%s" % (
+        point["id"], folder.name, point["notes"], point["cards"],
+        ", %d media files back" % len(media) if media else ""))
+    if before:
+        print("the collection before it is restore point %s: `restore %s %s` undoes this"
+              % (before["id"], folder.name, before["id"]))
+    print("every device of %s is asked for a full sync at its next sync: choose Download"
+          % folder.name)
+
+
+def command_export(config, args):
+    folder = user_folder_of(config, args.name)
+    notes, cards, files = export_package(folder, args.file)
+    print("wrote %s: %d notes, %d cards, %d media files; import it in Anki with File > "
+          "Import" % (args.file, notes, cards, files))
+
+
+def command_import(config, args):
+    folder = user_folder_of(config, args.name)
+    before, files = import_package(folder, args.file, choose_zstd(config.zstd))
+    print("imported %s for %s (%d media files new or changed)%s; every device is asked for "
+          "a full sync: choose Download" % (args.file, folder.name, files,
+                                             "; the collection before it is restore point %s"
+                                             % before["id"] if before else ""))
+
+
+def command_import_ankisyncd(config, args):
+    report = import_ankisyncd(config, args.path, choose_zstd(config.zstd))
+    for name, what in report:
+        print("%s: %s" % (name, what))
+    print("%d users imported; they log in with their old passwords (point each device at "
+          "this server and log in again)" % sum(1 for _, what in report
+                                                 if not what.startswith("skipped")))
+
+
 def limit_malloc_arenas():
     """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
     glibc_call("mallopt", GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
@@ -3992,6 +4720,28 @@ COMMANDS = (
             [USER_NAME, (("--delete-data",), {"action": "store_true",
                                                "help": "also delete the collection and media"})]),
     Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
+    Command("backups", command_backups, "list a user's restore points",
+            "List the user's restore points, newest first: id, when, why, notes, cards, "
+            "size.", [USER_NAME]),
+    Command("backup", command_backup, "make a restore point now",
+            "Keep the user's collection as it is now as a restore point.", [USER_NAME]),
+    Command("restore", command_restore, "put a restore point back",
+            "Make a restore point the user's collection again, with the media deleted since "
+            "then; the current collection becomes a restore point itself, so this can be "
+            "undone. Every device is asked for a full sync. Works while the server runs.",
+            [USER_NAME, (("id",), {"help": "the restore point, as `backups` lists it"})]),
+    Command("export", command_export, "write a user's collection as a .colpkg",
+            "Write the user's collection and media as a collection package that Anki "
+            "imports with File > Import, without syncing.",
+            [USER_NAME, (("file",), {"help": "the .colpkg to write"})]),
+    Command("import", command_import, "make a .colpkg the user's collection",
+            "Make a collection package (from Anki's File > Export) the user's collection; "
+            "the current one becomes a restore point first. Every device is asked for a "
+            "full sync.", [USER_NAME, (("file",), {"help": "the .colpkg to read"})]),
+    Command("import-ankisyncd", command_import_ankisyncd, "bring users over from ankisyncd",
+            "Bring the users, collections and media of an ankisyncd or anki-sync-server-rs "
+            "data folder (the one with auth.db and collections/) over; users keep their "
+            "passwords.", [(("path",), {"help": "ankisyncd's folder"})]),
 )
 
 
@@ -6407,7 +7157,7 @@ def main(argv=None):
         command.run(config, args)
     except ValueError as e:
         raise SystemExit("ankisync: %s" % e)
-    except ZstdError as e:
+    except (ZstdError, CorruptCollection) as e:
         raise SystemExit("ankisync: %s" % e)
     except PermissionError as e:
         raise SystemExit("ankisync: %s" % unwritable(e.filename or config.data, e))

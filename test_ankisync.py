@@ -2080,7 +2080,8 @@ def test_a_server_killed_during_an_upload_keeps_the_previous_collection(server, 
     server.start()
     assert stored_mod(server) in ((10, 60000) if moment == "while-checking" else (10,))
     leftovers = [name for _, _, files in os.walk(server.base) for name in files
-                 if name.startswith(".") and name != ".serve.lock"
+                 if name.startswith(".") and name not in (".serve.lock", ankisync.COLLECTION_LOCK,
+                                                          ankisync.MEDIA_LOCK)
                  or name.endswith((".convert", "-journal"))
                  or name == "collection.anki2-wal"]
     assert leftovers == []
@@ -4398,7 +4399,7 @@ def test_a_full_download_needs_no_second_copy_of_the_collection(server, make_dev
     response = conn.getresponse()
     first = response.read(10)           # the download is under way, and reads the file itself
     folder = os.path.join(server.base, USER)
-    assert [n for n in os.listdir(folder) if n.startswith(".")] == []
+    assert [n for n in os.listdir(folder) if n.startswith(ankisync.TEMP_PREFIXES)] == []
     # A sync that writes meanwhile goes on in a copy: the download stays whole.
     laptop.do("add_notes", deck="Default", prefix="meanwhile", count=2)
     assert sync_normally(laptop) == "normal_sync"
@@ -4562,3 +4563,250 @@ def test_on_a_small_disk_a_collection_is_stored_once_and_downloads_work(small_di
     phone = make_device("modern", "phone", on=srv)
     join_by_download(phone)
     assert_same(laptop, phone)
+
+
+# --- restore points: "I pressed Upload by mistake" ----------------------------------------
+
+
+def admin(server, *args, check=True):
+    """An ankisync command on the running server's data folder, from another process."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "ankisync.py")] + list(args),
+                          env=dict(os.environ, SYNC_BASE=server.base), capture_output=True,
+                          text=True, timeout=120)
+    if check:
+        assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def restore_points(server, user=USER):
+    """[(id, why, notes)] as `backups` lists them, newest first."""
+    return [(line.split()[0], line.split()[3], int(line.split()[4]))
+            for line in admin(server, "backups", user).stdout.splitlines()
+            if line[:8].isdigit()]
+
+
+def note_count(device):
+    return len(find_notes(device.col, ""))
+
+
+def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(server,
+                                                                           make_device):
+    """A laptop has 30 notes and media. A new phone with 5 notes of its own answers
+    "Upload" in the full-sync dialog, and the laptop, unaware, deletes a picture. The
+    server kept the laptop's collection; `restore` brings it and the picture back to a
+    fresh device and to the laptop, and restoring again undoes the restore."""
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Lang::Deutsch", prefix="Wort", count=30)
+    laptop.do("write_media", files=[["haus.jpg", 3000, 1], ["baum.png", 5000, 2],
+                                    ["hund.mp3", 7000, 3]])
+    first_upload(laptop)
+    laptop.sync_media()
+
+    phone = make_device("modern", "phone")
+    phone.do("add_notes", deck="Default", prefix="phone", count=5)
+    assert phone.sync() == "full_sync"
+    phone.full_upload()                                     # the mistake
+    laptop.do("delete_media", names=["baum.png"])
+    laptop.sync_media()
+
+    points = restore_points(server)
+    assert [(why, notes) for _, why, notes in points] == [("upload", 30)]
+    admin(server, "restore", USER, points[0][0])
+
+    fresh = make_device("modern", "fresh")
+    join_by_download(fresh)
+    fresh.sync_media()
+    assert note_count(fresh) == 30
+    assert sorted(fresh.media_files()) == ["baum.png", "haus.jpg", "hund.mp3"]
+    assert laptop.sync() == "full_sync"
+    laptop.full_download()
+    assert note_count(laptop) == 30
+
+    undo = [p for p in restore_points(server) if p[1] == "restore"]
+    assert [(why, notes) for _, why, notes in undo] == [("restore", 5)]
+    admin(server, "restore", USER, undo[0][0])
+    again = make_device("modern", "again")
+    join_by_download(again)
+    assert note_count(again) == 5
+
+
+def test_retention_keeps_the_last_uploads_days_and_weeks_within_the_budget(tmp_path):
+    config = ankisync.Config()
+    points = ankisync.RestorePoints(str(tmp_path), config)
+    day = 86400
+    now = time.time()
+    made = [{"id": "u%d" % i, "time": now - i * 3600, "why": "upload", "size": MIB}
+            for i in range(15)]
+    made += [{"id": "d%d" % i, "time": now - i * day - 60, "why": "daily", "size": MIB}
+             for i in range(60)]
+    made.sort(key=lambda p: p["time"], reverse=True)
+    kept = [p["id"] for p in points.retained(made)]
+    assert [i for i in kept if i.startswith("u")] == ["u%d" % i for i in range(10)]
+    daily = [int(i[1:]) for i in kept if i.startswith("d")]
+    assert daily[:7] == list(range(7))                    # the last seven days
+    assert 7 <= len(daily) <= 7 + 4 and max(daily) < 35   # and four weeks back, no more
+    config.backup_budget_mb = 5
+    kept = points.retained(made)
+    assert sum(p["size"] for p in kept) <= 5 * MIB and kept[0]["id"] == made[0]["id"]
+    config.backup_budget_mb = 0
+    assert [p["id"] for p in points.retained(made)] == [made[0]["id"]]   # the newest stays
+
+
+def test_a_restore_waits_for_a_sync_of_that_user_and_leaves_other_users_alone(server,
+                                                                          make_device):
+    server.add_user("bea", "pw2")
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="mine", count=4)
+    first_upload(laptop)
+    admin(server, "backup", USER)
+    other = make_device("modern", "bea-laptop", user="bea", password="pw2")
+    other.do("add_notes", deck="Default", prefix="hers", count=3)
+    first_upload(other)
+    point = restore_points(server)[0][0]
+    restored = []
+    worker = threading.Thread(target=lambda: restored.append(admin(server, "restore", USER,
+                                                                   point)))
+    worker.start()
+    for round_ in range(3):                     # bea syncs on while alice's collection moves
+        other.do("add_notes", deck="Default", prefix="more %d" % round_, count=1)
+        assert other.sync() == "normal_sync"
+    worker.join(120)
+    assert restored and restored[0].returncode == 0
+    assert laptop.sync() == "full_sync"
+    fresh = make_device("modern", "bea-phone", user="bea", password="pw2")
+    join_by_download(fresh)
+    assert note_count(fresh) == 6
+
+
+def test_export_writes_a_package_anki_imports_with_notes_reviews_and_media(server,
+                                                                         make_device,
+                                                                         tmp_path):
+    laptop = make_device("modern", "laptop")
+    laptop.do("build_sample")
+    laptop.do("review", deck="Lang::Deutsch", count=3)
+    laptop.do("write_media", files=[["a.jpg", 2000, 5], ["b c.png", 4000, 6]])
+    first_upload(laptop)
+    laptop.sync_media()
+    package = str(tmp_path / "alice.colpkg")
+    admin(server, "export", USER, package)
+
+    target = str(tmp_path / "imported" / "collection.anki2")
+    os.makedirs(os.path.dirname(target))
+    backend = RustBackend()
+    backend.import_collection_package(col_path=target, backup_path=package,
+                                      media_folder=target[:-6] + ".media",
+                                      media_db=target[:-6] + ".media.db2")
+    imported = Collection(target, backend=backend)
+    try:
+        assert snapshot(imported) == laptop.snapshot()
+        assert media_files(imported) == laptop.media_files()
+    finally:
+        imported.close()
+
+    # ... and back in, over a collection of one note: a restore point first.
+    admin(server, "import", USER, package)
+    assert [why for _, why, _ in restore_points(server)][0] == "import"
+    fresh = make_device("modern", "fresh")
+    join_by_download(fresh)
+    fresh.sync_media()
+    assert fresh.snapshot() == laptop.snapshot()
+    assert fresh.media_files() == laptop.media_files()
+
+
+def ankisyncd_folder(root, users):
+    """A data folder laid out as ankisyncd 2.x keeps it: auth.db (sha256 of name,
+    password and salt, then the salt) and collections/<name>/collection.anki2 with
+    collection.media/ and collection.media.server.db."""
+    os.makedirs(os.path.join(root, "collections"))
+    auth = sqlite3.connect(os.path.join(root, "auth.db"))
+    auth.execute("create table auth (username varchar primary key, hash varchar)")
+    for name, password, collection, media in users:
+        salt = os.urandom(8).hex()
+        auth.execute("insert into auth values (?, ?)", (name, hashlib.sha256(
+            (name + password + salt).encode()).hexdigest() + salt))
+        folder = os.path.join(root, "collections", name)
+        os.makedirs(os.path.join(folder, "collection.media"))
+        shutil.copyfile(collection, os.path.join(folder, "collection.anki2"))
+        db = sqlite3.connect(os.path.join(folder, "collection.media.server.db"))
+        db.execute("create table media (fname text not null primary key, usn int not null, "
+                   "csum text)")
+        for usn, (file_name, data) in enumerate(sorted(media.items()), 1):
+            with open(os.path.join(folder, "collection.media", file_name), "wb") as f:
+                f.write(data)
+            db.execute("insert into media values (?, ?, ?)",
+                       (file_name, usn, hashlib.sha1(data).hexdigest()))
+        db.commit()
+        db.close()
+    auth.commit()
+    auth.close()
+
+
+def test_users_of_ankisyncd_come_over_with_their_passwords_collections_and_media(
+        server, make_device, tmp_path):
+    laptop = make_device("modern", "laptop")
+    laptop.do("build_sample")
+    first_upload(laptop)
+    stored = os.path.join(server.base, USER, "collection.anki2")      # schema 11, as theirs
+    pictures = {"katze.jpg": media_content(7, 3000), "maus.png": media_content(8, 900)}
+    old = str(tmp_path / "ankisyncd")
+    ankisyncd_folder(old, [("carla", "alt-pw", stored, pictures),
+                           ("dieter", "sein pw", stored, {})])
+    done = admin(server, "import-ankisyncd", old)
+    assert "2 users imported" in done.stdout
+
+    device = make_device("modern", "carla-laptop", user="carla", password="alt-pw")
+    join_by_download(device)
+    device.sync_media()
+    assert device.snapshot()["notes"] == laptop.snapshot()["notes"]
+    assert sorted(device.media_files()) == ["katze.jpg", "maus.png"]
+    with contextlib.closing(sqlite3.connect(os.path.join(server.base, "auth.db"))) as db:
+        hashes = dict(db.execute("select name, hash from users"))
+    assert hashes["carla"].startswith("$pbkdf2-sha256$")               # replaced at login
+    assert hashes["dieter"].startswith("$ankisyncd-sha256$")           # not logged in yet
+    assert modern(server, "hostKey", {"u": "dieter", "p": "wrong"})[0] == 403
+    assert modern(server, "hostKey", {"u": "dieter", "p": "sein pw"})[0] == 200
+
+
+@pytest.mark.parametrize("command", ["restore", "import"])
+def test_a_restore_or_import_killed_at_any_moment_leaves_one_whole_collection(server, tmp_path,
+                                                                               command):
+    key = login(server)
+    assert modern(server, "upload", collection_with_notes(tmp_path, 20000), key=key)[0] == 200
+    admin(server, "backup", USER)
+    package = str(tmp_path / "big.colpkg")
+    admin(server, "export", USER, package)
+    assert modern(server, "upload", collection_with_notes(tmp_path, 10), key=key)[0] == 200
+    point = [p for p in restore_points(server) if p[1] == "manual"][0][0]
+    path = os.path.join(server.base, USER, "collection.anki2")
+    for delay in (0.05, 0.15, 0.3, 0.5, 0.8):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"),
+                                 command, USER, point if command == "restore" else package],
+                                env=dict(os.environ, SYNC_BASE=server.base),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("pragma quick_check").fetchall() == [("ok",)]
+            assert db.execute("select count() from notes").fetchone()[0] in (10, 20000)
+        assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key)[0] == 200
+    server.restart()
+    leftovers = [name for _, _, files in os.walk(server.base) for name in files
+                 if name.startswith(ankisync.TEMP_PREFIXES)]
+    assert leftovers == []
+
+
+def test_a_package_from_a_modern_anki_becomes_the_collection(server, make_device, tmp_path):
+    """Anki 2.1.50+ exports in its newer layout (zstd, schema 18, a protobuf media list)."""
+    laptop = make_device("modern", "laptop")
+    laptop.do("build_sample")
+    laptop.do("write_media", files=[["x.jpg", 2500, 9]])
+    package = str(tmp_path / "modern.colpkg")
+    laptop.col.export_collection_package(package, include_media=True, legacy=False)
+    laptop.col.reopen()
+    admin(server, "import", USER, package)
+    fresh = make_device("modern", "fresh")
+    join_by_download(fresh)
+    fresh.sync_media()
+    assert fresh.snapshot()["notes"] == laptop.snapshot()["notes"]
+    assert fresh.media_files() == laptop.media_files()
