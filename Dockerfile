@@ -5,27 +5,35 @@
 #   docker run -d --name ankisync -p 27701:27701 -v ankisync-data:/data \
 #       -e SYNC_USER1=alice:secret ankisync
 #   docker exec -i ankisync python ankisync.py adduser bob   # password on stdin
+#
+# A host folder instead of a volume must be writable by the container's user, uid 10001:
+# `chown 10001 DIR` before `-v DIR:/data`, or run with `--user $(id -u)`.
 FROM python:3.14-slim
 
-RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin ankisync \
+# A plain (not --system) user: uid 10001 is inside the range useradd expects for one.
+RUN useradd --uid 10001 --no-create-home --home-dir /app --shell /usr/sbin/nologin \
+        --no-log-init ankisync \
     && mkdir -p /data \
     && chown ankisync /data
 
 WORKDIR /app
 COPY ankisync.py ankisync.ini ./
 
-# Settings come from ankisync.ini, overridden by the official server's variables.
-ENV SYNC_BASE=/data \
-    SYNC_HOST=0.0.0.0 \
-    SYNC_PORT=27701 \
-    PYTHONUNBUFFERED=1
+# The image's settings live in its ini, not in SYNC_* variables, so that an ini mounted
+# over /app/ankisync.ini decides everything; SYNC_* variables given to `docker run`
+# still override it, as for the official server.
+RUN sed -i 's|^data = ankisync-data$|data = /data|' ankisync.ini \
+    && grep -q '^data = /data$' ankisync.ini
+ENV PYTHONUNBUFFERED=1
 
 USER ankisync
 VOLUME /data
 EXPOSE 27701
 
+# `health` asks the server at the address and scheme (http or https) its ini and
+# variables give.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; url = 'http://127.0.0.1:%s/health' % os.environ.get('SYNC_PORT', '27701'); sys.exit(urllib.request.urlopen(url, timeout=4).status != 200)"]
+    CMD ["python", "ankisync.py", "health"]
 
 ENTRYPOINT ["python", "ankisync.py"]
 CMD ["serve"]

@@ -84,6 +84,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import urllib.request
 import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -194,6 +195,7 @@ HOST_KEY_HEX = 40                   # the host key's length: clients kept it as 
 ADDRESS_MAX = 64                    # an address from a proxy header, as logged and counted
 CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real ones are ~10 bytes
 TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
+HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
 
 # Temporary files, named so that a server started again removes what a killed one left.
@@ -1126,7 +1128,8 @@ class BodyReader:
 
 
 def body_too_large(length, limit):
-    return SyncError(413, "request body of %d bytes is over the %d MiB limit (max_payload_mb)"
+    return SyncError(413, "request body of %d bytes is over the %d MiB limit: raise "
+                     "max_payload_mb in the ini (MAX_SYNC_PAYLOAD_MEGS) for a bigger collection"
                      % (length, limit // MIB))
 
 
@@ -1748,6 +1751,9 @@ def private_modes(folder):
 
 def check_writable(folder):
     """A data folder this process can write, or a CLI error saying how to get one."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit("ankisync: the data folder %s is a file: set `data` in the ini (or "
+                         "SYNC_BASE) to a folder" % folder)
     try:
         os.makedirs(folder, mode=0o700, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
@@ -3637,12 +3643,29 @@ def route(path, base_path):
 
 
 def front_page(host, scheme, config):
-    # The Host header is the client's to choose: escaped before it goes into HTML.
-    base = html.escape("%s://%s%s" % (scheme, host or "HOST:%d" % config.port,
-                                  config.normalized_base_path()))
+    """The one page a user needs: this server's addresses, each with a copy button, and
+    what to enter in each client; readable on a phone."""
+    path = config.normalized_base_path()
+    named = host or "HOST:%d" % config.port     # the Host header is the client's to choose
+    addresses = [("%s://%s%s" % (scheme, named, path), "as this browser reached it")]
+    for address, where in addresses_to_show(config.host):
+        url = "%s://%s:%d%s" % (scheme, url_host(address), config.port, path)
+        if url != addresses[0][0]:
+            addresses.append((url, where.strip("()")))
+    # A page opened on the server itself shows the address phones need in the rows.
+    reachable = [url for url, where in addresses if "this machine" not in where
+                 and not re.match(r"^\w+://(localhost|127\.|\[::1\])", url)]
+    base = html.escape(reachable[0] if reachable else addresses[0][0])
+    listed = "\n".join(
+        '<li><code>%s</code> <button onclick="copy(this)" data-url="%s">copy</button> '
+        '<small>%s</small></li>' % (html.escape(url), html.escape(url), html.escape(where))
+        for url, where in addresses)
     rows = [
-        ("Anki 2.1.57 and later (23.x, 24.x, 25.x, 26.x), AnkiDroid 2.16+, AnkiMobile",
+        ("Anki 2.1.57 and later (23.x to 26.x)",
          "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
+        ("AnkiDroid 2.16 and later",
+         "Settings &rarr; Sync &rarr; Custom sync server: <code>%s</code>" % base),
+        ("AnkiMobile", "Settings &rarr; Syncing &rarr; Custom server: <code>%s</code>" % base),
         ("Anki 2.1.28 to 2.1.56",
          "start Anki with <code>SYNC_ENDPOINT=%ssync/</code> and "
          "<code>SYNC_ENDPOINT_MEDIA=%smsync/</code>" % (base, base)),
@@ -3661,20 +3684,28 @@ def front_page(host, scheme, config):
          "Settings &rarr; Advanced &rarr; Custom sync server, tick Use custom sync server: "
          "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
     ]
-    items = "\n".join("<tr><td>%s</td><td>%s</td></tr>" % row for row in rows)
+    items = "\n".join("<tr><th>%s</th><td>%s</td></tr>" % row for row in rows)
     return ("""<!doctype html>
-<html><head><meta charset="utf-8"><title>ankisync</title>
-<style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:2em auto;padding:0 1em}
-td{padding:.4em .8em;border-top:1px solid #ddd;vertical-align:top}code{background:#f3f3f3}</style>
+<html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>ankisync</title>
+<style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:1em auto;padding:0 1em}
+th{text-align:left;font-weight:600;padding:.6em 0 0}td{padding:0 0 .6em;border-bottom:1px solid
+#ddd}tr{display:block}th,td{display:block}code{background:#f3f3f3;overflow-wrap:anywhere}
+ul{padding-left:1.2em}button{font-size:.8em}</style>
+<script>function copy(b){navigator.clipboard.writeText(b.dataset.url).then(function(){
+b.textContent="copied"})}</script>
 </head><body>
 <h1>ankisync %s is running</h1>
-<p>A self-hosted Anki sync server. Log in from Anki with a user made by
-<code>python3 ankisync.py adduser NAME</code>. The address to enter, by client:</p>
+<p>This server's addresses:</p>
+<ul>%s</ul>
+<p>Log in from each device with a user made by <code>python3 ankisync.py adduser NAME</code>.
+What to enter, by client:</p>
 <table>%s</table>
 <p>The trailing slash matters for modern clients: without it they drop the last part
 of the path.</p>
 </body></html>
-""" % (__version__, items)).encode("utf-8")
+""" % (__version__, listed, items)).encode("utf-8")
 
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
@@ -4424,6 +4455,7 @@ class Server(ThreadingHTTPServer):
 
     def refuse(self, conn, error):
         """Answer what the listener will not hand on, and close: the client learns why."""
+        self.notice(conn.peer, "%s - refused %d: %s", conn.peer, error.status, error.reason)
         conn.send_quietly(response_bytes(error.status, error.reason))
         self.linger(conn)
 
@@ -4518,9 +4550,22 @@ def read_password(name, stdin=None):
 def command_adduser(config, args):
     users = UserStore(config.data)
     name = users.check_new(args.name)        # before asking for a password in vain
+    folder = os.path.join(config.data, folder_name(name))
+    left = os.path.exists(os.path.join(folder, "collection.anki2"))
+    if left and args.fresh:
+        aside = "%s.old-%s" % (folder, time.strftime("%Y%m%d-%H%M%S"))
+        users.add(name, read_password(name))
+        os.replace(folder, aside)
+        print("added user %s with an empty collection; the old data folder is now %s"
+              % (name, aside))
+        return
     users.add(name, read_password(name))
-    print("added user %s; their collection will live in %s"
-          % (name, os.path.join(config.data, folder_name(name))))
+    if left:
+        print("added user %s, who takes over the collection and media still in %s (left by "
+              "an earlier user of that name); `deluser %s` then `adduser --fresh %s` starts "
+              "them empty instead" % (name, folder, name, name))
+    else:
+        print("added user %s; their collection will live in %s" % (name, folder))
 
 
 def command_passwd(config, args):
@@ -4628,6 +4673,23 @@ def command_import_ankisyncd(config, args):
                                                  if not what.startswith("skipped")))
 
 
+def command_health(config, args):
+    """The server answers /health at the address and scheme its settings give."""
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    scheme = "https" if config.certfile else "http"
+    url = "%s://%s:%d%shealth" % (scheme, url_host(host), config.port,
+                                   config.normalized_base_path())
+    context = ssl._create_unverified_context() if config.certfile else None
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT, context=context) as reply:
+            ok = reply.status == 200
+    except OSError as e:
+        raise SystemExit("ankisync: no answer from %s: %s" % (url, e))
+    if not ok:
+        raise SystemExit("ankisync: %s answered %d" % (url, reply.status))
+    print("ok: %s" % url)
+
+
 def limit_malloc_arenas():
     """glibc gives each busy thread its own heap; a few suffice and keep RSS down."""
     glibc_call("mallopt", GLIBC_M_ARENA_MAX, GLIBC_ARENAS)
@@ -4635,6 +4697,7 @@ def limit_malloc_arenas():
 
 def command_serve(config, args):
     limit_malloc_arenas()
+    check_bindable(config)          # before the data folder is made: a typo costs nothing
     check_writable(config.data)
     lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
     app = SyncApp(config)
@@ -4651,11 +4714,15 @@ def command_serve(config, args):
     if config.certfile:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(config.certfile, config.keyfile or None)
-    server = Server((config.host, config.port), app, context)
+    try:
+        server = Server((config.host, config.port), app, context)
+    except OSError as e:
+        raise SystemExit("ankisync: %s" % unbindable(config, e))
     scheme = "https" if context else "http"
-    shown = "localhost" if config.host in ("0.0.0.0", "::", "") else config.host
-    log.info("listening on %s://%s:%d%s (open it in a browser for client setup)",
-             scheme, shown, config.port, app.base_path)
+    for address, where in addresses_to_show(config.host):
+        log.info("listening on %s://%s:%d%s  %s", scheme, url_host(address), config.port,
+                 app.base_path, where)
+    log.info("open the address in a browser for each client's setup")
     stop = threading.Event()
     threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
     install_sigterm()
@@ -4669,16 +4736,90 @@ def command_serve(config, args):
         lock.close()
 
 
+def check_bindable(config):
+    """The address and port can be listened on, or a one-line error with the fix."""
+    try:
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as the server
+            probe.bind((config.host, config.port))
+    except OSError as e:
+        raise SystemExit("ankisync: %s" % unbindable(config, e))
+
+
+def unbindable(config, error):
+    """One line on an address or port the server cannot listen on, with what to do."""
+    where = "%s port %d" % (config.host, config.port)
+    if isinstance(error, socket.gaierror):
+        return ("host %r is no address this machine knows: set `host` to 0.0.0.0 (every "
+                "network) or 127.0.0.1 (this machine only)" % config.host)
+    if error.errno == errno.EADDRINUSE:
+        return ("%s is already in use, by another program or another ankisync: stop it, or "
+                "set another `port` in the ini (or SYNC_PORT)" % where)
+    if error.errno == errno.EACCES:
+        return ("%s needs more rights than this user has (ports below 1024 are for root): "
+                "use a port above 1023, such as 27701, behind a reverse proxy for 80 or 443"
+                % where)
+    if error.errno == errno.EADDRNOTAVAIL:
+        return ("%s: %s is not an address of this machine: set `host` to 0.0.0.0 (every "
+                "network) or 127.0.0.1 (this machine only)" % (where, config.host))
+    return "cannot listen on %s: %s" % (where, error.strerror or error)
+
+
+def addresses_to_show(host):
+    """(address, what it is for) to put in the log and on the front page."""
+    if host not in ("0.0.0.0", "::", ""):
+        return [(host, "")]
+    shown = [("127.0.0.1", "(this machine only)")]
+    shown += [(address, "(from phones and other computers)")
+              for address in lan_addresses(ipv6=host == "::")]
+    return shown
+
+
+def lan_addresses(ipv6=False):
+    """The addresses other devices reach this machine at: the one a UDP socket would
+    leave by (connect() on UDP sends nothing), then the host name's; IPv6 ones only for
+    a server listening on ::."""
+    found = []
+    probes = [(socket.AF_INET, "192.0.2.1")] + [(socket.AF_INET6, "2001:db8::1")] * ipv6
+    for family, probe in probes:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))       # documentation addresses (RFC 5737, 3849)
+                found.append(s.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        found += [info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None,
+                                                             socket.AF_INET)]
+    except OSError:
+        pass
+    unique = []
+    for address in found:
+        if address not in unique and not address.startswith(("127.", "::1", "fe80")):
+            unique.append(address)
+    return unique
+
+
+def url_host(address):
+    return "[%s]" % address if ":" in address else address
+
+
 def offer_first_user(app, config):
     hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
                                           " --config %s" % config.source if config.source else "")
-    if sys.stdin.isatty():
+    while sys.stdin.isatty():
         name = input("No users yet. Name of the first user (empty to skip): ").strip()
-        if name:
-            name = normalize_username(name)
+        if not name:
+            break
+        try:
+            name = app.users.check_new(name)
             app.users.add(name, read_password(name))
-            log.info("added user %s", name)
-            return
+        except ValueError as e:
+            print("ankisync: %s" % e)
+            continue
+        log.info("added user %s", name)
+        return
     log.warning("no users yet: add one with `%s` (it works while the server runs), "
                 "or set SYNC_USER1=name:password", hint)
 
@@ -4710,7 +4851,10 @@ COMMANDS = (
             "yet, asks for the first one on a terminal."),
     Command("adduser", command_adduser, "add a user (password from the terminal or stdin)",
             "Add a user. The password is asked twice on a terminal, or read as one line "
-            "from stdin. Works while the server runs.", [USER_NAME]),
+            "from stdin. Works while the server runs.",
+            [USER_NAME, (("--fresh",), {"action": "store_true",
+                                        "help": "set aside a data folder an earlier user of "
+                                                "the name left, instead of taking it over"})]),
     Command("passwd", command_passwd, "change a user's password and log out their devices",
             "Change a user's password; each of their devices must log in again.",
             [USER_NAME]),
@@ -4720,6 +4864,9 @@ COMMANDS = (
             [USER_NAME, (("--delete-data",), {"action": "store_true",
                                                "help": "also delete the collection and media"})]),
     Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
+    Command("health", command_health, "check that the server answers (for health checks)",
+            "Ask the running server's /health at the address and scheme the settings give; "
+            "exits with 0 when it answers. Docker's HEALTHCHECK uses it."),
     Command("backups", command_backups, "list a user's restore points",
             "List the user's restore points, newest first: id, when, why, notes, cards, "
             "size.", [USER_NAME]),

@@ -1223,12 +1223,14 @@ def test_old_2_1_26_desktop_uploads_and_keeps_syncing_with_modern_laptop(make_de
 # =====================================================================================
 
 import base64  # noqa: E402
+import errno  # noqa: E402
 import gzip  # noqa: E402
 import html  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
+import select  # noqa: E402
 import sqlite3  # noqa: E402
 import struct  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -4489,7 +4491,8 @@ def test_a_data_folder_the_server_cannot_write_is_one_line_naming_the_owner(tmp_
     os.chmod(str(data), 0o755)          # root's, as a bind mount made by Docker would be
     for args in (["serve"], ["adduser", "bob"], ["lsuser"]):
         proc = subprocess.run(["runuser", "-u", "nobody", "--", "env", "SYNC_BASE=%s" % data,
-                               python, script] + args, capture_output=True, text=True,
+                               "SYNC_PORT=%d" % free_port(), python, script] + args,
+                              capture_output=True, text=True,
                               timeout=30, input="pw\n")
         assert proc.returncode != 0, args
         lines = proc.stderr.strip().splitlines()
@@ -4810,3 +4813,208 @@ def test_a_package_from_a_modern_anki_becomes_the_collection(server, make_device
     fresh.sync_media()
     assert fresh.snapshot()["notes"] == laptop.snapshot()["notes"]
     assert fresh.media_files() == laptop.media_files()
+
+
+# --- the first ten minutes: what a newcomer meets -----------------------------------------
+
+
+def serve_until(tmp_path, ini, marker, env=None):
+    """Run `serve` with `ini` until a log line contains `marker` or it exits; its output."""
+    config = tmp_path / ("serve-%d.ini" % random.randrange(10**6))
+    config.write_text(ini)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "serve",
+                             "--config", str(config)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, **(env or {})), start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if marker in line:
+                break
+        return "".join(lines), proc
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def test_the_log_and_the_front_page_give_the_address_a_phone_needs(tmp_path):
+    port = free_port()
+    text, proc = serve_until(tmp_path, "[server]\nport = %d\ndata = data\n" % port,
+                             "open the address", {"SYNC_USER1": "ana:pw"})
+    try:
+        assert "listening on http://127.0.0.1:%d/  (this machine only)" % port in text
+        lan = ankisync.lan_addresses()
+        for address in lan:
+            assert ("listening on http://%s:%d/  (from phones and other computers)"
+                    % (address, port)) in text
+        page = urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10).read().decode()
+        assert '<meta name="viewport" content="width=device-width' in page
+        shown = re.findall(r'data-url="([^"]+)"', page)
+        assert shown[0] == "http://127.0.0.1:%d/" % port and len(shown) == len(set(shown))
+        assert ["http://%s:%d/" % (a, port) for a in lan] == shown[1:]
+        # Opened on the server itself, the clients' rows name an address phones can reach.
+        row = "Self-hosted sync server: <code>%s</code>" % (shown[1] if lan else shown[0])
+        assert row in page
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_each_client_gets_its_own_menu_path_on_the_front_page(server):
+    page = post(server, "/", method="GET")[2].decode()
+    for client, path in [("Anki 2.1.57 and later", "Preferences &rarr; Syncing &rarr; "
+                          "Self-hosted sync server"),
+                         ("AnkiDroid 2.16 and later", "Settings &rarr; Sync &rarr; Custom sync "
+                          "server"),
+                         ("AnkiMobile", "Settings &rarr; Syncing &rarr; Custom server"),
+                         ("AnkiDroid 2.15 and older", "Settings &rarr; Advanced &rarr; "
+                          "Custom sync server")]:
+        assert re.search(r"<th>%s[^<]*</th><td>%s" % (re.escape(client), re.escape(path)),
+                         page), client
+    assert page.count('onclick="copy(this)"') == page.count("<li>")
+
+
+def test_an_oversize_body_is_answered_with_413_five_times_in_a_row(tmp_path):
+    srv = SyncServer("ankisync", str(tmp_path / "data"), [(USER, PASSWORD)])
+    srv.extra_env = {"MAX_SYNC_PAYLOAD_MEGS": "1"}
+    os.makedirs(srv.base)
+    srv.start()
+    try:
+        key = login(srv)
+        big = ZSTD.compress(os.urandom(3 * 1024 * 1024))
+        for _ in range(5):
+            status, _, body = post(srv, "/sync/upload", big, anki_sync_header(key))
+            assert status == 413 and b"max_payload_mb" in body
+        assert "max_payload_mb" in srv.log_tail()
+    finally:
+        srv.kill()
+
+
+def test_startup_errors_say_in_one_line_what_to_do(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        text, proc = serve_until(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\n"
+                                 "data = busy\n" % port, "\n", {"SYNC_USER1": "ana:pw"})
+        proc.wait(30)
+        assert proc.returncode != 0 and "port %d is already in use" % port in text, text
+        assert "Traceback" not in text and not (tmp_path / "busy").exists()
+    text, proc = serve_until(tmp_path, "[server]\nhost = 192.0.2.55\nport = %d\n" % free_port(),
+                             "\n", {"SYNC_USER1": "ana:pw"})
+    proc.wait(30)
+    assert proc.returncode != 0 and "is not an address of this machine" in text, text
+    (tmp_path / "afile").write_text("x")
+    text, proc = serve_until(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\ndata = afile\n"
+                             % free_port(), "\n", {"SYNC_USER1": "ana:pw"})
+    proc.wait(30)
+    assert proc.returncode != 0 and "is a file: set `data`" in text, text
+    config = ankisync.Config()
+    config.port = 80
+    refused = ankisync.unbindable(config, PermissionError(errno.EACCES, "Permission denied"))
+    assert "port 80 needs more rights" in refused and "above 1023" in refused
+
+
+def test_the_first_user_prompt_asks_again_after_a_bad_name(tmp_path):
+    import pty
+    config = tmp_path / "first.ini"
+    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
+    main_end, child_end = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "ankisync.py"), "serve",
+                             "--config", str(config)], stdin=child_end, stdout=child_end,
+                            stderr=child_end, start_new_session=True)
+    os.close(child_end)
+    seen = b""
+
+    def read_until(text, timeout=30):
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([main_end], [], [], 0.2)[0]:
+                seen += os.read(main_end, 4096)
+
+    try:
+        read_until(b"Name of the first user")
+        os.write(main_end, b"bad/name\n")
+        read_until(b"ankisync: ")
+        seen = seen.split(b"ankisync: ", 1)[1]
+        read_until(b"Name of the first user")
+        os.write(main_end, b"alice\n")
+        for prompt in (b"Password", b"Again"):
+            read_until(prompt)
+            seen = seen.rsplit(prompt, 1)[1]
+            os.write(main_end, b"s3cret\n")
+        read_until(b"open the address")
+        assert ankisync.UserStore(str(tmp_path / "data")).login("alice", "s3cret")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(main_end)
+
+
+def test_adduser_says_when_a_name_takes_over_old_data_and_fresh_sets_it_aside(tmp_path):
+    assert cli(tmp_path, "adduser", "ana", stdin="pw\n").returncode == 0
+    folder = tmp_path / "data" / "ana"
+    folder.mkdir()
+    ankisync.create_collection(str(folder / "collection.anki2"))
+    assert cli(tmp_path, "deluser", "ana").returncode == 0
+    again = cli(tmp_path, "adduser", "ana", stdin="pw\n")
+    assert again.returncode == 0 and "takes over the collection" in again.stdout
+    assert cli(tmp_path, "deluser", "ana").returncode == 0
+    fresh = cli(tmp_path, "adduser", "--fresh", "ana", stdin="pw\n")
+    assert fresh.returncode == 0 and "old data folder is now" in fresh.stdout
+    assert not (folder / "collection.anki2").exists()
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("ana.old-")]
+
+
+def test_a_failed_login_is_logged_with_the_name_and_whether_it_exists(server):
+    assert modern(server, "hostKey", {"u": USER, "p": "wrong-guess"})[0] == 403
+    assert modern(server, "hostKey", {"u": "ghost", "p": "wrong-guess"})[0] == 403
+    deadline = time.monotonic() + 10
+    while "'ghost'" not in server.log_tail():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    log_text = server.log_tail()
+    assert "login failed: %r from 127.0.0.1: wrong password" % USER in log_text
+    assert "login failed: 'ghost' from 127.0.0.1: no such user" in log_text
+    assert "wrong-guess" not in log_text
+
+
+def test_health_asks_the_server_by_its_scheme_as_docker_does(server, start_server, tmp_path):
+    env = dict(os.environ, SYNC_BASE=server.base, SYNC_HOST="127.0.0.1",
+               SYNC_PORT=str(server.port))
+    health = [sys.executable, os.path.join(HERE, "ankisync.py"), "health"]
+    done = subprocess.run(health, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ok: http://127.0.0.1:%d/health" % server.port in done.stdout
+    secure = start_server(certificate=make_certificate(str(tmp_path / "tls")))
+    done = subprocess.run(health + ["--config", secure.config_path], capture_output=True,
+                          text=True, timeout=60, env=dict(env, SYNC_PORT=str(secure.port)))
+    assert done.returncode == 0 and "ok: https://" in done.stdout, done.stdout + done.stderr
+    port = free_port()                  # nothing listens there
+    done = subprocess.run(health, env=dict(env, SYNC_PORT=str(port)), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and "no answer from" in done.stderr
+    with open(os.path.join(HERE, "Dockerfile")) as f:
+        dockerfile = f.read()
+    assert 'CMD ["python", "ankisync.py", "health"]' in dockerfile
+    assert "useradd --system" not in dockerfile and "ENV SYNC_" not in dockerfile
+    with open(os.path.join(HERE, "ankisync.ini")) as f:
+        assert "\ndata = ankisync-data\n" in f.read()       # the line the image rewrites
+
+
+def test_the_systemd_unit_in_the_readme_is_valid(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd on this machine")
+    with open(os.path.join(HERE, "README.md")) as f:
+        unit = re.search(r"```ini\n(\[Unit\].*?)```", f.read(), re.S).group(1)
+    unit = unit.replace("/home/pi/ankisync", HERE).replace("User=pi", "User=root")
+    unit = unit.replace("/usr/bin/python3", shutil.which("python3"))
+    path = tmp_path / "ankisync.service"
+    path.write_text(unit)
+    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if "ankisync.service" in line]
+    assert done.returncode == 0 and problems == [], done.stdout + done.stderr

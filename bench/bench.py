@@ -408,7 +408,11 @@ def raw_call(port, method, payload, key="", timeout=120):
 class Bench:
     def __init__(self, args, root, cache):
         self.args = args
-        self.sz = SIZES["quick" if args.quick else "full"]
+        self.sz = dict(SIZES["quick" if args.quick else "full"])
+        if args.media_files:
+            self.sz["media_files"] = args.media_files
+        if args.media_kb:
+            self.sz["media_size"] = args.media_kb * 1024
         self.root = root
         self.builder = Builder(cache)
         self.servers = {}
@@ -816,6 +820,10 @@ def main(argv=None):
                         help="profile the ankisync server with py-spy (must be installed) "
                              "into DIR/<scenario>.svg and .txt")
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
+    parser.add_argument("--media-files", type=int, default=None,
+                        help="files per round of the media scenario (default 300, quick 30)")
+    parser.add_argument("--media-kb", type=int, default=None,
+                        help="KB per media file (default 30)")
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
