@@ -196,6 +196,7 @@ ADDRESS_MAX = 64                    # an address from a proxy header, as logged 
 CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real ones are ~10 bytes
 TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
+ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
 
 # Temporary files, named so that a server started again removes what a killed one left.
@@ -2659,23 +2660,36 @@ class MediaSync:
         if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
             raise bad_request("downloadFiles: at most %d files per request"
                               % MEDIA_DOWNLOAD_FILES_MAX)
-        spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.spool_folder)
+        stored = self.store.entries(names)
+        planned = 0
+        for name in names:
+            planned += stored.get(name, (None, 0))[1]
+            if planned > MEDIA_DOWNLOAD_BYTES:
+                break
+        # Thousands of small images come 25 to a zip: built in memory, it costs a fraction.
+        spool = io.BytesIO() if planned <= ONE_SHOT_REPLY_MAX else \
+            tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_MAX, dir=self.spool_folder)
         try:
             zip_meta, total = {}, 0
             with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
                 for index, name in enumerate(names):
-                    size = self.store.size_of(name)
+                    size = stored.get(name, (None, 0))[1]
                     if not size:
                         raise SyncError(409, "downloadFiles: %r is not on the server"
                                         % name[:QUOTED_MAX])
                     path = self.store.path_of(name)
-                    if not os.path.exists(path):
+                    try:
+                        if size <= SPOOL_MEMORY_MAX:
+                            with open(path, "rb") as f:
+                                archive.writestr(str(index), f.read())
+                        else:
+                            archive.write(path, str(index))
+                    except FileNotFoundError:
                         self.store.forget(name, size)
                         raise SyncError(409, "downloadFiles: %r is missing on disk"
                                         % name[:QUOTED_MAX])
-                    archive.write(path, str(index))
                     zip_meta[str(index)] = name
-                    total += os.path.getsize(path)
+                    total += archive.getinfo(str(index)).file_size
                     if total > MEDIA_DOWNLOAD_BYTES:
                         break
                 archive.writestr("_meta", dumps_compact(zip_meta))
@@ -2690,10 +2704,14 @@ class MediaSync:
         changes, incoming = self._unpack_upload(req.payload)
         try:
             usn = self.store.apply(changes)
-        finally:
-            for temp in incoming:
-                if os.path.exists(temp):
-                    os.unlink(temp)
+        except BaseException:
+            for path in incoming:       # files written in place too: as they were before
+                if os.path.exists(path):
+                    os.unlink(path)
+            raise
+        for name, path, _, _, in_place in changes:
+            if path is not None and not in_place and os.path.exists(path):
+                os.unlink(path)         # a temp file apply() had no use for
         return self.wrapped([len(changes), usn])
 
     def _unpack_upload(self, payload):
@@ -2713,6 +2731,8 @@ class MediaSync:
                     raise bad_request("uploadChanges: more than %d files in one zip"
                                       % MEDIA_UPLOAD_MAX_FILES)
                 meta = self._read_zip_meta(archive, entries)
+                stored = self.store.entries([item[0] for item in meta if isinstance(item, list)
+                                             and item and isinstance(item[0], str)])
                 changes, names, total = [], set(), 0
                 for item in meta:
                     if not (isinstance(item, list) and len(item) == 2):
@@ -2722,14 +2742,17 @@ class MediaSync:
                         raise bad_request("uploadChanges: %r appears twice" % name[:QUOTED_MAX])
                     names.add(name)
                     if entry is None or entry == "":
-                        changes.append((name, None, None, 0))
+                        changes.append((name, None, None, 0, False))
                         continue
                     if not isinstance(entry, str) or entry not in entries or entry == "_meta":
                         raise bad_request("uploadChanges: zip entry %r for %r is missing"
                                           % (str(entry)[:QUOTED_MAX], name[:QUOTED_MAX]))
-                    temp, sha1, size = self._extract(archive, entries[entry], name)
-                    incoming.append(temp)
-                    changes.append((name, temp, sha1, size))
+                    # A name with no file yet is written where it belongs (one file made,
+                    # as the official server does); a new version of a file waits aside.
+                    in_place = not stored.get(name, (None, 0))[1]
+                    path, sha1, size = self._extract(archive, entries[entry], name, in_place,
+                                                     incoming)
+                    changes.append((name, path, sha1, size, in_place))
                     total += size
                     if total > self.max_decompressed:
                         raise SyncError(413, "uploadChanges: the zip unpacks to more than %d MiB"
@@ -2758,12 +2781,33 @@ class MediaSync:
                               % MEDIA_UPLOAD_MAX_FILES)
         return meta
 
-    def _extract(self, archive, info, name):
-        """Copy one entry to a temp file, counting real bytes (a zip's header can lie)."""
-        fd, temp = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=self.store.folder)
+    def _extract(self, archive, info, name, in_place, incoming):
+        """Copy one entry to its file, or a temp file, counting real bytes (a zip's header
+        can lie); the path goes into `incoming` before a byte is written."""
+        if in_place:
+            temp = self.store.path_of(name)
+            out_file = open(temp, "wb")
+        else:
+            fd, temp = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=self.store.folder)
+            out_file = os.fdopen(fd, "wb")
+        incoming.append(temp)
         digest, size = hashlib.sha1(), 0
         try:
-            with os.fdopen(fd, "wb") as out, archive.open(info) as src:
+            if info.file_size <= SPOOL_MEMORY_MAX:
+                # zipfile returns no more than the header's size, and checks the CRC.
+                try:
+                    data = archive.read(info)
+                except (zipfile.BadZipFile, OSError, EOFError, zlib.error,
+                        NotImplementedError) as e:
+                    out_file.close()
+                    raise bad_request("uploadChanges: cannot read %r from the zip (%s)"
+                                      % (name[:QUOTED_MAX], e))
+                with out_file as out:
+                    out.write(data)
+                if not data:
+                    raise bad_request("uploadChanges: %r is empty" % name[:QUOTED_MAX])
+                return temp, hashlib.sha1(data).digest(), len(data)
+            with out_file as out, archive.open(info) as src:
                 while True:
                     try:
                         block = src.read(IO_BLOCK)
@@ -2820,6 +2864,9 @@ class MediaStore:
                              timeout=LOCK_WAIT)
         try:
             db.execute("pragma journal_mode=wal")      # readers (meta) never wait for writers
+            # No fsync per commit: a power cut may lose the last uploads' entries, never the
+            # database; their files, moved after the commit, are then sent again.
+            db.execute("pragma synchronous=normal")
             if db.execute("pragma user_version").fetchone()[0] == 0:
                 db.executescript(MEDIA_SCHEMA)
                 db.execute("insert into meta select 0, 0, 0 where not exists (select 1 from meta)")
@@ -2883,6 +2930,18 @@ class MediaStore:
             self.db.close()
             self.db = None
 
+    def entries(self, names):
+        """{name: (sha1, size)} of those names the database knows (size 0: deleted)."""
+        found, db = {}, self.connect()
+        names = list(names)
+        for start in range(0, len(names), SQL_IDS_PER_QUERY):
+            part = names[start:start + SQL_IDS_PER_QUERY]
+            for name, csum, size in db.execute(
+                    "select fname, csum, size from media where fname in (%s)"
+                    % ",".join("?" * len(part)), part):
+                found[name] = (csum, size)
+        return found
+
     def size_of(self, name):
         """The file's size; 0 when it was deleted or never was."""
         row = self.connect().execute("select size from media where fname=?", (name,)).fetchone()
@@ -2898,45 +2957,47 @@ class MediaStore:
             db.execute("delete from media where fname=?", (name,))
 
     def apply(self, changes):
-        """An upload's [(name, temp file or None to delete, sha1, size)]: one usn per real
-        change, all or nothing; returns the new last usn. Files move only after the commit,
-        so a failed move (a full disk) leaves them as they were; what they delete or
-        replace goes to the trash, for a restore."""
+        """An upload's [(name, file or None to delete, sha1, size, in place)]: one usn per
+        real change, all or nothing; returns the new last usn. A file not in place moves
+        after the commit, so a failed move (a full disk) leaves the old one as it was; what
+        a change deletes or replaces goes to the trash, for a restore."""
         db, moves = self.connect(), []
         with transaction(db):
             usn, total_bytes, total_files = db.execute(
                 "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
             now = int(time.time())
-            for name, temp, sha1, size in changes:
-                row = db.execute("select csum, size from media where fname=?",
-                                 (name,)).fetchone()
+            rows = self.entries([change[0] for change in changes])
+            for name, temp, sha1, size, in_place in changes:
+                row = rows.get(name)
+                stored = row is not None and row[1] > 0         # a file to trash first
                 if temp is None:
-                    if row is None or row[1] == 0:
+                    if not stored:
                         continue
                     usn += 1
                     total_bytes -= row[1]
                     total_files -= 1
                     db.execute("update media set size=0, usn=?, mtime=? where fname=?",
                                (usn, now, name))
-                    moves.append((None, self.path_of(name)))
+                    moves.append((None, self.path_of(name), True))
                     continue
-                if row is not None and row[1] and bytes(row[0]) == sha1:
+                if stored and bytes(row[0]) == sha1:
                     continue
                 usn += 1
-                if row is not None and row[1]:
+                if stored:
                     total_bytes -= row[1]
                     total_files -= 1
                 total_bytes += size
                 total_files += 1
                 db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
                            (name, sha1, size, usn, now))
-                moves.append((temp, self.path_of(name)))
+                if not in_place:
+                    moves.append((temp, self.path_of(name), stored))
             db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
                        (usn, total_bytes, total_files))
         trash = os.path.join(os.path.dirname(self.folder), MEDIA_TRASH_FOLDER,
                              "%d-%s" % (time.time() * 1000, secrets.token_hex(2)))
-        for temp, path in moves:
-            if os.path.exists(path):
+        for temp, path, stored in moves:
+            if stored and os.path.exists(path):
                 os.makedirs(trash, mode=0o700, exist_ok=True)
                 os.replace(path, os.path.join(trash, os.path.basename(path)))
             if temp is not None:
@@ -3429,7 +3490,7 @@ def add_media_files(store, files):
         digest = hashlib.sha1()
         with open(path, "rb") as f:
             copy_stream(f.read, digest.update)
-        changes.append((name, path, digest.digest(), os.path.getsize(path)))
+        changes.append((name, path, digest.digest(), os.path.getsize(path), False))
     before = store.usn()
     return store.apply(changes) - before
 
@@ -3933,6 +3994,8 @@ class Handler(BaseHTTPRequestHandler):
                 return reply.size
             return copy_stream(reply.stream.read, self.wfile.write)
         self.send_header("anki-original-size", str(reply.size))
+        if reply.stream is not None and reply.size <= ONE_SHOT_REPLY_MAX:
+            reply.body, reply.stream = reply.stream.read(), None   # a media zip, usually
         if reply.stream is None:
             data = zstd.compress(reply.body)
             self.send_header("Content-Length", str(len(data)))
