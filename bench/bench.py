@@ -116,12 +116,10 @@ class ServerDied(RuntimeError):
 class Server(SyncServer):
     """The test suite's server process, plus what the bench measures of it."""
 
-    extra_env = {"MAX_SYNC_PAYLOAD_MEGS": "1000"}    # room for the 111 MB upload
-
     def __init__(self, kind, root):
         base = os.path.join(root, "server-" + kind, "data")
-        os.makedirs(base)
-        super().__init__(kind, base, USERS)
+        super().__init__(base, kind=kind, users=USERS,
+                         env={"MAX_SYNC_PAYLOAD_MEGS": "1000"})    # room for a 111 MB upload
         self.peak_overall = 0
 
     def start(self):
