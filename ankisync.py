@@ -190,6 +190,7 @@ OLD_TIMEZONE_CLIENT = (
     "handling\"), sync there, then here.")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+WEB_ADDRESS = re.compile(r"https?://(?:(?!&quot;|&#x27;)[^\s<>])+")  # linked in a notice
 QUOTED_MAX = 60                     # characters of a client's text quoted in an error or the log
 HOST_KEY_HEX = 40                   # the host key's length: clients kept it as a sha1 hex digest
 ADDRESS_MAX = 64                    # an address from a proxy header, as logged and counted
@@ -231,11 +232,12 @@ ANKISYNCD_SCHEME = "ankisyncd-sha256"   # an imported ankisyncd hash, until the 
 class SyncError(Exception):
     """A request that cannot be served; `status` is the HTTP answer."""
 
-    def __init__(self, status, reason, retry_after=None):
+    def __init__(self, status, reason, retry_after=None, location=None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after      # seconds, sent as Retry-After (429, 503)
+        self.location = location            # where a 308 sends the client
 
 
 def bad_request(reason):
@@ -438,6 +440,15 @@ OPTIONS = (
         HTTPS without a reverse proxy: a certificate chain and its key (PEM). Leave empty
         for plain HTTP. Anki accepts only certificates it trusts (e.g. Let's Encrypt)."""),
     Option("keyfile", "", "...and its key", ""),
+    Option("notice", "", "a message every client shows when it syncs", """
+        A message every client shows when it syncs, and the sync goes on: "The server moves
+        on Sunday", say. Plain text; a web address in it becomes a link on clients that
+        show the message as a page (Anki 2.1.57 and later).""", env="ANKISYNC_NOTICE"),
+    Option("moved_to", "", "the server's new address, once it has moved", """
+        When this server has moved (its data folder copied to the new one): the new address,
+        e.g. https://anki.example.com/. Modern clients (Anki 2.1.57+, AnkiDroid 2.16+,
+        AnkiMobile) are sent there at their next sync and remember it; older ones are told
+        to change their sync address.""", env="ANKISYNC_MOVED_TO"),
     Option("ip_header", "", "behind a proxy: the header with the client's address", """
         Behind a reverse proxy every connection comes from the proxy: name the header in
         which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
@@ -1908,6 +1919,16 @@ class Accounts:
         return self.trusted.get(address, 0) > time.monotonic()
 
 
+def notice_for(notice, version):
+    """The admin's notice as a client of `version` shows it: modern clients render
+    `msg` as HTML, so what the admin wrote is escaped and its web addresses linked;
+    older ones print it as it is."""
+    if not notice or version < SyncVersion.V11_DIRECT_POST:
+        return notice
+    return WEB_ADDRESS.sub(lambda m: '<a href="%s">%s</a>' % (m.group(0), m.group(0)),
+                           html.escape(notice, quote=True))
+
+
 def old_client_refusal(version, conf):
     """Why a client of sync `version` must not sync a collection with this `conf`, or "".
 
@@ -1958,6 +1979,9 @@ class CollectionSync:
 
     def __init__(self, folder, media, config):
         self.folder = folder
+        self.notice = config.notice
+        moved = config.moved_to.strip()
+        self.moved_to = moved + "/" * (bool(moved) and not moved.endswith("/"))
         self.media = media              # the user's MediaStore: meta tells its usn
         self.max_decompressed = config.max_decompressed
         self.collection = Collection(folder)
@@ -2037,6 +2061,15 @@ class CollectionSync:
 
     def meta(self, req):
         version = SyncVersion.check(req.json().get("v"))
+        if self.moved_to:
+            if req.modern:      # the official redirect: the client follows and remembers it
+                raise SyncError(308, "this server has moved to %s" % self.moved_to,
+                                location=self.moved_to)
+            return Reply.json({
+                "mod": 0, "scm": 0, "usn": 0, "ts": int(time.time()), "cont": False,
+                "msg": "This sync server has moved to %s: change the sync address on this "
+                       "device (see %s for what to enter)." % (self.moved_to, self.moved_to),
+                "hostNum": 0, "empty": False, "media_usn": 0, "uname": req.user})
         self.abort_session()
         conn = self.collection.open()
         mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
@@ -2045,10 +2078,11 @@ class CollectionSync:
             # Too big to upload again: a moving scm makes clients offer a one-way sync.
             scm = now_ms()
         # An empty collection is about to be replaced by the device's own: nothing to damage.
-        msg = "" if empty else old_client_refusal(version, conf)
+        refusal = "" if empty else old_client_refusal(version, conf)
         return Reply.json({
-            "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()), "msg": msg,
-            "cont": not msg, "hostNum": 0, "empty": empty,
+            "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()),
+            "msg": refusal or notice_for(self.notice, version), "cont": not refusal,
+            "hostNum": 0, "empty": empty,
             "media_usn": self.media.last_usn(),
             "uname": req.user,
         })
@@ -3917,7 +3951,7 @@ class Handler(BaseHTTPRequestHandler):
         except SyncError as e:
             status = e.status
             self.finish_body(body)
-            sent = self.send_text(e.status, e.reason, e.retry_after)
+            sent = self.send_text(e.status, e.reason, e.retry_after, e.location)
         except (ConnectionError, socket.timeout) as e:
             status, self.close_connection = 499, True
             log.info("connection lost during %s: %s", what, e)
@@ -3969,13 +4003,15 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(page)
         return len(page)
 
-    def send_text(self, status, text, retry_after=None):
+    def send_text(self, status, text, retry_after=None, location=None):
         data = (text + "\n").encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         if retry_after is not None:
             self.send_header("Retry-After", str(retry_after))
+        if location is not None:
+            self.send_header("Location", location)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()

@@ -5154,3 +5154,47 @@ def test_the_systemd_unit_in_the_readme_is_valid(tmp_path):
     problems = [line for line in (done.stdout + done.stderr).splitlines()
                 if "ankisync.service" in line]
     assert done.returncode == 0 and problems == [], done.stdout + done.stderr
+
+
+# --- for the person running it: a notice on every device ---------------------------------
+
+
+def test_a_notice_reaches_modern_and_legacy_clients_without_stopping_their_sync(start_server,
+                                                                               make_device):
+    notice = 'Server moves on <Sunday>: see https://example.org/move?a=1&b=2'
+    srv = start_server(ini="notice = %s\n" % notice)
+    laptop = make_device("modern", "laptop", on=srv)
+    laptop.do("add_notes", deck="Default", prefix="x", count=2)
+    laptop.login()
+    out = laptop.col.sync_collection(laptop.auth, False)
+    assert out.server_message == (
+        'Server moves on &lt;Sunday&gt;: see <a href="https://example.org/move?a=1&amp;b=2">'
+        'https://example.org/move?a=1&amp;b=2</a>')
+    laptop.full_upload()
+    assert laptop.sync() in ("normal_sync", "no_changes")        # the notice stops nothing
+    key = login(srv)
+    answer = legacy(srv, "meta", {"k": key, "s": "abc", "c": "1"},
+                    json.dumps({"v": 10, "cv": "anki,2.1.54"}).encode())
+    meta = answer.json()
+    assert meta["msg"] == notice and meta["cont"] is True      # old clients print it as is
+
+
+def test_a_moved_server_sends_modern_clients_on_and_tells_old_ones(start_server, make_device):
+    old = start_server()
+    laptop = make_device("modern", "laptop", on=old)
+    laptop.do("add_notes", deck="Default", prefix="vorher", count=3)
+    first_upload(laptop)
+    old.stop()
+    new = start_server(prepare=lambda base: shutil.copytree(old.base, base, dirs_exist_ok=True))
+    old = start_server(base=old.base, port=old.port, ini="moved_to = %s\n" % new.url)
+
+    laptop.do("add_notes", deck="Default", prefix="nachher", count=1)
+    assert laptop.sync() == "normal_sync"
+    assert laptop.auth.endpoint == new.url                      # followed, and remembered
+    fresh = make_device("modern", "fresh", on=new)
+    join_by_download(fresh)
+    assert note_count(fresh) == 4
+    key = login(old)
+    meta = legacy(old, "meta", {"k": key, "s": "abc", "c": "1"},
+                  json.dumps({"v": 10, "cv": "anki,2.1.54"}).encode()).json()
+    assert not meta["cont"] and new.url in meta["msg"]
