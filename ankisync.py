@@ -62,6 +62,7 @@ import hashlib
 import hmac
 import html
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -174,6 +175,8 @@ MEDIA_NAME_MAX_BYTES = 255          # longest file name in UTF-8 (official)
 
 UPLOAD_CORRUPT = "Your upload was corrupt. Please use Check Database, or restore from backup."
 UPLOAD_TOO_LARGE = "collection exceeds size limit"
+QUOTA_REFUSAL = ("Your %s would take %.1f MiB on this sync server, over the %d MiB it allows "
+                 "each user: make room (Tools > Check Media, unused notes), or ask its admin.")
 
 # What an old client shows instead of syncing a collection it would damage: Anki 2.0 and
 # 2.1 in a text window, AnkiDroid in its "Sync error" dialog (the official server says only
@@ -196,6 +199,8 @@ HOST_KEY_HEX = 40                   # the host key's length: clients kept it as 
 ADDRESS_MAX = 64                    # an address from a proxy header, as logged and counted
 CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real ones are ~10 bytes
 TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
+METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)  # seconds
+STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this many days
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
@@ -289,6 +294,7 @@ class SyncVersion:
 # itself under the user's lock; "session" belongs to the sync that `start` opens; "upload"
 # takes the lock only to swap the file in. CollectionSync and MediaSync have one method
 # of each name.
+SYNC_EVENTS = {"finish": "normal sync", "upload": "full upload", "download": "full download"}
 COLLECTION_METHODS = {
     "hostKey": "login", "meta": "alone", "start": "session", "applyGraves": "session",
     "applyChanges": "session", "chunk": "session", "applyChunk": "session",
@@ -449,6 +455,15 @@ OPTIONS = (
         e.g. https://anki.example.com/. Modern clients (Anki 2.1.57+, AnkiDroid 2.16+,
         AnkiMobile) are sent there at their next sync and remember it; older ones are told
         to change their sync address.""", env="ANKISYNC_MOVED_TO"),
+    Option("metrics", "off", "`on`: /metrics in the Prometheus text format", """
+        on: answer /metrics in the Prometheus text format (requests, durations, syncs,
+        bytes, failed logins, sessions, users, their collection and media bytes, free
+        disk), to this machine only, or to whoever sends metrics_token.""",
+           parse=str.lower, env="ANKISYNC_METRICS", choices=("off", "on")),
+    Option("metrics_token", "", "a token that opens /metrics to other machines", """
+        A secret that opens /metrics to other machines (a Prometheus elsewhere): they send
+        "Authorization: Bearer <token>". Empty: this machine only.""",
+           env="ANKISYNC_METRICS_TOKEN"),
     Option("ip_header", "", "behind a proxy: the header with the client's address", """
         Behind a reverse proxy every connection comes from the proxy: name the header in
         which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
@@ -475,6 +490,12 @@ OPTIONS = (
         MiB the points of one user may take; the oldest go first (the newest always
         stays). A point is about a third of the collection's size; none is made while
         less than three times the collection's size is free on the disk.""",
+           parse=int),
+    Option("quota_collection_mb", 0, "MiB a user's collection may take (0: no limit)", """
+        Quotas for a server on a small disk (a class, a family): the MiB one user's
+        collection, and their media files, may take. A sync past it is refused whole,
+        with a message the device shows; 0 means no limit.""", parse=int),
+    Option("quota_media_mb", 0, "MiB a user's media files may take (0: no limit)", "",
            parse=int),
     Option("max_connections", MAX_CONNECTIONS,
            "open connections; past it the longest-waiting one is closed", """
@@ -727,6 +748,11 @@ class UserStore:
                 create table if not exists hostkeys (
                     hkey text primary key, name text not null, created integer not null);
                 create index if not exists ix_hostkeys_name on hostkeys (name);
+                create table if not exists devices (
+                    name text not null, client text not null, hkey text not null,
+                    address text not null, first_seen integer not null,
+                    last_seen integer not null, last_kind text not null,
+                    primary key (name, client, hkey));
             """)
             version = db.execute("pragma user_version").fetchone()[0]
             if version < 1:
@@ -767,6 +793,24 @@ class UserStore:
     def names(self):
         with self.connect() as db:
             return [row[0] for row in db.execute("select name from users order by name")]
+
+    def saw(self, name, hkey, client, address, kind):
+        """A device of `name` synced (for `status`): its client, key and address, when."""
+        now = int(time.time())
+        with self.connect() as db:
+            updated = db.execute(
+                "update devices set address=?, last_seen=?, last_kind=? where name=? and "
+                "client=? and hkey=?", (address, now, kind, name, client, key_digest(hkey)))
+            if not updated.rowcount:
+                db.execute("insert into devices values (?, ?, ?, ?, ?, ?, ?)",
+                           (name, client, key_digest(hkey), address, now, now, kind))
+
+    def devices(self, name, since=0):
+        """(client, address, first seen, last seen, last kind) of each device, newest first."""
+        with self.connect() as db:
+            return db.execute("select client, address, first_seen, last_seen, last_kind from "
+                              "devices where name=? and last_seen>=? order by last_seen desc",
+                              (name, since)).fetchall()
 
     def find(self, name):
         """(name, hash, source) of the user `name` means, in any case or Unicode form."""
@@ -1984,9 +2028,14 @@ class CollectionSync:
         self.moved_to = moved + "/" * (bool(moved) and not moved.endswith("/"))
         self.media = media              # the user's MediaStore: meta tells its usn
         self.max_decompressed = config.max_decompressed
+        self.quota = config.quota_collection_mb * MIB
+        # Modern clients show only the status of a refused request: the reason goes out
+        # with the next `meta`, whose message every client shows.
+        self.refusal = ""
         self.collection = Collection(folder)
         self.points = RestorePoints(folder, config)
         self.session = None
+        self.clients = {}               # host key -> the client version its last meta named
         self.lock = threading.Lock()
         self.folder_lock = FolderLock(os.path.join(folder, COLLECTION_LOCK))
 
@@ -2059,8 +2108,21 @@ class CollectionSync:
 
     # -- the methods, by their wire names -------------------------------
 
+    def check_quota(self, size):
+        if self.quota and size > self.quota:
+            self.refusal = QUOTA_REFUSAL % ("collection", size / MIB, self.quota // MIB)
+            raise SyncError(413, self.refusal)
+
+    def client_of(self, req):
+        """The client's name and version: modern clients send it with every request,
+        older ones only in `meta`."""
+        return req.client_version or self.clients.get(req.hkey, "") or "unknown client"
+
     def meta(self, req):
         version = SyncVersion.check(req.json().get("v"))
+        if len(self.clients) >= KEY_CACHE_MAX:
+            self.clients.clear()
+        self.clients[req.hkey] = str(req.json().get("cv") or req.client_version)[:QUOTED_MAX]
         if self.moved_to:
             if req.modern:      # the official redirect: the client follows and remembers it
                 raise SyncError(308, "this server has moved to %s" % self.moved_to,
@@ -2079,6 +2141,9 @@ class CollectionSync:
             scm = now_ms()
         # An empty collection is about to be replaced by the device's own: nothing to damage.
         refusal = "" if empty else old_client_refusal(version, conf)
+        if not refusal and (self.refusal or self.media.refusal):
+            refusal = self.refusal or self.media.refusal        # told once; the next try runs
+            self.refusal = self.media.refusal = ""
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()),
             "msg": refusal or notice_for(self.notice, version), "cont": not refusal,
@@ -2140,8 +2205,11 @@ class CollectionSync:
             raise bad_request("finish after a failed sanity check: the sync was rolled back")
         self.session = None
         try:
+            pages, page = (session.conn.execute("pragma %s" % p).fetchone()[0]
+                           for p in ("page_count", "page_size"))
+            self.check_quota(pages * page)
             finished = session.finish()
-        except sqlite3.Error:
+        except (sqlite3.Error, SyncError):
             session.rollback()
             raise
         self.collection.drop_schema18()
@@ -2172,6 +2240,7 @@ class CollectionSync:
         try:
             req.payload.save_as(temp)
             prepare_collection_file(temp, schema18 if keep18 else None)
+            self.check_quota(os.path.getsize(temp))
             with self.locked():
                 self.abort_session()
                 self.points.keep(self.collection.path, "upload",
@@ -2654,10 +2723,11 @@ def unique_name(name, taken):
 class MediaSync:
     """One user's media methods, by their wire names (docs/protocol.md 6)."""
 
-    def __init__(self, store, spool_folder, max_decompressed):
+    def __init__(self, store, spool_folder, max_decompressed, quota=0):
         self.store = store
         self.spool_folder = spool_folder
         self.max_decompressed = max_decompressed
+        self.quota = quota                  # bytes of media files a user may have; 0: any
 
     def handle(self, req):
         if req.method not in MEDIA_METHODS:
@@ -2737,7 +2807,7 @@ class MediaSync:
     def uploadChanges(self, req):
         changes, incoming = self._unpack_upload(req.payload)
         try:
-            usn = self.store.apply(changes)
+            usn = self.store.apply(changes, self.quota)
         except BaseException:
             for path in incoming:       # files written in place too: as they were before
                 if os.path.exists(path):
@@ -2874,6 +2944,7 @@ class MediaStore:
         self.db_path = os.path.join(folder, "media.db")
         self.lock = threading.Lock()        # held by the media method in progress
         self.folder_lock = FolderLock(os.path.join(folder, MEDIA_LOCK))
+        self.refusal = ""                   # a quota refusal the next `meta` tells
         self.db = None                      # its connection, kept open between requests
 
     def connect(self):
@@ -2990,7 +3061,7 @@ class MediaStore:
                        "total_nonempty_files=max(0, total_nonempty_files-1)", (size,))
             db.execute("delete from media where fname=?", (name,))
 
-    def apply(self, changes):
+    def apply(self, changes, quota=0):
         """An upload's [(name, file or None to delete, sha1, size, in place)]: one usn per
         real change, all or nothing; returns the new last usn. A file not in place moves
         after the commit, so a failed move (a full disk) leaves the old one as it was; what
@@ -3026,6 +3097,10 @@ class MediaStore:
                            (name, sha1, size, usn, now))
                 if not in_place:
                     moves.append((temp, self.path_of(name), stored))
+            if quota and total_bytes > quota:       # the whole batch, or none of it
+                self.refusal = QUOTA_REFUSAL % ("media files", total_bytes / MIB,
+                                                quota // MIB)
+                raise SyncError(413, self.refusal)
             db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
                        (usn, total_bytes, total_files))
         trash = os.path.join(os.path.dirname(self.folder), MEDIA_TRASH_FOLDER,
@@ -3631,6 +3706,7 @@ class SyncApp:
         self.spool_folder = os.path.join(config.data, ".tmp")
         os.makedirs(self.spool_folder, exist_ok=True)
         self.envelopes = Envelopes(self.accounts, self.zstd, self.spool_folder, config)
+        self.metrics = Metrics()
         self._clean_leftovers()
         private_modes(config.data)
         self._collections = {}
@@ -3679,13 +3755,130 @@ class SyncApp:
         if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
             return self.accounts.hostKey(req)
         if req.area == "sync":
-            return self.collection_for(req.user).handle(req)
+            syncer = self.collection_for(req.user)
+            reply = syncer.handle(req)
+            if req.method in SYNC_EVENTS:
+                self.record(req, SYNC_EVENTS[req.method], syncer.client_of(req))
+            return reply
         return MediaSync(self.media_for(req.user), self.spool_folder,
-                         self.config.max_decompressed).handle(req)
+                         self.config.max_decompressed,
+                         self.config.quota_media_mb * MIB).handle(req)
+
+    def active_sessions(self):
+        with self._registry_lock:
+            return sum(1 for syncer in self._collections.values() if syncer.session is not None)
+
+    def record(self, req, kind, client):
+        """A finished sync, for `status`: its loss (a full disk, a lock) costs nothing."""
+        self.metrics.synced(kind)
+        try:
+            self.users.saw(req.user, req.hkey, client, req.address, kind)
+        except sqlite3.Error as e:
+            log.debug("not recorded: %s of %s (%s)", kind, req.user, e)
 
     def client_address(self, headers, peer):
         """The TCP peer, or behind a proxy the address in the header the admin named."""
         return forwarded_address(headers, self.ip_header) or peer
+
+
+def is_loopback(address):
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class Metrics:
+    """What /metrics reports, counted as requests are answered; the rest is read when
+    it is asked for."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = {}              # (method, status) -> count
+        self.durations = {}             # method -> [count per bucket..., sum, count]
+        self.syncs = {}                 # kind -> count
+        self.received = self.sent = 0
+
+    def request(self, what, status, received, sent, seconds):
+        with self.lock:
+            key = (what, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            row = self.durations.setdefault(what, [0] * len(METRICS_BUCKETS) + [0.0, 0])
+            for i, bound in enumerate(METRICS_BUCKETS):
+                if seconds <= bound:
+                    row[i] += 1
+            row[-2] += seconds
+            row[-1] += 1
+            self.received += received
+            self.sent += sent
+
+    def synced(self, kind):
+        with self.lock:
+            self.syncs[kind] = self.syncs.get(kind, 0) + 1
+
+    def render(self, app):
+        lines = []
+
+        def metric(name, kind, text, samples):
+            lines.extend(["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)])
+            for labels, value in samples:
+                shown = ",".join('%s="%s"' % (k, label_value(v)) for k, v in labels)
+                lines.append("%s%s %s" % (name, "{%s}" % shown if shown else "", value))
+
+        with self.lock:
+            requests = sorted(self.requests.items())
+            durations = sorted((k, list(v)) for k, v in self.durations.items())
+            syncs = sorted(self.syncs.items())
+            received, sent = self.received, self.sent
+        metric("ankisync_requests_total", "counter", "Requests answered, by method and status.",
+               [((("method", m), ("status", str(st))), n) for (m, st), n in requests])
+        buckets = []
+        for method, row in durations:
+            for bound, count in zip(METRICS_BUCKETS, row):
+                buckets.append(((("method", method), ("le", repr(bound))), count))
+            buckets.append(((("method", method), ("le", "+Inf")), row[-1]))
+        lines.extend(["# HELP ankisync_request_duration_seconds Time to answer a request.",
+                      "# TYPE ankisync_request_duration_seconds histogram"])
+        for labels, value in buckets:
+            lines.append('ankisync_request_duration_seconds_bucket{method="%s",le="%s"} %d'
+                         % (label_value(labels[0][1]), labels[1][1], value))
+        for method, row in durations:
+            lines.append('ankisync_request_duration_seconds_sum{method="%s"} %r'
+                         % (label_value(method), row[-2]))
+            lines.append('ankisync_request_duration_seconds_count{method="%s"} %d'
+                         % (label_value(method), row[-1]))
+        metric("ankisync_syncs_total", "counter", "Syncs finished, by kind.",
+               [((("kind", kind),), n) for kind, n in syncs])
+        metric("ankisync_received_bytes_total", "counter", "Request body bytes received.",
+               [((), received)])
+        metric("ankisync_sent_bytes_total", "counter", "Answer bytes sent.", [((), sent)])
+        metric("ankisync_failed_logins_total", "counter", "Logins refused: a wrong password "
+               "or user name.", [((), sum(n for (m, st), n in requests
+                                          if m == "sync/hostKey" and st == 403))])
+        metric("ankisync_throttled_total", "counter", "Requests refused with 429 (password "
+               "guessing).", [((), sum(n for (m, st), n in requests if st == 429))])
+        metric("ankisync_active_sessions", "gauge", "Normal syncs in progress.",
+               [((), app.active_sessions())])
+        users = app.users.names()
+        metric("ankisync_users", "gauge", "Users.", [((), len(users))])
+        sizes = []
+        for name in users:
+            folder = os.path.join(app.config.data, folder_name(name))
+            collection = os.path.join(folder, "collection.anki2")
+            sizes.append((name, os.path.getsize(collection) if os.path.exists(collection)
+                          else 0, media_totals(os.path.join(folder, "media.db"))[1]))
+        metric("ankisync_collection_bytes", "gauge", "Size of each user's collection.",
+               [((("user", name),), size) for name, size, _ in sizes])
+        metric("ankisync_media_bytes", "gauge", "Bytes of each user's media files.",
+               [((("user", name),), media) for name, _, media in sizes])
+        metric("ankisync_disk_free_bytes", "gauge", "Free space where the data folder is.",
+               [((), free_space(app.config.data))])
+        return "\n".join(lines) + "\n"
+
+
+def label_value(value):
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def forwarded_address(headers, name):
@@ -3722,6 +3915,8 @@ def route(path, base_path):
         return "page", "index"
     if segments == ["health"]:
         return "page", "health"
+    if segments == ["metrics"]:
+        return "page", "metrics"
     method = segments[-1]
     for glued in ("msync", "sync"):
         if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
@@ -3970,11 +4165,14 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             if req is not None:
                 req.close()
+            elapsed = time.monotonic() - started
+            received = body.received if body else 0
             log.info("%s %s %s %d in=%d out=%d %dms",
                      req.address if req else app.client_address(self.headers,
                                                                 self.client_address[0]),
                      (req.user if req and req.user else "-"), what, status,
-                     body.received if body else 0, sent, (time.monotonic() - started) * 1000)
+                     received, sent, elapsed * 1000)
+            app.metrics.request(what, status, received, sent, elapsed)
 
     def finish_body(self, body):
         """Keep the connection only if the rest of the body is small enough to skip."""
@@ -3994,14 +4192,36 @@ class Handler(BaseHTTPRequestHandler):
     def send_page(self, name):
         if name == "health":
             return self.send_text(200, "ok")
+        if name == "metrics":
+            return self.send_metrics()
         scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
         page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
+        return self.send_body("text/html; charset=utf-8", page)
+
+    def send_body(self, content_type, data):
         self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(page)))
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(page)
-        return len(page)
+        self.wfile.write(data)
+        return len(data)
+
+    def send_metrics(self):
+        """/metrics, when the ini turns it on: to this machine, or to whoever shows the
+        token (behind a proxy, the forwarded address counts)."""
+        app = self.server.app
+        if app.config.metrics != "on":
+            return self.send_text(404, "metrics are off: set metrics = on in the ini")
+        token = app.config.metrics_token
+        shown = self.headers.get("Authorization", "")
+        address = app.client_address(self.headers, self.client_address[0])
+        allowed = (token and hmac.compare_digest(shown, "Bearer " + token)) or \
+            is_loopback(address)
+        if not allowed:
+            return self.send_text(403, "metrics are for this machine, or with the token the "
+                                       "ini sets (Authorization: Bearer TOKEN)")
+        return self.send_body("text/plain; version=0.0.4; charset=utf-8",
+                              app.metrics.render(app).encode("utf-8"))
 
     def send_text(self, status, text, retry_after=None, location=None):
         data = (text + "\n").encode("utf-8")
@@ -4695,6 +4915,69 @@ def command_deluser(config, args):
               % (name, folder))
 
 
+def command_status(config, args):
+    users = UserStore(config.data)
+    names = [users.canonical(args.name)] if args.name else users.names()
+    print("ankisync %s, data folder %s, %s free" % (__version__, config.data,
+                                                   human_size(free_space(config.data))))
+    month = time.time() - STATUS_DEVICE_DAYS * 86400
+    rows = [("user", "collection", "notes", "cards", "media", "last sync", "devices",
+             "restore points")]
+    for name in names:
+        folder = os.path.join(config.data, folder_name(name))      # read only: nothing made
+        notes, cards, size = collection_counts(os.path.join(folder, "collection.anki2"))
+        files, media_bytes = media_totals(os.path.join(folder, "media.db"))
+        seen = users.devices(name)
+        last = ("%s %s from %s" % (time.strftime("%Y-%m-%d %H:%M", time.localtime(seen[0][3])),
+                                   seen[0][0], seen[0][1]) if seen else "never")
+        rows.append((name, human_size(size), str(notes), str(cards),
+                     "%d files, %s" % (files, human_size(media_bytes)), last,
+                     str(sum(1 for device in seen if device[3] >= month)),
+                     str(len(RestorePoints(folder, config).list()))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if args.name:
+        print()
+        for client, address, first, last_seen, kind in users.devices(names[0]):
+            print("device %s from %s: first %s, last %s (%s)" % (
+                client, address, time.strftime("%Y-%m-%d", time.localtime(first)),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)), kind))
+        folder = os.path.join(config.data, folder_name(names[0]))
+        for point in RestorePoints(folder, config).list():
+            print("restore point " + describe_point(point).rstrip())
+
+
+def collection_counts(path):
+    """(notes, cards, bytes) of a collection file, read only; zeros when there is none."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return 0, 0, 0
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)),
+                         uri=True, timeout=LOCK_WAIT)
+    try:
+        return (db.execute("select count() from notes").fetchone()[0],
+                db.execute("select count() from cards").fetchone()[0], os.path.getsize(path))
+    except sqlite3.Error:
+        return 0, 0, os.path.getsize(path)
+    finally:
+        db.close()
+
+
+def media_totals(path):
+    """(files, bytes) from a user's media.db, read only; zeros when there is none."""
+    if not os.path.exists(path):
+        return 0, 0
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)),
+                         uri=True, timeout=LOCK_WAIT)
+    try:
+        files, size = db.execute("select total_nonempty_files, total_bytes from meta").fetchone()
+        return files, size
+    except (sqlite3.Error, TypeError):
+        return 0, 0
+    finally:
+        db.close()
+
+
 def command_lsuser(config, args):
     for name in UserStore(config.data).names():
         print(name)
@@ -4712,7 +4995,10 @@ def describe_point(point):
 
 
 def human_size(size):
-    return "%.1f MiB" % (size / MIB) if size >= MIB else "%d KiB" % max(1, size // 1024)
+    for unit, scale in (("GiB", 1024 * MIB), ("MiB", MIB), ("KiB", 1024)):
+        if size >= scale:
+            return "%.1f %s" % (size / scale, unit)
+    return "%d B" % size
 
 
 def command_backups(config, args):
@@ -4963,6 +5249,12 @@ COMMANDS = (
             [USER_NAME, (("--delete-data",), {"action": "store_true",
                                                "help": "also delete the collection and media"})]),
     Command("lsuser", command_lsuser, "list the users", "List the users, one per line."),
+    Command("status", command_status, "users, their collections, media, devices and backups",
+            "One row per user: collection size, notes, cards, media, the last sync (when, "
+            "which client, from where), devices seen in the last 30 days and restore points; "
+            "with a name, that user's devices and restore points too. Works with or without "
+            "a running server.",
+            [(("name",), {"nargs": "?", "help": "one user, in more detail"})]),
     Command("health", command_health, "check that the server answers (for health checks)",
             "Ask the running server's /health at the address and scheme the settings give; "
             "exits with 0 when it answers. Docker's HEALTHCHECK uses it."),

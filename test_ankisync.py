@@ -5198,3 +5198,116 @@ def test_a_moved_server_sends_modern_clients_on_and_tells_old_ones(start_server,
     meta = legacy(old, "meta", {"k": key, "s": "abc", "c": "1"},
                   json.dumps({"v": 10, "cv": "anki,2.1.54"}).encode()).json()
     assert not meta["cont"] and new.url in meta["msg"]
+
+
+# --- for the person running it: status and metrics ---------------------------------------
+
+
+@pytest.mark.legacy
+def test_status_tells_each_users_collection_media_last_sync_devices_and_backups(server,
+                                                                              make_device):
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="s", count=7)
+    laptop.do("write_media", files=[["p.jpg", 3000, 1]])
+    first_upload(laptop)
+    laptop.sync_media()
+    phone = make_device("legacy", "phone")                     # anki 2.1.54
+    join_by_download(phone)
+    rows = [re.split(r"\s{2,}", line) for line in admin(server, "status").stdout.splitlines()]
+    assert rows[0][0].startswith("ankisync %s, data folder" % ankisync.__version__)
+    row = dict(zip(rows[1], next(r for r in rows[2:] if r[0] == USER)))
+    assert (row["notes"], row["cards"]) == ("7", "7")
+    assert row["media"].startswith("1 files")
+    assert "2.1.54" in row["last sync"] and "from 127.0.0.1" in row["last sync"]
+    assert row["devices"] == "2"
+    detail = admin(server, "status", USER).stdout
+    assert detail.count("\ndevice ") == 2
+    assert "(full upload)" in detail and "(full download)" in detail
+
+
+def parse_metrics(text):
+    """The Prometheus text format, checked as a scraper reads it: every sample under its
+    declared # TYPE, names and labels well formed. Returns {(name, labels): value}."""
+    types, samples = {}, {}
+    sample = re.compile(r'^([a-z_]+)(?:\{((?:[a-z_]+="(?:[^"\\]|\\.)*",?)*)\})? (\S+)$')
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge", "histogram"), line
+            types[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        match = sample.match(line)
+        assert match, line
+        name, labels, value = match.groups()
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in types or (family in types and types[family] == "histogram"), line
+        assert name.startswith("ankisync_")
+        samples[(name, labels or "")] = float(value)
+    return samples
+
+
+def test_metrics_count_requests_and_syncs_for_this_machine_or_the_token(start_server,
+                                                                        make_device):
+    assert post(start_server(), "/metrics", method="GET").status == 404       # off by default
+    srv = start_server(ini="metrics = on\nmetrics_token = s3cret\nip_header = X-Forwarded-For\n")
+    laptop = make_device("modern", "laptop", on=srv)
+    laptop.do("add_notes", deck="Default", prefix="m", count=3)
+    first_upload(laptop)
+    before = parse_metrics(post(srv, "/metrics", method="GET").body.decode())
+    assert before[("ankisync_syncs_total", 'kind="full upload"')] == 1
+    assert before[("ankisync_users", "")] == 1
+    assert before[("ankisync_collection_bytes", 'user="%s"' % USER)] > 0
+    assert modern(srv, "hostKey", {"u": USER, "p": "wrong"}).status == 403
+    laptop.do("add_notes", deck="Default", prefix="n", count=1)
+    assert laptop.sync() == "normal_sync"
+    after = parse_metrics(post(srv, "/metrics", method="GET").body.decode())
+    assert after[("ankisync_failed_logins_total", "")] == before[
+        ("ankisync_failed_logins_total", "")] + 1
+    assert after[("ankisync_syncs_total", 'kind="normal sync"')] == 1
+    assert after[("ankisync_requests_total", 'method="sync/meta",status="200"')] > before[
+        ("ankisync_requests_total", 'method="sync/meta",status="200"')]
+    assert after[("ankisync_request_duration_seconds_count", 'method="sync/meta"')] >= 2
+    assert after[("ankisync_received_bytes_total", "")] > before[
+        ("ankisync_received_bytes_total", "")]
+    # Another machine (as the proxy header tells) needs the token.
+    elsewhere = {"X-Forwarded-For": "203.0.113.9"}
+    assert post(srv, "/metrics", method="GET", headers=elsewhere).status == 403
+    assert post(srv, "/metrics", method="GET",
+                headers=dict(elsewhere, Authorization="Bearer wrong")).status == 403
+    assert post(srv, "/metrics", method="GET",
+                headers=dict(elsewhere, Authorization="Bearer s3cret")).status == 200
+    assert b"metrics" not in post(srv, "/", method="GET").body      # the page tells nothing
+
+
+def stored_notes(server):
+    with contextlib.closing(sqlite3.connect(os.path.join(server.base, USER,
+                                                         "collection.anki2"))) as db:
+        return db.execute("select count() from notes").fetchone()[0]
+
+
+def test_a_quota_refuses_a_sync_whole_with_a_message_the_device_shows(start_server,
+                                                                       make_device):
+    srv = start_server(ini="quota_collection_mb = 1\nquota_media_mb = 1\n")
+    laptop = make_device("modern", "laptop", on=srv)
+    laptop.do("add_notes", deck="Default", prefix="klein", count=3)
+    first_upload(laptop)                                    # small enough
+    rng = random.Random(3)
+    laptop.do("add_notes_with_fronts", deck="Default", fronts=[
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(3000))
+        for _ in range(600)])                               # about 2 MiB more
+    with pytest.raises(Exception):
+        laptop.sync()                                       # refused: only "413" shows ...
+    with pytest.raises(Exception) as told:
+        laptop.sync()                                       # ... so the next meta says why
+    assert "Your collection would take" in str(told.value)
+    assert "1 MiB it allows each user" in str(told.value)
+    assert stored_notes(srv) == 3                           # nothing of it half-applied
+    laptop.do("write_media", files=[["gross.jpg", 1500 * 1024, 4], ["klein.jpg", 500, 5]])
+    with pytest.raises(Exception):
+        laptop.sync_media()
+    assert not os.listdir(os.path.join(srv.base, USER, "media"))
+    with pytest.raises(Exception) as told:
+        laptop.sync()
+    assert "media files would take 1.5 MiB" in str(told.value)
