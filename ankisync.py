@@ -1002,6 +1002,13 @@ class LoginGuard:
         with self.lock:
             self.by_address.pop(address, None)
 
+    def throttled(self):
+        """How many addresses wait out a lockout now (for /metrics)."""
+        now = time.monotonic()
+        with self.lock:
+            return sum(1 for address in list(self.by_address)
+                       if self._locked_until(address, now) > now)
+
     def _locked_until(self, address, now):
         """When `address` may have its next password checked."""
         times = _recent(self.by_address, address, now)
@@ -3857,6 +3864,8 @@ class Metrics:
                                           if m == "sync/hostKey" and st == 403))])
         metric("ankisync_throttled_total", "counter", "Requests refused with 429 (password "
                "guessing).", [((), sum(n for (m, st), n in requests if st == 429))])
+        metric("ankisync_throttled_addresses", "gauge", "Addresses locked out after failed "
+               "logins.", [((), app.accounts.guard.throttled())])
         metric("ankisync_active_sessions", "gauge", "Normal syncs in progress.",
                [((), app.active_sessions())])
         users = app.users.names()

@@ -5266,6 +5266,13 @@ def test_metrics_count_requests_and_syncs_for_this_machine_or_the_token(start_se
     assert after[("ankisync_failed_logins_total", "")] == before[
         ("ankisync_failed_logins_total", "")] + 1
     assert after[("ankisync_syncs_total", 'kind="normal sync"')] == 1
+    assert after[("ankisync_throttled_addresses", "")] == 0     # one failure locks nobody out
+    guess = ZSTD.compress(json.dumps({"u": USER, "p": "guess"}).encode())
+    for _ in range(ankisync.LOGIN_FAILURES_ALLOWED + 1):
+        post(srv, "/sync/hostKey", guess, dict(anki_sync_header(""),
+                                                **{"X-Forwarded-For": "198.51.100.7"}))
+    locked = parse_metrics(post(srv, "/metrics", method="GET").body.decode())
+    assert locked[("ankisync_throttled_addresses", "")] == 1
     assert after[("ankisync_requests_total", 'method="sync/meta",status="200"')] > before[
         ("ankisync_requests_total", 'method="sync/meta",status="200"')]
     assert after[("ankisync_request_duration_seconds_count", 'method="sync/meta"')] >= 2
