@@ -37,10 +37,11 @@ Python decoder below, in that order.
 The file reads top to bottom from the protocol's words to its machinery: limits,
 errors, protocol words (versions, wire names, request and reply), configuration,
 users, envelopes, the collection store, collection sync (one method per wire name,
-``meta`` first), media sync, HTTP, the command line; then three appendices: A. zstd,
-B. the schema 18 to 11 conversion, C. a new collection; ``main()`` last. A request
-enters at ``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by
-``Accounts`` and answered by ``CollectionSync`` or ``MediaSync``.
+``meta`` first), media sync, restore points, HTTP, the command line; then three
+appendices: A. zstd, B. the schema 18 to 11 conversion, C. a new collection;
+``main()`` last. A request enters at ``Handler.serve`` (HTTP), is unwrapped by
+``Envelopes``, authenticated by ``Accounts`` and answered by ``CollectionSync`` or
+``MediaSync``.
 ``docs/protocol.md`` describes the protocol as ankisync speaks it; comments cite it by
 section.
 
