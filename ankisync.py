@@ -796,9 +796,14 @@ class UserStore:
             return [row[0] for row in db.execute("select name from users order by name")]
 
     def saw(self, name, hkey, client, address, kind):
-        """A device of `name` synced (for `status`): its client, key and address, when."""
+        """A device of `name` synced (for `status`): its client, key and address, when.
+        Its own connection skips the fsync per commit: a power cut may lose a record."""
         now = int(time.time())
-        with self.connect() as db:
+        db = getattr(self.local, "devices_db", None)
+        if db is None:
+            db = self.local.devices_db = sqlite3.connect(self.path, timeout=30)
+            db.execute("pragma synchronous=normal")
+        with db:
             updated = db.execute(
                 "update devices set address=?, last_seen=?, last_kind=? where name=? and "
                 "client=? and hkey=?", (address, now, kind, name, client, key_digest(hkey)))
@@ -2251,8 +2256,9 @@ class CollectionSync:
             self.check_quota(os.path.getsize(temp))
             with self.locked():
                 self.abort_session()
-                self.points.keep(self.collection.path, "upload",
-                                 "before a full upload from %s" % req.address)
+                self.collection.close()
+                self.points.keep_replaced(self.collection.path, "upload",
+                                          "before a full upload from %s" % req.address)
                 self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
         except CorruptCollection as e:
             # A status, not the official 200 with a sentence: proxies, logs and scripts see
@@ -3219,7 +3225,9 @@ class RestorePoints:
         return sorted(points, key=lambda p: (p["time"], p["id"]), reverse=True)
 
     def file_of(self, point_id):
-        return os.path.join(self.folder, point_id + ".anki2.gz")
+        """The point's file: gzipped, or the very file that was replaced (a hard link)."""
+        plain = os.path.join(self.folder, point_id + ".anki2")
+        return plain if os.path.exists(plain) else plain + ".gz"
 
     def find(self, point_id):
         for point in self.list():
@@ -3245,11 +3253,7 @@ class RestorePoints:
             return None
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         now = time.time()
-        base = point_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-        number = 2
-        while os.path.exists(self.file_of(point_id)):
-            point_id = "%s-%d" % (base, number)
-            number += 1
+        point_id = self.new_id(now)
         fd, snapshot = tempfile.mkstemp(prefix=TEMP_BACKUP, dir=self.folder)
         os.close(fd)
         packed = snapshot + ".gz"
@@ -3280,8 +3284,40 @@ class RestorePoints:
 
     def unpack(self, point_id, target):
         """The point's collection, written to `target`."""
-        with gzip.open(self.file_of(point_id), "rb") as src, open(target, "wb") as out:
+        path = self.file_of(point_id)
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as src, open(target, "wb") as out:
             copy_stream(src.read, out.write)
+
+    def keep_replaced(self, collection_path, why, note=""):
+        """A point of a collection about to be replaced, and never written again: a hard
+        link to the file, made in an instant (a full upload must not wait for a copy);
+        where links cannot be made, a copy as keep() makes."""
+        notes, cards, size = collection_counts(collection_path)
+        if not (notes or cards):
+            return None
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        now = time.time()
+        point_id = self.new_id(now)
+        target = os.path.join(self.folder, point_id + ".anki2")
+        try:
+            os.link(collection_path, target)
+        except OSError:
+            return self.keep(collection_path, why, note)
+        point = {"id": point_id, "time": int(now), "why": why, "note": note, "notes": notes,
+                 "cards": cards, "size": size}
+        write_atomically(os.path.join(self.folder, point_id + ".json"),
+                         json.dumps(point, indent=1).encode("utf-8"), TEMP_BACKUP)
+        self.prune()
+        return point
+
+    def new_id(self, now):
+        base = point_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        number = 2
+        while os.path.exists(self.file_of(point_id)):
+            point_id = "%s-%d" % (base, number)
+            number += 1
+        return point_id
 
     def retained(self, points):
         """The points retention keeps, newest first: the last `backup_uploads` replacements
