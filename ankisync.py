@@ -202,6 +202,7 @@ CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real on
 TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)  # seconds
 STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this many days
+LAN_ADDRESSES_FRESH = 60            # seconds the LAN addresses shown are trusted (DHCP moves)
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
@@ -3208,6 +3209,7 @@ class RestorePoints:
         self.folder = os.path.join(user_folder, BACKUP_FOLDER)
         self.trash = os.path.join(user_folder, MEDIA_TRASH_FOLDER)
         self.config = config
+        self.daily_on = None            # the day known to have its daily point
 
     def list(self):
         """Every point, newest first, as dicts."""
@@ -3237,9 +3239,15 @@ class RestorePoints:
                          % (os.path.basename(self.user_folder), point_id))
 
     def daily_due(self):
+        """True when today has no daily point yet; asked at every sync's finish, so the
+        folder is read once a day, not once a sync."""
         today = time.strftime("%Y-%m-%d")
-        return not any(p["why"] == "daily" and time.strftime("%Y-%m-%d", time.localtime(
-            p["time"])) == today for p in self.list())
+        if self.daily_on == today:
+            return False
+        if any(p["why"] == "daily" and time.strftime("%Y-%m-%d", time.localtime(p["time"]))
+               == today for p in self.list()):
+            self.daily_on = today
+        return self.daily_on != today
 
     def keep(self, collection_path, why, note=""):
         """A point of the collection as it is now; None when it is empty, or when the disk
@@ -3278,6 +3286,8 @@ class RestorePoints:
                 if os.path.exists(path):
                     os.unlink(path)
         self.prune()
+        if why == "daily":
+            self.daily_on = time.strftime("%Y-%m-%d", time.localtime(now))
         log.info("%s: restore point %s (%s): %d notes, %d cards", self.user_folder,
                  point_id, why, notes, cards)
         return point
@@ -3492,29 +3502,21 @@ def bring_back_media(store, trash, since):
             continue
         for name in os.listdir(batch):
             wanted.setdefault(name, os.path.join(batch, name))     # the oldest copy after
-    db, returned = store.connect(), []
-    for name, path in sorted(wanted.items()):
-        if store.size_of(name):
-            continue
-        digest = hashlib.sha1()
-        with open(path, "rb") as f:
-            copy_stream(f.read, digest.update)
-        # The file first, its entry second: a kill between leaves a file no entry names.
-        shutil.copyfile(path, store.path_of(name))
-        returned.append((name, digest.digest(), os.path.getsize(path)))
-    if returned:
-        with transaction(db):
-            usn, total_bytes, total_files = db.execute(
-                "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
-            for name, sha1, size in returned:
-                usn += 1
-                db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
-                           (name, sha1, size, usn, int(time.time())))
-                total_bytes += size
-                total_files += 1
-            db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
-                       (usn, total_bytes, total_files))
-    return [name for name, _, _ in returned]
+    stored = store.entries(wanted)
+    returned = sorted(name for name in wanted if not stored.get(name, (None, 0))[1])
+    copies = []
+    try:
+        for name in returned:       # copies, so the trash keeps its own for the next restore
+            fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=store.folder)
+            os.close(fd)
+            copies.append((name, copy))
+            shutil.copyfile(wanted[name], copy)
+        add_media_files(store, copies)
+    finally:
+        for _, copy in copies:
+            if os.path.exists(copy):
+                os.unlink(copy)
+    return returned
 
 
 # --- a user's collection in and out: .colpkg, and ankisyncd's data folder --------------
@@ -5197,14 +5199,21 @@ def unbindable(config, error):
     return "cannot listen on %s: %s" % (where, error.strerror or error)
 
 
+LAN_ADDRESSES = {}                  # listening on IPv6 too -> (expiry, addresses)
+
+
 def addresses_to_show(host):
     """(address, what it is for) to put in the log and on the front page."""
     if host not in ("0.0.0.0", "::", ""):
         return [(host, "")]
     shown = [("127.0.0.1", "(this machine only)")]
-    shown += [(address, "(from phones and other computers)")
-              for address in lan_addresses(ipv6=host == "::")]
-    return shown
+    ipv6 = host == "::"
+    # The front page asks at every visit; the host name's lookup may wait on a slow DNS.
+    expiry, found = LAN_ADDRESSES.get(ipv6, (0, []))
+    if expiry < time.monotonic():
+        found = lan_addresses(ipv6)
+        LAN_ADDRESSES[ipv6] = (time.monotonic() + LAN_ADDRESSES_FRESH, found)
+    return shown + [(address, "(from phones and other computers)") for address in found]
 
 
 def lan_addresses(ipv6=False):

@@ -3509,10 +3509,13 @@ def test_serve_offers_to_create_the_first_user_on_a_terminal(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     os.close(child_end)
     try:
-        # Each answer once its question is out: getpass flushes what was typed ahead.
-        for prompt, answer in ((b"Name of the first user", b"alice\n"),
-                               (b"Password for alice: ", b"s3cret\n"), (b"Again: ", b"s3cret\n")):
-            read_until(proc.stdout.fileno(), prompt)
+        # Each answer once its question is out: getpass flushes what was typed ahead. A
+        # bad name is refused with the reason, and the question asked again.
+        for prompt, answer, before in (
+                (b"Name of the first user", b"bad/name\n", b""),
+                (b"Name of the first user", b"alice\n", b"ankisync: "),
+                (b"Password for alice: ", b"s3cret\n", b""), (b"Again: ", b"s3cret\n", b"")):
+            assert before in read_until(proc.stdout.fileno(), prompt)
             os.write(main_end, answer)
 
         def added():
@@ -4961,47 +4964,32 @@ def test_a_package_from_a_modern_anki_becomes_the_collection(server, make_device
 # --- the first ten minutes: what a newcomer meets -----------------------------------------
 
 
-def serve_until(tmp_path, ini, marker, env=None):
-    """Run `serve` with `ini` until a log line contains `marker` or it exits; its output."""
-    config = tmp_path / ("serve-%d.ini" % random.randrange(10**6))
+def test_the_log_and_the_front_page_give_the_address_a_phone_needs(start_server):
+    srv = start_server(env={"SYNC_HOST": "0.0.0.0"})            # every network, as by default
+    text, port = srv.log(), srv.port
+    assert "listening on http://127.0.0.1:%d/  (this machine only)" % port in text
+    lan = ankisync.lan_addresses()
+    for address in lan:
+        assert ("listening on http://%s:%d/  (from phones and other computers)"
+                % (address, port)) in text
+    page = post(srv, "/", method="GET", headers={"Host": "127.0.0.1:%d" % port}).body.decode()
+    assert '<meta name="viewport" content="width=device-width' in page
+    shown = re.findall(r'data-url="([^"]+)"', page)
+    assert shown[0] == "http://127.0.0.1:%d/" % port and len(shown) == len(set(shown))
+    assert ["http://%s:%d/" % (a, port) for a in lan] == shown[1:]
+    # Opened on the server itself, the clients' rows name an address phones can reach.
+    row = "Self-hosted sync server: <code>%s</code>" % (shown[1] if lan else shown[0])
+    assert row in page
+
+
+def refused_serve(tmp_path, ini):
+    """`serve` with `ini`, which is to refuse to start: what it said, all of it."""
+    config = tmp_path / ("refused-%d.ini" % random.randrange(10**6))
     config.write_text(ini)
-    proc = subprocess.Popen(ankisync_command("serve", "--config", str(config)),
-                            stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, **(env or {})), start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if marker in line:
-                break
-        return "".join(lines), proc
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-
-
-def test_the_log_and_the_front_page_give_the_address_a_phone_needs(tmp_path):
-    port = free_port()
-    text, proc = serve_until(tmp_path, "[server]\nport = %d\ndata = data\n" % port,
-                             "open the address", {"SYNC_USER1": "ana:pw"})
-    try:
-        assert "listening on http://127.0.0.1:%d/  (this machine only)" % port in text
-        lan = ankisync.lan_addresses()
-        for address in lan:
-            assert ("listening on http://%s:%d/  (from phones and other computers)"
-                    % (address, port)) in text
-        page = urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=10).read().decode()
-        assert '<meta name="viewport" content="width=device-width' in page
-        shown = re.findall(r'data-url="([^"]+)"', page)
-        assert shown[0] == "http://127.0.0.1:%d/" % port and len(shown) == len(set(shown))
-        assert ["http://%s:%d/" % (a, port) for a in lan] == shown[1:]
-        # Opened on the server itself, the clients' rows name an address phones can reach.
-        row = "Self-hosted sync server: <code>%s</code>" % (shown[1] if lan else shown[0])
-        assert row in page
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    done = run_ankisync("serve", "--config", str(config),
+                        env=dict(os.environ, SYNC_USER1="ana:pw"))
+    assert done.returncode != 0, done.stdout
+    return done.stdout + done.stderr
 
 
 def test_each_client_gets_its_own_menu_path_on_the_front_page(server):
@@ -5033,61 +5021,20 @@ def test_startup_errors_say_in_one_line_what_to_do(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        text, proc = serve_until(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\n"
-                                 "data = busy\n" % port, "\n", {"SYNC_USER1": "ana:pw"})
-        proc.wait(30)
-        assert proc.returncode != 0 and "port %d is already in use" % port in text, text
+        text = refused_serve(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\ndata = busy\n"
+                             % port)
+        assert "port %d is already in use" % port in text, text
         assert "Traceback" not in text and not (tmp_path / "busy").exists()
-    text, proc = serve_until(tmp_path, "[server]\nhost = 192.0.2.55\nport = %d\n" % free_port(),
-                             "\n", {"SYNC_USER1": "ana:pw"})
-    proc.wait(30)
-    assert proc.returncode != 0 and "is not an address of this machine" in text, text
+    text = refused_serve(tmp_path, "[server]\nhost = 192.0.2.55\nport = %d\n" % free_port())
+    assert "is not an address of this machine" in text, text
     (tmp_path / "afile").write_text("x")
-    text, proc = serve_until(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\ndata = afile\n"
-                             % free_port(), "\n", {"SYNC_USER1": "ana:pw"})
-    proc.wait(30)
-    assert proc.returncode != 0 and "is a file: set `data`" in text, text
+    text = refused_serve(tmp_path, "[server]\nhost = 127.0.0.1\nport = %d\ndata = afile\n"
+                         % free_port())
+    assert "is a file: set `data`" in text, text
     config = ankisync.Config()
     config.port = 80
     refused = ankisync.unbindable(config, PermissionError(errno.EACCES, "Permission denied"))
     assert "port 80 needs more rights" in refused and "above 1023" in refused
-
-
-def test_the_first_user_prompt_asks_again_after_a_bad_name(tmp_path):
-    config = tmp_path / "first.ini"
-    config.write_text("[server]\nhost = 127.0.0.1\nport = %d\ndata = data\n" % free_port())
-    main_end, child_end = pty.openpty()
-    proc = subprocess.Popen(ankisync_command("serve", "--config", str(config)),
-                            stdin=child_end, stdout=child_end, stderr=child_end,
-                            start_new_session=True)
-    os.close(child_end)
-    seen = b""
-
-    def read_until(text, timeout=30):
-        nonlocal seen
-        deadline = time.monotonic() + timeout
-        while text not in seen:
-            assert time.monotonic() < deadline and proc.poll() is None, seen
-            if select.select([main_end], [], [], 0.2)[0]:
-                seen += os.read(main_end, 4096)
-
-    try:
-        read_until(b"Name of the first user")
-        os.write(main_end, b"bad/name\n")
-        read_until(b"ankisync: ")
-        seen = seen.split(b"ankisync: ", 1)[1]
-        read_until(b"Name of the first user")
-        os.write(main_end, b"alice\n")
-        for prompt in (b"Password", b"Again"):
-            read_until(prompt)
-            seen = seen.rsplit(prompt, 1)[1]
-            os.write(main_end, b"s3cret\n")
-        read_until(b"open the address")
-        assert ankisync.UserStore(str(tmp_path / "data")).login("alice", "s3cret")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        os.close(main_end)
 
 
 def test_adduser_says_when_a_name_takes_over_old_data_and_fresh_sets_it_aside(tmp_path):
