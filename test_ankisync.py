@@ -4716,6 +4716,82 @@ def test_create_collection_keeps_folder_clean_on_failure(tmp_path, monkeypatch):
     assert os.listdir(str(tmp_path)) == []
 
 
+# --- Appendix D. Media zips, against zipfile -------------------------------------------
+
+
+def java_style_zip(files):
+    """Deflated entries whose sizes and CRC follow the data (general purpose bit 3), as
+    streaming writers such as AnkiDroid's ZipOutputStream make them."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files:
+            with archive.open(name, "w") as f:      # unseekable in spirit: sizes after
+                f.write(data)
+    return out.getvalue()
+
+
+def test_the_zip_reader_reads_stored_deflated_and_streamed_entries_as_zipfile_does():
+    files = [("0", b"plain " * 1000), ("1", os.urandom(3000)), ("_meta", b"[]"),
+             ("\u00e9t\u00e9.txt", b"summer")]
+    for made in (media_zip(files[:2]), media_zip(files, meta=[]), media_zip(
+            files, compression=zipfile.ZIP_DEFLATED), java_style_zip(files)):
+        reader = ankisync.ZipReader(io.BytesIO(made))
+        with zipfile.ZipFile(io.BytesIO(made)) as archive:
+            assert sorted(reader.entries) == sorted(archive.namelist())
+            for name, entry in reader.entries.items():
+                assert reader.read(entry) == archive.read(name)
+
+
+def lie_about(made, name, field, value):
+    """The zip with one entry's central-directory CRC or size changed."""
+    data = bytearray(made)
+    at = data.find(b"PK\x01\x02")
+    while at >= 0:
+        fields = list(ankisync.ZIP_CENTRAL.unpack_from(data, at))
+        start = at + ankisync.ZIP_CENTRAL.size
+        if bytes(data[start:start + fields[10]]).decode() == name:
+            fields[{"crc": 7, "size": 9}[field]] = value
+            data[at:start] = ankisync.ZIP_CENTRAL.pack(*fields)
+            return bytes(data)
+        at = data.find(b"PK\x01\x02", at + 1)
+    raise AssertionError("no entry %s" % name)
+
+
+def test_the_zip_reader_refuses_what_lies_and_what_media_never_are():
+    content = b"x" * 5000
+    stored = media_zip([("a.png", content)])
+    deflated = media_zip([("a.png", content)], compression=zipfile.ZIP_DEFLATED)
+    for made, why in ((lie_about(stored, "0", "crc", 1), "CRC"),
+                      (lie_about(deflated, "0", "crc", 1), "CRC"),
+                      (lie_about(deflated, "0", "size", 100), "more than its header"),
+                      (lie_about(stored, "0", "size", 6000), "less than its header")):
+        reader = ankisync.ZipReader(io.BytesIO(made))
+        with pytest.raises(ankisync.ZipError, match=why):
+            reader.read(reader.entries["0"])
+    with pytest.raises(ankisync.ZipError, match="zip64"):
+        ankisync.ZipReader(io.BytesIO(lie_about(stored, "0", "size", 0xFFFFFFFF)))
+    for cut in (3000, 40, 0):
+        with pytest.raises(ankisync.ZipError, match="cut short|not a zip"):
+            ankisync.ZipReader(io.BytesIO(stored[:cut]))
+    with pytest.raises(ankisync.ZipError):
+        ankisync.ZipReader(io.BytesIO(b"PK\x05\x06" + b"\xff" * 18))
+
+
+def test_the_zip_writer_makes_zips_zipfile_reads_and_checks():
+    out = io.BytesIO()
+    writer = ankisync.ZipWriter(out)
+    writer.add("0", b"small")
+    writer.add_file("1", io.BytesIO(os.urandom(3 * 65536 + 7)))
+    writer.add("_meta", b'{"0":"a.png","1":"b.mp3"}')
+    writer.close()
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert archive.testzip() is None                 # every CRC right
+        assert archive.namelist() == ["0", "1", "_meta"]
+        assert archive.read("0") == b"small" and archive.getinfo("1").file_size == 3 * 65536 + 7
+    reader = ankisync.ZipReader(io.BytesIO(out.getvalue()))
+    assert reader.read(reader.entries["_meta"]) == b'{"0":"a.png","1":"b.mp3"}'
+
+
 # --- restore points: "I pressed Upload by mistake" ----------------------------------------
 
 
@@ -4777,6 +4853,28 @@ def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(ser
     again = make_device("modern", "again")
     join_by_download(again)
     assert note_count(again) == 5
+
+
+def test_the_days_first_normal_sync_leaves_one_daily_restore_point(server, make_device):
+    """A laptop uploads 12 notes, adds 3 and syncs: the server keeps the day's restore
+    point of the 15 notes, on a thread of its own once the sync has been answered. The
+    phone's sync later that day makes no second one."""
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="Wort", count=12)
+    first_upload(laptop)
+    assert restore_points(server) == []         # the empty collection it replaced: nothing
+    laptop.do("add_notes", deck="Default", prefix="neu", count=3)
+    assert laptop.sync() == "normal_sync"
+    daily = wait_until(lambda: [p for p in restore_points(server) if p[1] == "daily"], 10,
+                       "the daily restore point")
+    assert [notes for _, _, notes in daily] == [15]
+    phone = make_device("modern", "phone")
+    join_by_download(phone)
+    phone.do("add_notes", deck="Default", prefix="phone", count=2)
+    assert phone.sync() == "normal_sync"
+    assert laptop.sync() == "normal_sync"
+    time.sleep(0.5)                             # time enough for a point that should not come
+    assert [p[1] for p in restore_points(server)].count("daily") == 1
 
 
 def test_retention_keeps_the_last_uploads_days_and_weeks_within_the_budget(tmp_path):

@@ -24,6 +24,14 @@ Scenarios (`--only` names):
            a ~100 MB collection (median and max), plus that upload's time
 Peak RSS of each server is reported per scenario and overall (VmHWM, reset between
 scenarios through /proc/PID/clear_refs).
+
+    python bench/bench.py --scale         # the scale curves (~25 min on 2 cores)
+
+The scale curves run the same work at growing sizes, both servers side by side, and
+print how time and peak memory grow with the size, per unit of work:
+  scale-full   full upload and download of 20k, 100k and 500k notes
+  scale-media  media sync up and down of 300, 5,000 and 20,000 files of 2 KB
+  scale-users  1, 8 and 32 users at once, each a normal sync of 100 added + 200 edited
 """
 
 from __future__ import annotations
@@ -59,9 +67,16 @@ except ImportError:  # pragma: no cover
     raise SystemExit("bench.py needs the test requirements (pip install pytest anki==26.9.3 "
                      "zstandard backports.zstd) in %s" % sys.executable)
 
-USERS = [("user%d" % i, "pass%d" % i) for i in range(1, 9)]
+USERS = [("user%d" % i, "pass%d" % i) for i in range(1, 33)]
 KINDS = ("ankisync", "official")
 SCENARIOS = ("full", "normal", "media", "users8", "meta")
+CURVES = ("scale-full", "scale-media", "scale-users")
+CURVE_SIZES = {"scale-full": (20000, 100000, 500000), "scale-media": (300, 5000, 20000),
+               "scale-users": (1, 8, 32)}
+QUICK_CURVE_SIZES = {"scale-full": (2000, 10000), "scale-media": (30, 300),
+                     "scale-users": (1, 4)}
+CURVE_MEDIA_KB = 2
+USERS_FIRST = 8             # the scenarios before the curves use the first 8 users
 
 SIZES = {
     # name: (full sync sizes, normal base, added, edited, media files, media size,
@@ -419,6 +434,7 @@ class Bench:
         self.order = []            # metric order for the table
         self.units = {}
         self.peaks = {}            # scenario -> kind -> MB
+        self.curves = {}           # curve -> [(size, unit, time metrics, memory metric)]
         self.failures = []
         self.load_at_start = os.getloadavg()[0]
 
@@ -443,7 +459,8 @@ class Bench:
             self.order.append(metric)
             self.units[metric] = unit
         self.results[metric][kind].append(value)
-        shown = "%.1f ms" % (value * 1000) if unit == "ms" else "%.2f s" % value
+        shown = {"ms": "%.1f ms" % (value * 1000), "MB": "%.0f MB" % value}.get(
+            unit, "%.2f s" % value)
         say("    %-9s %-44s %s" % (kind, metric, shown))
 
     def auth(self, kind, user_index):
@@ -601,27 +618,33 @@ class Bench:
         pass
 
     def scenario_media(self, kind, rnd, state):
-        sz = self.sz
-        auth = self.auth(kind, 2)
-        if kind not in state:     # the same two devices across rounds; new files each round
-            base = os.path.join(self.root, "media-devices", kind)
+        count, size = self.sz["media_files"], self.sz["media_size"]
+        up, down = self.media_round(kind, 2, state, "r%d" % rnd, count, size)
+        kb = size // 1024
+        self.record("media up (%d files x %d KB)" % (count, kb), kind, up)
+        self.record("media down (%d files x %d KB)" % (count, kb), kind, down)
+        if rnd == self.args.rounds - 1:
+            for device in state.pop(kind):
+                device.close()
+
+    def media_round(self, kind, user_index, state, tag, count, size):
+        """Device A adds `count` new files and syncs them up, B syncs them down: the same
+        two devices across rounds (state[kind]). Returns (up, down) seconds."""
+        auth = self.auth(kind, user_index)
+        if kind not in state:
+            base = os.path.join(self.root, "media-devices", kind, str(user_index))
             state[kind] = (Device(os.path.join(base, "A")), Device(os.path.join(base, "B")))
         a, b = state[kind]
-        count, size = sz["media_files"], sz["media_size"]
-        rng = random.Random(rnd * 1000 + (kind == "official"))
+        rng = random.Random(hash((tag, kind)) & 0xFFFFFFFF)
+        prefix = "bench_%s_" % tag
         for i in range(count):
-            a.col.media.write_data("bench_r%d_%03d.jpg" % (rnd, i), rng.randbytes(size))
-        kb = size // 1024
-        self.record("media up (%d files x %d KB)" % (count, kb), kind,
-                    a.sync_media(auth, self.args.op_timeout))
-        self.record("media down (%d files x %d KB)" % (count, kb), kind,
-                    b.sync_media(auth, self.args.op_timeout))
-        have = len([f for f in os.listdir(b.col.media.dir()) if f.startswith("bench_r%d_" % rnd)])
+            a.col.media.write_data("%s%05d.jpg" % (prefix, i), rng.randbytes(size))
+        up = a.sync_media(auth, self.args.op_timeout)
+        down = b.sync_media(auth, self.args.op_timeout)
+        have = len([f for f in os.listdir(b.col.media.dir()) if f.startswith(prefix)])
         if have != count:
             raise RuntimeError("device B has %d of the %d new media files" % (have, count))
-        if rnd == self.args.rounds - 1:
-            a.close()
-            b.close()
+        return up, down
 
     # -- 4. eight users at once --------------------------------------------------------
 
@@ -630,12 +653,20 @@ class Bench:
 
     def scenario_users8(self, kind, rnd, state):
         sz = self.sz
+        self.record("8 users sync at once (%d added + %d edited each)"
+                    % (sz["u8_added"], sz["u8_edited"]), kind,
+                    self.users_at_once(kind, rnd, USERS_FIRST))
+
+    def users_at_once(self, kind, rnd, count):
+        """`count` users, each with its own device, do a normal sync at the same moment
+        (one thread per user); returns the wall time for all of them."""
+        sz = self.sz
         src = self.builder.get(sz["u8_base"])
-        base = self.workdir(kind, "users8")
-        auths = [self.auth(kind, i) for i in range(len(USERS))]
+        base = self.workdir(kind, "users", count)
+        auths = [self.auth(kind, i) for i in range(count)]
         devices = []
         try:
-            for i in range(len(USERS)):
+            for i in range(count):
                 dev = Device(os.path.join(base, "u%d" % i), src)
                 devices.append(dev)
                 dev.full(auths[i], True)
@@ -662,12 +693,11 @@ class Bench:
                     raise RuntimeError("user %d: %r" % (i + 1, res))
                 if res[1] != "normal_sync":
                     raise RuntimeError("user %d: %s instead of a normal sync" % (i + 1, res[1]))
-            self.record("8 users sync at once (%d added + %d edited each)"
-                        % (sz["u8_added"], sz["u8_edited"]), kind, wall)
         finally:
             for dev in devices:
                 dev.close()
         shutil.rmtree(base, ignore_errors=True)
+        return wall
 
     # -- 5. meta latency during a big upload -------------------------------------------
 
@@ -732,6 +762,102 @@ class Bench:
             dev.close()
         shutil.rmtree(base, ignore_errors=True)
 
+    # -- 6. scale curves ---------------------------------------------------------------
+
+    def run_curves(self, names):
+        sizes = QUICK_CURVE_SIZES if self.args.quick else CURVE_SIZES
+        for name in names:
+            say("curve %s" % name)
+            step = getattr(self, "step_" + name.replace("-", "_"))
+            state = {}
+            for size in sizes[name]:
+                for rnd in range(self.args.rounds):
+                    for kind in KINDS:
+                        srv = self.servers[kind]
+                        try:
+                            srv.check()
+                            srv.reset_peak()
+                            times = step(kind, rnd, size, state)
+                            label = self.curve_label(name, size)
+                            metrics = []
+                            for what, seconds in times:
+                                metrics.append("%s, %s" % (what, label))
+                                self.record(metrics[-1], kind, seconds)
+                            memory = "peak RSS, %s %s" % (name, label)
+                            self.record(memory, kind, srv.peak_mb(), "MB")
+                            rows = self.curves.setdefault(name, [])
+                            if not any(row[0] == size for row in rows):
+                                rows.append((size, metrics, memory))
+                            srv.check()
+                        except Exception as e:
+                            self.fail(name, kind, rnd, e)
+            for devices in state.values():
+                for device in devices:
+                    device.close()
+            shutil.rmtree(os.path.join(self.root, "work"), ignore_errors=True)
+
+    @staticmethod
+    def curve_label(name, size):
+        if name == "scale-full":
+            return "%dk notes" % (size // 1000)
+        return "%d %s" % (size, "files" if name == "scale-media" else "users")
+
+    def step_scale_full(self, kind, rnd, notes, state):
+        auth = self.auth(kind, USERS_FIRST)         # an account of its own
+        src = self.builder.get(notes)
+        base = self.workdir(kind, "scale-full", notes)
+        a = Device(os.path.join(base, "A"), src)
+        try:
+            up = a.full(auth, True)
+        finally:
+            a.close()
+        b = Device(os.path.join(base, "B"))
+        try:
+            down = b.full(auth, False)
+            if b.col.note_count() != notes:
+                raise RuntimeError("downloaded %d notes, expected %d"
+                                   % (b.col.note_count(), notes))
+        finally:
+            b.close()
+        shutil.rmtree(base, ignore_errors=True)
+        return [("full upload", up), ("full download", down)]
+
+    def step_scale_media(self, kind, rnd, files, state):
+        up, down = self.media_round(kind, USERS_FIRST + 1, state, "s%d_r%d" % (files, rnd),
+                                    files, CURVE_MEDIA_KB * 1024)
+        return [("media up (%d KB files)" % CURVE_MEDIA_KB, up),
+                ("media down (%d KB files)" % CURVE_MEDIA_KB, down)]
+
+    def step_scale_users(self, kind, rnd, users, state):
+        return [("users at once (%d added + %d edited each)"
+                 % (self.sz["u8_added"], self.sz["u8_edited"]),
+                 self.users_at_once(kind, rnd, users))]
+
+    def curve_table(self):
+        """Each curve's steps by size: medians, time per unit of work, and peak memory;
+        a cost that grows linearly keeps its time per unit flat."""
+        lines = ["| curve step | ankisync | official | ratio | ankisync per unit | "
+                 "official per unit | ankisync peak | official peak |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        units = {"scale-full": (1000, "1k notes"), "scale-media": (1000, "1k files"),
+                 "scale-users": (1, "user")}
+        for name, rows in self.curves.items():
+            per, unit = units[name]
+            for size, metrics, memory in rows:
+                peak = {k: statistics.median(v) if v else 0
+                        for k, v in self.results[memory].items()}
+                for metric in metrics:
+                    med = {k: statistics.median(v) if v else None
+                           for k, v in self.results[metric].items()}
+                    a, o = med["ankisync"], med["official"]
+                    cells = ["%.2f s" % v if v is not None else "—" for v in (a, o)]
+                    cells.append("%.2f" % (a / o) if a is not None and o else "—")
+                    cells += ["%.1f ms / %s" % (v * 1000 * per / size, unit)
+                              if v is not None else "—" for v in (a, o)]
+                    cells += ["%.0f MB" % peak["ankisync"], "%.0f MB" % peak["official"]]
+                    lines.append("| %s | %s |" % (metric, " | ".join(cells)))
+        return lines
+
     # -- report ------------------------------------------------------------------------
 
     def report(self, started, elapsed):
@@ -745,14 +871,18 @@ class Bench:
                 return "—"
             return "%.1f ms" % (v * 1000) if unit == "ms" else "%.2f s" % v
 
+        curve_metrics = {m for rows in self.curves.values() for _, ms, mem in rows
+                         for m in ms + [mem]}
         for metric in self.order:
+            if metric in curve_metrics:
+                continue
             unit = self.units[metric]
             med = {k: (statistics.median(v) if v else None)
                    for k, v in self.results[metric].items()}
             a, o = med["ankisync"], med["official"]
             ratio = "%.2f" % (a / o) if a is not None and o else "—"
             lines.append("| %s | %s | %s | %s |" % (metric, fmt(a, unit), fmt(o, unit), ratio))
-        if self.peaks:
+        if self.peaks or self.curves:
             for name, peak in self.peaks.items():
                 a, o = peak["ankisync"], peak["official"]
                 lines.append("| peak RSS during `%s` | %.0f MB | %.0f MB | %.2f |"
@@ -761,6 +891,9 @@ class Bench:
             o = self.servers["official"].peak_overall
             lines.append("| **peak RSS, whole run** | %.0f MB | %.0f MB | %.2f |"
                          % (a, o, a / o if o else 0))
+        if self.curves:
+            lines.append("")
+            lines.extend(self.curve_table())
         cpu = "?"
         with contextlib.suppress(OSError):
             with open("/proc/cpuinfo") as f:
@@ -804,7 +937,10 @@ def main(argv=None):
                         help="small sizes and 1 round: a smoke run in under 2 minutes")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
     parser.add_argument("--only", default=None,
-                        help="comma-separated scenarios: " + ", ".join(SCENARIOS))
+                        help="comma-separated scenarios or curves: "
+                             + ", ".join(SCENARIOS + CURVES))
+    parser.add_argument("--scale", action="store_true",
+                        help="the scale curves (%s) instead of the scenarios" % ", ".join(CURVES))
     parser.add_argument("--cache", default=None,
                         help="folder to keep built collections in across runs "
                              "(default: inside the run's temp folder)")
@@ -827,10 +963,12 @@ def main(argv=None):
         args.rounds = 1 if args.quick else 3
     if args.timeout is None:
         args.timeout = 600 if args.quick else 5400
-    names = SCENARIOS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = (CURVES if args.scale else SCENARIOS) if not args.only else \
+        [n.strip() for n in args.only.split(",") if n.strip()]
     for n in names:
-        if n not in SCENARIOS:
-            parser.error("unknown scenario %r (choose from %s)" % (n, ", ".join(SCENARIOS)))
+        if n not in SCENARIOS + CURVES:
+            parser.error("unknown scenario %r (choose from %s)"
+                         % (n, ", ".join(SCENARIOS + CURVES)))
 
     global ZSTD
     ZSTD = _Zstd()
@@ -867,7 +1005,8 @@ def main(argv=None):
         % ("quick" if args.quick else "full", args.rounds, ",".join(names), root, ZSTD.name))
     try:
         bench.start_servers()
-        bench.run(names)
+        bench.run([n for n in names if n in SCENARIOS])
+        bench.run_curves([n for n in names if n in CURVES])
         for srv in bench.servers.values():
             srv.check()
     except KeyboardInterrupt:
