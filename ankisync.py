@@ -3080,7 +3080,7 @@ class MediaStore:
         real change, all or nothing; returns the new last usn. A file not in place moves
         after the commit, so a failed move (a full disk) leaves the old one as it was; what
         a change deletes or replaces goes to the trash, for a restore."""
-        db, moves = self.connect(), []
+        db, moves, deleted, written = self.connect(), [], [], []
         with transaction(db):
             usn, total_bytes, total_files = db.execute(
                 "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
@@ -3095,8 +3095,7 @@ class MediaStore:
                     usn += 1
                     total_bytes -= row[1]
                     total_files -= 1
-                    db.execute("update media set size=0, usn=?, mtime=? where fname=?",
-                               (usn, now, name))
+                    deleted.append((usn, now, name))
                     moves.append((None, self.path_of(name), True))
                     continue
                 if stored and bytes(row[0]) == sha1:
@@ -3107,10 +3106,11 @@ class MediaStore:
                     total_files -= 1
                 total_bytes += size
                 total_files += 1
-                db.execute("insert or replace into media values (?, ?, ?, ?, ?)",
-                           (name, sha1, size, usn, now))
+                written.append((name, sha1, size, usn, now))
                 if not in_place:
                     moves.append((temp, self.path_of(name), stored))
+            db.executemany("update media set size=0, usn=?, mtime=? where fname=?", deleted)
+            db.executemany("insert or replace into media values (?, ?, ?, ?, ?)", written)
             if quota and total_bytes > quota:       # the whole batch, or none of it
                 self.refusal = QUOTA_REFUSAL % ("media files", total_bytes / MIB,
                                                 quota // MIB)
@@ -3184,7 +3184,7 @@ def check_media_name(name):
     if len(name.encode("utf-8")) > MEDIA_NAME_MAX_BYTES:
         raise bad_request("media: file name %r is longer than %d bytes"
                           % (shown, MEDIA_NAME_MAX_BYTES))
-    if unicodedata.normalize("NFC", name) != name:
+    if not unicodedata.is_normalized("NFC", name):
         raise bad_request("media: file name %r is not in Unicode NFC form" % shown)
     return name
 
