@@ -2553,6 +2553,48 @@ def test_old_clients_are_refused_by_the_official_rules(version, conf, reason):
     assert (reason in refusal) if reason else refusal == ""
 
 
+def test_two_requests_compute_at_once_and_a_wait_for_a_users_lock_holds_no_turn(tmp_path):
+    """Alice's laptop holds her lock and a turn; her phone waits for her lock, holding no
+    turn, so Bob still gets the second turn at once. Carol waits for a turn until Alice's
+    laptop is done."""
+    def user_lock(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        lock = threading.Lock()
+        return lambda: ankisync.UserLock(lock, name + " is busy",
+                                         ankisync.FolderLock(str(folder / "lock")))
+
+    alice, bob, carol = user_lock("alice"), user_lock("bob"), user_lock("carol")
+    assert ankisync.COMPUTING_MAX == 2
+    events = []
+
+    def hold(lock, name, release):
+        with lock():
+            events.append(name)
+            release.wait(10)
+
+    laptop_done, bob_done, rest_done = threading.Event(), threading.Event(), threading.Event()
+    threads = [threading.Thread(target=hold, args=(alice, "laptop", laptop_done))]
+    threads[0].start()
+    wait_until(lambda: events == ["laptop"], 5, "the laptop's turn")
+    threads.append(threading.Thread(target=hold, args=(alice, "phone", rest_done)))
+    threads[1].start()
+    threads.append(threading.Thread(target=hold, args=(bob, "bob", bob_done)))
+    threads[2].start()
+    wait_until(lambda: "bob" in events, 5, "Bob's turn beside the laptop's")
+    threads.append(threading.Thread(target=hold, args=(carol, "carol", rest_done)))
+    threads[3].start()
+    time.sleep(0.2)
+    assert events == ["laptop", "bob"]          # two turns taken: Carol and the phone wait
+    laptop_done.set()
+    wait_until(lambda: len(events) == 3, 5, "the next turn")
+    bob_done.set()
+    wait_until(lambda: sorted(events) == ["bob", "carol", "laptop", "phone"], 5, "every turn")
+    rest_done.set()
+    for thread in threads:
+        thread.join(15)
+
+
 def server_state(server):
     """What a normal sync could change on the server, read from the committed file."""
     db = sqlite3.connect(os.path.join(server.base, USER, "collection.anki2"))
