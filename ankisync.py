@@ -91,7 +91,7 @@ import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 log = logging.getLogger("ankisync")
 

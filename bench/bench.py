@@ -25,7 +25,7 @@ Scenarios (`--only` names):
 Peak RSS of each server is reported per scenario and overall (VmHWM, reset between
 scenarios through /proc/PID/clear_refs).
 
-    python bench/bench.py --scale         # the scale curves (~25 min on 2 cores)
+    python bench/bench.py --scale         # the scale curves (~7 min on 2 cores, once built)
 
 The scale curves run the same work at growing sizes, both servers side by side, and
 print how time and peak memory grow with the size, per unit of work:
