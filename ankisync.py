@@ -206,6 +206,8 @@ STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this m
 LAN_ADDRESSES_FRESH = 60            # seconds the LAN addresses shown are trusted (DHCP moves)
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
+RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
+                                    # compressor cost more than the bytes it would save
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
 
 # Temporary files, named so that a server started again removes what a killed one left.
@@ -4365,7 +4367,8 @@ class Handler(BaseHTTPRequestHandler):
         if reply.stream is not None and reply.size <= ONE_SHOT_REPLY_MAX:
             reply.body, reply.stream = reply.stream.read(), None   # a media zip, usually
         if reply.stream is None:
-            data = zstd.compress(reply.body)
+            data = raw_frame(reply.body) if reply.size <= RAW_REPLY_MAX else \
+                zstd.compress(reply.body)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -6552,22 +6555,26 @@ class PythonZstd(Zstd):
             block = following
 
     def compress(self, data):
-        # Content size known: a single-segment frame that declares it.
-        size = len(data)
-        if size < 256:
-            fcs_flag, fcs = 0, struct.pack("<B", size)
-        elif size < 0x10000 + FCS_TWO_BYTE_OFFSET:
-            fcs_flag, fcs = 1, struct.pack("<H", size - FCS_TWO_BYTE_OFFSET)
-        elif size < 1 << 32:
-            fcs_flag, fcs = 2, struct.pack("<I", size)
-        else:
-            fcs_flag, fcs = 3, struct.pack("<Q", size)
-        parts = [struct.pack("<IB", ZSTD_MAGIC, fcs_flag << 6 | SINGLE_SEGMENT_FLAG), fcs]
-        view = memoryview(data)
-        for start in range(0, max(size, 1), BLOCK_SIZE_MAX):
-            block = view[start:start + BLOCK_SIZE_MAX]
-            _write_raw_block(parts.append, block, last=start + BLOCK_SIZE_MAX >= size)
-        return b"".join(parts)
+        return raw_frame(data)
+
+
+def raw_frame(data):
+    """A zstd frame of raw blocks: `data` uncompressed, its size declared (single segment)."""
+    size = len(data)
+    if size < 256:
+        fcs_flag, fcs = 0, struct.pack("<B", size)
+    elif size < 0x10000 + FCS_TWO_BYTE_OFFSET:
+        fcs_flag, fcs = 1, struct.pack("<H", size - FCS_TWO_BYTE_OFFSET)
+    elif size < 1 << 32:
+        fcs_flag, fcs = 2, struct.pack("<I", size)
+    else:
+        fcs_flag, fcs = 3, struct.pack("<Q", size)
+    parts = [struct.pack("<IB", ZSTD_MAGIC, fcs_flag << 6 | SINGLE_SEGMENT_FLAG), fcs]
+    view = memoryview(data)
+    for start in range(0, max(size, 1), BLOCK_SIZE_MAX):
+        block = view[start:start + BLOCK_SIZE_MAX]
+        _write_raw_block(parts.append, block, last=start + BLOCK_SIZE_MAX >= size)
+    return b"".join(parts)
 
 
 def _read_up_to(read, size):
@@ -7818,6 +7825,7 @@ ZIP_VERSION = 20                                    # 2.0: what stored and defla
 ZIP_DATE = 0x21                                     # 1980-01-01: entries carry no time
 ZIP_COMMENT_MAX = 0xFFFF                            # how far the end record may sit from the end
 ZIP64_MARK = 0xFFFFFFFF                             # a size or offset that lives in zip64 fields
+ZIP64_COUNT = 0xFFFF                                # an entry count that lives there
 ZIP_CRC_AT = 14                                     # where CRC and sizes sit in a local header
 
 
@@ -7847,7 +7855,7 @@ class ZipReader:
         _, disk, directory_disk, _, count, size, offset, _ = ZIP_END.unpack_from(tail, at)
         if disk or directory_disk:
             raise ZipError("a zip spanning several files")
-        if offset == ZIP64_MARK or count == 0xFFFF:
+        if offset == ZIP64_MARK or count == ZIP64_COUNT:
             raise ZipError("a zip64 archive")
         if offset + size > start + at:
             raise ZipError("the central directory lies past the end: cut short")
