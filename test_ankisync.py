@@ -4761,15 +4761,31 @@ def test_create_collection_keeps_folder_clean_on_failure(tmp_path, monkeypatch):
 # --- Appendix D. Media zips, against zipfile -------------------------------------------
 
 
+class Unseekable(io.RawIOBase):
+    """A stream zipfile cannot go back in, as a network stream is."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.data += data
+        return len(data)
+
+
 def java_style_zip(files):
     """Deflated entries whose sizes and CRC follow the data (general purpose bit 3), as
     streaming writers such as AnkiDroid's ZipOutputStream make them."""
-    out = io.BytesIO()
+    out = Unseekable()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
         for name, data in files:
-            with archive.open(name, "w") as f:      # unseekable in spirit: sizes after
+            with archive.open(name, "w") as f:
                 f.write(data)
-    return out.getvalue()
+    made = bytes(out.data)
+    assert struct.unpack_from("<H", made, 6)[0] & 0x08          # the sizes follow the data
+    return made
 
 
 def test_the_zip_reader_reads_stored_deflated_and_streamed_entries_as_zipfile_does():
