@@ -800,7 +800,9 @@ class Bench:
     def curve_label(name, size):
         if name == "scale-full":
             return "%dk notes" % (size // 1000)
-        return "%d %s" % (size, "files" if name == "scale-media" else "users")
+        if name == "scale-media":
+            return "%d files" % size
+        return "%d user%s" % (size, "" if size == 1 else "s")
 
     def step_scale_full(self, kind, rnd, notes, state):
         auth = self.auth(kind, USERS_FIRST)         # an account of its own
