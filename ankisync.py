@@ -802,8 +802,10 @@ class UserStore:
 
     def saw(self, name, hkey, client, address, kind):
         """A device of `name` synced (for `status`): its client, key and address, when.
-        Its own connection skips the fsync per commit: a power cut may lose a record."""
-        now = int(time.time())
+        Its own connection skips the fsync per commit: a power cut may lose a record.
+        The time keeps its fraction: two devices syncing within one second are told apart
+        (SQLite keeps a non-integral value as it is, in any column)."""
+        now = time.time()
         db = getattr(self.local, "devices_db", None)
         if db is None:
             db = self.local.devices_db = sqlite3.connect(self.path, timeout=30)

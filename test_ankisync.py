@@ -5306,6 +5306,16 @@ def test_a_moved_server_sends_modern_clients_on_and_tells_old_ones(start_server,
 # --- for the person running it: status and metrics ---------------------------------------
 
 
+def test_the_last_sync_is_the_latest_even_within_one_second(tmp_path):
+    users = ankisync.UserStore(str(tmp_path))
+    users.add("ann", "pw")
+    users.saw("ann", "key1", "anki,26.9.3", "10.0.0.2", "upload")
+    users.saw("ann", "key2", "anki,2.1.54", "10.0.0.3", "download")
+    assert [d[0] for d in users.devices("ann")] == ["anki,2.1.54", "anki,26.9.3"]
+    users.saw("ann", "key1", "anki,26.9.3", "10.0.0.2", "normal")
+    assert [d[0] for d in users.devices("ann")] == ["anki,26.9.3", "anki,2.1.54"]
+
+
 @pytest.mark.legacy
 def test_status_tells_each_users_collection_media_last_sync_devices_and_backups(server,
                                                                               make_device):
