@@ -7947,6 +7947,7 @@ class ZipWriter:
         """A big file streamed from `source`; its CRC, known at the end, is written back."""
         name = name.encode("utf-8")
         header = self._header(name, 0, 0)
+        at = self.file.tell()
         self.file.write(header)
         crc = size = 0
         while True:
@@ -7956,10 +7957,11 @@ class ZipWriter:
             crc = zlib.crc32(block, crc)
             size += len(block)
             if size >= ZIP64_MARK:
-                raise ValueError("%s: 4 GiB or more does not fit a zip without zip64" % name)
+                raise ValueError("%s: 4 GiB or more does not fit a zip without zip64"
+                                 % name.decode("utf-8"))
             self.file.write(block)
         end = self.file.tell()
-        self.file.seek(end - size - len(header) + ZIP_CRC_AT)
+        self.file.seek(at + ZIP_CRC_AT)
         self.file.write(struct.pack("<III", crc, size, size))
         self.file.seek(end)
         self.directory.append((name, crc, size, self.offset))
