@@ -2040,14 +2040,11 @@ class UserLock:
         try:
             if not self.folder_lock.acquire(max(0, deadline - time.monotonic())):
                 raise SyncError(409, "a command is changing this user's data: sync again")
-            try:
-                if self.compute and not COMPUTING.acquire(
-                        timeout=max(0, deadline - time.monotonic())):
-                    raise SyncError(503, "the server is too busy: sync again in a minute",
-                                    retry_after=60)
-            except BaseException:
+            if self.compute and not COMPUTING.acquire(
+                    timeout=max(0, deadline - time.monotonic())):
                 self.folder_lock.release()
-                raise
+                raise SyncError(503, "the server is too busy: sync again in a minute",
+                                retry_after=60)
         except BaseException:
             self.lock.release()
             raise

@@ -388,6 +388,46 @@ def add_and_edit(col, added, edited, tag):
     return nids
 
 
+def login(server, user_index, root):
+    """The host key of USERS[user_index] on `server`, from a throwaway device."""
+    name, password = USERS[user_index]
+    folder = os.path.join(root, "login-%s-%d-%d" % (server.kind, server.port, user_index))
+    dev = Device(folder)
+    try:
+        return dev.col.sync_login(name, password, server.url)
+    finally:
+        dev.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sync_at_once(devices, auths, timeout):
+    """Each device makes a normal sync, all at the same moment (one thread each);
+    returns the wall time for all of them."""
+    barrier = threading.Barrier(len(devices))
+    results = [None] * len(devices)
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = devices[i].sync(auths[i])
+        except Exception as e:         # reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(devices))]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    wall = time.perf_counter() - t0
+    for i, res in enumerate(results):
+        if isinstance(res, Exception) or res is None:
+            raise RuntimeError("user %d: %r" % (i + 1, res))
+        if res[1] != "normal_sync":
+            raise RuntimeError("user %d: %s instead of a normal sync" % (i + 1, res[1]))
+    return wall
+
+
 # --------------------------------------------------------------------------------------
 # Raw v11 requests (meta latency)
 # --------------------------------------------------------------------------------------
@@ -466,15 +506,7 @@ class Bench:
     def auth(self, kind, user_index):
         key = (kind, user_index)
         if key not in self.auths:
-            srv = self.servers[kind]
-            name, password = USERS[user_index]
-            folder = os.path.join(self.root, "login-%s-%d" % (kind, user_index))
-            dev = Device(folder)
-            try:
-                self.auths[key] = dev.col.sync_login(name, password, srv.url)
-            finally:
-                dev.close()
-                shutil.rmtree(folder, ignore_errors=True)
+            self.auths[key] = login(self.servers[kind], user_index, self.root)
         return self.auths[key]
 
     def workdir(self, *parts):
@@ -671,28 +703,7 @@ class Bench:
                 devices.append(dev)
                 dev.full(auths[i], True)
                 add_and_edit(dev.col, sz["u8_added"], sz["u8_edited"], "u%dr%d" % (i, rnd))
-            barrier = threading.Barrier(len(devices))
-            results = [None] * len(devices)
-
-            def work(i):
-                try:
-                    barrier.wait()
-                    results[i] = devices[i].sync(auths[i])
-                except Exception as e:         # reported below
-                    results[i] = e
-
-            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(devices))]
-            t0 = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(self.args.op_timeout)
-            wall = time.perf_counter() - t0
-            for i, res in enumerate(results):
-                if isinstance(res, Exception) or res is None:
-                    raise RuntimeError("user %d: %r" % (i + 1, res))
-                if res[1] != "normal_sync":
-                    raise RuntimeError("user %d: %s instead of a normal sync" % (i + 1, res[1]))
+            wall = sync_at_once(devices, auths, self.args.op_timeout)
         finally:
             for dev in devices:
                 dev.close()

@@ -21,8 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -36,37 +34,6 @@ def cpu_seconds(server):
     with open("/proc/%d/stat" % server.proc.pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def login(server, index, root):
-    device = bench.Device(os.path.join(root, "login-%d-%d" % (server.port, index)))
-    try:
-        name, password = bench.USERS[index]
-        return device.col.sync_login(name, password, server.url)
-    finally:
-        device.close()
-
-
-def sync_at_once(devices, auths):
-    barrier = threading.Barrier(len(devices))
-    errors = []
-
-    def work(i):
-        try:
-            barrier.wait()
-            devices[i].sync(auths[i])
-        except Exception as e:          # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(devices))]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise RuntimeError("a sync failed: %r" % errors[0])
-    return time.perf_counter() - started
 
 
 def main(argv=None):
@@ -88,7 +55,7 @@ def main(argv=None):
         source = bench.Builder(args.cache or os.path.join(root, "cache")).get(1000)
         setups = {}
         for name, route in layouts.items():
-            auths = [login(route[i], i, root) for i in range(USERS)]
+            auths = [bench.login(route[i], i, root) for i in range(USERS)]
             devices = []
             for i in range(USERS):
                 device = bench.Device(os.path.join(root, name.replace(" ", "-"), str(i)),
@@ -105,7 +72,7 @@ def main(argv=None):
                     bench.add_and_edit(device.col, 100, 200, "r%d-%s-%d" % (rnd, name, i))
                 used = set(route)
                 before = sum(cpu_seconds(server) for server in used)
-                walls[name].append(sync_at_once(devices, auths))
+                walls[name].append(bench.sync_at_once(devices, auths, 600))
                 cpus[name].append(sum(cpu_seconds(server) for server in used) - before)
         for name in layouts:
             print("%-14s 8 users at once: %.3f s   server CPU %.3f s   (medians of %d)"

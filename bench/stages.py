@@ -53,9 +53,9 @@ class Timers:
         self.seconds = collections.Counter()
         self.calls = collections.Counter()
 
-    def wrap(self, owner, name):
+    def wrap(self, owner, name, label=None):
         inner = getattr(owner, name)
-        label = "%s.%s" % (owner.__name__, name)
+        label = label or "%s.%s" % (owner.__name__, name)
 
         def timed(*args, **kwargs):
             started = time.perf_counter()
@@ -66,17 +66,6 @@ class Timers:
                 self.calls[label] += 1
 
         setattr(owner, name, timed)
-
-    def wrap_log(self):
-        inner = ankisync.log.info
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            inner(*args, **kwargs)
-            self.seconds["log.info"] += time.perf_counter() - started
-            self.calls["log.info"] += 1
-
-        ankisync.log.info = timed
 
     def clear(self):
         self.seconds.clear()
@@ -117,7 +106,7 @@ def main(argv=None):
     timers = Timers()
     for owner, name in STAGES:
         timers.wrap(owner, name)
-    timers.wrap_log()
+    timers.wrap(ankisync.log, "info", "log.info")
     server = ankisync.Server((config.host, config.port), app, None)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     compressor, decompressor = zstandard.ZstdCompressor(), zstandard.ZstdDecompressor()
