@@ -200,6 +200,8 @@ QUOTED_MAX = 60                     # characters of a client's text quoted in an
 HOST_KEY_HEX = 40                   # the host key's length: clients kept it as a sha1 hex digest
 ADDRESS_MAX = 64                    # an address from a proxy header, as logged and counted
 CHUNK_LINE_MAX = 1024               # a chunk-size line with extensions; real ones are ~10 bytes
+CHUNK_DIGITS_MAX = 15               # hex digits of a chunk size: 2^60 bytes, far past any limit
+LENGTH_DIGITS_MAX = 18              # digits of a Content-Length: under 2^63, so int() is safe
 TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as for a header
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)  # seconds
 STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this many days
@@ -209,6 +211,11 @@ ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
                                     # compressor cost more than the bytes it would save
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
+JSON_DEPTH_MAX = 64                 # a client's JSON nests under 10 (add-on settings in conf more)
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1    # SQLite's integers: ids, usns, times
+NUMERIC_TEXT = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,20})?")  # a number as old clients wrote it
+SURROGATE = re.compile("[\ud800-\udfff]")      # left alone by json.loads: no pair around it
+ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 
 # Temporary files, named so that a server started again removes what a killed one left.
 TEMP_SPOOL = ".spool-"              # a request body too big for memory
@@ -309,6 +316,128 @@ COLLECTION_METHODS = {
 MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
 
 
+# --- what a client sends: JSON decoded in one place, each method's fields in one table ---
+
+def client_json(text, what):
+    """JSON from a client, decoded once, here: strict UTF-8, no NaN or Infinity, no lone
+    surrogate (it could not be stored as UTF-8), nested at most JSON_DEPTH_MAX deep.
+    Anything else is the client's mistake: a 400 that names `what`."""
+    try:
+        if isinstance(text, (bytes, bytearray, memoryview)):
+            text = bytes(text).decode("utf-8")
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad_request("%s: JSON nested over %d levels" % (what, JSON_DEPTH_MAX))
+    except ValueError as e:             # UnicodeDecodeError is one too
+        raise bad_request("%s: invalid JSON (%s)" % (what, str(e)[:QUOTED_MAX]))
+    # Lone surrogates come only from \u escapes: strings are searched only when one is there.
+    strings = ESCAPED_SURROGATE.search(text) is not None
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            if strings and any(SURROGATE.search(key) for key in item):
+                raise bad_request("%s: a lone surrogate in a JSON key" % what)
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise bad_request("%s: a JSON number out of range" % what)
+            continue
+        else:
+            if strings and isinstance(item, str) and SURROGATE.search(item):
+                raise bad_request("%s: a lone surrogate in a JSON string" % what)
+            continue
+        if depth > JSON_DEPTH_MAX:
+            raise bad_request("%s: JSON nested over %d levels" % (what, JSON_DEPTH_MAX))
+        pending.extend((child, depth + 1) for child in children
+                       if strings or isinstance(child, (dict, list, float)))
+    return value
+
+
+def _reject_constant(name):
+    # Python accepts NaN/Infinity tokens; JSON and the official parser do not.
+    raise ValueError("invalid JSON number " + name)
+
+
+def to_int(value, what="value"):
+    """Numbers as clients send them: ints, floats (legacy) or numeric strings; always
+    within SQLite's 64 bits, so no id or usn overflows on its way into a table."""
+    if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+        return value
+    number = None
+    if isinstance(value, (bool, int)):
+        number = int(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        number = int(value)
+    elif isinstance(value, str) and NUMERIC_TEXT.fullmatch(value):
+        number = int(float(value)) if "." in value else int(value)
+    if number is None or not INT64_MIN <= number <= INT64_MAX:
+        raise bad_request("%s must be a number within 64 bits, not %s"
+                          % (what, str(value)[:QUOTED_MAX]))
+    return number
+
+
+# The shape of every field a method reads, checked before the method runs, so a client's
+# mistake is a 400 naming the field and never a TypeError deep inside (docs/protocol.md 4
+# and 6 name the fields). A shape is INT (to_int), FLAG (any value, as true or false),
+# TEXT (a string), ANY (left to the method), [shape] (a list of them), (shape, ...) (a
+# list of exactly these) or {key: shape} (an object; keys absent or null are left out).
+INT, FLAG, TEXT, ANY = "int", "flag", "text", "any"
+GRAVES = {"cards": [INT], "notes": [INT], "decks": [INT]}
+SYNC_OBJECT = {"id": INT, "mod": INT, "usn": INT}          # a notetype, deck or deck config
+NOTETYPE = dict(SYNC_OBJECT, flds=[{}], tmpls=[{}], sortf=INT)
+REVLOG_ROW = (INT,) * 9
+CARD_ROW = (INT,) * 17 + (ANY,)                 # data: a string, or an object from 2.1.26
+NOTE_ROW = (INT, TEXT, INT, INT, ANY, TEXT, TEXT, ANY, ANY, ANY, ANY)
+METHOD_SHAPES = {
+    ("sync", "hostKey"): {"u": TEXT, "p": TEXT},
+    ("sync", "meta"): {"v": INT},
+    ("sync", "start"): {"minUsn": INT, "lnewer": FLAG, "graves": GRAVES},
+    ("sync", "applyGraves"): {"chunk": GRAVES},
+    ("sync", "applyChanges"): {"changes": {
+        "models": [NOTETYPE], "decks": ([SYNC_OBJECT], [SYNC_OBJECT]), "tags": [TEXT],
+        "conf": {}, "crt": INT}},
+    ("sync", "applyChunk"): {"chunk": {
+        "revlog": [REVLOG_ROW], "cards": [CARD_ROW], "notes": [NOTE_ROW], "done": FLAG}},
+    ("sync", "sanityCheck2"): {"client": (ANY,) + (INT,) * 7},
+    ("msync", "mediaChanges"): {"lastUsn": INT},
+    ("msync", "mediaSanity"): {"local": INT},
+    ("msync", "downloadFiles"): {"files": [TEXT]},
+}
+MEDIA_ZIP_META = [(TEXT, ANY)]                  # uploadChanges' _meta: [name, zip entry or null]
+SYNC_HEADER = {"v": ANY, "k": TEXT, "c": TEXT, "s": TEXT}     # the anki-sync header's fields
+
+
+def shaped(value, shape, what):
+    """`value` checked against `shape`, its numbers made ints; a 400 naming `what` if not."""
+    if shape is INT:
+        return to_int(value, what)
+    if shape is ANY:
+        return value
+    if shape is FLAG:
+        return bool(value)
+    if shape is TEXT:
+        if not isinstance(value, str):
+            raise bad_request("%s must be a string" % what)
+        return value
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise bad_request("%s must be an object" % what)
+        for key, inner in shape.items():
+            if value.get(key) is not None:
+                value[key] = shaped(value[key], inner, "%s.%s" % (what, key))
+        return value
+    if not isinstance(value, list):
+        raise bad_request("%s must be a list" % what)
+    if isinstance(shape, tuple):
+        if len(value) != len(shape):
+            raise bad_request("%s must be a list of %d values" % (what, len(shape)))
+        return [shaped(v, inner, what) for v, inner in zip(value, shape)]
+    return [shaped(v, shape[0], what) for v in value]
+
+
 class SyncRequest:
     """One decoded request: who, which method, and the payload behind the envelope."""
 
@@ -330,20 +459,15 @@ class SyncRequest:
         return self.version is not None
 
     def json(self):
+        """The payload as a JSON object, every field the method reads in its shape."""
         if self._json is None:
-            if self.payload is None or self.payload.size == 0:
-                self._json = {}
-            else:
+            value = {}
+            if self.payload is not None and self.payload.size:
                 if self.payload.size > JSON_PAYLOAD_MAX:
                     raise SyncError(413, "JSON payload over %d MiB" % (JSON_PAYLOAD_MAX // MIB))
-                try:
-                    self._json = json.loads(self.payload.getvalue().decode("utf-8"))
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise bad_request("invalid JSON in the %s request: %s" % (self.method, e))
-                if self._json is None:
-                    self._json = {}
-                if not isinstance(self._json, dict):
-                    raise bad_request("the %s request must be a JSON object" % self.method)
+                value = client_json(self.payload.getvalue(), "the %s request" % self.method)
+            self._json = shaped({} if value is None else value,
+                                METHOD_SHAPES.get((self.area, self.method), {}), self.method)
         return self._json
 
     def close(self):
@@ -1145,21 +1269,15 @@ class BodyReader:
     modern Anki client uses, is decoded here.
     """
 
-    def __init__(self, rfile, headers, limit):
+    def __init__(self, rfile, head, limit):
         self.rfile = rfile
         self.limit = limit
         self.received = 0
-        self.chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
-        self.remaining = 0          # bytes left in the current chunk or in the body
-        self.finished = False
-        if not self.chunked:
-            length = headers.get("Content-Length", "0").strip() or "0"
-            if not length.isdigit():
-                raise bad_request("bad Content-Length header")
-            self.remaining = int(length)
-            if self.remaining > limit:
-                raise body_too_large(self.remaining, limit)
-            self.finished = self.remaining == 0
+        self.chunked = head.chunked         # RequestHead has checked the framing already
+        self.remaining = 0 if self.chunked else head.length    # in the chunk, or the body
+        if self.remaining > limit:
+            raise body_too_large(self.remaining, limit)
+        self.finished = not self.chunked and self.remaining == 0
 
     def read(self, n=IO_BLOCK):
         if self.finished:
@@ -1188,11 +1306,12 @@ class BodyReader:
 
     def _next_chunk_size(self):
         line = self.rfile.readline(CHUNK_LINE_MAX)
-        size = line.split(b";", 1)[0].strip()
-        try:
-            return int(size, 16)
-        except ValueError:
-            raise bad_request("bad chunked encoding: chunk size %r" % size[:QUOTED_MAX])
+        match = CHUNK_SIZE_LINE.fullmatch(line)
+        if not match:
+            if not line.endswith(b"\n"):
+                raise bad_request("request body ended early")
+            raise bad_request("bad chunked encoding: chunk size line %r" % line[:QUOTED_MAX])
+        return int(match.group(1), 16)
 
     def _skip_trailers(self):
         for _ in range(100):
@@ -1388,13 +1507,12 @@ class Envelopes:
         return req
 
     def _decode_modern(self, req, header, body):
-        try:
-            fields = json.loads(header)
-            version, hkey, client, skey = fields["v"], fields["k"], fields["c"], fields["s"]
-        except (ValueError, KeyError, TypeError):
+        fields = client_json(header, "the anki-sync header")
+        if not (isinstance(fields, dict) and all(k in fields for k in "vkcs")):
             raise bad_request("bad anki-sync header: a JSON object with v, k, c and s is expected")
-        req.version = SyncVersion.check(version)
-        req.hkey, req.skey, req.client_version = str(hkey), str(skey), str(client)
+        shaped(fields, SYNC_HEADER, "the anki-sync header")
+        req.version = SyncVersion.check(fields["v"])
+        req.hkey, req.skey, req.client_version = fields["k"], fields["s"], fields["c"]
         limit = self.payload_limit(req)
         req.payload = Spool(self.spool_folder, limit, "decompressed body")
         try:
@@ -2198,22 +2316,18 @@ class CollectionSync:
         self.abort_session()
         self.collection.detach_readers(self.collection.path)
         conn = self.collection.open()
-        self.session = SyncSession(req.skey, conn, to_int(data.get("minUsn", 0), "minUsn"),
-                                   bool(data.get("lnewer")))
+        self.session = SyncSession(req.skey, conn, data.get("minUsn") or 0,
+                                   data.get("lnewer", False))
         graves = self.session.pending_graves()
-        legacy = data.get("graves")
-        if legacy:
+        if data.get("graves"):
             # AnkiDroid and old clients send all their deletions here instead of applyGraves.
-            if not isinstance(legacy, dict):
-                raise bad_request("start: `graves` must be an object")
-            self.session.apply_graves(legacy)
+            self.session.apply_graves(data["graves"])
         return graves
 
     def applyGraves(self, data, req):
-        chunk = data.get("chunk")
-        if not isinstance(chunk, dict):
+        if data.get("chunk") is None:
             raise bad_request("applyGraves needs a `chunk` object")
-        self.session.apply_graves(chunk)
+        self.session.apply_graves(data["chunk"])
         return None
 
     def applyChanges(self, data, req):
@@ -2232,9 +2346,8 @@ class CollectionSync:
         client = data.get("client")
         server = self.session.sanity_counts()
         ok = False
-        if isinstance(client, list) and len(client) == 8 and server is not None:
-            client = [[0, 0, 0]] + [to_int(v, "sanity count") for v in client[1:]]
-            client[4] = 0
+        if client is not None and server is not None:
+            client = [[0, 0, 0]] + client[1:4] + [0] + client[5:]
             ok = client == server
         if not ok:
             self.session.rollback()
@@ -2354,7 +2467,7 @@ class SyncSession:
 
     def apply_graves(self, graves):
         usn = self.server_usn
-        cards, notes, decks = (graves_list(graves, key) for key in ("cards", "notes", "decks"))
+        cards, notes, decks = (graves.get(key) or [] for key in ("cards", "notes", "decks"))
         if len(cards) + len(notes) + len(decks) > GRAVES_MAX:
             raise bad_request("more than %d deletions in one request" % GRAVES_MAX)
         self.conn.executemany("delete from cards where id=?", ((i,) for i in cards))
@@ -2388,37 +2501,28 @@ class SyncSession:
         return changes
 
     def apply_changes(self, changes):
-        if not isinstance(changes, dict):
+        """`changes` in the shape METHOD_SHAPES gives applyChanges."""
+        if changes is None:
             raise bad_request("applyChanges needs a `changes` object")
-        models = changes.get("models")
-        models = [] if models is None else models
-        decks = changes.get("decks")
-        decks = [[], []] if decks is None else decks
-        if not (isinstance(models, list) and isinstance(decks, list) and len(decks) == 2):
-            raise bad_request("applyChanges: `models` must be a list and `decks` a pair of lists")
-        for model in models:
+        decks, dconfs = changes.get("decks") or ([], [])
+        for model in changes.get("models") or []:
             self.merge_notetype(model)
-        for deck in decks[0] or []:
+        for deck in decks or []:
             self.merge_deck(deck)
-        for dconf in decks[1] or []:
+        for dconf in dconfs or []:
             self.merge_deck_config(dconf)
         for tag in changes.get("tags") or []:
             self.add_tag(tag)
         if changes.get("crt") is not None:
-            self.objects.crt = to_int(changes["crt"], "crt")
+            self.objects.crt = changes["crt"]
             self.objects.dirty.add("crt")
         if changes.get("conf") is not None:
-            if not isinstance(changes["conf"], dict):
-                raise bad_request("applyChanges: `conf` must be an object")
             self.objects.conf = changes["conf"]
             self.objects.dirty.add("conf")
 
     def _newer_than_stored(self, mapping, obj, what):
-        if not isinstance(obj, dict):
-            raise bad_request("applyChanges: a %s must be an object" % what)
-        oid = to_int(obj.get("id"), "%s id" % what)
-        obj["id"] = oid
-        obj["mod"] = to_int(obj.get("mod", 0), "%s mod" % what)
+        oid = obj["id"] = to_int(obj.get("id"), "%s id" % what)
+        obj["mod"] = obj.get("mod") or 0
         existing = mapping.get(str(oid))
         if existing is not None and to_int(existing.get("mod", 0)) > obj["mod"]:
             return None
@@ -2467,8 +2571,6 @@ class SyncSession:
         self.objects.dirty.add("dconf")
 
     def add_tag(self, tag):
-        if not isinstance(tag, str):
-            raise bad_request("applyChanges: tags must be strings")
         tag = normalize_tag(tag)
         if not tag:
             return
@@ -2515,7 +2617,8 @@ class SyncSession:
         return reply
 
     def apply_chunk(self, chunk, overlap=True):
-        if not isinstance(chunk, dict):
+        """`chunk` in the shape METHOD_SHAPES gives applyChunk: every row checked."""
+        if chunk is None:
             raise bad_request("applyChunk needs a `chunk` object")
         revlog = [self.revlog_row(r) for r in chunk.get("revlog") or []]
         cards = [self.card_row(r) for r in chunk.get("cards") or []]
@@ -2579,26 +2682,17 @@ class SyncSession:
                                   % (table, ",".join("?" * len(keep[0]))), keep)
 
     def revlog_row(self, row):
-        row = checked_row(row, 9, "revlog")
-        values = [v if type(v) is int else to_int(v, "revlog value") for v in row]
-        values[2] = self.server_usn
-        return values
+        row[2] = self.server_usn
+        return row
 
     def card_row(self, row):
-        row = checked_row(row, 18, "card")
-        values = [v if type(v) is int else to_int(v, "card value") for v in row[:17]]
-        values[5] = self.server_usn
+        row[5] = self.server_usn
         data = row[17]
-        values.append(data if isinstance(data, str) else json.dumps(data))
-        return values
+        row[17] = data if isinstance(data, str) else json.dumps(data)
+        return row
 
     def note_row(self, row):
-        row = checked_row(row, 11, "note")
         nid, guid, mid, mod, _, tags, flds = row[:7]
-        if not (type(nid) is int and type(mid) is int and type(mod) is int):
-            nid, mid, mod = to_int(nid, "note id"), to_int(mid, "note mid"), to_int(mod, "note mod")
-        if not (type(guid) is str and type(tags) is str and type(flds) is str):
-            raise bad_request("note %s: guid, tags and fields must be strings" % nid)
         model = self.objects.models.get(str(mid))
         if model is None:
             raise bad_request("note %s uses notetype %s, which this collection does not have"
@@ -2674,41 +2768,8 @@ class CollectionObjects:
         self.dirty.clear()
 
 
-def checked_row(row, length, what):
-    if not isinstance(row, list) or len(row) != length:
-        raise bad_request("a %s row must be a list of %d values" % (what, length))
-    return row
-
-
-def graves_list(graves, key):
-    values = graves.get(key) or []
-    if not isinstance(values, list):
-        raise bad_request("graves: `%s` must be a list of ids" % key)
-    return [to_int(v, "grave id") for v in values]
-
-
 def now_ms():
     return int(time.time() * 1000)
-
-
-def to_int(value, what="value"):
-    """Numbers as clients send them: ints, floats (legacy) or numeric strings."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    try:
-        if isinstance(value, float):
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                return int(float(value))
-    except (ValueError, OverflowError):
-        pass
-    raise bad_request("%s must be a number, not %r" % (what, value if not isinstance(value, str)
-                                                       else value[:QUOTED_MAX]))
 
 
 ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -2807,7 +2868,7 @@ class MediaSync:
         return self.wrapped({"usn": self.store.usn(), "sk": req.hkey})
 
     def mediaChanges(self, req):
-        since = to_int(req.json().get("lastUsn", 0), "lastUsn")
+        since = req.json().get("lastUsn") or 0
         return self.wrapped([[name, usn, csum.hex() if size else ""]
                              for name, usn, csum, size in self.store.changes_since(since)])
 
@@ -2817,7 +2878,7 @@ class MediaSync:
 
     def downloadFiles(self, req):
         names = req.json().get("files")
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        if names is None:
             raise bad_request("downloadFiles needs a list of file names")
         if len(names) > MEDIA_DOWNLOAD_FILES_MAX:
             raise bad_request("downloadFiles: at most %d files per request"
@@ -2895,13 +2956,10 @@ class MediaSync:
                     raise bad_request("uploadChanges: more than %d files in one zip"
                                       % MEDIA_UPLOAD_MAX_FILES)
                 meta = self._read_zip_meta(archive, entries)
-                stored = self.store.entries([item[0] for item in meta if isinstance(item, list)
-                                             and item and isinstance(item[0], str)])
+                stored = self.store.entries([name for name, _ in meta])
                 changes, names, total = [], set(), 0
-                for item in meta:
-                    if not (isinstance(item, list) and len(item) == 2):
-                        raise bad_request("uploadChanges: _meta entries must be [name, entry]")
-                    name, entry = check_media_name(item[0]), item[1]
+                for name, entry in meta:
+                    name = check_media_name(name)
                     if name in names:
                         raise bad_request("uploadChanges: %r appears twice" % name[:QUOTED_MAX])
                     names.add(name)
@@ -2935,10 +2993,12 @@ class MediaSync:
         if entries["_meta"].size > MEDIA_META_MAX:
             raise bad_request("uploadChanges: _meta over %d bytes" % MEDIA_META_MAX)
         try:
-            meta = json.loads(archive.read(entries["_meta"]).decode("utf-8"))
-        except (ValueError, zlib.error) as e:       # ZipError is a ValueError
+            raw = archive.read(entries["_meta"])
+        except (ZipError, zlib.error) as e:
             raise bad_request("uploadChanges: unreadable _meta (%s)" % str(e)[:80])
-        if not isinstance(meta, list) or len(meta) > MEDIA_UPLOAD_MAX_FILES:
+        meta = shaped(client_json(raw, "uploadChanges: _meta"), MEDIA_ZIP_META,
+                      "uploadChanges: a _meta entry [name, zip entry]")
+        if len(meta) > MEDIA_UPLOAD_MAX_FILES:
             raise bad_request("uploadChanges: _meta must list at most %d changes"
                               % MEDIA_UPLOAD_MAX_FILES)
         return meta
@@ -2955,7 +3015,7 @@ class MediaSync:
             temp = self.store.path_of(name)
             out = open(temp, "wb", buffering=0)
         else:
-            fd, temp = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=self.store.folder)
+            fd, temp = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=self.store.user_folder)
             out = os.fdopen(fd, "wb", buffering=0)
         incoming.append(temp)
         digest = hashlib.sha1()
@@ -2980,7 +3040,8 @@ class MediaStore:
     """A user's media files and the database that numbers their changes."""
 
     def __init__(self, folder):
-        self.folder = os.path.join(folder, "media")
+        self.user_folder = folder           # where files on their way in wait: not in media/,
+        self.folder = os.path.join(folder, "media")     # whose names are the devices' own
         self.db_path = os.path.join(folder, "media.db")
         self.lock = threading.Lock()        # held by the media method in progress
         self.folder_lock = FolderLock(os.path.join(folder, MEDIA_LOCK))
@@ -3032,7 +3093,8 @@ class MediaStore:
                 os.replace(self.db_path + suffix, aside + suffix)
         db = self._open()
         usn, total = int(time.time()), 0
-        names = sorted(n for n in os.listdir(self.folder) if not n.startswith("."))
+        names = sorted(n for n in os.listdir(self.folder)
+                       if os.path.isfile(os.path.join(self.folder, n)))
         with transaction(db):
             for usn, name in enumerate(names, usn + 1):
                 with open(os.path.join(self.folder, name), "rb") as f:
@@ -3532,7 +3594,7 @@ def bring_back_media(store, trash, since):
     copies = []
     try:
         for name in returned:       # copies, so the trash keeps its own for the next restore
-            fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=store.folder)
+            fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=store.user_folder)
             os.close(fd)
             copies.append((name, copy))
             shutil.copyfile(wanted[name], copy)
@@ -3788,12 +3850,24 @@ class SyncApp:
         self.later = Later()
 
     def _clean_leftovers(self):
-        """Temporary files of a server that was killed mid-request."""
-        for root, _, files in os.walk(self.config.data):
-            for name in files:
-                if name.startswith(TEMP_PREFIXES) or name.endswith(TEMP_CONVERT):
+        """Temporary files of a server that was killed mid-request, looked for only where
+        the server makes them: never in media/, where a device names its files as it likes
+        (`.backup-notes.txt` is a picture's name there, not a leftover)."""
+        data = self.config.data
+        folders = [data, self.spool_folder]
+        for entry in os.scandir(data):
+            if entry.is_dir(follow_symlinks=False) and entry.path != self.spool_folder:
+                folders += [entry.path, os.path.join(entry.path, BACKUP_FOLDER)]
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if (entry.name.startswith(TEMP_PREFIXES) or entry.name.endswith(TEMP_CONVERT)) \
+                        and entry.is_file(follow_symlinks=False):
                     try:
-                        os.unlink(os.path.join(root, name))
+                        os.unlink(entry.path)
                     except OSError:
                         pass
 
@@ -4113,6 +4187,12 @@ of the path.</p>
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
 HEAD_END = re.compile(rb"\r?\n\r?\n")
+# RFC 9112's grammar, strictly: a token method, a target of visible ASCII, one space each.
+TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+REQUEST_LINE = re.compile(r"%s [\x21-\x7e]+ HTTP/1\.[01]" % TOKEN)
+HEADER_LINE = re.compile(r"(%s):([\t\x20-\x7e\x80-\xff]*)" % TOKEN)
+CONTENT_LENGTH = re.compile(r"[0-9]{1,%d}" % LENGTH_DIGITS_MAX)
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,%d})[ \t]*(?:;[^\r\n]*)?\r?\n" % CHUNK_DIGITS_MAX)
 
 
 class RequestHeaders(dict):
@@ -4126,32 +4206,50 @@ class RequestHead:
     """A request line and its headers, read by the listener before a worker is spent.
 
     http.server's own parser goes through the email package, which cost a fifth of
-    a small request; this one takes what HTTP/1.1 clients send and refuses the rest.
+    a small request; this one takes what HTTP/1.1 clients send (RFC 9112) and refuses
+    the rest with a 400 that closes the connection: a number that is not ASCII digits,
+    a header name that is no token, two lengths that disagree. Lenient framing is how
+    one request hides inside another on the way through a proxy.
     """
 
     def __init__(self, block):
         lines = block.decode("latin-1").split("\n")
         self.requestline = lines[0].rstrip("\r")
-        words = self.requestline.split()
-        if len(words) != 3 or words[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        if not REQUEST_LINE.fullmatch(self.requestline):
             raise bad_request("bad request line")
-        self.command, self.path, self.version = words
+        self.command, self.path, self.version = self.requestline.split(" ")
         if len(lines) > MAX_HEADERS + 1:
             raise SyncError(431, "more than %d headers" % MAX_HEADERS)
         self.headers = RequestHeaders()
+        lengths = set()
         for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise bad_request("bad header line")
-            self.headers[name.strip().lower()] = value.strip()
+            match = HEADER_LINE.fullmatch(line.rstrip("\r"))
+            if not match:
+                raise bad_request("bad header line %r" % line[:QUOTED_MAX])
+            name, value = match.group(1).lower(), match.group(2).strip(" \t")
+            if name == "content-length":
+                lengths.add(value)
+            elif name == "transfer-encoding" and name in self.headers:
+                value = self.headers[name] + ", " + value
+            self.headers[name] = value
         connection = self.headers.get("connection", "").lower()
         self.close = connection == "close" or (self.version == "HTTP/1.0"
                                                and connection != "keep-alive")
         self.expect_continue = self.version == "HTTP/1.1" and \
             self.headers.get("expect", "").lower() == "100-continue"
-        self.chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        length = self.headers.get("content-length", "0").strip() or "0"
-        self.length = int(length) if length.isdigit() else 0      # BodyReader refuses it
+        coding = self.headers.get("transfer-encoding")
+        self.chunked = coding is not None
+        if self.chunked and coding.lower() != "chunked":
+            raise bad_request("transfer coding %r: ankisync takes chunked bodies only"
+                              % coding[:QUOTED_MAX])
+        if len(lengths) > 1:
+            raise bad_request("two different Content-Length headers")
+        length = lengths.pop() if lengths else "0"
+        if not CONTENT_LENGTH.fullmatch(length):
+            raise bad_request("bad Content-Length %r: ASCII digits expected" % length[:QUOTED_MAX])
+        self.length = 0 if self.chunked else int(length)
+        if self.chunked and lengths:
+            self.close = True       # RFC 9112 6.3: chunked wins, and the connection ends
 
     def preread(self):
         """How much of the body the listener gathers before a worker reads on.
@@ -4241,7 +4339,7 @@ class Handler(BaseHTTPRequestHandler):
         req, status, sent, what = None, 200, 0, "-"
         body = None
         try:
-            body = BodyReader(self.rfile, self.headers, app.config.max_payload)
+            body = BodyReader(self.rfile, self.conn.head, app.config.max_payload)
             area, method = route(self.path, app.base_path)
             what = "%s/%s" % (area, method)
             if area == "page":
@@ -4550,8 +4648,16 @@ class Workers:
             with self.lock:
                 self.idle -= 1
                 self.waiting -= 1
-            self.serve(job)
+            try:
+                self.serve(job)
+            except Exception:       # a fault of ours: logged, and the thread serves on
+                log.exception("worker fault")
         release_memory()
+
+    def busy(self):
+        """Jobs being served or waiting: 0 once every request has had its answer."""
+        with self.lock:
+            return self.threads - self.idle + self.waiting
 
 
 def release_memory():
@@ -4632,16 +4738,24 @@ class Server(ThreadingHTTPServer):
         next_sweep = time.monotonic() + poll_interval
         while self.running:
             for key, _ in self.selector.select(poll_interval):
-                try:
-                    self.on_event(key.data)
-                except Exception:           # a fault of ours: that connection, not the server
-                    log.exception("listener error on %s", key.data)
-                    if isinstance(key.data, Connection):
-                        self.close(key.data)
+                self.guarded(self.on_event, key.data)
             now = time.monotonic()
             if now >= next_sweep:
-                self.sweep(now)
+                for conn in [c for c in self.connections if c.registered and c.deadline < now]:
+                    self.guarded(self.expire, conn)
                 next_sweep = now + poll_interval
+
+    def guarded(self, step, what):
+        """One step of the loop; a fault of ours costs that connection, never the listener."""
+        try:
+            step(what)
+        except Exception:
+            log.exception("listener fault on %s", what)
+            if isinstance(what, Connection):
+                try:
+                    self.close(what)
+                except Exception:
+                    log.exception("and again while closing it")
 
     def on_event(self, what):
         if what == "accept":
@@ -4803,18 +4917,22 @@ class Server(ThreadingHTTPServer):
 
     def serve_request(self, conn):
         """On a worker: answer the request, and the next ones while they come at once;
-        then give the connection back."""
-        while True:
-            conn.keep = False
-            try:
-                self.finish_request(conn, conn.address)
-            except Exception:
-                log.debug("connection from %s ended with an error", conn.peer, exc_info=True)
+        then give the connection back, whatever happened on the way."""
+        try:
+            while True:
                 conn.keep = False
-            if not (conn.keep and self.next_request(conn)):
-                break
-        self.returned.put(conn)
-        self.wake()
+                self.finish_request(conn, conn.address)
+                if not (conn.keep and self.next_request(conn)):
+                    break
+        except OSError as e:            # the client went away: no fault of anyone's here
+            log.debug("connection from %s ended: %s", conn.peer, e)
+            conn.keep = False
+        except Exception:
+            log.exception("fault while serving %s: its connection is closed", conn.peer)
+            conn.keep = False
+        finally:
+            self.returned.put(conn)
+            self.wake()
 
     def next_request(self, conn):
         """True when the next request has arrived whole within HOT_WAIT: a client in
@@ -4852,12 +4970,15 @@ class Server(ThreadingHTTPServer):
                 conn = self.returned.get_nowait()
             except queue.Empty:
                 return
-            if conn.keep:
-                self.park(conn)
-            elif conn.ended:            # the client closed: nothing left to linger for
-                self.close(conn)
-            else:
-                self.linger(conn)
+            self.guarded(self.welcome_back, conn)
+
+    def welcome_back(self, conn):
+        if conn.keep:
+            self.park(conn)
+        elif conn.ended:            # the client closed: nothing left to linger for
+            self.close(conn)
+        else:
+            self.linger(conn)
 
     def park(self, conn):
         """A kept-alive connection waits here for its next request, or for the rest of
@@ -4875,16 +4996,16 @@ class Server(ThreadingHTTPServer):
 
     # -- closing --------------------------------------------------------------
 
-    def sweep(self, now):
-        for conn in [c for c in self.connections if c.registered and c.deadline < now]:
-            if conn.state in ("head", "body"):
-                self.refuse(conn, SyncError(408, "the request took too long to arrive"))
-            elif conn.state in ("hello", "handshake") and self.tls is not None:
-                self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
-                            conn.peer, HEADER_TIMEOUT)
-                self.close(conn)
-            else:
-                self.close(conn)
+    def expire(self, conn):
+        """A connection past its deadline: a request too slow to arrive, or an idle one."""
+        if conn.state in ("head", "body"):
+            self.refuse(conn, SyncError(408, "the request took too long to arrive"))
+        elif conn.state in ("hello", "handshake") and self.tls is not None:
+            self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
+                        conn.peer, HEADER_TIMEOUT)
+            self.close(conn)
+        else:
+            self.close(conn)
 
     def refuse(self, conn, error):
         """Answer what the listener will not hand on, and close: the client learns why."""
@@ -6652,22 +6773,13 @@ def choose_zstd(preference=None):
 # ---------------------------------------------------------------------------
 
 # --- JSON as the official writer formats it (docs/protocol.md 5.11) -------------------
-def _reject_constant(name):
-    # Python accepts NaN/Infinity tokens; the official parser does not.
-    raise ValueError("invalid JSON number " + name)
-
-
 def loads_strict(text):
-    """json.loads that refuses what the official parser refuses: non-UTF-8
-    bytes, NaN/Infinity, out-of-range numbers and escaped lone surrogates.
-    Every failure is a ValueError."""
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        text = bytes(text).decode("utf-8")
-    value = json.loads(text, parse_constant=_reject_constant)
-    # Fails on 1e400 (inf) and on lone surrogates, which also could not be
-    # stored back as UTF-8.
-    json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    return value
+    """JSON inside an upload, decoded as client_json decodes a request's; every failure
+    is a ValueError, as the conversion expects."""
+    try:
+        return client_json(text, "JSON")
+    except SyncError as e:
+        raise ValueError(e.reason) from None
 
 
 def _finite(obj):

@@ -2019,10 +2019,15 @@ class Headers(dict):
         return default
 
 
+def request_head(*headers):
+    """A POST's head as the listener parses it, with these header lines."""
+    return ankisync.RequestHead("\r\n".join(("POST /sync/meta HTTP/1.1",) + headers).encode())
+
+
 def test_chunked_body_decodes_with_extensions_and_trailers():
     payload = os.urandom(5000)
     reader = ankisync.BodyReader(io.BufferedReader(io.BytesIO(chunked(payload))),
-                                 Headers({"Transfer-Encoding": "chunked"}), 10**6)
+                                 request_head("Transfer-Encoding: chunked"), 10**6)
     sink = bytearray()
     ankisync.copy_stream(reader.read, sink.extend)
     assert bytes(sink) == payload and reader.finished
@@ -2036,7 +2041,7 @@ def test_chunked_body_decodes_with_extensions_and_trailers():
 ])
 def test_broken_chunked_bodies_are_refused(body, status):
     reader = ankisync.BodyReader(io.BufferedReader(io.BytesIO(body)),
-                                 Headers({"Transfer-Encoding": "chunked"}), 1000)
+                                 request_head("Transfer-Encoding: chunked"), 1000)
     with pytest.raises(ankisync.SyncError) as e:
         ankisync.copy_stream(reader.read, lambda b: None)
     assert e.value.status == status
@@ -2044,7 +2049,7 @@ def test_broken_chunked_bodies_are_refused(body, status):
 
 def test_content_length_over_the_limit_is_refused_before_reading():
     with pytest.raises(ankisync.SyncError) as e:
-        ankisync.BodyReader(io.BytesIO(b""), Headers({"Content-Length": "5000"}), 1000)
+        ankisync.BodyReader(io.BytesIO(b""), request_head("Content-Length: 5000"), 1000)
     assert e.value.status == 413
 
 
@@ -2125,7 +2130,7 @@ def test_every_traced_request_decodes_to_what_the_client_sent(app, monkeypatch):
         area, method = ankisync.route(request["path"], "/")
         handler = FakeHandler(exchange)
         body = ankisync.BodyReader(io.BufferedReader(io.BytesIO(raw)),
-                                   Headers({"Content-Length": str(len(raw))}), 10**8)
+                                   request_head("Content-Length: %d" % len(raw)), 10**8)
         req = app.envelopes.decode(handler, "127.0.0.1", area, method, body)
         try:
             if "json" in request:
