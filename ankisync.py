@@ -291,11 +291,17 @@ class SyncVersion:
     V11_DIRECT_POST = 11        # Anki 2.1.57, AnkiDroid 2.16, AnkiMobile: header and zstd
     MIN, MAX = V08_SESSIONKEY, V11_DIRECT_POST
 
+    PLAUSIBLE = range(1, 100)   # a version some Anki could name; past it, no version at all
+
     @classmethod
     def check(cls, version):
-        """`version` if ankisync speaks it; else the 501 that old clients expect."""
+        """`version` if ankisync speaks it. Else, for a version a client could have, the
+        501 that old clients turn into "please upgrade Anki" (the official server's
+        answer too); for any other value, a 400."""
         if not isinstance(version, int) or isinstance(version, bool):
             raise bad_request("the client's sync version `v` is missing")
+        if version not in cls.PLAUSIBLE:
+            raise bad_request("%d is no sync version" % version)
         if not cls.MIN <= version <= cls.MAX:
             raise SyncError(501, "sync version %d is not supported (%d to %d are)"
                             % (version, cls.MIN, cls.MAX))
@@ -401,12 +407,13 @@ METHOD_SHAPES = {
         "conf": {}, "crt": INT}},
     ("sync", "applyChunk"): {"chunk": {
         "revlog": [REVLOG_ROW], "cards": [CARD_ROW], "notes": [NOTE_ROW], "done": FLAG}},
-    ("sync", "sanityCheck2"): {"client": (ANY,) + (INT,) * 7},
+    ("sync", "sanityCheck2"): {"client": ANY},     # SANITY_COUNTS, or why the client failed
     ("msync", "mediaChanges"): {"lastUsn": INT},
     ("msync", "mediaSanity"): {"local": INT},
     ("msync", "downloadFiles"): {"files": [TEXT]},
 }
 MEDIA_ZIP_META = [(TEXT, ANY)]                  # uploadChanges' _meta: [name, zip entry or null]
+SANITY_COUNTS = (ANY,) + (INT,) * 7             # [due counts], cards, notes, revlog, ...
 SYNC_HEADER = {"v": ANY, "k": TEXT, "c": TEXT, "s": TEXT}     # the anki-sync header's fields
 
 
@@ -1888,12 +1895,39 @@ def prepare_collection_file(path, schema18_copy=None):
         else:
             raise CorruptCollection(
                 "Unsupported collection version %s: please update the sync server." % (version,))
+        check_tables(conn)
         conn.execute("pragma journal_mode=delete")
     except sqlite3.DatabaseError:
         raise CorruptCollection(UPLOAD_CORRUPT)
     finally:
         conn.close()
     remove_side_files(path)
+
+
+SCHEMA11_COLUMNS = {}       # table -> its columns, as SCHEMA11_DDL makes them (filled once)
+
+
+def check_tables(conn):
+    """Every table a sync reads, with every column, and no value a sync could not send:
+    a file can pass SQLite's integrity check with a table dropped, or bytes where Anki
+    keeps numbers and text, and would then fail every sync after it."""
+    if not SCHEMA11_COLUMNS:
+        model = sqlite3.connect(":memory:")
+        model.executescript(SCHEMA11_DDL)
+        for (table,) in model.execute("select name from sqlite_master where type='table'"):
+            SCHEMA11_COLUMNS[table] = [r[1] for r in model.execute("pragma table_info(%s)"
+                                                                   % table)]
+        model.close()
+    for table, columns in SCHEMA11_COLUMNS.items():
+        present = {row[1] for row in conn.execute('pragma table_info("%s")' % table)}
+        missing = [column for column in columns if column not in present]
+        if missing:
+            log.info("upload refused: %s lacks %s", table, ", ".join(missing))
+            raise CorruptCollection(UPLOAD_CORRUPT)
+        odd = " or ".join("typeof(\"%s\") in ('blob', 'null')" % column for column in columns)
+        if conn.execute("select 1 from %s where %s limit 1" % (table, odd)).fetchone():
+            log.info("upload refused: %s holds a blob or a null", table)
+            raise CorruptCollection(UPLOAD_CORRUPT)
 
 
 def fsync_path(path):
@@ -2346,7 +2380,8 @@ class CollectionSync:
         client = data.get("client")
         server = self.session.sanity_counts()
         ok = False
-        if client is not None and server is not None:
+        if isinstance(client, list) and len(client) == len(SANITY_COUNTS) and server is not None:
+            client = shaped(client, SANITY_COUNTS, "sanityCheck2: the client's counts")
             client = [[0, 0, 0]] + client[1:4] + [0] + client[5:]
             ok = client == server
         if not ok:
@@ -3642,42 +3677,63 @@ def export_package(folder, out_path):
     return notes, cards, len(media)
 
 
+# A package's collection is unpacked to a file, so the disk is its real limit; zstd wants
+# a number all the same.
+PACKAGE_COLLECTION_MAX = 1 << 40
+
+
+class PackageError(ValueError):
+    """What is wrong with a .colpkg, in words; `import` names the file before them."""
+
+
 def import_package(folder, package, zstd):
     """A .colpkg (any Anki's: 2.1's layout or the newer zstd one) becomes the user's
-    collection, a restore point of the old one kept first; its media join the user's."""
+    collection, a restore point of the old one kept first; its media join the user's.
+    A package that cannot be read raises PackageError, and nothing changes."""
+    try:
+        source = open(package, "rb")
+    except IsADirectoryError:
+        raise PackageError("a folder, not a .colpkg file") from None
+    except OSError as e:
+        raise PackageError(e.strerror or str(e)) from None
     fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=folder.path)
     os.close(fd)
     incoming = []
     try:
-        try:
-            archive = zipfile.ZipFile(package)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise ValueError("%s is not a collection package (%s)" % (package, e))
-        with archive:
+        with source, open_package(source) as archive:
             entries = set(archive.namelist())
             latest = package_version(archive, entries) == PACKAGE_LATEST
             name = ("collection.anki21b" if latest else "collection.anki21"
                     if "collection.anki21" in entries else "collection.anki2")
             if name not in entries:
-                raise ValueError("%s holds no collection" % package)
-            with archive.open(name) as src, open(temp, "wb") as out:
+                raise PackageError("it holds no %s: not a collection package" % name
+                                   if entries else "an empty zip, not a collection package")
+            with package_entry(archive, name) as src, open(temp, "wb") as out:
                 if latest:
-                    zstd.decompress_stream(src.read, out.write, 1 << 40)
+                    zstd.decompress_stream(src.read, out.write, PACKAGE_COLLECTION_MAX)
                 else:
                     copy_stream(src.read, out.write)
             try:
                 prepare_collection_file(temp)
             except CorruptCollection as e:
-                raise ValueError("%s: %s" % (package, e.reason))
-            for index, media_name in package_media(archive, entries, latest, zstd):
+                raise PackageError("the collection inside is not an Anki collection"
+                                   if e.reason == UPLOAD_CORRUPT else
+                                   "the collection inside cannot be used: %s" % e.reason) from None
+            # Every name is checked (package_media) before a temp file is made for it.
+            for entry_name, media_name in package_media(archive, entries, latest, zstd):
                 fd, path = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
                 os.close(fd)
-                incoming.append((check_media_name(media_name), path))
-                with archive.open(str(index)) as src, open(path, "wb") as out:
-                    if latest:
-                        zstd.decompress_stream(src.read, out.write, MEDIA_FILE_MAX)
-                    else:
+                incoming.append((media_name, path))
+                shown = "media file %r" % media_name[:QUOTED_MAX]
+                with package_entry(archive, entry_name, shown) as src, open(path, "wb") as out:
+                    if not latest:
                         copy_stream(src.read, out.write)
+                        continue
+                    try:
+                        zstd.decompress_stream(src.read, out.write, MEDIA_FILE_MAX)
+                    except ZstdLimitError:
+                        raise PackageError("%s is over %d MiB" % (
+                            shown, MEDIA_FILE_MAX // MIB)) from None
         with folder.locked():
             before = folder.points.keep(folder.collection.path, "import",
                                         "before importing %s" % os.path.basename(package))
@@ -3690,38 +3746,100 @@ def import_package(folder, package, zstd):
         for path in [temp] + [path for _, path in incoming]:
             if os.path.exists(path):
                 os.unlink(path)
+        remove_side_files(temp)
+
+
+def open_package(source):
+    """The zip a .colpkg is, or PackageError: a file that starts as a zip but has no end
+    was cut short (a copy or download that stopped)."""
+    try:
+        return zipfile.ZipFile(source)
+    except zipfile.BadZipFile:
+        source.seek(0)
+        magic = struct.pack("<I", ZIP_LOCAL_MAGIC)
+        if source.read(len(magic)) == magic:
+            raise PackageError("truncated: the zip's end is missing") from None
+        raise PackageError("not a zip file (Anki's File > Export writes one)") from None
+
+
+@contextlib.contextmanager
+def package_entry(archive, name, shown=None):
+    """One entry of a .colpkg, open for reading. What zipfile, zlib and zstd raise for a
+    damaged one (a bad CRC, a deflate or zstd stream that is corrupt or ends early, an
+    unknown compression method) comes out as a PackageError that names it as `shown`."""
+    shown = shown or repr(name[:QUOTED_MAX])
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise PackageError("it holds no entry %r" % name[:QUOTED_MAX]) from None
+    if info.flag_bits & ZIP_ENCRYPTED:
+        raise PackageError("%s is encrypted" % shown)
+    try:
+        opened = archive.open(info)
+    # OSError: a damaged directory points before the file's start, where seek() fails.
+    except (OSError, zipfile.BadZipFile, NotImplementedError) as e:
+        raise PackageError("%s is damaged (%s)" % (shown, e)) from None
+    try:
+        with opened as entry:
+            yield entry
+    except EOFError:
+        raise PackageError("truncated: %s ends early" % shown) from None
+    except (zipfile.BadZipFile, zlib.error, ZstdError) as e:
+        raise PackageError("%s is damaged (%s)" % (shown, e)) from None
 
 
 def package_version(archive, entries):
     """The `meta` entry's version (PackageMetadata field 1); 2.1's packages have none."""
     if "meta" not in entries:
         return PACKAGE_LEGACY
-    with archive.open("meta") as f:
-        fields = proto_fields(f.read(MEDIA_META_MAX))
-    version = pb_uint32(fields, 1)
+    with package_entry(archive, "meta") as f:
+        raw = f.read(MEDIA_META_MAX)
+    try:
+        version = pb_uint32(proto_fields(raw), 1)
+    except CorruptCollection as e:
+        raise PackageError("its meta entry cannot be read (%s)" % e.reason) from None
     if version not in (PACKAGE_LEGACY, PACKAGE_LEGACY_2, PACKAGE_LATEST):
-        raise ValueError("the package is from a newer Anki than ankisync knows")
+        raise PackageError("it is from a newer Anki than ankisync knows (package version %d)"
+                           % version)
     return version
 
 
 def package_media(archive, entries, latest, zstd):
-    """(zip entry number, file name) of the package's media."""
+    """(zip entry, file name) of the package's media: each name one ankisync stores, and
+    named once (twice would count its file twice in media.db), each entry in the zip."""
     if "media" not in entries:
         return []           # old AnkiDroid packages have no media map
-    with archive.open("media") as f:
+    with package_entry(archive, "media") as f:
         raw = f.read(JSON_PAYLOAD_MAX)
-    if not latest:
-        try:
-            return sorted((int(k), v) for k, v in json.loads(raw.decode("utf-8")).items())
-        except (ValueError, AttributeError):
-            raise ValueError("the package's media list cannot be read")
-    listing = bytearray()
     try:
-        zstd.decompress_stream(io.BytesIO(raw).read, listing.extend, JSON_PAYLOAD_MAX)
-        entries = pb_messages(proto_fields(bytes(listing)), 1)      # MediaEntries.entries
-        return [(index, pb_string(entry, 1)) for index, entry in enumerate(entries)]
-    except (ZstdError, CorruptCollection):
-        raise ValueError("the package's media list cannot be read")
+        if latest:
+            listing = bytearray()
+            zstd.decompress_stream(io.BytesIO(raw).read, listing.extend, JSON_PAYLOAD_MAX)
+            # MediaEntries.entries; an entry is zip entry <its index>, or the number in
+            # its legacy_zip_filename (255) when that is set, as Anki reads it.
+            media = [(str(pb_uint32(entry, 255) if pb_present(entry, 255) else index),
+                      pb_string(entry, 1))
+                     for index, entry in enumerate(pb_messages(proto_fields(bytes(listing)), 1))]
+        else:
+            # {zip entry: file name}; the numbers in order, for the usns they get.
+            media = sorted(json.loads(raw.decode("utf-8")).items(),
+                           key=lambda item: (len(item[0]), item[0]))
+    except (ValueError, AttributeError, CorruptCollection):     # ZstdError is a ValueError
+        raise PackageError("its media list cannot be read") from None
+    names = set()
+    for entry_name, media_name in media:
+        try:
+            check_media_name(media_name)
+        except SyncError as e:
+            raise PackageError("its media list names a file ankisync cannot store (%s)"
+                               % e.reason) from None
+        if media_name in names:
+            raise PackageError("its media list names %r twice" % media_name[:QUOTED_MAX])
+        names.add(media_name)
+        if entry_name not in entries:
+            raise PackageError("its media list names entry %r for %r, which it does not hold"
+                               % (entry_name[:QUOTED_MAX], media_name[:QUOTED_MAX]))
+    return media
 
 
 def add_media_files(store, files):
@@ -3740,29 +3858,47 @@ def add_media_files(store, files):
 def import_ankisyncd(config, root, zstd):
     """Users, collections and media of an ankisyncd (or anki-sync-server-rs) data folder:
     <root>/auth.db and <root>/collections/<user>/. Old password hashes keep working and
-    become PBKDF2 at each user's first login. Returns what each user got."""
+    become PBKDF2 at each user's first login. Returns [(user, what they got, what went
+    wrong or None)]. An auth.db that cannot be read raises PackageError, naming it,
+    before any user is added."""
     auth = os.path.join(root, "auth.db")
     collections = os.path.join(root, "collections")
-    if not os.path.exists(auth):
-        raise ValueError("%s has no auth.db: give the folder that holds ankisyncd's auth.db "
-                         "and collections/" % root)
-    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(auth)),
-                         uri=True)
+    if not os.path.isdir(root):
+        raise PackageError("%s: no such folder" % root)
+    if not os.path.isfile(auth):
+        raise PackageError("%s: no auth.db in it: give the folder that holds ankisyncd's "
+                           "auth.db and collections/" % root)
     try:
-        columns = [row[1] for row in db.execute("pragma table_info(auth)")]
-        column = "username" if "username" in columns else "user"
-        rows = db.execute("select %s, hash from auth" % column).fetchall()
-    finally:
-        db.close()
-    users, report = UserStore(config.data), []
+        db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(auth)),
+                             uri=True)
+        try:
+            columns = [row[1] for row in db.execute("pragma table_info(auth)")]
+            column = "username" if "username" in columns else "user"
+            rows = db.execute("select %s, hash from auth" % column).fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise PackageError("%s: not ankisyncd's auth.db (%s)" % (auth, e)) from None
+    # Every row is checked first: a bad one found halfway would leave half the users added.
+    users, accounts = UserStore(config.data), []
     for name, old_hash in rows:
+        try:
+            normalize_username(name if isinstance(name, str) else "")
+            accounts.append((name, ankisyncd_phc(name, old_hash)))
+        except ValueError as e:
+            raise PackageError("%s: %s" % (auth, e)) from None
+    if accounts and not os.path.isdir(collections):
+        raise PackageError("%s: no collections/ folder beside auth.db: give the folder that "
+                           "holds both (ankisyncd's data_root)" % root)
+    report = []
+    for name, phc in accounts:
         if users.exists(name):
-            report.append((name, "skipped: there is a user of that name already"))
+            report.append((name, "skipped: there is a user of that name already", None))
             continue
-        users.add(name, phc=ankisyncd_phc(name, old_hash), source="ankisyncd")
+        users.add(name, phc=phc, source="ankisyncd")
         folder = UserFolder(config, users.canonical(name))
         source = os.path.join(collections, name)
-        report.append((name, import_ankisyncd_user(folder, source)))
+        report.append((name,) + import_ankisyncd_user(folder, source))
     return report
 
 
@@ -3776,23 +3912,32 @@ def ankisyncd_phc(name, old_hash):
 
 
 def import_ankisyncd_user(folder, source):
-    """One user's collection and media files; what happened, in words."""
+    """One user's collection and media files: (what happened, in words; what went wrong,
+    naming the file, or None). A collection that cannot be used stays behind: the user's
+    first device uploads its own."""
     collection = os.path.join(source, "collection.anki2")
     if not os.path.exists(collection):
-        return "no collection: the first device uploads"
+        return "no collection: the first device uploads", None
     fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=folder.path)
     os.close(fd)
     try:
-        notes, cards = snapshot_collection(collection, temp)
         try:
+            notes, cards = snapshot_collection(collection, temp)
             prepare_collection_file(temp)
         except CorruptCollection as e:
-            return "collection not imported (%s): the first device uploads" % e.reason
+            why = ("not an Anki collection" if e.reason == UPLOAD_CORRUPT else e.reason)
+        except sqlite3.DatabaseError as e:          # not SQLite at all, no notes table...
+            why = "not a readable Anki collection: %s" % e
+        else:
+            why = None
+        if why is not None:
+            return ("collection not imported (%s): the first device uploads" % why,
+                    "%s: %s" % (collection, why))
         with folder.locked():
             folder.collection.replace_with(temp)
         media = os.path.join(source, "media") if os.path.isdir(os.path.join(source, "media")) \
             else os.path.join(source, "collection.media")
-        files = 0
+        files = refused = 0
         if os.path.isdir(media):
             incoming = []
             try:
@@ -3800,10 +3945,15 @@ def import_ankisyncd_user(folder, source):
                     path = os.path.join(media, name)
                     if name.startswith(".") or not os.path.isfile(path):
                         continue
+                    try:
+                        check_media_name(name)
+                    except SyncError:
+                        refused += 1        # no client could have synced it either
+                        continue
                     fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
                     os.close(fd)
+                    incoming.append((name, copy))
                     shutil.copyfile(path, copy)
-                    incoming.append((check_media_name(name), copy))
                 with folder.locked():
                     store = MediaStore(folder.path)
                     store.start_above_devices()
@@ -3813,10 +3963,13 @@ def import_ankisyncd_user(folder, source):
                 for _, copy in incoming:
                     if os.path.exists(copy):
                         os.unlink(copy)
-        return "%d notes, %d cards, %d media files" % (notes, cards, files)
+        return "%d notes, %d cards, %d media files%s" % (
+            notes, cards, files, " (%d left behind: names ankisync cannot store)" % refused
+            if refused else ""), None
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+        remove_side_files(temp)
 
 
 # ---------------------------------------------------------------------------
@@ -4314,7 +4467,7 @@ class Handler(BaseHTTPRequestHandler):
         verb = getattr(self, "do_" + self.command, None)
         if verb is None:
             self.close_connection = True
-            self.send_text(501, "%s is not an HTTP method ankisync answers"
+            self.send_text(405, "%s is not an HTTP method ankisync answers: use GET or POST"
                            % self.command[:QUOTED_MAX])
         else:
             verb()
@@ -5277,7 +5430,12 @@ def command_export(config, args):
 
 def command_import(config, args):
     folder = user_folder_of(config, args.name)
-    before, files = import_package(folder, args.file, choose_zstd(config.zstd))
+    zstd = choose_zstd(config.zstd)
+    try:
+        before, files = import_package(folder, args.file, zstd)
+    except PackageError as e:
+        # A damaged file is news for the admin, in one line that names it: not a traceback.
+        raise ValueError("cannot import %s: %s" % (args.file, e)) from None
     print("imported %s for %s (%d media files new or changed)%s; every device is asked for "
           "a full sync: choose Download" % (args.file, folder.name, files,
                                              "; the collection before it is restore point %s"
@@ -5285,12 +5443,21 @@ def command_import(config, args):
 
 
 def command_import_ankisyncd(config, args):
-    report = import_ankisyncd(config, args.path, choose_zstd(config.zstd))
-    for name, what in report:
+    zstd = choose_zstd(config.zstd)
+    try:
+        report = import_ankisyncd(config, args.path, zstd)
+    except PackageError as e:
+        raise ValueError("cannot import %s" % e) from None
+    for name, what, _ in report:
         print("%s: %s" % (name, what))
     print("%d users imported; they log in with their old passwords (point each device at "
-          "this server and log in again)" % sum(1 for _, what in report
+          "this server and log in again)" % sum(1 for _, what, _ in report
                                                  if not what.startswith("skipped")))
+    left = ["%s (%s's first device uploads instead)" % (trouble, name)
+            for name, _, trouble in report if trouble]
+    if left:
+        # The users came over, but not everything: a script running this should know.
+        raise ValueError("cannot import %s" % "; ".join(left))
 
 
 def command_health(config, args):
@@ -8039,9 +8206,15 @@ class ZipWriter:
         self.offset = 0
         self.directory = []
 
+    @staticmethod
+    def _flags(name):
+        # Names are written as UTF-8: bit 11 says so, else readers decode them as cp437
+        # (an ASCII name, the same in both, goes without it, as zipfile writes it).
+        return 0 if name.isascii() else ZIP_UTF8
+
     def _header(self, name, crc, size):
-        return ZIP_LOCAL.pack(ZIP_LOCAL_MAGIC, ZIP_VERSION, 0, ZIP_STORED, 0, ZIP_DATE,
-                              crc, size, size, len(name), 0) + name
+        return ZIP_LOCAL.pack(ZIP_LOCAL_MAGIC, ZIP_VERSION, self._flags(name), ZIP_STORED, 0,
+                              ZIP_DATE, crc, size, size, len(name), 0) + name
 
     def add(self, name, data):
         name = name.encode("utf-8")
@@ -8077,8 +8250,9 @@ class ZipWriter:
         self.offset += len(header) + size
 
     def close(self):
-        parts = [ZIP_CENTRAL.pack(ZIP_CENTRAL_MAGIC, ZIP_VERSION, ZIP_VERSION, 0, ZIP_STORED, 0,
-                                  ZIP_DATE, crc, size, size, len(name), 0, 0, 0, 0, 0, offset)
+        parts = [ZIP_CENTRAL.pack(ZIP_CENTRAL_MAGIC, ZIP_VERSION, ZIP_VERSION, self._flags(name),
+                                  ZIP_STORED, 0, ZIP_DATE, crc, size, size, len(name), 0, 0, 0, 0,
+                                  0, offset)
                  + name for name, crc, size, offset in self.directory]
         directory = b"".join(parts)
         count = len(self.directory)

@@ -13,7 +13,7 @@ Every test is a short story of devices syncing through a sync server:
   ``${ANKISYNC_TEST_CACHE:-~/.cache/ankisync-tests}`` (Python 3.9 and 3.8 found on PATH
   or in ~/.pyenv): ``venv/bin/python test_ankisync.py legacy-client '<json>'``.
 
-Run:  python3 -m pip install pytest anki==26.9.3 zstandard backports.zstd
+Run:  python3 -m pip install pytest hypothesis anki==26.9.3 zstandard backports.zstd
       python3 -m pytest -q test_ankisync.py [-m MARK]
       marks (declared in pyproject.toml): fullsync, normalsync, media, legacy
       (e.g. -m "fullsync and not legacy")
@@ -509,10 +509,17 @@ import types  # noqa: E402
 import urllib.request  # noqa: E402
 import zipfile  # noqa: E402
 import zlib  # noqa: E402
+import argparse  # noqa: E402
 
 import pytest  # noqa: E402
 import zstandard  # noqa: E402
+from anki import generic_pb2  # noqa: E402
 from anki._backend import RustBackend  # noqa: E402
+from google.protobuf.internal import decoder as protobuf_decoder  # noqa: E402
+from google.protobuf.message import DecodeError  # noqa: E402
+from google.protobuf.unknown_fields import UnknownFieldSet  # noqa: E402
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from anki.collection import Collection  # noqa: E402
 from anki.sync import SyncAuth  # noqa: E402
 
@@ -1557,45 +1564,6 @@ def test_bad_requests_get_a_reason_and_the_server_keeps_serving(server, tmp_path
     assert post(server, "/health", method="GET").status == 200
 
 
-def test_a_fault_inside_a_sync_is_a_500_with_its_traceback_not_a_client_error(tmp_path,
-                                                                             monkeypatch,
-                                                                             caplog):
-    """A bug of the server's (here a KeyError in `chunk`) is no "Check Database" for the
-    user: the answer is 500, the log has the traceback, and the next sync works."""
-    caplog.set_level("INFO", logger="ankisync")
-    config = ankisync.Config()
-    config.data, config.host, config.port = str(tmp_path / "data"), "127.0.0.1", free_port()
-    app = ankisync.SyncApp(config)
-    app.users.add(USER, PASSWORD)
-    # In this process, not a SyncServer: the test breaks SyncSession.chunk with monkeypatch
-    # and reads the server's log through caplog, and both reach only this process.
-    srv = ankisync.Server((config.host, config.port), app)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
-        here = types.SimpleNamespace(url="http://127.0.0.1:%d/" % config.port, port=config.port)
-        phone = ModernDevice("phone", str(tmp_path / "phone"), here)
-        phone.do("add_notes", deck="Default", prefix="word", count=3)
-        first_upload(phone)
-        phone.do("add_notes", deck="Default", prefix="more", count=2)
-
-        def broken(self):
-            raise KeyError("a bug of the server's")
-        monkeypatch.setattr(ankisync.SyncSession, "chunk", broken)
-        with pytest.raises(Exception):
-            phone.sync()
-        assert "internal error during sync/chunk" in caplog.text
-        assert "KeyError: \"a bug of the server's\"" in caplog.text
-        assert re.search(r"sync/chunk 500 ", caplog.text)
-        monkeypatch.undo()
-        assert sync_normally(phone) == "normal_sync"
-        phone.close()
-    finally:
-        srv.shutdown()
-        thread.join(10)
-        srv.server_close()
-
-
 # --- Protocol words: versions, wire names, routes --------------------------------------
 
 
@@ -2143,6 +2111,221 @@ def test_every_traced_request_decodes_to_what_the_client_sent(app, monkeypatch):
         finally:
             req.close()
     assert checked > 100
+
+
+# --- fuzzed: gzip against Python's gzip ---
+
+# How a socket hands a body over: in pieces of any size.
+read_sizes = st.lists(st.integers(1, 9000), min_size=1, max_size=6)
+
+@st.composite
+def gzip_streams(draw):
+    """(stream, content): gzip members of any level, some with a file name, one after
+    another, as legacy clients (and gzip -c a b) write them."""
+    members, content = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        data = draw(compressible)
+        out = io.BytesIO()
+        with gzip.GzipFile(draw(st.sampled_from(["", "data", "dätä.bin"])), "wb",
+                           draw(st.integers(0, 9)), out, mtime=draw(st.integers(0, 1 << 31))) as f:
+            f.write(data)
+        members.append(out.getvalue())
+        content.append(data)
+    return b"".join(members), b"".join(content)
+
+
+def gunzip(read, limit):
+    """gunzip_stream's output and return value; the sink fails the test past `limit`."""
+    parts, write = bounded_sink(limit)
+    total = ankisync.gunzip_stream(read, write, limit)
+    assert total == sum(map(len, parts))
+    return b"".join(parts)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(stream=gzip_streams(), sizes=read_sizes, slack=st.integers(-3, 3))
+def test_gzip_members_inflate_as_python_gzip_does(stream, sizes, slack):
+    """Valid gzip streams of several members, read in pieces of any size, inflate to what
+    Python's gzip gives; a limit below the content is a 413, never a byte past it."""
+    data, content = stream
+    assert gzip.decompress(data) == content
+    limit = max(0, len(content) + slack)
+    if limit >= len(content):
+        assert gunzip(pieces(data, sizes), limit) == content
+    else:
+        with pytest.raises(ankisync.SyncError) as refused:
+            gunzip(pieces(data, sizes), limit)
+        assert refused.value.status == 413
+
+
+def test_gzip_a_big_member_in_reads_of_every_size():
+    """Past IO_BLOCK the inflater stops at its output cap with input left over: several
+    MiB in one member come out whole, in reads of 7 bytes or of a MiB, and one byte of
+    limit short is a 413."""
+    content = b"".join(b"row %d;" % (i % 5000) for i in range(200000))
+    data = gzip.compress(content) + gzip.compress(b"and a second member")
+    content += b"and a second member"
+    for sizes in ([7, 4093], [ankisync.MIB]):
+        assert gunzip(pieces(data, sizes), len(content)) == content
+    with pytest.raises(ankisync.SyncError) as refused:
+        gunzip(pieces(data, [ankisync.MIB]), len(content) - 1)
+    assert refused.value.status == 413
+
+
+def drawn_damage(draw, data, hows, rounds, start=0):
+    """`data` damaged `rounds` times past byte `start`, each a way drawn from `hows`: a
+    byte set or flipped, dropped, bytes put in or appended, or the rest cut off. The one
+    way the fuzzed tests spoil a valid input."""
+    data = bytearray(data)
+    for _ in range(rounds):
+        if len(data) <= start:
+            break
+        at = draw(st.integers(start, len(data) - 1))
+        how = draw(st.sampled_from(hows))
+        if how == "set":
+            data[at] = draw(st.integers(0, 255))
+        elif how == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif how == "drop":
+            del data[at]
+        elif how == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif how == "append":
+            data += draw(st.binary(min_size=1, max_size=12))
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+@st.composite
+def damaged_gzip(draw):
+    return drawn_damage(draw, draw(gzip_streams())[0], ["set", "flip", "cut", "append"],
+                        draw(st.integers(1, 3)))
+
+
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(data=st.one_of(st.binary(max_size=100), damaged_gzip()), sizes=read_sizes,
+       limit=st.one_of(st.just(1 << 20), st.integers(0, 5000)))
+def test_gzip_random_and_damaged_bytes_are_a_400_or_413_only(data, sizes, limit):
+    """Anything else: SyncError 400 (bad gzip) or 413 (over the limit), never another
+    exception, never output past the limit; what it does inflate, Python's gzip agrees."""
+    try:
+        content = gunzip(pieces(data, sizes), limit)
+    except ankisync.SyncError as e:
+        assert e.status in (400, 413), e.reason
+        return
+    assert content == gzip.decompress(data)
+
+
+# --- fuzzed: multipart forms ---
+
+BOUNDARY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'()+_,-./:=?"
+
+
+def spool():
+    """The Spool _decode_legacy gives the parser, kept in memory at these sizes."""
+    return ankisync.Spool(tempfile.gettempdir(), ankisync.MIB)
+
+
+@st.composite
+def multipart_forms(draw):
+    """(body, boundary, fields in order, data or None): a legacy client's form, its parts
+    in any order, with or without the closing boundary old AnkiDroid leaves out."""
+    boundary = draw(st.text(BOUNDARY_CHARS, min_size=1, max_size=70))
+    marker = b"\r\n--" + boundary.encode("latin-1")
+    fields = draw(st.dictionaries(st.text("cksvx", min_size=1, max_size=3),
+                                  st.text(st.characters(blacklist_categories=("Cs",)),
+                                          max_size=40), max_size=5))
+    data = draw(st.one_of(st.none(), compressible))
+    parts = [(name, value.encode("utf-8")) for name, value in fields.items()]
+    if data is not None:
+        parts.insert(draw(st.integers(0, len(parts))), ("data", data))
+    for _, content in parts:
+        assume((content + marker).find(marker) == len(content))
+    preamble = draw(st.sampled_from([b"", b"\r\n", b"preamble text\r\n"]))
+    body = preamble + b"--" + boundary.encode("latin-1")
+    for name, content in parts:
+        disposition = 'form-data; name="%s"' % name + ('; filename="data"' if name == "data"
+                                                        else "")
+        body += (b"\r\nContent-Disposition: " + disposition.encode() +
+                 (b"\r\nContent-Type: application/octet-stream" if name == "data" else b"") +
+                 b"\r\n\r\n" + content + marker)
+    closed = not parts or draw(st.booleans())
+    if closed:
+        body += b"--\r\n"
+    else:
+        body = body[:-len(marker)] + b"\r\n"            # the body just stops
+    return body, boundary, list(fields.items()), data
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(form=multipart_forms(), sizes=read_sizes)
+def test_multipart_forms_parse_to_their_fields_and_data(form, sizes):
+    """Any form, read in pieces of any size, gives its fields (each to on_field as soon
+    as it is read) and its data part byte for byte."""
+    body, boundary, fields, data = form
+    seen, sink = [], spool()
+    parsed = ankisync.MultipartParser(pieces(body, sizes), boundary, sink,
+                                      lambda name, value: seen.append((name, value))).parse()
+    assert seen == fields
+    expected = dict(fields)
+    if data is not None:
+        expected["data"] = None
+    assert parsed == expected
+    assert sink.getvalue() == (data or b"")
+
+
+def test_multipart_a_data_part_bigger_than_a_read_block():
+    """A data part of several IO_BLOCKs, delimiters split across reads of any size,
+    parses to its bytes; and a body of random bytes spanning the block is refused."""
+    data = random.Random(1).randbytes(3 * ankisync.IO_BLOCK + 123)
+    body = (b"--Anki-sync-boundary\r\nContent-Disposition: form-data; name=\"c\"\r\n\r\n1"
+            b"\r\n--Anki-sync-boundary\r\nContent-Disposition: form-data; name=\"data\"; "
+            b"filename=\"data\"\r\nContent-Type: application/octet-stream\r\n\r\n" + data +
+            b"\r\n--Anki-sync-boundary--\r\n")
+    for sizes in ([ankisync.IO_BLOCK], [4099, 3, 17], [ankisync.IO_BLOCK - 1, 2]):
+        sink = spool()
+        fields = ankisync.MultipartParser(pieces(body, sizes), "Anki-sync-boundary",
+                                          sink).parse()
+        assert fields == {"c": "1", "data": None} and sink.getvalue() == data
+    with pytest.raises(ankisync.SyncError):
+        ankisync.MultipartParser(pieces(data, [ankisync.IO_BLOCK]), "Anki-sync-boundary",
+                                 spool()).parse()
+
+
+@st.composite
+def damaged_forms(draw):
+    body, boundary, _, _ = draw(multipart_forms())
+    body = bytearray(body)
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, max(0, len(body) - 1)))
+        how = draw(st.sampled_from(["set", "drop", "cut", "insert"]))
+        if how == "set" and body:
+            body[at] = draw(st.integers(0, 255))
+        elif how == "drop":
+            del body[at:at + 1]
+        elif how == "cut":
+            del body[at:]
+        else:
+            body[at:at] = draw(st.sampled_from([b"\r\n", b"--", b'"', b"\r\n\r\n",
+                                                b"--" + boundary.encode("latin-1")]))
+    return bytes(body), boundary
+
+
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(form=st.one_of(damaged_forms(),
+                      st.tuples(st.binary(max_size=200),
+                                st.text(st.characters(max_codepoint=255), max_size=80))),
+       sizes=read_sizes)
+def test_multipart_random_and_damaged_bodies_are_a_sync_error_only(form, sizes):
+    """Random bodies and damaged forms, with any boundary a header can carry: the
+    parser returns fields or raises SyncError, nothing else."""
+    body, boundary = form
+    try:
+        fields = ankisync.MultipartParser(pieces(body, sizes), boundary, spool()).parse()
+    except ankisync.SyncError:
+        return
+    assert all(isinstance(value, str) for name, value in fields.items() if name != "data")
 
 
 # --- bombs without a key ---
@@ -2795,9 +2978,9 @@ def test_ankidroid_sends_its_deletions_inside_start_with_ids_as_strings(server,
 
 
 def test_note_tags_are_normalized_as_anki_stores_them():
-    for given, stored in [("", ""), (" ", ""), (" a b ", " a b "), ("a b", " a b "),
-                          ("  a  b ", " a b "), ("a\u3000b", " a b ")]:
-        assert ankisync.normalize_note_tags(given) == stored
+    for sent, stored in [("", ""), (" ", ""), (" a b ", " a b "), ("a b", " a b "),
+                         ("  a  b ", " a b "), ("a\u3000b", " a b ")]:
+        assert ankisync.normalize_note_tags(sent) == stored
 
 
 @pytest.mark.normalsync
@@ -3408,6 +3591,352 @@ def test_after_a_burst_of_200_syncs_the_threads_end_and_the_memory_returns(serve
     rss_after = proc_status(server, "VmRSS")
     assert rss_after < rss_before + 30 * 1024, (rss_before, rss_after)
     phone_keeps_syncing(phone, "after the burst")
+
+
+# --- hostile bytes: what a stranger or a device sends never stops a worker ---
+
+
+@contextlib.contextmanager
+def server_in_this_process(tmp_path):
+    """An ankisync Server on a thread of this process, with one user, for the tests that
+    break its parts with monkeypatch or read its log through caplog: both reach only
+    this process. Yields what post() and the devices take (url, port, ssl_context), and
+    the Server as `.server`."""
+    config = ankisync.Config()
+    config.data, config.host, config.port = str(tmp_path / "data"), "127.0.0.1", free_port()
+    app = ankisync.SyncApp(config)
+    app.users.add(USER, PASSWORD)
+    srv = ankisync.Server((config.host, config.port), app)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield types.SimpleNamespace(url="http://127.0.0.1:%d/" % config.port, port=config.port,
+                                    ssl_context=None, server=srv, base=config.data)
+    finally:
+        srv.shutdown()
+        thread.join(10)
+        srv.server_close()
+
+
+def exchange(port, raw, timeout=10):
+    """`raw` bytes sent on a fresh connection; everything the server answers before it
+    closes (or stops answering for `timeout` seconds)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        answer = b""
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except socket.timeout:
+            pass
+        return answer
+
+
+def statuses(answer):
+    return [int(code) for code in re.findall(rb"^HTTP/1\.1 (\d{3}) ", answer, re.MULTILINE)]
+
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+HEALTH_LAST = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"   # then it closes
+
+
+def broken_once(original):
+    """`original`, except that its first call raises a fault no request should cause."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected fault")
+        return original(*args, **kwargs)
+    return broken
+
+
+# Each stage of a request, where a fault is injected, and what is sent to reach it.
+FAULT_STAGES = {
+    "head, in the listener": (ankisync.RequestHead, "__init__", HEALTH_LAST),
+    "listener reading": (ankisync.Server, "on_read", HEALTH_LAST),
+    "body": (ankisync.BodyReader, "read", None),
+    "dispatch": (ankisync.SyncApp, "dispatch", None),
+    "answer": (ankisync.Handler, "send_response", HEALTH_LAST),
+    "worker, around the request": (ankisync.Server, "finish_request", HEALTH_LAST),
+    "next request on the same connection": (ankisync.Server, "next_request",
+                                            HEALTH + HEALTH_LAST),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(FAULT_STAGES))
+def test_a_fault_at_any_stage_of_a_request_costs_that_connection_only(stage, tmp_path,
+                                                                      monkeypatch, caplog):
+    """A fault of the server's at any stage: logged once, that connection at most is
+    closed, the worker lives on, and the books (workers, connections) balance again."""
+    caplog.set_level("INFO", logger="ankisync")
+    thread_deaths = []
+    monkeypatch.setattr(threading, "excepthook", thread_deaths.append)
+    owner, name, raw = FAULT_STAGES[stage]
+    with server_in_this_process(tmp_path) as here:
+        srv = here.server
+        if raw is None:     # a login: its body is read and dispatched
+            raw = (b"POST /sync/hostKey HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                   b"anki-sync: %s\r\n"
+                   b"Content-Length: %d\r\n\r\n"
+                   % (json.dumps({"v": 11, "k": "", "c": "t", "s": ""}).encode(),
+                      len(ZSTD.compress(b'{"u":"user","p":"pass"}')))
+                   + ZSTD.compress(b'{"u":"user","p":"pass"}'))
+        monkeypatch.setattr(owner, name, broken_once(getattr(owner, name)))
+        answer = exchange(here.port, raw)
+        assert all(status in (200, 500) for status in statuses(answer)), answer
+        for _ in range(3):
+            assert statuses(exchange(here.port, HEALTH + HEALTH_LAST)) == [200, 200]
+        wait_until(lambda: srv.workers.busy() == 0, 10, "every worker idle again")
+        wait_until(lambda: not srv.connections, 10, "every connection closed")
+    assert caplog.text.count("RuntimeError: injected fault") == 1, caplog.text
+    assert not thread_deaths
+
+
+def test_a_fault_inside_a_sync_is_a_500_with_its_traceback_not_a_client_error(tmp_path,
+                                                                             monkeypatch,
+                                                                             caplog):
+    """A bug of the server's (here a KeyError in `chunk`) is no "Check Database" for the
+    user: the answer is 500, the log has the traceback, and the next sync works."""
+    caplog.set_level("INFO", logger="ankisync")
+    with server_in_this_process(tmp_path) as here:
+        phone = ModernDevice("phone", str(tmp_path / "phone"), here)
+        phone.do("add_notes", deck="Default", prefix="word", count=3)
+        first_upload(phone)
+        phone.do("add_notes", deck="Default", prefix="more", count=2)
+
+        def broken(self):
+            raise KeyError("a bug of the server's")
+        monkeypatch.setattr(ankisync.SyncSession, "chunk", broken)
+        with pytest.raises(Exception):
+            phone.sync()
+        assert "internal error during sync/chunk" in caplog.text
+        assert "KeyError: \"a bug of the server's\"" in caplog.text
+        assert re.search(r"sync/chunk 500 ", caplog.text)
+        monkeypatch.undo()
+        assert sync_normally(phone) == "normal_sync"
+        phone.close()
+
+
+def test_seventy_connections_with_a_pipelined_bad_length_leave_the_server_answering(server):
+    """The fuzzer's find: a valid /health, then behind it on the same connection a
+    Content-Length of '²' (a digit to str.isdigit, not to HTTP). Each gets its 400, and
+    /health answers during and after, with nothing in the log but the refusals."""
+    attack = HEALTH + b"POST /sync/meta HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n"
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            for _ in range(70)]
+    try:
+        for sock in held:
+            sock.sendall(attack)
+        assert statuses(exchange(server.port, HEALTH_LAST)) == [200]
+        for sock in held:
+            answer = b""
+            while b"ASCII digits" not in answer:
+                data = sock.recv(4096)
+                assert data, answer
+                answer += data
+            assert statuses(answer) == [200, 400]
+    finally:
+        for sock in held:
+            sock.close()
+    assert statuses(exchange(server.port, HEALTH_LAST)) == [200]
+    assert statuses(exchange(server.port, attack[len(HEALTH):])) == [400]
+    log = server.log()
+    assert "Traceback" not in log and "Exception in thread" not in log
+
+
+@pytest.mark.parametrize("line", [
+    b"Content-Length: \xb2",                # a superscript two: isdigit() says yes
+    b"Content-Length: -1",
+    b"Content-Length: +5",
+    b"Content-Length: 0x10",
+    b"Content-Length: 1_0",
+    b"Content-Length: 5\r\nContent-Length: 6",
+    b"Content-Length: 99999999999999999999999",
+    b"Transfer-Encoding: gzip, chunked",
+    b"Content Length: 5",                   # a header name is a token: no space
+    b" folded: header",
+    b"Bad\x00Header: x",
+])
+def test_numbers_and_headers_outside_http_grammar_get_400_and_close(server, line):
+    answer = exchange(server.port, b"POST /sync/meta HTTP/1.1\r\nHost: x\r\n" + line
+                      + b"\r\n\r\n" + HEALTH)
+    assert statuses(answer) == [400], answer        # closed: the /health behind is not read
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("size", [b"-3", b"0x5", b"1_0", b" 5", b"+5", b"1" * 20, b"\xb2"])
+def test_chunk_sizes_outside_hexdig_get_400(server, size):
+    key = login(server)
+    answer = exchange(server.port, b"POST /sync/meta HTTP/1.1\r\nHost: x\r\n"
+                      b"anki-sync: %s\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\nabcde\r\n0\r\n\r\n"
+                      % (json.dumps({"v": 11, "k": key, "c": "t", "s": ""}).encode(), size))
+    assert statuses(answer) == [400], answer
+    assert b"chunk size" in answer
+    assert statuses(exchange(server.port, HEALTH_LAST)) == [200]
+
+
+def deep(levels, inner='"x"'):
+    """JSON text nested `levels` deep."""
+    return "[" * levels + inner + "]" * levels
+
+
+def nested(levels):
+    """A value nested `levels` deep, for a payload that json.dumps writes."""
+    value = "x"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def header_with(**fields):
+    envelope = {"v": 11, "k": "", "c": "test,0,linux", "s": ""}
+    envelope.update(fields)
+    return json.dumps(envelope)
+
+
+def test_a_stranger_s_strange_json_gets_400_and_counts_as_nothing(server):
+    """No key, no password: lone surrogates and deep nesting, in the header and in a
+    login. Each is a 400 with its reason, never a 500; none counts as a failed login, so
+    the owner's right password still works after them all."""
+    login_body = ZSTD.compress(b'{"u":"user","p":"pass"}')
+    cases = {
+        "surrogate key": ({"anki-sync": header_with(k="\ud800")}, login_body),
+        "surrogate key, escaped by hand": ({"anki-sync": header_with().replace(
+            '"k": ""', '"k": "\\ud800"')}, login_body),
+        "header nested 3,000 deep": ({"anki-sync": header_with().replace(
+            '"k": ""', '"k": %s' % deep(3000))}, login_body),
+        "header nested 70 deep": ({"anki-sync": header_with().replace(
+            '"k": ""', '"k": %s' % deep(70))}, login_body),
+        "surrogate in the name": ({"anki-sync": header_with()},
+                                  ZSTD.compress(b'{"u":"\\ud800","p":"pass"}')),
+        "surrogate in the password": ({"anki-sync": header_with()},
+                                      ZSTD.compress(b'{"u":"user","p":"\\udfff"}')),
+        "login nested 20,000 deep": ({"anki-sync": header_with()},
+                                     ZSTD.compress(('{"u":"user","p":%s}'
+                                                    % deep(20000)).encode())),
+        "a number past 1e308": ({"anki-sync": header_with()},
+                                ZSTD.compress(b'{"u":"user","p":"pass","x":1e999}')),
+        "a list for the name": ({"anki-sync": header_with()},
+                                ZSTD.compress(b'{"u":["user"],"p":"pass"}')),
+    }
+    for case, (headers, body) in cases.items():
+        for _ in range(3):
+            answer = post(server, "/sync/hostKey", body, headers)
+            assert answer.status == 400, (case, answer)
+    assert login(server)
+    log = server.log()
+    assert "Traceback" not in log and "login failed" not in log
+
+
+def start_a_sync(server, key, session="s1"):
+    assert modern(server, "meta", {"v": 11, "cv": "t"}, key=key).status == 200
+    answer = modern(server, "start", {"minUsn": 0, "lnewer": False}, key=key,
+                    session=session)
+    assert answer.status == 200, answer
+    return answer
+
+
+# What a logged-in device may send wrongly, method by method: each a 400.
+BAD_FIELDS = [
+    ("meta", {"v": 11, "cv": nested(100)}),
+    ("meta", {"v": 2 ** 63}),
+    ("meta", {"v": "11\u0661"}),
+    ("start", {"minUsn": 2 ** 63, "lnewer": False}),
+    ("start", {"minUsn": "1_0"}),
+    ("start", {"minUsn": 0, "graves": {"notes": 5}}),
+    ("start", {"minUsn": 0, "graves": ["notes"]}),
+    ("applyGraves", {"chunk": {"cards": [2 ** 64]}}),
+    ("applyGraves", {"chunk": {"decks": {"1": 2}}}),
+    ("applyChanges", {"changes": {"models": {"1": {}}}}),
+    ("applyChanges", {"changes": {"decks": [[{"id": 1.5e300}], []]}}),
+    ("applyChanges", {"changes": {"decks": [[], [], []]}}),
+    ("applyChanges", {"changes": {"tags": [1, 2]}}),
+    ("applyChanges", {"changes": {"conf": [1]}}),
+    ("applyChanges", {"changes": {"crt": "soon"}}),
+    ("applyChanges", {"changes": {"models": [{"id": 1, "flds": "x", "tmpls": []}]}}),
+    ("applyChunk", {"chunk": {"revlog": [[1] * 8]}}),
+    ("applyChunk", {"chunk": {"revlog": [[2 ** 63] + [1] * 8]}}),
+    ("applyChunk", {"chunk": {"cards": [[1] * 16 + [-2 ** 63 - 1, ""]]}}),
+    ("applyChunk", {"chunk": {"notes": [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]}}),
+    ("applyChunk", {"chunk": {"notes": "all of them"}}),
+    ("sanityCheck2", {"client": [[0, 0, 0], 1, 2, 3, 0, 1, 1, 2 ** 70]}),
+]
+
+
+@pytest.mark.parametrize("method,payload", BAD_FIELDS,
+                         ids=["%s-%d" % (m, i) for i, (m, _) in enumerate(BAD_FIELDS)])
+def test_a_field_of_the_wrong_shape_is_a_400_and_the_next_sync_works(server, method,
+                                                                     payload):
+    """Checked against the method's shape before it runs: the wrong type, a number past
+    SQLite's 64 bits, a row of the wrong length. A refused row refuses its request (not
+    the next one), and a device's next sync goes through."""
+    key = login(server)
+    if method not in ("meta", "start"):
+        start_a_sync(server, key)
+    answer = modern(server, method, payload, key=key)
+    assert answer.status == 400, answer
+    start_a_sync(server, key, session="s2")
+    assert modern(server, "applyChunk", {"chunk": {"done": True}}, key=key,
+                  session="s2").status == 200
+    assert modern(server, "chunk", {}, key=key, session="s2").status == 200
+    assert "Traceback" not in server.log()
+
+
+def test_a_client_version_with_a_lone_surrogate_is_refused_before_the_work(server, tmp_path):
+    """It used to be stored in the device records after a full upload, which then failed
+    with a 500: the device believed a finished upload had failed."""
+    key = login(server)
+    headers = {"anki-sync": json.dumps({"v": 11, "k": key, "c": "\udcff", "s": ""})}
+    answer = post(server, "/sync/upload", ZSTD.compress(collection_of_version(tmp_path, 11)),
+                  headers)
+    assert answer.status == 400 and b"surrogate" in answer.body
+    assert modern(server, "download", {}, key=key).status == 200
+    assert "Traceback" not in server.log()
+
+
+ODD_MEDIA_NAMES = ["song.convert", ".backup-notes.txt", ".copy-of-x.jpg", ".incoming-a.png",
+                   ".spool-b.mp3", ".upload-c.gif", ".new-collection-d.svg"]
+
+
+def test_media_named_like_the_server_s_temporary_files_survive_restarts(server):
+    """The start-up clean-up once walked media/ too, and deleted a device's
+    `.backup-notes.txt` at every start. It now looks only where the server makes its
+    temporary files."""
+    key = login(server)
+    files = [(name, name.encode() * 3) for name in ODD_MEDIA_NAMES]
+    answer = modern(server, "uploadChanges", media_zip(files), key=key, area="msync")
+    assert answer.status == 200 and answer.json()["data"] == [len(files), len(files)]
+    server.restart()
+    key = login(server)
+    media = os.path.join(server.base, USER, "media")
+    assert sorted(os.listdir(media)) == sorted(ODD_MEDIA_NAMES)
+    answer = modern(server, "downloadFiles", {"files": ODD_MEDIA_NAMES}, key=key, area="msync")
+    with zipfile.ZipFile(io.BytesIO(answer.body)) as archive:
+        names = json.loads(archive.read("_meta"))
+        assert sorted(names.values()) == sorted(ODD_MEDIA_NAMES)
+        for entry, name in names.items():
+            assert archive.read(entry) == name.encode() * 3
+
+
+@pytest.mark.parametrize("meta", [
+    [["\ud800.png", "0"]],
+    [["ok.png", ["0"]]],
+    [[5, "0"]],
+    [["ok.png", "0", "extra"]],
+    [["deep.png", nested(100)]],
+])
+def test_a_media_upload_with_a_strange_meta_is_a_400(server, meta):
+    key = login(server)
+    raw = media_zip([("ok.png", b"x")], meta=meta)
+    answer = modern(server, "uploadChanges", raw, key=key, area="msync")
+    assert answer.status == 400, answer
+    assert media_usn(server, key) == 0
+    assert "Traceback" not in server.log()
 
 
 # --- TLS ---
@@ -4022,6 +4551,240 @@ def test_errors_are_one_line():
             with pytest.raises(ankisync.ZstdError) as info:
                 backend.decompress(bad, 1000)
             assert "\n" not in str(info.value) and str(info.value)
+
+
+# --- fuzzed: each backend against zstandard, random and damaged frames ---
+
+# Every backend that loads here (python always does).
+ZSTD_BACKENDS = []
+for _name in ("python", "libzstd", "stdlib"):
+    try:
+        ZSTD_BACKENDS.append(ankisync.choose_zstd(_name))
+    except ankisync.ZstdError:
+        pass
+# The libzstd inside the zstandard package, numbered as ZSTD_versionNumber() numbers it.
+LIBZSTD_REFERENCE_VERSION = sum(part * scale for part, scale in zip(zstandard.ZSTD_VERSION,
+                                                                    (10000, 100, 1)))
+ZSTD_REFERENCE = zstandard.ZstdDecompressor(max_window_size=1 << ankisync.WINDOW_LOG_MAX)
+
+
+def zstd_reference(data):
+    """What libzstd (through the zstandard package) makes of every frame of `data`;
+    zstandard.ZstdError for what it refuses, including input that ends inside a frame."""
+    out = []
+    while data:
+        frame = ZSTD_REFERENCE.decompressobj()
+        out.append(frame.decompress(data))
+        if not frame.eof:
+            raise zstandard.ZstdError("input ends inside a frame")
+        data = frame.unused_data
+    return b"".join(out)
+
+
+def pieces(data, sizes):
+    """read(n) over `data` that hands out at most the next of `sizes` bytes per call, as
+    a socket or a zip member does."""
+    stream, turn = io.BytesIO(data), [0]
+
+    def read(n=-1):
+        size = sizes[turn[0] % len(sizes)] if sizes else n
+        turn[0] += 1
+        return stream.read(size if n is None or n < 0 else min(n, size))
+    return read
+
+
+def bounded_sink(limit):
+    """write() that collects, and fails the test the moment more than `limit` arrives."""
+    parts, total = [], [0]
+
+    def write(data):
+        total[0] += len(data)
+        assert total[0] <= limit, "wrote %d bytes past a limit of %d" % (total[0], limit)
+        parts.append(bytes(data))
+    return parts, write
+
+
+
+
+# Data a compressor finds something in: runs, repeats and a small alphabet.
+compressible = st.one_of(
+    st.binary(max_size=3000),
+    st.text(alphabet="ab c\n", max_size=6000).map(str.encode),
+    st.lists(st.tuples(st.binary(min_size=1, max_size=24), st.integers(1, 120)),
+             max_size=24).map(lambda runs: b"".join(chunk * n for chunk, n in runs)),
+)
+
+
+def zstd_frames(data, level, checksum, content_size, streamed):
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=checksum,
+                                          write_content_size=content_size)
+    if streamed:        # no content size, blocks as the data came
+        out = compressor.compressobj()
+        return out.compress(data) + out.flush()
+    return compressor.compress(data)
+
+
+@st.composite
+def zstandard_streams(draw):
+    """(stream, its content): zstandard frames of several settings, skippable frames
+    between them."""
+    stream, content = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()) and draw(st.booleans()):
+            stream.append(skippable_frame(draw(st.binary(max_size=40)), draw(st.integers(0, 15))))
+        data = draw(compressible)
+        stream.append(zstd_frames(data, draw(st.sampled_from([-5, 1, 3, 7, 12, 19])),
+                                  draw(st.booleans()), draw(st.booleans()),
+                                  draw(st.booleans())))
+        content.append(data)
+    return b"".join(stream), b"".join(content)
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=compressible)
+def test_zstd_round_trip(zstd, data):
+    """What a backend compresses, it and libzstd decompress to the same bytes."""
+    frame = zstd.compress(data)
+    assert zstd.decompress(frame, len(data)) == data
+    assert zstd_reference(frame) == data
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(stream=zstandard_streams())
+def test_zstd_frames_of_libzstd_decode_to_the_same_bytes(zstd, stream):
+    """Frames libzstd writes at any level, with or without checksum and content size,
+    several in a row with skippable frames between, decode to what they hold."""
+    frames, content = stream
+    assert zstd.decompress(frames, len(content)) == content
+    if content:
+        with pytest.raises(ankisync.ZstdLimitError):
+            zstd.decompress(frames, len(content) - 1)
+
+
+def check_zstd_against_reference(zstd, data, limit):
+    """A backend either gives what libzstd gives, within `limit`, or raises ZstdError."""
+    parts, write = bounded_sink(limit)
+    try:
+        produced = zstd.decompress_stream(io.BytesIO(data).read, write, limit)
+    except ankisync.ZstdLimitError:
+        try:
+            assert len(zstd_reference(data)) > limit
+        except zstandard.ZstdError:
+            pass            # the limit came first: the backend stopped before the damage
+        return
+    except ankisync.ZstdError:
+        return
+    assert produced == sum(map(len, parts)) <= limit
+    try:
+        expected = zstd_reference(data)
+    except zstandard.ZstdError:
+        # The system's libzstd may be older than zstandard's (1.5.4 here, 1.5.7 there):
+        # 1.5.4 lets through some corrupt sequence sections that 1.5.7 refuses.
+        assert zstd.name == "libzstd" and zstd.version != LIBZSTD_REFERENCE_VERSION
+        return
+    assert b"".join(parts) == expected
+
+
+@st.composite
+def damaged_frames(draw):
+    """A zstandard frame with a few bytes changed, flipped or dropped past its header,
+    where the blocks are: most damage is found only deep in the decoder."""
+    frame = bytearray(drawn_damage(
+        draw, zstd_frames(draw(compressible), draw(st.sampled_from([1, 3, 9, 19])),
+                          draw(st.booleans()), True, False),
+        ["set", "flip", "drop"], draw(st.integers(1, 3)), start=6))
+    if draw(st.booleans()) and draw(st.booleans()):
+        del frame[len(frame) - draw(st.integers(1, 8)):]
+    return bytes(frame)
+
+
+zstd_limits = st.one_of(st.just(1 << 24), st.integers(0, 1 << 16))
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(data=st.one_of(st.binary(max_size=300),
+                      st.binary(max_size=300).map(lambda b: struct.pack("<I", ankisync.ZSTD_MAGIC)
+                                                  + b)),
+       limit=zstd_limits)
+def test_zstd_random_bytes_decode_as_libzstd_does_or_raise_zstd_error(zstd, data, limit):
+    """Random bytes, some behind a frame's magic: never an error other than ZstdError,
+    never output past the limit, and what is decoded is what libzstd decodes."""
+    check_zstd_against_reference(zstd, data, limit)
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=damaged_frames(), limit=zstd_limits)
+def test_zstd_damaged_frames_decode_as_libzstd_does_or_raise_zstd_error(zstd, data, limit):
+    """Valid frames with bytes changed or cut off: the same contract. Frames without a
+    checksum decode to garbage, which must be libzstd's garbage, byte for byte."""
+    check_zstd_against_reference(zstd, data, limit)
+
+
+def zstd_outcome(zstd, read, limit):
+    parts = []
+    try:
+        zstd.decompress_stream(read, parts.append, limit)
+    except ankisync.ZstdLimitError:
+        return "over the limit"
+    except ankisync.ZstdError:
+        return "refused"
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(data=st.one_of(damaged_frames(), zstandard_streams().map(lambda s: s[0])),
+       sizes=st.lists(st.integers(1, 50), min_size=1, max_size=5), limit=zstd_limits)
+def test_zstd_damaged_frames_read_in_small_pieces_end_alike(zstd, data, sizes, limit):
+    """Whether the input comes whole or a few bytes per read, the outcome is the same:
+    the same bytes, or the same refusal."""
+    assert zstd_outcome(zstd, pieces(data, sizes), limit) == \
+        zstd_outcome(zstd, io.BytesIO(data).read, limit)
+
+
+def test_zstd_libzstd_before_1_5_7_lets_a_damaged_sequence_section_through():
+    """Found by the fuzzing above: libzstd 1.5.4 (the system's here) decodes this damaged
+    frame, libzstd 1.5.7 and the pure-Python decoder refuse it. Not ankisync's to fix."""
+    frame = (b"(\xb5/\xfd /U\x01\x00\x04\x02\x00\x00\x00\x00\x00\x00\x01\x02\x00\x00\x01"
+             b"\x00\x00\x02\x00\x01\x00\x00\x00\x01\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+             b"\x00\x00\x03\x14\x03\x02\x17\x00\xb6\x04")
+    with pytest.raises(zstandard.ZstdError):
+        zstd_reference(frame)
+    for zstd in ZSTD_BACKENDS:
+        check_zstd_against_reference(zstd, frame, 1 << 20)
+    with pytest.raises(ankisync.ZstdError):
+        ankisync.choose_zstd("python").decompress(frame, 1 << 20)
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(stream=zstandard_streams(), sizes=read_sizes)
+def test_zstd_streams_read_in_random_pieces(zstd, stream, sizes):
+    """decompress_stream and compress_stream take reads of any size, as sockets give."""
+    frames, content = stream
+    parts, write = bounded_sink(len(content))
+    assert zstd.decompress_stream(pieces(frames, sizes), write, len(content)) == len(content)
+    assert b"".join(parts) == content
+    packed = []
+    written = zstd.compress_stream(pieces(content, sizes), packed.append)
+    assert written == sum(map(len, packed))
+    assert zstd_reference(b"".join(packed)) == content
+
+
+@pytest.mark.parametrize("zstd", ZSTD_BACKENDS, ids=lambda z: z.name)
+def test_zstd_big_frames_of_many_blocks(zstd):
+    """Over 128 KiB a frame has several blocks and the window matters: checked once
+    at a size hypothesis would make slow."""
+    data = b"".join(b"%d,%s;" % (i, b"xyz" * (i % 7)) for i in range(40000))
+    data += random.Random(8878).randbytes(70000)
+    for level in (1, 19):
+        frame = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+        assert zstd.decompress(frame, len(data)) == data
+    assert zstd_reference(zstd.compress(data)) == data
 
 
 # --- Appendix B. Schema 18 to 11, against the official backend -------------------------
@@ -4666,6 +5429,136 @@ def test_check_schema11_rejects_non_objects(official11, tmp_path, column, text):
         conn.close()
 
 
+# --- fuzzed: the protobuf readers ---
+
+def protobuf_records(blob):
+    """Every record of `blob` as the protobuf library reads it: (number, wire, value),
+    fixed-size values as their bytes, as proto_records gives them."""
+    message = generic_pb2.Empty()
+    message.ParseFromString(blob)
+    sizes = {ankisync.WIRE_FIXED64: 8, ankisync.WIRE_FIXED32: 4}
+    return [(field.field_number, field.wire_type,
+             field.data.to_bytes(sizes[field.wire_type], "little")
+             if field.wire_type in sizes else field.data)
+            for field in UnknownFieldSet(message)]
+
+
+def encode_varint(value):
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+protobuf_record = st.one_of(
+    st.tuples(st.integers(1, ankisync.MAX_FIELD_NUMBER), st.just(ankisync.WIRE_VARINT),
+              st.integers(0, ankisync.U64_MASK)),
+    st.tuples(st.integers(1, ankisync.MAX_FIELD_NUMBER), st.just(ankisync.WIRE_FIXED64),
+              st.binary(min_size=8, max_size=8)),
+    st.tuples(st.integers(1, ankisync.MAX_FIELD_NUMBER), st.just(ankisync.WIRE_LEN),
+              st.binary(max_size=40)),
+    st.tuples(st.integers(1, ankisync.MAX_FIELD_NUMBER), st.just(ankisync.WIRE_FIXED32),
+              st.binary(min_size=4, max_size=4)))
+
+
+def encode_records(records):
+    out = bytearray()
+    for number, wire, value in records:
+        out += encode_varint(number << 3 | wire)
+        if wire == ankisync.WIRE_VARINT:
+            out += encode_varint(value)
+        elif wire == ankisync.WIRE_LEN:
+            out += encode_varint(len(value)) + value
+        else:
+            out += value
+    return bytes(out)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(records=st.lists(protobuf_record, max_size=8))
+def test_protobuf_records_read_back_as_written(records):
+    """Any well-formed message reads back record for record, as the protobuf library
+    reads it too."""
+    blob = encode_records(records)
+    assert ankisync.proto_records(blob) == records == protobuf_records(blob)
+
+
+@st.composite
+def damaged_messages(draw):
+    """A well-formed message with a few bytes put in somewhere, or cut off."""
+    blob = encode_records(draw(st.lists(protobuf_record, max_size=4)))
+    at = draw(st.integers(0, len(blob)))
+    if draw(st.booleans()):
+        return blob[:at]
+    return blob[:at] + draw(st.binary(min_size=1, max_size=3)) + blob[at:]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(blob=st.one_of(st.binary(max_size=60), damaged_messages()))
+def test_protobuf_random_bytes_refused_with_corrupt_collection_only(blob):
+    """Random and damaged messages: CorruptCollection (what the schema-18 upload and
+    the .colpkg readers catch) or records the protobuf library reads alike. The library
+    is more lenient only with groups and over-long varints, which prost refuses."""
+    try:
+        records = ankisync.proto_records(blob)
+    except ankisync.CorruptCollection:
+        return
+    assert records == protobuf_records(blob)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(buf=st.binary(max_size=14), pos=st.integers(0, 14))
+def test_read_varint_agrees_with_the_protobuf_library(buf, pos):
+    """read_varint gives the protobuf library's value and position, or CorruptCollection:
+    for a truncated varint, or a tenth byte carrying more than bit 63 (prost's rule)."""
+    try:
+        value, end = ankisync.read_varint(buf, pos)
+    except ankisync.CorruptCollection:
+        try:
+            _, end = protobuf_decoder._DecodeVarint(buf, pos)
+        except (IndexError, DecodeError):
+            return                  # the library refuses it too
+        assert end - pos == ankisync.VARINT_MAX_BYTES and buf[end - 1] > 1
+        return
+    assert (value, end) == protobuf_decoder._DecodeVarint(buf, pos)
+
+
+# Records at the field numbers the converters read, of any wire type, with values that
+# are valid messages, bad UTF-8, JSON or not.
+converter_value = st.one_of(st.binary(max_size=12), st.just(b"\xff\xfe"),
+                            st.lists(protobuf_record.filter(lambda r: r[0] < 50),
+                                     max_size=3).map(encode_records),
+                            st.sampled_from([b"{}", b'{"a": 1, "new": {"x": 2}}', b"[1]",
+                                             b'{"a": NaN}', b"[" * 200 + b"]" * 200]))
+converter_message = st.lists(st.one_of(
+    st.tuples(st.sampled_from(list(range(1, 47)) + [255]), st.just(ankisync.WIRE_LEN),
+              converter_value),
+    protobuf_record.map(lambda r: (r[0] % 47 + 1, r[1], r[2]))), max_size=10).map(
+        encode_records)
+
+
+@settings(max_examples=250, deadline=None, derandomize=True)
+@given(blob=converter_message, other=converter_message)
+def test_schema18_converters_raise_only_corrupt_collection(blob, other):
+    """The note type, field, template, deck and deck config readers on any message:
+    a legacy object that JSON can hold, or CorruptCollection, nothing else."""
+    calls = [
+        lambda: ankisync.notetype_to_legacy((1, "n", 0, 0, blob), [], []),
+        lambda: ankisync.field_to_legacy(0, "f", blob),
+        lambda: ankisync.template_to_legacy(0, "t", blob),
+        lambda: ankisync.deck_to_legacy((1, "d", 0, 0, blob, other)),
+        lambda: ankisync.deck_config_to_legacy((1, "c", 0, 0, blob)),
+    ]
+    for call in calls:
+        try:
+            legacy = call()
+        except ankisync.CorruptCollection:
+            continue
+        json.loads(ankisync.dumps_compact(legacy))
+
+
 # --- Appendix C. A new collection ------------------------------------------------------
 
 
@@ -4853,6 +5746,139 @@ def test_the_zip_writer_makes_zips_zipfile_reads_and_checks():
         assert archive.read("0") == b"small" and archive.getinfo("1").file_size == 3 * 65536 + 7
     reader = ankisync.ZipReader(io.BytesIO(out.getvalue()))
     assert reader.read(reader.entries["_meta"]) == b'{"0":"a.png","1":"b.mp3"}'
+
+
+# --- fuzzed: against zipfile, random and damaged zips ---
+
+# What MediaSync catches around ZipReader: its own ZipError, and zlib's for a damaged
+# deflate stream.
+ZIP_REFUSALS = (ankisync.ZipError, zlib.error)
+zip_names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00/"),
+                    min_size=1, max_size=24)
+
+
+
+
+@st.composite
+def python_zips(draw):
+    """A zip as Python's zipfile writes it: stored and deflated entries, some with zip64
+    extra fields, some after a data descriptor, maybe an archive comment."""
+    unseekable = draw(st.booleans()) and draw(st.booleans())
+    target = Unseekable() if unseekable else io.BytesIO()
+    with zipfile.ZipFile(target, "w") as archive:
+        for name, data in draw(st.dictionaries(zip_names, compressible, max_size=6)).items():
+            info = zipfile.ZipInfo(name)
+            info.compress_type = draw(st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+            with archive.open(info, "w", force_zip64=draw(st.booleans())) as entry:
+                entry.write(data)
+        if draw(st.booleans()):
+            archive.comment = draw(st.binary(max_size=60))
+    return bytes(target.data) if unseekable else target.getvalue()
+
+
+def read_with_zipfile(data):
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return {info.filename: archive.read(info.filename) for info in archive.infolist()}
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(data=python_zips())
+def test_zips_of_python_zipfile_read_alike(data):
+    """Every entry Python's zipfile writes, ZipReader finds by the same name and reads
+    to the same bytes."""
+    reader = ankisync.ZipReader(io.BytesIO(data))
+    expected = read_with_zipfile(data)
+    assert sorted(reader.entries) == sorted(expected)
+    for name, entry in reader.entries.items():
+        assert reader.read(entry) == expected[name]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(files=st.lists(st.tuples(zip_names, compressible, st.booleans()), max_size=6,
+                      unique_by=lambda file: file[0]))
+def test_zips_of_zip_writer_read_alike_in_python_zipfile(files):
+    """ZipWriter's zips (what downloadFiles sends) read in Python's zipfile as written,
+    whether an entry came whole (add) or streamed from a file (add_file)."""
+    out = io.BytesIO()
+    writer = ankisync.ZipWriter(out)
+    for name, data, streamed in files:
+        if streamed:
+            writer.add_file(name, io.BytesIO(data))
+        else:
+            writer.add(name, data)
+    writer.close()
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert archive.testzip() is None
+        assert archive.namelist() == [name for name, _, _ in files]
+        assert [archive.read(name) for name, _, _ in files] == [data for _, data, _ in files]
+    reader = ankisync.ZipReader(io.BytesIO(out.getvalue()))
+    assert {name: reader.read(entry) for name, entry in reader.entries.items()} == \
+        {name: data for name, data, _ in files}
+
+
+def check_zip_reader(data):
+    """ZipReader on any bytes: it refuses with ZIP_REFUSALS or reads entries, never
+    writing more of one than its header declares; what it reads, zipfile reads alike."""
+    try:
+        reader = ankisync.ZipReader(io.BytesIO(data))
+    except ankisync.ZipError:
+        return
+    for name, entry in reader.entries.items():
+        parts, write = bounded_sink(entry.size)
+        try:
+            reader.copy(entry, write)
+        except ZIP_REFUSALS:
+            continue
+        content = b"".join(parts)
+        assert len(content) == entry.size and zlib.crc32(content) == entry.crc
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                expected = archive.read(name)
+        except Exception:
+            continue                # zipfile refuses what ZipReader reads: no reference
+        assert content == expected
+
+
+@st.composite
+def damaged_zips(draw):
+    """A zipfile zip with bytes set, flipped, dropped or put in anywhere, or cut short."""
+    return drawn_damage(draw, draw(python_zips()), ["set", "flip", "drop", "insert", "cut"],
+                        draw(st.integers(1, 4)))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(data=st.one_of(st.binary(max_size=200), damaged_zips()))
+def test_zip_reader_refuses_random_and_damaged_zips_only_with_zip_error(data):
+    """Random bytes and damaged zips: ZipError or zlib.error (what MediaSync catches),
+    no other exception, and never more bytes of an entry than it declares."""
+    check_zip_reader(data)
+
+
+def test_zip_writer_marks_a_name_beyond_ascii_as_utf8():
+    """Found by the fuzzing above: ZipWriter wrote names as UTF-8 without setting bit 11,
+    so zipfile (and ZipReader) read '\\x80' back as cp437's '┬Ç'."""
+    out = io.BytesIO()
+    writer = ankisync.ZipWriter(out)
+    writer.add("\x80", b"")
+    writer.add_file("café.jpg", io.BytesIO(b"jpeg"))
+    writer.add("0", b"plain ascii")
+    writer.close()
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert archive.namelist() == ["\x80", "café.jpg", "0"]
+        assert [info.flag_bits & ankisync.ZIP_UTF8 for info in archive.infolist()] == \
+            [ankisync.ZIP_UTF8, ankisync.ZIP_UTF8, 0]
+    assert sorted(ankisync.ZipReader(io.BytesIO(out.getvalue())).entries) == \
+        ["0", "café.jpg", "\x80"]
+
+
+def test_zip_reader_refuses_a_zip64_archive():
+    """65,535 entries need zip64's end record, which media zips never use: ZipError."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for index in range(0xFFFF):
+            archive.writestr(str(index), b"")
+    with pytest.raises(ankisync.ZipError, match="zip64"):
+        ankisync.ZipReader(io.BytesIO(out.getvalue()))
 
 
 # --- restore points: "I pressed Upload by mistake" ----------------------------------------
@@ -5120,6 +6146,449 @@ def test_a_package_from_a_modern_anki_becomes_the_collection(server, make_device
     fresh.sync_media()
     assert fresh.snapshot()["notes"] == laptop.snapshot()["notes"]
     assert fresh.media_files() == laptop.media_files()
+
+
+# --- fuzzed: damaged .colpkg files and ankisyncd folders, given to the commands ---
+
+
+
+
+
+def notes_collection(path, count):
+    """A schema-11 collection file with `count` notes, made without any client."""
+    ankisync.create_collection(str(path))
+    with sqlite3.connect(str(path)) as db:
+        mid = int(next(iter(json.loads(db.execute("select models from col").fetchone()[0]))))
+        db.executemany("insert into notes values (?, ?, ?, 0, 0, '', ?, '', 0, 0, '')",
+                       [(i + 1, "g%d" % i, mid, "front %d\x1fback" % i) for i in range(count)])
+    db.close()
+    with open(str(path), "rb") as f:
+        return f.read()
+
+
+def legacy_package(path, entries, compression=zipfile.ZIP_DEFLATED):
+    """A .colpkg as Anki 2.1 wrote it: `entries` is [(zip entry, bytes)]."""
+    with zipfile.ZipFile(str(path), "w", compression) as archive:
+        for name, data in entries:
+            archive.writestr(name, data)
+    return str(path)
+
+
+def modern_package(tmp_path):
+    """A .colpkg as Anki 2.1.50+ writes it (zstd, schema 18, a protobuf media list), by
+    the real anki wheel: two notes, two pictures."""
+    from anki.collection import Collection
+    folder = tmp_path / "anki"
+    folder.mkdir(exist_ok=True)
+    col = Collection(str(folder / "collection.anki2"))
+    try:
+        basic = col.models.by_name("Basic")
+        for index in range(2):
+            note = col.new_note(basic)
+            note["Front"], note["Back"] = "q%d" % index, '<img src="p%d.jpg">' % index
+            col.add_note(note, col.decks.id("Default"))
+            col.media.write_data("p%d.jpg" % index, b"jpeg %d " % index * 50)
+        package = str(tmp_path / "modern.colpkg")
+        col.export_collection_package(package, include_media=True, legacy=False)
+    finally:
+        col.close()
+    return package
+
+
+def alice(tmp_path):
+    """alice, with a collection of 3 notes and a picture: (config, her folder). Made in
+    this process; the commands under test then run as the admin runs them."""
+    cli_config = tmp_path / "test.ini"
+    cli_config.write_text("[server]\ndata = data\n")
+    config = ankisync.Config.load(str(cli_config))
+    ankisync.UserStore(config.data).add("alice", password="pw")
+    folder = ankisync.UserFolder(config, "alice")
+    package = legacy_package(tmp_path / "start.colpkg", [
+        ("collection.anki2", notes_collection(tmp_path / "start.anki2", 3)),
+        ("0", b"picture"), ("media", json.dumps({"0": "a.jpg"}))])
+    ankisync.import_package(folder, package, ankisync.choose_zstd("python"))
+    return config, folder
+
+
+def folder_state(folder):
+    """What an import that fails must leave as it was: the collection's bytes, the media
+    database's, the files in the user's folder (no temp file left over) and the media."""
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+    return (read(folder.collection.path), read(os.path.join(folder.path, "media.db")),
+            sorted(os.listdir(folder.path)), sorted(os.listdir(os.path.join(folder.path,
+                                                                            "media"))))
+
+
+def patch_central(data, name, offset, value, size="<H"):
+    """`data` (a zip) with a field of `name`'s central directory header set to `value`:
+    offset 8 is the flags, 10 the method, 16 the CRC, 20 and 24 the sizes."""
+    data = bytearray(data)
+    at = data.index(struct.pack("<I", ankisync.ZIP_CENTRAL_MAGIC))
+    while True:
+        length = struct.unpack_from("<H", data, at + 28)[0]
+        if bytes(data[at + 46:at + 46 + length]) == name.encode():
+            struct.pack_into(size, data, at + offset, value)
+            return bytes(data)
+        at = data.index(struct.pack("<I", ankisync.ZIP_CENTRAL_MAGIC), at + 4)
+
+
+def damaged_packages(tmp_path):
+    """(what, package path, words the one line must hold): every kind of damage a .colpkg
+    met in the wild or in the fuzzing below."""
+    good_collection = notes_collection(tmp_path / "good.anki2", 5)
+    good = [("collection.anki2", good_collection), ("0", b"new picture"),
+            ("media", json.dumps({"0": "b.jpg"}))]
+    good_path = legacy_package(tmp_path / "good.colpkg", good)
+    with open(good_path, "rb") as f:
+        good_bytes = f.read()
+    modern = modern_package(tmp_path)
+    with open(modern, "rb") as f:
+        modern_bytes = f.read()
+    with zipfile.ZipFile(modern) as archive:
+        modern_entries = [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+    def modern_with(**changes):
+        return [(name, changes.get(name, data)) for name, data in modern_entries
+                if changes.get(name, data) is not None]
+
+    def file(name, data):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return str(path)
+
+    (tmp_path / "a folder.colpkg").mkdir()
+    with open(legacy_package(tmp_path / "stored.colpkg", good, zipfile.ZIP_STORED), "rb") as f:
+        stored_bytes = f.read()
+    deflated = legacy_package(tmp_path / "deflated.colpkg", good)
+    with zipfile.ZipFile(deflated) as archive:
+        info = archive.getinfo("collection.anki2")
+    with open(deflated, "rb") as f:
+        flipped = bytearray(f.read())
+    flipped[info.header_offset + 30 + len("collection.anki2") + info.compress_size // 2] ^= 0x55
+    return [
+        ("not a zip", file("text.colpkg", b"this is not a package\n"), "not a zip file"),
+        ("an empty file", file("empty.colpkg", b""), "not a zip file"),
+        ("cut in half", file("half.colpkg", good_bytes[:len(good_bytes) // 2]), "truncated"),
+        ("its last byte cut", file("cut.colpkg", good_bytes[:-1]), "truncated"),
+        ("an empty zip", legacy_package(tmp_path / "none.colpkg", []), "an empty zip"),
+        ("no collection", legacy_package(tmp_path / "nocol.colpkg", good[1:]),
+         "no collection.anki2"),
+        ("no such file", str(tmp_path / "missing.colpkg"), "No such file"),
+        ("a folder", str(tmp_path / "a folder.colpkg"), "a folder"),
+        ("a collection that is not SQLite", legacy_package(
+            tmp_path / "notsqlite.colpkg", [("collection.anki2", b"SQLite? no" * 500)]),
+         "not an Anki collection"),
+        ("a collection that is SQLite but not Anki's", legacy_package(
+            tmp_path / "sqlite.colpkg", [("collection.anki2", sqlite_file(tmp_path))]),
+         "not an Anki collection"),
+        ("a bad CRC", file("crc.colpkg", patch_central(good_bytes, "collection.anki2", 16,
+                                                        0x12345678, "<I")), "damaged"),
+        ("a damaged deflate stream", file("flipped.colpkg", bytes(flipped)), "damaged"),
+        ("an entry that runs past the end", file("short.colpkg", patch_central(
+            stored_bytes, "collection.anki2", 20, struct.pack("<II", *[len(stored_bytes)] * 2),
+            "8s")), "truncated"),
+        ("an encrypted entry", file("locked.colpkg", patch_central(
+            good_bytes, "collection.anki2", 8, 1)), "encrypted"),
+        ("an unknown compression method", file("method.colpkg", patch_central(
+            good_bytes, "collection.anki2", 10, 99)), "damaged"),
+        ("a meta version from the future", legacy_package(
+            tmp_path / "future.colpkg", modern_with(meta=b"\x08\x07")), "newer Anki"),
+        ("a meta that is not protobuf", legacy_package(
+            tmp_path / "meta.colpkg", modern_with(meta=b"\xff")), "meta entry"),
+        ("a media list naming a file twice", legacy_package(tmp_path / "twice.colpkg", good[:2] + [
+            ("1", b"x"), ("media", json.dumps({"0": "b.jpg", "1": "b.jpg"}))]), "twice"),
+        ("a media list naming a missing entry", legacy_package(
+            tmp_path / "gone.colpkg", good[:1] + good[2:]), "which it does not hold"),
+        ("a media list naming ../x", legacy_package(
+            tmp_path / "escape.colpkg", good[:2] + [("media", json.dumps({"0": "../x"}))]),
+         "not a plain file name"),
+        ("a media list naming a number", legacy_package(
+            tmp_path / "number.colpkg", good[:2] + [("media", json.dumps({"0": 7}))]),
+         "cannot store"),
+        ("a media list that is not JSON", legacy_package(
+            tmp_path / "json.colpkg", good[:2] + [("media", b"{\"0\": ")]), "media list"),
+        ("a media list that is a list", legacy_package(
+            tmp_path / "list.colpkg", good[:2] + [("media", b"[1, 2]")]), "media list"),
+        ("a corrupt zstd collection", legacy_package(tmp_path / "zstd.colpkg", modern_with(**{
+            "collection.anki21b": modern_entries[1][1][:40] + b"\0" * 40})), "damaged"),
+        ("a corrupt zstd media list", legacy_package(tmp_path / "zlist.colpkg", modern_with(
+            media=b"not zstd")), "media list"),
+        ("a corrupt zstd media file", legacy_package(tmp_path / "zfile.colpkg", modern_with(
+            **{"0": b"\x28\xb5\x2f\xfd junk"})), "media file 'p"),
+        ("a zstd media list naming a missing entry", legacy_package(
+            tmp_path / "zgone.colpkg", modern_with(**{"1": None})), "which it does not hold"),
+        ("modern, its last byte cut", file("mcut.colpkg", modern_bytes[:-1]), "truncated"),
+    ]
+
+
+def sqlite_file(tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(str(path)) as db:
+        db.execute("create table t (x)")
+    db.close()
+    return path.read_bytes()
+
+
+def test_a_damaged_colpkg_is_refused_in_one_line_and_changes_nothing(tmp_path):
+    """`import` of a damaged package (before: six kinds ended in a traceback, a
+    truncated one printed 'cancelled', a bad media name left temp files behind): one
+    line on stderr naming the file and what is wrong, exit status 1, and alice's
+    collection, media and folder exactly as they were."""
+    config, folder = alice(tmp_path)
+    before = folder_state(folder)
+    for what, package, words in damaged_packages(tmp_path):
+        done = cli(tmp_path, "import", "alice", package)
+        lines = done.stderr.splitlines()
+        assert done.returncode == 1 and done.stdout == "", (what, done.stdout, done.stderr)
+        assert len(lines) == 1 and lines[0].startswith("ankisync: cannot import %s: "
+                                                       % package), (what, done.stderr)
+        assert words in lines[0], (what, lines[0])
+        assert folder_state(folder) == before, what
+
+
+def test_packages_from_anki_of_either_layout_still_import(tmp_path):
+    """The good packages the damaged ones were made from import: 2.1's layout and the
+    modern one, its media list read through legacy_zip_filename when that is set."""
+    config, folder = alice(tmp_path)
+    done = cli(tmp_path, "import", "alice", modern_package(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert ankisync.collection_counts(folder.collection.path)[0] == 2
+    assert sorted(os.listdir(os.path.join(folder.path, "media"))) == ["a.jpg", "p0.jpg",
+                                                                        "p1.jpg"]
+    # MediaEntry.legacy_zip_filename (field 255) names the zip entry: here "7".
+    zstd = ankisync.choose_zstd("python")
+    from anki.import_export_pb2 import MediaEntries, PackageMetadata
+    listing = MediaEntries(entries=[MediaEntries.MediaEntry(name="c.jpg", size=5,
+                                                            legacy_zip_filename=7)])
+    package = legacy_package(tmp_path / "numbered.colpkg", [
+        ("meta", PackageMetadata(version=PackageMetadata.VERSION_LATEST).SerializeToString()),
+        ("collection.anki21b", zstd.compress(notes_collection(tmp_path / "n.anki2", 4))),
+        ("7", zstd.compress(b"seven")), ("media", zstd.compress(listing.SerializeToString()))])
+    done = cli(tmp_path, "import", "alice", package)
+    assert done.returncode == 0, done.stderr
+    with open(os.path.join(folder.path, "media", "c.jpg"), "rb") as f:
+        assert f.read() == b"seven"
+
+
+@st.composite
+def package_damage(draw):
+    """Where and how to damage a package: bytes set, flipped, dropped or inserted, or
+    the end cut off, anywhere (local headers, data, central directory)."""
+    edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        edits.append((draw(st.floats(0, 1)), draw(st.sampled_from(["set", "flip", "drop",
+                                                                   "insert", "cut"])),
+                      draw(st.integers(0, 255))))
+    return edits
+
+
+def damage(data, edits):
+    data = bytearray(data)
+    for where, how, value in edits:
+        if not data:
+            break
+        at = min(int(where * len(data)), len(data) - 1)
+        if how == "set":
+            data[at] = value
+        elif how == "flip":
+            data[at] ^= 1 << value % 8
+        elif how == "drop":
+            del data[at]
+        elif how == "insert":
+            data[at:at] = bytes([value])
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+PACKAGES_MADE = {}
+
+
+def alice_and_packages(tmp_path):
+    """alice and a good package of either layout, made once per test (hypothesis calls
+    it again and again with one tmp_path): (config, {layout: [(entry, bytes)]})."""
+    if tmp_path not in PACKAGES_MADE:
+        config, _ = alice(tmp_path)
+        legacy = legacy_package(tmp_path / "good.colpkg", [
+            ("collection.anki2", notes_collection(tmp_path / "good.anki2", 5)),
+            ("0", b"new picture" * 30), ("media", json.dumps({"0": "b.jpg"}))])
+        packages = {}
+        for layout, path in (("modern", modern_package(tmp_path)), ("legacy", legacy)):
+            with zipfile.ZipFile(path) as archive:
+                packages[layout] = [(info.filename, archive.read(info))
+                                    for info in archive.infolist()]
+        PACKAGES_MADE[tmp_path] = config, packages
+    return PACKAGES_MADE[tmp_path]
+
+
+def check_import_fails_only_in_words(config, package):
+    """`import` either imports the package, or fails with the ValueError main() prints
+    as one line naming the file, alice's collection, media and folder as they were."""
+    folder = ankisync.UserFolder(config, "alice")
+    before = folder_state(folder)
+    try:
+        ankisync.command_import(config, argparse.Namespace(name="alice", file=package))
+    except ValueError as e:
+        assert str(e).startswith("cannot import %s: " % package) and "\n" not in str(e)
+        assert folder_state(folder) == before
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.sampled_from(["modern", "legacy"]),
+       compression=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]),
+       edits=package_damage())
+def test_import_of_packages_damaged_anywhere_fails_only_in_words(tmp_path, layout,
+                                                                 compression, edits):
+    """Packages of either layout with bytes damaged anywhere in the file (headers,
+    data, central directory): imported, or refused in one line, nothing changed."""
+    config, packages = alice_and_packages(tmp_path)
+    package = legacy_package(tmp_path / "damaged.colpkg", packages[layout], compression)
+    with open(package, "rb") as f:
+        data = damage(f.read(), edits)
+    with open(package, "wb") as f:
+        f.write(data)
+    check_import_fails_only_in_words(config, package)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=st.sampled_from(["modern", "legacy"]), target=st.integers(0, 5),
+       edits=package_damage())
+def test_import_of_packages_with_a_damaged_entry_fails_only_in_words(tmp_path, layout,
+                                                                     target, edits):
+    """One entry damaged inside a sound zip (its CRC right): the meta, the zstd or SQLite
+    collection, the media list, a media file. The same contract."""
+    config, packages = alice_and_packages(tmp_path)
+    entries = packages[layout]
+    target %= len(entries)
+    package = legacy_package(tmp_path / "damaged.colpkg", [
+        (name, damage(data, edits) if index == target else data)
+        for index, (name, data) in enumerate(entries)])
+    check_import_fails_only_in_words(config, package)
+
+
+def ankisyncd_data(root, users):
+    """An ankisyncd 2.x data folder: auth.db (sha256 of name, password and salt, then the
+    salt) and collections/<name>/ with collection.anki2 (bytes, or None for none) and
+    collection.media/ ({file name: bytes})."""
+    os.makedirs(os.path.join(root, "collections"))
+    auth = sqlite3.connect(os.path.join(root, "auth.db"))
+    auth.execute("create table auth (username varchar primary key, hash varchar)")
+    for name, password, collection, media in users:
+        salt = "0123456789abcdef"
+        auth.execute("insert into auth values (?, ?)", (name, hashlib.sha256(
+            (name + password + salt).encode()).hexdigest() + salt))
+        folder = os.path.join(root, "collections", name)
+        os.makedirs(os.path.join(folder, "collection.media"))
+        if collection is not None:
+            with open(os.path.join(folder, "collection.anki2"), "wb") as f:
+                f.write(collection)
+        for file_name, data in media.items():
+            with open(os.path.join(folder, "collection.media", file_name), "wb") as f:
+                f.write(data)
+    auth.commit()
+    auth.close()
+    return str(root)
+
+
+def users_of(config):
+    return sorted(ankisync.UserStore(config.data).names())
+
+
+def leftovers(config):
+    return [name for _, _, files in os.walk(config.data) for name in files
+            if name.startswith(ankisync.TEMP_PREFIXES)]
+
+
+def test_a_damaged_ankisyncd_folder_is_refused_in_one_line_before_any_user_is_added(tmp_path):
+    """import-ankisyncd of a folder whose auth.db cannot be used (before: tracebacks, or
+    a message naming ankisync's own auth.db), or without collections/ (the users would
+    come without their collections, and a second run would skip them): one line naming
+    the file, exit status 1, no user added, alice as she was."""
+    config, folder = alice(tmp_path)
+    before = folder_state(folder)
+    good = notes_collection(tmp_path / "theirs.anki2", 2)
+
+    def auth_db(root, sql):
+        os.makedirs(root)
+        db = sqlite3.connect(os.path.join(root, "auth.db"))
+        db.executescript(sql)
+        db.close()
+        os.makedirs(os.path.join(root, "collections"), exist_ok=True)
+        return root
+
+    def no_collections(root):
+        ankisyncd_data(root, [("carla", "pw", good, {})])
+        shutil.rmtree(os.path.join(root, "collections"))
+        return root
+
+    not_sqlite = str(tmp_path / "text")
+    os.makedirs(not_sqlite)
+    with open(os.path.join(not_sqlite, "auth.db"), "w") as f:
+        f.write("carla:secret\n" * 100)
+    cases = [
+        ("no such folder", str(tmp_path / "missing"), "no such folder"),
+        ("no auth.db", str(tmp_path), "no auth.db"),
+        ("an auth.db that is not SQLite", not_sqlite, "not ankisyncd's auth.db"),
+        ("an auth.db without its table", auth_db(str(tmp_path / "t"), "create table x (y);"),
+         "no such table: auth"),
+        ("a hash that is not ankisyncd's", auth_db(str(tmp_path / "h"), "create table auth "
+                                                   "(username, hash); insert into auth "
+                                                   "values ('carla', 'x'), ('dora', '%s');"
+                                                   % ("0" * 80)), "not ankisyncd's"),
+        ("a name no folder can have", auth_db(str(tmp_path / "n"), "create table auth "
+                                              "(username, hash); insert into auth values "
+                                              "('dora', '%s'), ('a/b', '%s');"
+                                              % ("0" * 80, "0" * 80)), "bad user name"),
+        ("no collections/", no_collections(str(tmp_path / "c")), "no collections/ folder"),
+    ]
+    for what, root, words in cases:
+        done = cli(tmp_path, "import-ankisyncd", root)
+        lines = done.stderr.splitlines()
+        assert done.returncode == 1 and done.stdout == "", (what, done.stdout, done.stderr)
+        assert len(lines) == 1 and lines[0].startswith("ankisync: cannot import %s"
+                                                       % root), (what, done.stderr)
+        assert words in lines[0], (what, lines[0])
+        assert users_of(config) == ["alice"], what
+        assert folder_state(folder) == before and leftovers(config) == [], what
+
+
+def test_an_ankisyncd_collection_that_is_not_sqlite_stays_behind_and_says_so(tmp_path):
+    """One user's collection is not SQLite (before: a traceback after the users before
+    them were added), another's is SQLite but no Anki collection, a third's media has
+    a name no client could sync (before: a traceback and temp files left over): every
+    user comes over, the good collection and files too; the command names each file
+    that stayed behind on one line of stderr and ends with status 1."""
+    config, folder = alice(tmp_path)
+    before = folder_state(folder)
+    good = notes_collection(tmp_path / "theirs.anki2", 2)
+    root = ankisyncd_data(str(tmp_path / "old"), [
+        ("alice", "other", good, {}),                            # she is here already
+        ("carla", "pw", b"not a database" * 300, {"c.jpg": b"jpeg"}),
+        ("dora", "pw", sqlite_file(tmp_path), {}),
+        ("emil", "pw", good, {"e.jpg": b"jpeg", "e\u0301.jpg": b"nfd", "x\x01.jpg": b"ctl"}),
+        ("fritz", "pw", None, {}),
+    ])
+    done = cli(tmp_path, "import-ankisyncd", root)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    carla = os.path.join(root, "collections", "carla", "collection.anki2")
+    dora = os.path.join(root, "collections", "dora", "collection.anki2")
+    assert len(lines) == 1 and lines[0].startswith("ankisync: cannot import %s: " % carla)
+    assert dora in lines[0] and "carla's first device uploads" in lines[0], lines[0]
+    assert "alice: skipped" in done.stdout and "4 users imported" in done.stdout
+    assert "emil: 2 notes, 0 cards, 1 media files (2 left behind: names ankisync cannot " \
+           "store)" in done.stdout, done.stdout
+    assert users_of(config) == ["alice", "carla", "dora", "emil", "fritz"]
+    assert folder_state(folder) == before and leftovers(config) == []
+    emil = ankisync.UserFolder(config, "emil")
+    assert ankisync.collection_counts(emil.collection.path)[0] == 2
+    assert os.listdir(os.path.join(emil.path, "media")) == ["e.jpg"]
+    assert not os.path.exists(ankisync.UserFolder(config, "carla").collection.path) or \
+        os.path.getsize(ankisync.UserFolder(config, "carla").collection.path) == 0
 
 
 # --- the first ten minutes: what a newcomer meets -----------------------------------------
