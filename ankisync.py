@@ -386,8 +386,8 @@ def to_int(value, what="value"):
 
 
 # The shape of every field a method reads, checked before the method runs, so a client's
-# mistake is a 400 naming the field and never a TypeError deep inside (docs/protocol.md 4
-# and 6 name the fields). A shape is INT (to_int), FLAG (any value, as true or false),
+# mistake is a 400 naming the field and never a TypeError deep inside (docs/protocol.md
+# 3.8; 4 and 6 name the fields). A shape is INT (to_int), FLAG (any value, as true or false),
 # TEXT (a string), ANY (left to the method), [shape] (a list of them), (shape, ...) (a
 # list of exactly these) or {key: shape} (an object; keys absent or null are left out).
 INT, FLAG, TEXT, ANY = "int", "flag", "text", "any"

@@ -3939,6 +3939,53 @@ def test_a_media_upload_with_a_strange_meta_is_a_400(server, meta):
     assert "Traceback" not in server.log()
 
 
+# The live fuzzer's finds (bench/fuzz_live.py): uploads that passed SQLite's integrity
+# check and then failed every sync after them with a 500.
+DAMAGED_UPLOADS = {
+    "notes dropped": "drop table notes",
+    "cards dropped": "drop table cards",
+    "revlog dropped": "drop table revlog",
+    "graves dropped": "drop table graves",
+    "a column gone": "alter table notes drop column data",
+    "a blob for col.mod": "update col set mod = x'00ff'",
+    "a blob for col.usn": "update col set usn = x'01'",
+    "a null usn in a card": "create table c2 as select * from cards; drop table cards; "
+                           "alter table c2 rename to cards; "
+                           "insert into cards select 1,1,1,0,0,null,0,0,0,0,0,0,0,0,0,0,0,''",
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_UPLOADS))
+def test_an_upload_missing_a_table_or_holding_bytes_for_numbers_is_refused(server, tmp_path,
+                                                                          case):
+    key = login(server)
+    path = str(tmp_path / "damaged.anki2")
+    ankisync.create_collection(path)
+    with sqlite3.connect(path) as db:
+        db.executescript(DAMAGED_UPLOADS[case])
+    with open(path, "rb") as f:
+        answer = modern(server, "upload", f.read(), key=key)
+    assert answer.status == 400 and b"Check Database" in answer.body, answer
+    start_a_sync(server, key)
+    assert modern(server, "chunk", {}, key=key).status == 200
+    assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("method", [b"DELETE", b"PUT", b"post", b"TRACE"])
+def test_an_http_method_ankisync_does_not_answer_is_a_405(server, method):
+    answer = exchange(server.port, method + b" /sync/meta HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert statuses(answer) == [405], answer
+
+
+@pytest.mark.parametrize("version,status", [(0, 400), (-1, 400), (100, 400), (7, 501),
+                                            (12, 501)])
+def test_only_a_version_some_anki_could_send_gets_the_protocol_s_501(server, version, status):
+    """501 is what old clients turn into "please upgrade Anki"; a value no client sends
+    is no version at all."""
+    key = login(server)
+    assert modern(server, "meta", {"v": version, "cv": "t"}, key=key).status == status
+
+
 # --- TLS ---
 
 
