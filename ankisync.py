@@ -72,6 +72,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shutil
 import socket
@@ -140,6 +141,7 @@ PASSWORD_CHECKS_AT_ONCE = 1         # PBKDF2 keeps a core busy ~0.3 s: guessers 
 PASSWORD_CHECK_WAIT = 10            # seconds a login waits for its turn before a 503
 GUARD_TABLE_MAX = 10_000            # addresses and names remembered; the oldest are forgotten first
 NOTICE_REPEAT = 60                  # seconds before a warning about one address is logged again
+KNOWN_LOGIN_SECONDS = 30 * 86400    # a login's address counts as the user's own for a month
 
 # Connections: one listener thread holds every connection between requests and reads
 # each request's head (and a legacy form's first bytes) itself, so that a worker thread
@@ -149,6 +151,11 @@ IDLE_TIMEOUT = 30                   # seconds a kept-alive connection may wait f
 BODY_GRACE = 20                     # seconds a body may take before BODY_MIN_RATE applies (Apache)
 BODY_MIN_RATE = 500                 # bytes a second a body must average after that (Apache MinRate)
 SEND_TIMEOUT = 60                   # seconds a client may leave its answer unread, then it is cut
+SEND_GRACE = 20                     # seconds an answer may take before SEND_MIN_RATE applies
+SEND_MIN_RATE = 4096                # bytes a second an answer must be taken at after that: a
+                                    # phone on the slowest mobile data does ten times more
+USER_REQUESTS_MAX = 4               # one user's requests answered at once: a device sends one
+                                    # at a time, and a family syncs a few devices at once
 HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under 1 KiB (nginx 32)
 MAX_HEADERS = 100                   # as http.client allows; a client sends six
 BODY_PREREAD = UNAUTHENTICATED_HOLD  # a form's bytes the listener gathers before a worker reads on
@@ -534,11 +541,54 @@ class Option:
         try:
             value = self.parse(text)
         except ValueError:
-            raise SystemExit("ankisync: %s: %s takes a number, not %r" % (where, self.name, text))
+            raise SystemExit("ankisync: %s: %s takes %s, not %r"
+                             % (where, self.name, TAKES.get(self.parse, "a number"), text))
         if self.choices and value not in self.choices:
             raise SystemExit("ankisync: %s: %s is one of %s, not %r"
                              % (where, self.name, ", ".join(self.choices), text))
         return value
+
+
+def whole_number(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def counting_number(text):
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def port_number(text):
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+def web_address(text):
+    """An http(s) address with a host: what a client can be sent to."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or \
+            any(c in text for c in " \t\r\n\"'<>\\"):
+        raise ValueError(text)
+    return text
+
+
+def address_networks(text):
+    """'127.0.0.1, 10.0.0.0/8, ::1' as networks."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
+
+
+TAKES = {whole_number: "a whole number (0 or more)", counting_number: "a whole number (1 or more)",
+         port_number: "a port number (1 to 65535)",
+         web_address: "an http:// or https:// address",
+         address_networks: "addresses or networks, separated by commas (127.0.0.1, 10.0.0.0/8)"}
 
 
 OPTIONS = (
@@ -548,7 +598,7 @@ OPTIONS = (
            env="SYNC_HOST"),
     Option("port", DEFAULT_PORT, "port", """
         Port to listen on. 27701 is the port Anki sync servers have used for years.""",
-           parse=int, env="SYNC_PORT"),
+           parse=port_number, env="SYNC_PORT"),
     Option("data", "ankisync-data", "data folder, relative to the ini file", """
         Where users' collections, media and auth.db live: <data>/<user>/collection.anki2.
         The same layout as Anki's own sync server, so the folder can move between the two.""",
@@ -564,12 +614,12 @@ OPTIONS = (
         (A modern client's upload is also kept in its own schema-18 form, which makes the
         next modern download faster, but only while ten times its size stays free on the
         disk: on a small disk the collection is stored once.)""",
-           parse=int, env="MAX_SYNC_PAYLOAD_MEGS"),
+           parse=counting_number, env="MAX_SYNC_PAYLOAD_MEGS"),
     Option("session_timeout", SESSION_TIMEOUT, "seconds before an abandoned sync is rolled back",
            """
         Seconds a sync may sit idle before its changes are rolled back (a phone that lost
         its connection mid-sync). Clients send requests every few seconds while syncing.""",
-           parse=int),
+           parse=counting_number),
     Option("log_level", "INFO", "one line per request at INFO", """
         DEBUG, INFO, WARNING or ERROR. INFO logs one line per request.""",
            parse=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -590,7 +640,7 @@ OPTIONS = (
         When this server has moved (its data folder copied to the new one): the new address,
         e.g. https://anki.example.com/. Modern clients (Anki 2.1.57+, AnkiDroid 2.16+,
         AnkiMobile) are sent there at their next sync and remember it; older ones are told
-        to change their sync address.""", env="ANKISYNC_MOVED_TO"),
+        to change their sync address.""", parse=web_address, env="ANKISYNC_MOVED_TO"),
     Option("metrics", "off", "`on`: /metrics in the Prometheus text format", """
         on: answer /metrics in the Prometheus text format (requests, durations, syncs,
         bytes, failed logins, sessions, users, their collection and media bytes, free
@@ -607,6 +657,12 @@ OPTIONS = (
         logins are throttled per client and the log shows who connected. Leave it empty
         when clients connect directly: the header is then ignored, since anyone can send it.""",
            env="SYNC_IP_HEADER"),
+    Option("trusted_proxies", "127.0.0.0/8, ::1", "where ip_header is believed from", """
+        The addresses of your reverse proxies, separated by commas (networks like
+        172.16.0.0/12 too): ip_header is read only on connections from them, since anyone
+        else could write any address into it. The default is this machine; add the proxy
+        container's network when the proxy runs in another container.""",
+           parse=address_networks, env="ANKISYNC_TRUSTED_PROXIES"),
     Option("backup_uploads", 10, "restore points kept from before full uploads and restores",
            """
         Restore points: before a full upload replaces a collection (one device answering
@@ -615,37 +671,37 @@ OPTIONS = (
         compressed; deleted media files wait in <user>/media.trash/ as long. List and
         restore them with `ankisync.py backups NAME` and `restore NAME ID`.
         The last this many points from before a full upload, a restore or an import.""",
-           parse=int),
+           parse=whole_number),
     Option("backup_days", 7, "daily restore points kept (one per day)", """
         Daily points kept: the newest of each of the last this many days with a sync.""",
-           parse=int),
+           parse=whole_number),
     Option("backup_weeks", 4, "weekly restore points kept (one per week)", """
         Weekly points kept: the newest of each of the last this many weeks.""",
-           parse=int),
+           parse=whole_number),
     Option("backup_budget_mb", 1024, "MiB of restore points per user at most", """
         MiB the points of one user may take; the oldest go first (the newest always
         stays). A point is about a third of the collection's size; none is made while
         less than three times the collection's size is free on the disk.""",
-           parse=int),
+           parse=whole_number),
     Option("quota_collection_mb", 0, "MiB a user's collection may take (0: no limit)", """
         Quotas for a server on a small disk (a class, a family): the MiB one user's
         collection, and their media files, may take. A sync past it is refused whole,
-        with a message the device shows; 0 means no limit.""", parse=int),
+        with a message the device shows; 0 means no limit.""", parse=whole_number),
     Option("quota_media_mb", 0, "MiB a user's media files may take (0: no limit)", "",
-           parse=int),
+           parse=whole_number),
     Option("max_connections", MAX_CONNECTIONS,
            "open connections; past it the longest-waiting one is closed", """
         Open connections at most. An idle or slow connection costs a socket and a small
         buffer, never a thread; past this number a new connection closes the one that has
         waited longest for a request. The open-files limit (ulimit -n) must be larger.""",
-           parse=int),
+           parse=counting_number),
     Option("max_connections_per_address", MAX_CONNECTIONS_PER_ADDRESS,
            "one client address's share of them", """
         One client address's share of them, so one address cannot crowd out the others.
         A family or a class behind one router shares an address: each device uses one or
         two connections while it syncs. Raise it for a large school behind one NAT. Not
-        applied with ip_header set: then every connection comes from the proxy.""",
-           parse=int),
+        applied to trusted_proxies when ip_header is set: everyone comes through them.""",
+           parse=counting_number),
 )
 
 
@@ -679,8 +735,8 @@ class Config:
     """Every setting the server reads: the options' values, and the users from SYNC_USERn."""
 
     def __init__(self):
-        for option in OPTIONS:
-            setattr(self, option.name, option.default)
+        for option in OPTIONS:       # a default as an ini gives it: "127.0.0.0/8" a network
+            setattr(self, option.name, option.read(str(option.default), "its default"))
         self.env_users = []          # (name, password or PHC hash) from SYNC_USERn
         self.passwords_hashed = False
         self.source = None           # the ini file read, if any
@@ -1089,8 +1145,10 @@ class LoginGuard:
     the address waits LOCKOUT_FIRST seconds, doubled with each further failure. Per
     user: once a name has had that many failures from anywhere, its password is checked
     at most once every USER_CHECK_INTERVAL, so guessers spread over many addresses gain
-    little, while the owner on another address still gets in. And PBKDF2 runs on at
-    most PASSWORD_CHECKS_AT_ONCE threads, so guessing cannot starve syncs of the CPU.
+    little. Neither applies to a name at an address where it logged in lately
+    (KNOWN_LOGIN_SECONDS) and has not failed since: guessers cannot lock the owner out,
+    nor one user's wrong passwords the others behind the same router. And PBKDF2 runs
+    on at most PASSWORD_CHECKS_AT_ONCE threads, so guessing cannot starve syncs of the CPU.
     """
 
     def __init__(self):
@@ -1099,6 +1157,7 @@ class LoginGuard:
         self.by_user = {}           # name -> the same
         self.user_next = {}         # name -> when its next check may start
         self.announced = {}         # address -> end of the lockout already logged
+        self.known = {}             # (address, name) -> until when its last success counts
         self.turns = threading.BoundedSemaphore(PASSWORD_CHECKS_AT_ONCE)
 
     @contextlib.contextmanager
@@ -1120,6 +1179,8 @@ class LoginGuard:
     def _admit(self, address, name, pace):
         now = time.monotonic()
         with self.lock:
+            if self.known.get((address, name), 0) > now:
+                return
             until = self._locked_until(address, now)
             wait = until - now
             if wait > 0:
@@ -1139,14 +1200,16 @@ class LoginGuard:
     def failed(self, address, name):
         now = time.monotonic()
         with self.lock:
+            self.known.pop((address, name), None)   # a mistake: the ordinary rules again
             for table, key in ((self.by_address, address), (self.by_user, name)):
                 times = _recent(table, key, now)
                 times.append(now)
                 _bounded(table, key, times)
 
-    def succeeded(self, address):
+    def succeeded(self, address, name):
+        # The address's failures stay: behind one router they may be someone else's.
         with self.lock:
-            self.by_address.pop(address, None)
+            _bounded(self.known, (address, name), time.monotonic() + KNOWN_LOGIN_SECONDS)
 
     def throttled(self):
         """How many addresses wait out a lockout now (for /metrics)."""
@@ -2116,7 +2179,7 @@ class Accounts:
             log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], req.address,
                         "wrong password" if self.users.exists(name) else "no such user")
             raise SyncError(403, "wrong user name or password")
-        self.guard.succeeded(req.address)
+        self.guard.succeeded(req.address, name)
         self.trust(req.address)
         req.user = self.users.canonical(name)
         return Reply.json({"key": hkey})
@@ -3988,6 +4051,7 @@ class SyncApp:
         self.users = UserStore(config.data)
         self.accounts = Accounts(self.users)
         self.ip_header = ip_header_name(config.ip_header)
+        self.proxy_notices = Notices()
         self.zstd = zstd or choose_zstd(config.zstd)
         self.spool_folder = os.path.join(config.data, ".tmp")
         os.makedirs(self.spool_folder, exist_ok=True)
@@ -4000,6 +4064,7 @@ class SyncApp:
         self._registry_lock = threading.Lock()
         self.base_path = config.normalized_base_path()
         self.serving = 0                # requests being dispatched now
+        self.requests_of = {}           # user -> requests being dispatched or answered
         self.later = Later()
 
     def _clean_leftovers(self):
@@ -4064,6 +4129,26 @@ class SyncApp:
         """True while another request than the caller's is being answered."""
         return self.serving > 1
 
+    @contextlib.contextmanager
+    def turn_of(self, user):
+        """One of the USER_REQUESTS_MAX requests a user may have answered at once: past
+        them a 409, so one account's slow downloads cannot hold every worker."""
+        if user is None:            # a login: the login guard paces those
+            yield
+            return
+        with self._registry_lock:
+            if self.requests_of.get(user, 0) >= USER_REQUESTS_MAX:
+                raise SyncError(409, "this user has %d requests in progress already: sync "
+                                "again when the other devices are done" % USER_REQUESTS_MAX)
+            self.requests_of[user] = self.requests_of.get(user, 0) + 1
+        try:
+            yield
+        finally:
+            with self._registry_lock:
+                left = self.requests_of.pop(user) - 1
+                if left:
+                    self.requests_of[user] = left
+
     def _dispatch(self, req):
         if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
             return self.accounts.hostKey(req)
@@ -4090,8 +4175,43 @@ class SyncApp:
             log.debug("not recorded: %s of %s (%s)", kind, req.user, e)
 
     def client_address(self, headers, peer):
-        """The TCP peer, or behind a proxy the address in the header the admin named."""
-        return forwarded_address(headers, self.ip_header) or peer
+        """The TCP peer; from a trusted proxy, the address in the header the admin named.
+        Anyone else could write any address there, and so dodge the login guard or
+        pass for this machine at /metrics."""
+        if not (self.ip_header and self.is_proxy(peer)):
+            return peer
+        forwarded = forwarded_address(headers, self.ip_header)
+        if not forwarded:
+            self.proxy_notices.warn(peer, "ip_header is %s, but a request from the proxy %s "
+                                    "has no %s header: its address is the proxy's, so failed "
+                                    "logins there count against everyone behind the proxy"
+                                    % (self.config.ip_header, peer, self.ip_header))
+        return forwarded or peer
+
+    def is_proxy(self, peer):
+        try:
+            address = ipaddress.ip_address(peer.split("%")[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.config.trusted_proxies
+                   if network.version == address.version)
+
+
+class Notices:
+    """Warnings about a client, each logged at most once a NOTICE_REPEAT per address: an
+    attacker repeating a mistake must not fill the log."""
+
+    def __init__(self):
+        self.until = {}
+        self.lock = threading.Lock()
+
+    def warn(self, about, text, *args):
+        now = time.monotonic()
+        with self.lock:
+            if self.until.get((about, text), 0) > now:
+                return
+            _bounded(self.until, (about, text), now + NOTICE_REPEAT)
+        log.warning(text, *args)
 
 
 class Later:
@@ -4440,7 +4560,6 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "ankisync/" + __version__
-    wbufsize = IO_BLOCK        # headers and a small body leave in one packet
 
     def date_time_string(self, timestamp=None):
         # http.server formats the Date header through the email package on every reply.
@@ -4454,7 +4573,7 @@ class Handler(BaseHTTPRequestHandler):
         self.connection = self.conn.sock
         self.connection.settimeout(SEND_TIMEOUT)
         self.rfile = SocketReader(self.conn)
-        self.wfile = self.connection.makefile("wb", self.wbufsize)
+        self.wfile = SocketWriter(self.connection)
 
     def handle(self):
         head = self.conn.head
@@ -4502,11 +4621,12 @@ class Handler(BaseHTTPRequestHandler):
             address = app.client_address(self.headers, self.client_address[0])
             req = app.envelopes.decode(self.conn.head, address, area, method, body)
             body.drain()
-            reply = app.dispatch(req)
-            try:
-                sent = self.send_reply(req, reply)
-            finally:
-                reply.close()
+            with app.turn_of(req.user):
+                reply = app.dispatch(req)
+                try:
+                    sent = self.send_reply(req, reply)
+                finally:
+                    reply.close()
         except SyncError as e:
             status = e.status
             self.finish_body(body)
@@ -4652,6 +4772,59 @@ class ChunkedWriter:
         self.wfile.write(b"0\r\n\r\n")
 
 
+class SocketWriter:
+    """A request's wfile: buffered, so headers and a small body leave in one packet, and
+    paced: past SEND_GRACE the client must take the answer at SEND_MIN_RATE on average,
+    so a reader that stalls or trickles holds a worker for seconds, not for hours."""
+
+    closed = False
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.started = None
+        self.sent = 0
+
+    def write(self, data):
+        self.buffer += data
+        if len(self.buffer) >= IO_BLOCK:
+            self.flush()
+        return len(data)
+
+    def flush(self):
+        data, offset = memoryview(bytes(self.buffer)), 0
+        self.buffer.clear()
+        if self.started is None:
+            self.started = time.monotonic()
+        try:
+            while offset < len(data):
+                wait = self.started + SEND_GRACE + self.sent / SEND_MIN_RATE - time.monotonic()
+                if wait <= 0:
+                    raise socket.timeout("the client takes its answer under %d bytes a second"
+                                         % SEND_MIN_RATE)
+                self.sock.settimeout(min(wait, SEND_TIMEOUT))
+                sent = self.sock.send(data[offset:])
+                offset += sent
+                self.sent += sent
+        finally:
+            self.sock.settimeout(SEND_TIMEOUT)
+
+    def close(self):
+        self.closed = True
+
+
+def can_send(sock):
+    """True when the socket takes bytes at once: its client reads the answers it has.
+    A worker serves a kept-alive connection only then, so pipelined requests whose
+    answers nobody reads cannot hold it in a blocked send."""
+    try:
+        poller = select.poll()
+    except AttributeError:          # Windows: no poll(); its sends are paced all the same
+        return True
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 class SocketReader:
     """A request's rfile: the bytes the listener gathered, then the socket, at a pace.
 
@@ -4717,7 +4890,7 @@ class Connection:
         self.address = address          # (host, port) of the TCP peer
         self.peer = address[0]
         self.buffer = bytearray()       # bytes read and not yet used
-        self.state = "hello"            # hello, handshake, idle, head, body; busy; linger
+        self.state = "hello"            # hello, handshake, idle, head, body; busy; blocked; linger
         self.since = now                # when it last began to wait: the oldest goes first
         self.deadline = now + HEADER_TIMEOUT
         self.head = None
@@ -4862,9 +5035,8 @@ class Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.max_connections = app.config.max_connections
-        # Behind a proxy every connection comes from the proxy: no share to enforce.
-        self.max_per_address = math.inf if app.ip_header else \
-            app.config.max_connections_per_address
+        # A share for each address; not for a trusted proxy, through which everyone comes.
+        self.max_per_address = app.config.max_connections_per_address
         files = raise_fd_limit()
         if files is not None and self.max_connections > files - FD_RESERVE:
             self.max_connections = max(16, files - FD_RESERVE)
@@ -4877,7 +5049,7 @@ class Server(ThreadingHTTPServer):
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_w.setblocking(False)
         self.workers = Workers(self.serve_request, MAX_WORKERS)
-        self.notices = {}
+        self.notices = Notices()
         self.running = False
 
     # -- the loop -------------------------------------------------------------
@@ -4919,6 +5091,8 @@ class Server(ThreadingHTTPServer):
             self.on_hello(what)
         elif what.state == "linger":
             self.on_linger(what)
+        elif what.state == "blocked":      # its client reads again: on to the waiting request
+            self.hand_over(what)
         else:
             self.on_read(what)
 
@@ -4949,7 +5123,7 @@ class Server(ThreadingHTTPServer):
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:                # out of file descriptors: make room
-            self.notice("accept", "cannot accept connections: %s", e)
+            self.notices.warn("accept", "cannot accept connections: %s", e)
             self.evict()
             return
         self.admit(sock, address)
@@ -4963,10 +5137,11 @@ class Server(ThreadingHTTPServer):
         except (OSError, AttributeError):
             pass
         peer = address[0]
-        if self.per_address.get(peer, 0) >= self.max_per_address:
+        if self.per_address.get(peer, 0) >= self.max_per_address and \
+                not (self.app.ip_header and self.app.is_proxy(peer)):
             self.evict(peer)        # its share is a soft limit: a burst of its own gets in
         if len(self.connections) >= self.max_connections and not self.evict():
-            self.notice(peer, "connection from %s refused: all %d connections are busy",
+            self.notices.warn(peer, "connection from %s refused: all %d connections are busy",
                         peer, len(self.connections))
             sock.close()
             return
@@ -5002,7 +5177,7 @@ class Server(ThreadingHTTPServer):
         if first != b"\x16":                # not a TLS handshake record
             if not first:
                 return self.close(conn)
-            self.notice(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
+            self.notices.warn(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
             return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
                                                  "server address"))
         self.unlisten(conn)
@@ -5020,7 +5195,7 @@ class Server(ThreadingHTTPServer):
         except ssl.SSLWantWriteError:
             return self.listen_to(conn, selectors.EVENT_WRITE)
         except (ssl.SSLError, OSError) as e:
-            self.notice(conn.peer, "TLS handshake with %s failed: %s", conn.peer,
+            self.notices.warn(conn.peer, "TLS handshake with %s failed: %s", conn.peer,
                         getattr(e, "reason", None) or e)
             return self.close(conn)
         conn.state = "head"             # the first request's deadline runs on from connect
@@ -5046,7 +5221,7 @@ class Server(ThreadingHTTPServer):
         now = time.monotonic()
         if conn.state == "hello":           # the plain port's first bytes
             if data[:1] == b"\x16":
-                self.notice(conn.peer, "%s spoke HTTPS to this HTTP port: clients must use "
+                self.notices.warn(conn.peer, "%s spoke HTTPS to this HTTP port: clients must use "
                             "http://, or set certfile and keyfile", conn.peer)
                 return self.close(conn)
             conn.state = "head"
@@ -5073,6 +5248,9 @@ class Server(ThreadingHTTPServer):
         then give the connection back, whatever happened on the way."""
         try:
             while True:
+                if not can_send(conn.sock):
+                    conn.keep, conn.state = True, "blocked"
+                    break
                 conn.keep = False
                 self.finish_request(conn, conn.address)
                 if not (conn.keep and self.next_request(conn)):
@@ -5134,11 +5312,15 @@ class Server(ThreadingHTTPServer):
             self.linger(conn)
 
     def park(self, conn):
-        """A kept-alive connection waits here for its next request, or for the rest of
-        one whose start the worker saw."""
+        """A kept-alive connection waits here for its next request, for the rest of one
+        whose start the worker saw, or, blocked, for its client to read the answers it
+        has before the request that came behind them is served."""
         now = time.monotonic()
         conn.sock.setblocking(False)
         conn.since = now
+        if conn.state == "blocked":
+            conn.deadline = now + SEND_TIMEOUT
+            return self.listen_to(conn, selectors.EVENT_WRITE)
         self.listen_to(conn)
         if conn.state == "head":
             conn.deadline = now + HEADER_TIMEOUT
@@ -5154,7 +5336,7 @@ class Server(ThreadingHTTPServer):
         if conn.state in ("head", "body"):
             self.refuse(conn, SyncError(408, "the request took too long to arrive"))
         elif conn.state in ("hello", "handshake") and self.tls is not None:
-            self.notice(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
+            self.notices.warn(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
                         conn.peer, HEADER_TIMEOUT)
             self.close(conn)
         else:
@@ -5162,7 +5344,7 @@ class Server(ThreadingHTTPServer):
 
     def refuse(self, conn, error):
         """Answer what the listener will not hand on, and close: the client learns why."""
-        self.notice(conn.peer, "%s - refused %d: %s", conn.peer, error.status, error.reason)
+        self.notices.warn(conn.peer, "%s - refused %d: %s", conn.peer, error.status, error.reason)
         conn.send_quietly(response_bytes(error.status, error.reason))
         self.linger(conn)
 
@@ -5216,13 +5398,6 @@ class Server(ThreadingHTTPServer):
             self.selector.unregister(conn.sock)
             conn.registered = False
 
-    def notice(self, about, text, *args):
-        """Log a warning about a client at most once a NOTICE_REPEAT per address."""
-        now = time.monotonic()
-        if self.notices.get((about, text), 0) > now:
-            return
-        _bounded(self.notices, (about, text), now + NOTICE_REPEAT)
-        log.warning(text, *args)
 
 
 def housekeeping(app, stop):

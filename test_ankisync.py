@@ -1634,12 +1634,18 @@ def test_a_mistyped_option_is_named_and_a_bad_value_refused(tmp_path, capsys):
     assert ankisync.Config.load(str(ini), environ={}).port == ankisync.DEFAULT_PORT
     assert "unknown option 'prot' ignored (did you mean port?)" in capsys.readouterr().err
     for line, error in [("log_level = LOUD", "log_level is one of DEBUG, INFO"),
-                        ("port = eighty", "port takes a number"),
+                        ("port = eighty", "port takes a port number"),
+                        ("port = 70000", "port takes a port number"),
+                        ("max_payload_mb = -5", r"max_payload_mb takes a whole number \(1 or"),
+                        ("quota_media_mb = -1", r"quota_media_mb takes a whole number \(0 or"),
+                        ("moved_to = javascript:alert(1)", "moved_to takes an http"),
+                        ("moved_to = anki.example.org", "moved_to takes an http"),
+                        ("trusted_proxies = the proxy", "trusted_proxies takes addresses"),
                         ("zstd = fast", "zstd is one of auto, stdlib")]:
         ini.write_text("[server]\n%s\n" % line)
         with pytest.raises(SystemExit, match=error):
             ankisync.Config.load(str(ini), environ={})
-    with pytest.raises(SystemExit, match="SYNC_PORT: port takes a number"):
+    with pytest.raises(SystemExit, match="SYNC_PORT: port takes a port number"):
         ankisync.Config.load(None, environ={"SYNC_PORT": "x"})
 
 
@@ -1920,6 +1926,46 @@ def test_behind_a_proxy_each_forwarded_address_is_throttled_on_its_own(start_ser
     first_upload(phone)
     phone_keeps_syncing(phone, "behind the proxy")
     assert "login failed: 'alice' from 10.0.0.1: no such user" in srv.log()
+
+
+def test_guessers_on_64_addresses_do_not_lock_the_owner_out(server):
+    """The owner logged in from home before; guessers on 64 other addresses then try
+    their password. Their guesses are paced to one check a second, but not the owner's
+    right password from home."""
+    assert login(server)
+    for number in range(2, 66):
+        assert guess(server, USER, source="127.0.0.%d" % number)[0] in (403, 429)
+    assert guess(server, USER, source="127.0.0.66")[0] == 429      # the pace holds
+    for _ in range(3):
+        assert login(server)
+
+
+def test_one_user_s_wrong_passwords_do_not_lock_out_the_others_behind_the_router(start_server):
+    """A family behind one address: the child mistypes six times, the address waits;
+    the parent, who logged in from there before, still gets in."""
+    srv = start_server(users=((USER, PASSWORD), ("parent", "pw2")))
+    home = "127.0.0.9"
+    answer = modern(srv, "hostKey", {"u": "parent", "p": "pw2"}, source=home)
+    assert answer.status == 200
+    assert [guess(srv, USER, source=home)[0] for _ in range(6)][-1] == 429
+    assert modern(srv, "hostKey", {"u": "parent", "p": "pw2"}, source=home).status == 200
+    assert guess(srv, USER, source=home)[0] == 429      # the mistyper still waits
+
+
+def test_a_forwarded_address_is_believed_only_from_the_trusted_proxy(start_server):
+    """With ip_header set, a client that talks to the server directly could write any
+    address in the header, and so dodge the lockout by changing it at every guess."""
+    srv = start_server(env={"SYNC_IP_HEADER": "X-Forwarded-For"},
+                       ini="trusted_proxies = 127.0.0.1\n")
+    statuses = [guess(srv, "alice", source="127.0.0.2",
+                      headers={"X-Forwarded-For": "10.0.0.%d" % i})[0] for i in range(7)]
+    assert statuses[:5] == [403] * 5 and statuses[5:] == [429, 429]
+    assert "from 127.0.0.2: no such user" in srv.log()
+    # From the proxy itself, a request without the header is logged once, not silently
+    # counted against everyone behind the proxy.
+    assert guess(srv, "bob", source="127.0.0.1")[0] == 403
+    assert guess(srv, "bob", source="127.0.0.1")[0] == 403
+    assert srv.log().count("has no x-forwarded-for header") == 1
 
 
 def test_guessers_spread_over_many_addresses_get_one_check_a_second(start_server,
@@ -3539,6 +3585,74 @@ def test_slow_and_silent_requests_wait_in_the_listener_while_the_phone_syncs(ser
             phone_keeps_syncing(phone, "still among them")
         # All 300 are still there, unanswered: they cost the listener a buffer each.
         assert [peer_state(s) for s in socks] == ["waiting"] * 300
+
+
+def test_64_connections_that_pipeline_and_never_read_hold_no_worker(server, make_device):
+    """Each sends 2,000 requests at once and reads no answer. A worker answers while
+    the client takes its answers; past that the connection waits in the listener for
+    its client, not a worker in a blocked send."""
+    phone = phone_with_notes(make_device)
+    first_upload(phone)
+    burst = HEALTH * 2000
+    held = []
+    try:
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(burst)
+            held.append(sock)
+        time.sleep(1)
+        started = time.monotonic()
+        assert statuses(exchange(server.port, HEALTH_LAST)) == [200]
+        assert time.monotonic() - started < 2
+        phone_keeps_syncing(phone, "while 64 connections read nothing")
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def big_collection(tmp_path, megabytes):
+    """A valid collection padded with random bytes: a download that fills the socket."""
+    path = str(tmp_path / "big.anki2")
+    ankisync.create_collection(path)
+    with sqlite3.connect(path) as db:
+        db.execute("create table padding (x)")
+        db.executemany("insert into padding values (?)",
+                       [(os.urandom(1 << 20),) for _ in range(megabytes)])
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_64_downloads_nobody_reads_hold_four_workers_at_most(start_server, tmp_path):
+    """One account starts 64 full downloads of a 24 MB collection and reads none: four
+    are answered (and paced), the others get a 409 at once, and another user syncs."""
+    srv = start_server(users=((USER, PASSWORD), ("other", "pw2")))
+    key = login(srv)
+    assert modern(srv, "upload", big_collection(tmp_path, 24), key=key).status == 200
+    request = (b"POST /sync/download HTTP/1.1\r\nHost: x\r\nanki-sync: %s\r\n"
+               b"Content-Length: %d\r\n\r\n%s"
+               % (json.dumps({"v": 11, "k": key, "c": "t", "s": ""}).encode(),
+                  len(ZSTD.compress(b"{}")), ZSTD.compress(b"{}")))
+    held = []
+    try:
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(request)
+            held.append(sock)
+        refused = 0
+        for sock in held:
+            ready, _, _ = select.select([sock], [], [], 5)
+            assert ready
+            refused += sock.recv(64).startswith(b"HTTP/1.1 409")
+        assert refused >= 60
+        assert statuses(exchange(srv.port, HEALTH_LAST)) == [200]
+        other = modern(srv, "hostKey", {"u": "other", "p": "pw2"}).json()["key"]
+        assert modern(srv, "meta", {"v": 11, "cv": "t"}, key=other).status == 200
+    finally:
+        for sock in held:
+            sock.close()
 
 
 # --- memory after a burst ---
