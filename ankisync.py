@@ -90,6 +90,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "0.2.1"
@@ -109,6 +110,7 @@ ZSTD_BACKENDS = ("stdlib", "libzstd", "python")    # best first: see appendix A
 DEFAULT_MAX_PAYLOAD_MB = 100        # the official server's MAX_SYNC_PAYLOAD_MEGS default
 DECOMPRESSED_FACTOR = 3             # official: decompressed bodies may be 3x the wire cap
 SESSION_TIMEOUT = 300               # seconds before a vanished client's sync is rolled back
+USER_IDLE = 600                     # seconds after a user's last request their files close
 LOCK_WAIT = 60                      # seconds a request waits for the same user's other device
 COMPUTING_MAX = 2                   # requests computing at once; more wait a turn (UserLock)
 GLIBC_M_ARENA_MAX = -8              # mallopt() parameter number in glibc's malloc.h
@@ -121,6 +123,7 @@ MULTIPART_MAX_PARTS = 16            # legacy forms carry at most six parts (c, k
 MULTIPART_HEADER_MAX = 8 * 1024     # part headers are one or two short lines
 MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
+DEFAULT_ROLLOVER = 4                # the hour a day starts, as Anki and the official server set it
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 KEY_CACHE_MAX = 5000                # host keys known in memory; past it the cache starts afresh
 HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password; a larger body is no login
@@ -154,8 +157,8 @@ SEND_TIMEOUT = 60                   # seconds a client may leave its answer unre
 SEND_GRACE = 20                     # seconds an answer may take before SEND_MIN_RATE applies
 SEND_MIN_RATE = 4096                # bytes a second an answer must be taken at after that: a
                                     # phone on the slowest mobile data does ten times more
-USER_REQUESTS_MAX = 4               # one user's requests answered at once: a device sends one
-                                    # at a time, and a family syncs a few devices at once
+USER_DOWNLOADS_MAX = 4              # one user's downloads answered at once: a device fetches
+                                    # one at a time, and a family syncs a few devices at once
 HEAD_MAX = 16 * 1024                # request line and headers: Anki sends under 1 KiB (nginx 32)
 MAX_HEADERS = 100                   # as http.client allows; a client sends six
 BODY_PREREAD = UNAUTHENTICATED_HOLD  # a form's bytes the listener gathers before a worker reads on
@@ -218,6 +221,7 @@ ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
                                     # compressor cost more than the bytes it would save
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
+UTF8_CHECK_ROWS = 5000              # rows an upload's text is checked by at once: ~1 MB
 JSON_DEPTH_MAX = 64                 # a client's JSON nests under 10 (add-on settings in conf more)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1    # SQLite's integers: ids, usns, times
 NUMERIC_TEXT = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,20})?")  # a number as old clients wrote it
@@ -245,6 +249,8 @@ BACKUP_GZIP_LEVEL = 1               # a collection packs to about a third; level
 BACKUP_FREE_FACTOR = 3              # a point is made only while 3x the collection is free
 PACKAGE_LEGACY, PACKAGE_LEGACY_2, PACKAGE_LATEST = 1, 2, 3      # a .colpkg's `meta` version
 ANKISYNCD_SCHEME = "ankisyncd-sha256"   # an imported ankisyncd hash, until the next login
+TRASH_BATCH = "usn%d-%d-%s"         # media.trash/usn<media usn>-<ms>-<rand>: usns never step back
+NAMED_AT_MOST = 5                   # files one line of an import's error names; the rest counted
 
 
 # ---------------------------------------------------------------------------
@@ -327,6 +333,7 @@ COLLECTION_METHODS = {
     "download": "alone",
 }
 MEDIA_METHODS = ("begin", "mediaChanges", "uploadChanges", "downloadFiles", "mediaSanity")
+DOWNLOADS = ("download", "downloadFiles")      # the answers that may take long to send
 
 
 # --- what a client sends: JSON decoded in one place, each method's fields in one table ---
@@ -1122,19 +1129,36 @@ class UserStore:
 
         The official server's host key is sha1 of the variable's value; accepting it
         too lets devices moved over from that server sync on without logging in again.
+        It also tells, at no cost, that a user's variable has not changed since the last
+        start; the others' passwords are hashed on every core at once (PBKDF2 leaves the
+        GIL), so thousands of users start in minutes, not a quarter of an hour.
         """
+        changed = []
         for name, secret in env_users:
-            phc = secret if hashed else None
             row = self.find(name)
-            if row is None:
-                self.add(name, password=secret, phc=phc, source="env")
-            else:
-                if (phc and phc != row[1]) or (not phc and not verify_password(secret, row[1])):
-                    self.set_password(name, password=secret, phc=phc)
-                with self.connect() as db:
-                    db.execute("update users set source='env' where name=?", (row[0],))
             official_key = hashlib.sha1(("%s:%s" % (name, secret)).encode("utf-8")).hexdigest()
+            if row is not None and self.user_for_key(official_key) == row[0] and \
+                    (not hashed or secret == row[1]):
+                continue
+            changed.append((name, secret, row, official_key))
+
+        def new_hash(item):
+            name, secret, row, _ = item
+            if hashed:
+                return secret if row is None or secret != row[1] else None
+            if row is not None and verify_password(secret, row[1]):
+                return None
+            return hash_password(secret)
+
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            hashes = list(pool.map(new_hash, changed))
+        for (name, secret, row, official_key), phc in zip(changed, hashes):
+            if row is None:
+                self.add(name, phc=phc, source="env")
+            elif phc is not None:
+                self.set_password(name, phc=phc)
             with self.connect() as db:
+                db.execute("update users set source='env' where name=?", (self.canonical(name),))
                 self._store_key(db, self.canonical(name), None, official_key)
 
 
@@ -1960,7 +1984,7 @@ def prepare_collection_file(path, schema18_copy=None):
                 "Unsupported collection version %s: please update the sync server." % (version,))
         check_tables(conn)
         conn.execute("pragma journal_mode=delete")
-    except sqlite3.DatabaseError:
+    except (sqlite3.DatabaseError, UnicodeDecodeError):     # text in `col` not UTF-8
         raise CorruptCollection(UPLOAD_CORRUPT)
     finally:
         conn.close()
@@ -1972,16 +1996,18 @@ SCHEMA11_COLUMNS = {}       # table -> its columns, as SCHEMA11_DDL makes them (
 
 def check_tables(conn):
     """Every table a sync reads, with every column, and no value a sync could not send:
-    a file can pass SQLite's integrity check with a table dropped, or bytes where Anki
-    keeps numbers and text, and would then fail every sync after it."""
+    a file can pass SQLite's integrity check with a table dropped, bytes where Anki
+    keeps numbers and text, or text that is not UTF-8, and would then fail every sync
+    after it."""
     if not SCHEMA11_COLUMNS:
         model = sqlite3.connect(":memory:")
         model.executescript(SCHEMA11_DDL)
         for (table,) in model.execute("select name from sqlite_master where type='table'"):
-            SCHEMA11_COLUMNS[table] = [r[1] for r in model.execute("pragma table_info(%s)"
-                                                                   % table)]
+            SCHEMA11_COLUMNS[table] = [(r[1], r[2].lower()) for r in model.execute(
+                "pragma table_info(%s)" % table)]
         model.close()
-    for table, columns in SCHEMA11_COLUMNS.items():
+    for table, typed in SCHEMA11_COLUMNS.items():
+        columns = [name for name, _ in typed]
         present = {row[1] for row in conn.execute('pragma table_info("%s")' % table)}
         missing = [column for column in columns if column not in present]
         if missing:
@@ -1991,6 +2017,35 @@ def check_tables(conn):
         if conn.execute("select 1 from %s where %s limit 1" % (table, odd)).fetchone():
             log.info("upload refused: %s holds a blob or a null", table)
             raise CorruptCollection(UPLOAD_CORRUPT)
+        text = [name for name, kind in typed if kind == "text"] + \
+            (["sfld"] if table == "notes" else [])     # text in an integer column, mostly
+        if text:
+            check_utf8(conn, table, text)
+
+
+def check_utf8(conn, table, columns):
+    """Text a sync would fail to read: SQLite keeps whatever bytes it was given. Rows
+    are joined by SQLite a window at a time and decoded in one call each, which costs a
+    fraction of reading them one by one (a line break between values, so that no two
+    broken halves make a whole)."""
+    joined = " || char(10) || ".join('"%s"' % column for column in columns)
+    conn.text_factory = bytes
+    try:
+        after = None        # rowids are ids, times in ms: windows by count, not by value
+        while True:
+            block, after = conn.execute(
+                "select group_concat(v, char(10)), max(r) from (select rowid as r, %s as v "
+                "from %s where ? is null or rowid > ? order by rowid limit ?)"
+                % (joined, table), (after, after, UTF8_CHECK_ROWS)).fetchone()
+            if after is None:
+                break
+            if block is not None:
+                block.decode("utf-8")
+    except UnicodeDecodeError:
+        log.info("upload refused: %s holds text that is not UTF-8", table)
+        raise CorruptCollection(UPLOAD_CORRUPT)
+    finally:
+        conn.text_factory = str
 
 
 def fsync_path(path):
@@ -2103,19 +2158,21 @@ def unlock_file(file):
 
 class FolderLock:
     """A lock shared with other processes: the server's sync methods and the commands
-    that change a user's folder (restore, import) take it. Its file stays open."""
+    that change a user's folder (restore, import) take it. Its file is open only while
+    held: thousands of users must not each keep one open."""
 
     def __init__(self, path):
         self.path = path
         self.file = None
 
     def acquire(self, timeout):
-        if self.file is None:
-            os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-            self.file = open(self.path, "a+")
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.file = open(self.path, "a+")
         deadline = time.monotonic() + timeout
         while not try_lock_file(self.file):
             if time.monotonic() > deadline:
+                self.file.close()
+                self.file = None
                 return False
             time.sleep(LOCK_POLL)
         return True
@@ -2123,6 +2180,8 @@ class FolderLock:
     def release(self):
         if self.file is not None:
             unlock_file(self.file)
+            self.file.close()
+            self.file = None
 
 
 class DataFolderLock:
@@ -2292,6 +2351,7 @@ class CollectionSync:
         self.collection = Collection(folder)
         self.points = RestorePoints(folder, config)
         self.session = None
+        self.used = time.monotonic()    # the last request's time: files close when idle
         self.clients = {}               # host key -> the client version its last meta named
         self.lock = threading.Lock()
         self.folder_lock = FolderLock(os.path.join(folder, COLLECTION_LOCK))
@@ -2304,6 +2364,7 @@ class CollectionSync:
         kind = COLLECTION_METHODS.get(req.method)
         if kind not in ("alone", "session", "upload"):
             raise SyncError(404, "unknown sync method %r" % req.method[:QUOTED_MAX])
+        self.used = time.monotonic()
         method = getattr(self, req.method)      # each method is named as on the wire
         if kind == "upload":
             return method(req)          # locks only around the swap: checking takes a while
@@ -2327,13 +2388,18 @@ class CollectionSync:
             self.session = None
 
     def expire_idle(self, timeout):
-        """Roll back a session whose device went quiet; called by the housekeeping thread."""
-        if self.session is None or not self.lock.acquire(blocking=False):
+        """Roll back a session whose device went quiet, and close the files of a user who
+        has not synced for USER_IDLE: with thousands of users, open files run out.
+        Called by the housekeeping thread; the next request opens them again."""
+        if not self.lock.acquire(blocking=False):
             return
         try:
-            if self.session is not None and time.monotonic() - self.session.touched > timeout:
+            now = time.monotonic()
+            if self.session is not None and now - self.session.touched > timeout:
                 log.info("%s: sync session idle for %d s, rolled back", self.folder, timeout)
                 self.abort_session()
+            if self.session is None and now - self.used > USER_IDLE:
+                self.collection.close()
         finally:
             self.lock.release()
 
@@ -2365,10 +2431,21 @@ class CollectionSync:
 
     # -- the methods, by their wire names -------------------------------
 
-    def check_quota(self, size):
-        if self.quota and size > self.quota:
+    def check_quota(self, size, before):
+        """A change that leaves the collection over the quota, and bigger than `before`,
+        is refused; one that makes it smaller passes, so a user over a lowered quota gets
+        under it by deleting notes."""
+        if self.quota and size > self.quota and size > before:
             self.refusal = QUOTA_REFUSAL % ("collection", size / MIB, self.quota // MIB)
             raise SyncError(413, self.refusal)
+
+    @staticmethod
+    def used_bytes(conn):
+        """What the collection's rows take: its pages less the free ones deletions left
+        (SQLite keeps the file's size until a vacuum)."""
+        pages, free, page = (conn.execute("pragma %s" % p).fetchone()[0]
+                             for p in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * page
 
     def client_of(self, req):
         """The client's name and version: modern clients send it with every request,
@@ -2413,6 +2490,7 @@ class CollectionSync:
         self.abort_session()
         self.collection.detach_readers(self.collection.path)
         conn = self.collection.open()
+        self.quota_base = self.used_bytes(conn)     # finish refuses growth past the quota
         self.session = SyncSession(req.skey, conn, data.get("minUsn") or 0,
                                    data.get("lnewer", False))
         graves = self.session.pending_graves()
@@ -2458,9 +2536,7 @@ class CollectionSync:
             raise bad_request("finish after a failed sanity check: the sync was rolled back")
         self.session = None
         try:
-            pages, page = (session.conn.execute("pragma %s" % p).fetchone()[0]
-                           for p in ("page_count", "page_size"))
-            self.check_quota(pages * page)
+            self.check_quota(self.used_bytes(session.conn), self.quota_base)
             finished = session.finish()
         except (sqlite3.Error, SyncError):
             session.rollback()
@@ -2503,7 +2579,7 @@ class CollectionSync:
         try:
             req.payload.save_as(temp)
             prepare_collection_file(temp, schema18 if keep18 else None)
-            self.check_quota(os.path.getsize(temp))
+            self.check_quota(os.path.getsize(temp), self.collection.size())
             with self.locked():
                 self.abort_session()
                 self.collection.close()
@@ -2615,6 +2691,11 @@ class SyncSession:
             self.objects.crt = changes["crt"]
             self.objects.dirty.add("crt")
         if changes.get("conf") is not None:
+            # Anki 2.1.28 - 2.1.35 send a v2 scheduler's config without `rollover`; the
+            # official server stores its default with it (not for v1, which has none),
+            # and devices must end with the same config.
+            if to_int(changes["conf"].get("schedVer") or 1, "schedVer") >= 2:
+                changes["conf"].setdefault("rollover", DEFAULT_ROLLOVER)
             self.objects.conf = changes["conf"]
             self.objects.dirty.add("conf")
 
@@ -3145,9 +3226,11 @@ class MediaStore:
         self.folder_lock = FolderLock(os.path.join(folder, MEDIA_LOCK))
         self.refusal = ""                   # a quota refusal the next `meta` tells
         self.db = None                      # its connection, kept open between requests
+        self.used = time.monotonic()        # its last use: closed after USER_IDLE
 
     def connect(self):
         """The connection of the media methods; call it with `lock` held."""
+        self.used = time.monotonic()
         if self.db is not None and not os.path.exists(self.db_path):
             self.db.close()     # deleted under the server (`deluser --delete-data`): afresh
             self.db = None
@@ -3235,6 +3318,15 @@ class MediaStore:
             self.db.close()
             self.db = None
 
+    def close_if_idle(self, since):
+        """Close media.db if unused since `since`, unless a media method runs now."""
+        if self.db is None or self.used > since or not self.lock.acquire(blocking=False):
+            return
+        try:
+            self.close()
+        finally:
+            self.lock.release()
+
     def entries(self, names):
         """{name: (sha1, size)} of those names the database knows (size 0: deleted)."""
         found, db = {}, self.connect()
@@ -3270,6 +3362,7 @@ class MediaStore:
         with transaction(db):
             usn, total_bytes, total_files = db.execute(
                 "select last_usn, total_bytes, total_nonempty_files from meta").fetchone()
+            before = total_bytes
             now = int(time.time())
             rows = self.entries([change[0] for change in changes])
             for name, temp, sha1, size, in_place in changes:
@@ -3297,20 +3390,23 @@ class MediaStore:
                     moves.append((temp, self.path_of(name), stored))
             db.executemany("update media set size=0, usn=?, mtime=? where fname=?", deleted)
             db.executemany("insert or replace into media values (?, ?, ?, ?, ?)", written)
-            if quota and total_bytes > quota:       # the whole batch, or none of it
+            # The whole batch, or none of it; one that leaves less than it found passes,
+            # so a user over a lowered quota gets under it by deleting.
+            if quota and total_bytes > quota and total_bytes > before:
                 self.refusal = QUOTA_REFUSAL % ("media files", total_bytes / MIB,
                                                 quota // MIB)
                 raise SyncError(413, self.refusal)
             db.execute("update meta set last_usn=?, total_bytes=?, total_nonempty_files=?",
                        (usn, total_bytes, total_files))
-        trash = os.path.join(os.path.dirname(self.folder), MEDIA_TRASH_FOLDER,
-                             "%d-%s" % (time.time() * 1000, secrets.token_hex(2)))
+        trash = trash_batch_folder(self.user_folder, usn)
         for temp, path, stored in moves:
             if stored and os.path.exists(path):
                 os.makedirs(trash, mode=0o700, exist_ok=True)
                 os.replace(path, os.path.join(trash, os.path.basename(path)))
             if temp is not None:
                 os.replace(temp, path)
+        if quota and (written or deleted):  # the trash counts too: its oldest files give way
+            trim_trash(os.path.dirname(trash), quota - total_bytes)
         return usn
 
     def last_usn(self):
@@ -3409,7 +3505,8 @@ class RestorePoints:
                         continue
                     if os.path.exists(self.file_of(point["id"])):
                         points.append(point)
-        return sorted(points, key=lambda p: (p["time"], p["id"]), reverse=True)
+        # Ids of one second: base, base-2 ... base-10, longer ones later.
+        return sorted(points, key=lambda p: (p["time"], len(p["id"]), p["id"]), reverse=True)
 
     def file_of(self, point_id):
         """The point's file: gzipped, or the very file that was replaced (a hard link)."""
@@ -3434,19 +3531,25 @@ class RestorePoints:
             self.daily_on = today
         return self.daily_on != today
 
-    def keep(self, collection_path, why, note=""):
+    def keep(self, collection_path, why, note="", spare=(), undo=False):
         """A point of the collection as it is now; None when it is empty, or when the disk
-        has too little room left for it (then the log says so)."""
+        has too little room left for it (then the log says so). With `undo` (a restore,
+        an import: the point is how they are undone) no room raises NoRoomForPoint
+        instead, before anything is written. Pruning after it leaves the point itself
+        and the points in `spare` alone."""
         if not os.path.exists(collection_path) or os.path.getsize(collection_path) == 0:
             return None
-        size = os.path.getsize(collection_path)
-        if free_space(self.user_folder) < BACKUP_FREE_FACTOR * size:
+        if undo:
+            self.refuse_without_room(collection_path)
+        elif free_space(self.user_folder) < BACKUP_FREE_FACTOR * os.path.getsize(
+                collection_path):
             log.warning("%s: no %s restore point: less than %d times the collection's size "
                         "is free", self.user_folder, why, BACKUP_FREE_FACTOR)
             return None
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         now = time.time()
         point_id = self.new_id(now)
+        media_usn = media_usn_of(self.user_folder)
         fd, snapshot = tempfile.mkstemp(prefix=TEMP_BACKUP, dir=self.folder)
         os.close(fd)
         packed = snapshot + ".gz"
@@ -3462,7 +3565,7 @@ class RestorePoints:
                 os.fsync(raw.fileno())
             os.replace(packed, self.file_of(point_id))
             point = {"id": point_id, "time": int(now), "why": why, "note": note,
-                     "notes": notes, "cards": cards,
+                     "notes": notes, "cards": cards, "media_usn": media_usn,
                      "size": os.path.getsize(self.file_of(point_id))}
             write_atomically(os.path.join(self.folder, point_id + ".json"),
                              json.dumps(point, indent=1).encode("utf-8"), TEMP_BACKUP)
@@ -3470,12 +3573,28 @@ class RestorePoints:
             for path in (snapshot, packed):
                 if os.path.exists(path):
                     os.unlink(path)
-        self.prune()
+        self.prune(spare={point_id, *spare})
         if why == "daily":
             self.daily_on = time.strftime("%Y-%m-%d", time.localtime(now))
         log.info("%s: restore point %s (%s): %d notes, %d cards", self.user_folder,
                  point_id, why, notes, cards)
         return point
+
+    def refuse_without_room(self, collection_path):
+        """NoRoomForPoint, saying what is needed and what is free, when a point of the
+        collection would not fit: a restore or an import without its undo would be a
+        loss no command can take back."""
+        if not os.path.exists(collection_path):
+            return
+        needed = BACKUP_FREE_FACTOR * os.path.getsize(collection_path)
+        free = free_space(self.user_folder)
+        if free < needed:
+            raise NoRoomForPoint(
+                "%s: no room on the disk for the restore point that would undo this: %s must "
+                "be free (%d times the collection), %s is; make room and run it again "
+                "(nothing was changed)" % (os.path.basename(self.user_folder),
+                                           human_size(needed), BACKUP_FREE_FACTOR,
+                                           human_size(free)))
 
     def unpack(self, point_id, target):
         """The point's collection, written to `target`."""
@@ -3494,31 +3613,35 @@ class RestorePoints:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         now = time.time()
         point_id = self.new_id(now)
+        media_usn = media_usn_of(self.user_folder)
         target = os.path.join(self.folder, point_id + ".anki2")
         try:
             os.link(collection_path, target)
         except OSError:
             return self.keep(collection_path, why, note)
         point = {"id": point_id, "time": int(now), "why": why, "note": note, "notes": notes,
-                 "cards": cards, "size": size}
+                 "cards": cards, "media_usn": media_usn, "size": size}
         write_atomically(os.path.join(self.folder, point_id + ".json"),
                          json.dumps(point, indent=1).encode("utf-8"), TEMP_BACKUP)
-        self.prune()
+        self.prune(spare={point_id})
         return point
 
     def new_id(self, now):
-        base = point_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-        number = 2
-        while os.path.exists(self.file_of(point_id)):
-            point_id = "%s-%d" % (base, number)
-            number += 1
-        return point_id
+        """The second's id, numbered past every point of that second still kept: an id
+        freed by pruning is never given again, so ids of one second sort as made."""
+        base = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        last = 0
+        for name in os.listdir(self.folder):
+            if name.startswith(base):
+                rest = name[len(base):].split(".")[0]
+                last = max(last, int(rest[1:]) if rest[1:].isdigit() else 1)
+        return "%s-%d" % (base, last + 1) if last else base
 
     def retained(self, points):
         """The points retention keeps, newest first: the last `backup_uploads` replacements
         (uploads, restores, imports, by hand), the newest daily point of each of the last
         `backup_days` days and of each of the last `backup_weeks` weeks, all within
-        `backup_budget_mb`; the newest point always."""
+        budget(); the newest point always."""
         keep, days, weeks, replaced = [], set(), set(), 0
         for point in points:
             stamp = time.localtime(point["time"])
@@ -3536,7 +3659,7 @@ class RestorePoints:
                 wanted = True
             if wanted:
                 keep.append(point)
-        budget, total, kept = self.config.backup_budget_mb * MIB, 0, []
+        budget, total, kept = self.budget(), 0, []
         for point in keep:
             if kept and total + point["size"] > budget:
                 continue
@@ -3544,19 +3667,29 @@ class RestorePoints:
             total += point["size"]
         return kept
 
-    def prune(self):
+    def budget(self):
+        """Bytes the points may take: `backup_budget_mb`, and no more than the collection
+        itself may take where `quota_collection_mb` is set (a quota bounds what a user
+        keeps on the disk, points too)."""
+        budget, quota = self.config.backup_budget_mb, self.config.quota_collection_mb
+        return (min(budget, quota) if quota else budget) * MIB
+
+    def prune(self, spare=()):
+        """The points retention no longer keeps go, but never one in `spare`: the point
+        just made (the undo of what comes next, kept even when a clock stepped back makes
+        it look oldest) and the one a restore reads. Then the media that no point left
+        could bring back, once `backup_days` old."""
         points = self.list()
-        kept = {p["id"] for p in self.retained(points)}
+        kept = {p["id"] for p in self.retained(points)} | set(spare)
         for point in points:
             if point["id"] not in kept:
                 os.unlink(os.path.join(self.folder, point["id"] + ".json"))
                 os.unlink(self.file_of(point["id"]))
-        # Media deleted before the oldest point cannot be brought back by any restore.
-        oldest = min([p["time"] for p in points if p["id"] in kept] or [time.time()])
-        horizon = min(oldest, time.time() - self.config.backup_days * 86400)
-        for batch in trash_batches(self.trash):
-            if batch[0] < horizon:
-                shutil.rmtree(batch[1], ignore_errors=True)
+        kept = [p for p in points if p["id"] in kept]
+        horizon = time.time() - self.config.backup_days * 86400
+        for usn, stamp, batch in trash_batches(self.trash):
+            if stamp < horizon and not any(deleted_after(p, usn, stamp) for p in kept):
+                shutil.rmtree(batch, ignore_errors=True)
 
 
 def snapshot_collection(path, target):
@@ -3589,16 +3722,79 @@ def write_atomically(path, data, prefix):
             os.unlink(temp)
 
 
+class NoRoomForPoint(ValueError):
+    """A restore or an import refused: the point that would undo it does not fit."""
+
+
+def media_usn_of(user_folder):
+    """The user's last media usn, read beside the server (WAL: it never waits); 0 with
+    no media yet. A point keeps it: the trash after it is what a restore brings back."""
+    path = os.path.join(user_folder, "media.db")
+    if not os.path.exists(path):
+        return 0
+    try:
+        db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)),
+                             uri=True, timeout=LOCK_WAIT)
+        try:
+            return db.execute("select last_usn from meta").fetchone()[0]
+        finally:
+            db.close()
+    except (sqlite3.Error, TypeError):
+        return 0
+
+
+def trash_batch_folder(user_folder, usn):
+    """Where the files one media change (ending at `usn`) deleted or replaced wait."""
+    return os.path.join(user_folder, MEDIA_TRASH_FOLDER, TRASH_BATCH % (
+        usn, time.time() * 1000, secrets.token_hex(2)))
+
+
 def trash_batches(trash):
-    """(time, folder) of each batch of media files one upload deleted or replaced."""
+    """(media usn, time, folder) of each batch of media files one upload deleted or
+    replaced, oldest first. Batches are ordered by their usn, which only rises: the clock
+    may step back. 0.2.1's batches carry only a time (usn None) and come first."""
     batches = []
     if os.path.isdir(trash):
         for name in os.listdir(trash):
+            parts = name.split("-")
             try:
-                batches.append((int(name.split("-")[0]) / 1000.0, os.path.join(trash, name)))
-            except ValueError:
+                if parts[0].startswith("usn"):
+                    batches.append((int(parts[0][3:]), int(parts[1]) / 1000.0,
+                                    os.path.join(trash, name)))
+                else:
+                    batches.append((None, int(parts[0]) / 1000.0, os.path.join(trash, name)))
+            except (ValueError, IndexError):
                 continue
-    return sorted(batches)
+    return sorted(batches, key=lambda b: (b[0] is not None, b[0] or 0, b[1]))
+
+
+def deleted_after(point, usn, stamp):
+    """True for a trash batch made after the point: by media usns where both have one;
+    a point without one (0.2.1's) came before every batch with one."""
+    if "media_usn" in point:
+        return usn is not None and usn > point["media_usn"]
+    return usn is not None or stamp >= point["time"]
+
+
+def trim_trash(trash, room):
+    """The oldest batches go until the trash takes at most `room` bytes: it counts
+    against the media quota, and the files a user has now come before deleted ones."""
+    batches = [(batch, folder_bytes(batch)) for _, _, batch in trash_batches(trash)]
+    total = sum(size for _, size in batches)
+    for batch, size in batches:
+        if total <= room:
+            break
+        shutil.rmtree(batch, ignore_errors=True)
+        total -= size
+
+
+def folder_bytes(folder):
+    """The bytes of the files in a folder (not below it)."""
+    try:
+        with os.scandir(folder) as entries:
+            return sum(entry.stat(follow_symlinks=False).st_size for entry in entries)
+    except OSError:
+        return 0
 
 
 class UserFolder:
@@ -3633,11 +3829,14 @@ class UserFolder:
 
     def restore(self, point_id):
         """The point becomes the collection (the current one a point itself first), media
-        deleted since it come back, and every device is asked for a full sync."""
-        point = self.points.find(point_id)
+        deleted since it come back, and every device is asked for a full sync. The point
+        that undoes it is kept first, or nothing happens (NoRoomForPoint); pruning after
+        it spares the point being restored, even the oldest."""
         with self.locked():
+            point = self.points.find(point_id)
             before = self.points.keep(self.collection.path, "restore",
-                                      "before restoring %s" % point_id)
+                                      "before restoring %s" % point_id, spare=(point_id,),
+                                      undo=True)
             fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=self.path)
             os.close(fd)
             try:
@@ -3648,7 +3847,7 @@ class UserFolder:
                     os.unlink(temp)
             store = MediaStore(self.path)
             try:
-                returned = bring_back_media(store, self.points.trash, point["time"])
+                returned = bring_back_media(store, self.points.trash, point)
             finally:
                 store.close()
         return point, before, returned
@@ -3678,12 +3877,12 @@ class UserFolder:
         self.collection.replace_with(prepared)
 
 
-def bring_back_media(store, trash, since):
-    """Media files deleted after `since` and not on the server now: back, as new changes
-    every device downloads."""
+def bring_back_media(store, trash, point):
+    """Media files deleted after the point and not on the server now: back, as new
+    changes every device downloads."""
     wanted = {}
-    for stamp, batch in trash_batches(trash):
-        if stamp < since:
+    for usn, stamp, batch in trash_batches(trash):
+        if not deleted_after(point, usn, stamp):
             continue
         for name in os.listdir(batch):
             wanted.setdefault(name, os.path.join(batch, name))     # the oldest copy after
@@ -3740,19 +3939,48 @@ def export_package(folder, out_path):
     return notes, cards, len(media)
 
 
-# A package's collection is unpacked to a file, so the disk is its real limit; zstd wants
-# a number all the same.
-PACKAGE_COLLECTION_MAX = 1 << 40
-
-
 class PackageError(ValueError):
     """What is wrong with a .colpkg, in words; `import` names the file before them."""
+
+
+def unpack_entry(archive, name, target, limit, zstd, shown, too_big):
+    """A package's entry written to `target` (zstd-decompressed when `zstd` is given),
+    up to `limit` bytes: past them PackageError "<shown> is <too_big>". A size the zip
+    declares is refused before a byte is written; the bytes are counted all the same,
+    since a declared size can lie."""
+    with package_entry(archive, name, shown) as src, open(target, "wb") as out:
+        if zstd is None:
+            fits = archive.getinfo(name).file_size <= limit and \
+                copy_at_most(src.read, out.write, limit)
+        else:
+            try:
+                zstd.decompress_stream(src.read, out.write, limit)
+                fits = True
+            except ZstdLimitError:      # caught here: package_entry calls a ZstdError damage
+                fits = False
+    if not fits:
+        raise PackageError("%s is %s" % (shown, too_big))
+
+
+def copy_at_most(read, write, limit):
+    """copy_stream up to `limit` bytes: False, and the rest unread, past them."""
+    total = 0
+    while True:
+        data = read(IO_BLOCK)
+        if not data:
+            return True
+        total += len(data)
+        if total > limit:
+            return False
+        write(data)
 
 
 def import_package(folder, package, zstd):
     """A .colpkg (any Anki's: 2.1's layout or the newer zstd one) becomes the user's
     collection, a restore point of the old one kept first; its media join the user's.
-    A package that cannot be read raises PackageError, and nothing changes."""
+    A package that cannot be read raises PackageError, and nothing changes; so does
+    NoRoomForPoint, asked before the unpacking and again before the point is kept."""
+    folder.points.refuse_without_room(folder.collection.path)
     try:
         source = open(package, "rb")
     except IsADirectoryError:
@@ -3771,11 +3999,11 @@ def import_package(folder, package, zstd):
             if name not in entries:
                 raise PackageError("it holds no %s: not a collection package" % name
                                    if entries else "an empty zip, not a collection package")
-            with package_entry(archive, name) as src, open(temp, "wb") as out:
-                if latest:
-                    zstd.decompress_stream(src.read, out.write, PACKAGE_COLLECTION_MAX)
-                else:
-                    copy_stream(src.read, out.write)
+            limit = folder.config.max_decompressed
+            unpack_entry(archive, name, temp, limit, zstd if latest else None,
+                         "the collection inside",
+                         "over %d MiB, the largest this server takes (3 times max_payload_mb): "
+                         "raise max_payload_mb to import it" % (limit // MIB))
             try:
                 prepare_collection_file(temp)
             except CorruptCollection as e:
@@ -3787,19 +4015,14 @@ def import_package(folder, package, zstd):
                 fd, path = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
                 os.close(fd)
                 incoming.append((media_name, path))
-                shown = "media file %r" % media_name[:QUOTED_MAX]
-                with package_entry(archive, entry_name, shown) as src, open(path, "wb") as out:
-                    if not latest:
-                        copy_stream(src.read, out.write)
-                        continue
-                    try:
-                        zstd.decompress_stream(src.read, out.write, MEDIA_FILE_MAX)
-                    except ZstdLimitError:
-                        raise PackageError("%s is over %d MiB" % (
-                            shown, MEDIA_FILE_MAX // MIB)) from None
+                unpack_entry(archive, entry_name, path, MEDIA_FILE_MAX, zstd if latest else None,
+                             "media file %r" % media_name[:QUOTED_MAX],
+                             "over %d MiB, the largest a sync takes: delete it (or make it "
+                             "smaller) in Anki and export again" % (MEDIA_FILE_MAX // MIB))
         with folder.locked():
             before = folder.points.keep(folder.collection.path, "import",
-                                        "before importing %s" % os.path.basename(package))
+                                        "before importing %s" % os.path.basename(package),
+                                        undo=True)
             folder.install(temp)
             store = MediaStore(folder.path)
             added = add_media_files(store, incoming)
@@ -3921,13 +4144,17 @@ def add_media_files(store, files):
 def import_ankisyncd(config, root, zstd):
     """Users, collections and media of an ankisyncd (or anki-sync-server-rs) data folder:
     <root>/auth.db and <root>/collections/<user>/. Old password hashes keep working and
-    become PBKDF2 at each user's first login. Returns [(user, what they got, what went
-    wrong or None)]. An auth.db that cannot be read raises PackageError, naming it,
-    before any user is added."""
+    become PBKDF2 at each user's first login. Returns [(user, what they got, [what went
+    wrong, naming the file])]. An auth.db that cannot be read raises PackageError, naming
+    it, before any user is added."""
     auth = os.path.join(root, "auth.db")
     collections = os.path.join(root, "collections")
     if not os.path.isdir(root):
         raise PackageError("%s: no such folder" % root)
+    for path in (auth, collections):
+        if os.path.islink(path):
+            raise PackageError("%s: %s: put the %s itself there" % (
+                path, NOT_FOLLOWED, "file" if path == auth else "folder"))
     if not os.path.isfile(auth):
         raise PackageError("%s: no auth.db in it: give the folder that holds ankisyncd's "
                            "auth.db and collections/" % root)
@@ -3956,7 +4183,7 @@ def import_ankisyncd(config, root, zstd):
     report = []
     for name, phc in accounts:
         if users.exists(name):
-            report.append((name, "skipped: there is a user of that name already", None))
+            report.append((name, "skipped: there is a user of that name already", []))
             continue
         users.add(name, phc=phc, source="ankisyncd")
         folder = UserFolder(config, users.canonical(name))
@@ -3974,65 +4201,126 @@ def ankisyncd_phc(name, old_hash):
                              old_hash[64:], old_hash[:64])
 
 
+NOT_FOLLOWED = "a symbolic link, which import-ankisyncd does not follow"
+
+
 def import_ankisyncd_user(folder, source):
-    """One user's collection and media files: (what happened, in words; what went wrong,
-    naming the file, or None). A collection that cannot be used stays behind: the user's
-    first device uploads its own."""
+    """One user's collection and media files: (what happened, in words; [what went wrong,
+    a line naming the file]). A collection that cannot be used stays behind: the user's
+    first device uploads its own. No symbolic link is followed: one in an old data folder
+    could carry any file of the machine (another user's, the admin's keys) to a user's
+    devices."""
     collection = os.path.join(source, "collection.anki2")
+    link = next((path for path in (source, collection) if os.path.islink(path)), None)
+    if link is not None:
+        return ("collection not imported (%s): the first device uploads" % NOT_FOLLOWED,
+                ["%s: %s (%s's first device uploads instead)" % (link, NOT_FOLLOWED,
+                                                                 folder.name)])
     if not os.path.exists(collection):
-        return "no collection: the first device uploads", None
+        return "no collection: the first device uploads", []
     fd, temp = tempfile.mkstemp(prefix=TEMP_BACKUP, suffix=".anki2", dir=folder.path)
     os.close(fd)
     try:
-        try:
-            notes, cards = snapshot_collection(collection, temp)
-            prepare_collection_file(temp)
-        except CorruptCollection as e:
-            why = ("not an Anki collection" if e.reason == UPLOAD_CORRUPT else e.reason)
-        except sqlite3.DatabaseError as e:          # not SQLite at all, no notes table...
-            why = "not a readable Anki collection: %s" % e
-        else:
-            why = None
+        why, counts = ankisyncd_collection(collection, temp, folder.config.max_decompressed)
         if why is not None:
             return ("collection not imported (%s): the first device uploads" % why,
-                    "%s: %s" % (collection, why))
+                    ["%s: %s (%s's first device uploads instead)" % (collection, why,
+                                                                     folder.name)])
         with folder.locked():
             folder.collection.replace_with(temp)
-        media = os.path.join(source, "media") if os.path.isdir(os.path.join(source, "media")) \
-            else os.path.join(source, "collection.media")
-        files = refused = 0
-        if os.path.isdir(media):
-            incoming = []
-            try:
-                for name in sorted(os.listdir(media)):
-                    path = os.path.join(media, name)
-                    if name.startswith(".") or not os.path.isfile(path):
-                        continue
-                    try:
-                        check_media_name(name)
-                    except SyncError:
-                        refused += 1        # no client could have synced it either
-                        continue
-                    fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
-                    os.close(fd)
-                    incoming.append((name, copy))
-                    shutil.copyfile(path, copy)
-                with folder.locked():
-                    store = MediaStore(folder.path)
-                    store.start_above_devices()
-                    files = add_media_files(store, incoming)
-                    store.close()
-            finally:
-                for _, copy in incoming:
-                    if os.path.exists(copy):
-                        os.unlink(copy)
+        files, refused, left = ankisyncd_media(folder, source)
+        notes, cards = counts
         return "%d notes, %d cards, %d media files%s" % (
             notes, cards, files, " (%d left behind: names ankisync cannot store)" % refused
-            if refused else ""), None
+            if refused else ""), left
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
         remove_side_files(temp)
+
+
+def ankisyncd_collection(collection, temp, limit):
+    """(None, (notes, cards)) with the collection copied to `temp` as schema 11, or (why
+    it cannot be used, None). The limit is a sync's: a bigger one no device could sync."""
+    if not os.path.isfile(collection):
+        return "not a file", None
+    if os.path.getsize(collection) > limit:
+        return ("over %d MiB, the largest collection this server takes (3 times "
+                "max_payload_mb)" % (limit // MIB)), None
+    try:
+        counts = snapshot_collection(collection, temp)
+        prepare_collection_file(temp)
+    except CorruptCollection as e:
+        return ("not an Anki collection" if e.reason == UPLOAD_CORRUPT else e.reason), None
+    except sqlite3.DatabaseError as e:          # not SQLite at all, no notes table...
+        return "not a readable Anki collection: %s" % e, None
+    return None, counts
+
+
+def ankisyncd_media(folder, source):
+    """The media files of the user's old folder into their media: (files added, files
+    left behind for names no client could sync, [a line naming the files not imported]):
+    symbolic links, and files over MEDIA_FILE_MAX, which no sync would take either."""
+    media = os.path.join(source, "media")
+    if not (os.path.isdir(media) or os.path.islink(media)):
+        media = os.path.join(source, "collection.media")
+    if os.path.islink(media):
+        return 0, 0, ["%s: %s (no media files of %s imported)" % (media, NOT_FOLLOWED,
+                                                                  folder.name)]
+    if not os.path.isdir(media):
+        return 0, 0, []
+    incoming, refused, left = [], 0, []
+    try:
+        for name in sorted(os.listdir(media)):
+            path = os.path.join(media, name)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                left.append((name, "a symbolic link, not followed"))
+                continue
+            if name.startswith(".") or not stat.S_ISREG(info.st_mode):
+                continue
+            try:
+                check_media_name(name)
+            except SyncError:
+                refused += 1        # no client could have synced it either
+                continue
+            too_big = "over %d MiB, the largest a sync takes" % (MEDIA_FILE_MAX // MIB)
+            if info.st_size > MEDIA_FILE_MAX:
+                left.append((name, too_big))
+                continue
+            fd, copy = tempfile.mkstemp(prefix=TEMP_INCOMING, dir=folder.path)
+            os.close(fd)
+            incoming.append((name, copy))
+            if not copy_file_at_most(path, copy, MEDIA_FILE_MAX):   # it grew meanwhile
+                left.append((name, too_big))
+                os.unlink(incoming.pop()[1])
+        with folder.locked():
+            store = MediaStore(folder.path)
+            store.start_above_devices()
+            files = add_media_files(store, incoming)
+            store.close()
+    finally:
+        for _, copy in incoming:
+            if os.path.exists(copy):
+                os.unlink(copy)
+    return files, refused, [left_out(media, folder.name, left)] if left else []
+
+
+def copy_file_at_most(path, target, limit):
+    """The file at `path`, never through a symbolic link, copied to `target` up to
+    `limit` bytes: False past them."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with open(fd, "rb") as src, open(target, "wb") as out:
+        return copy_at_most(src.read, out.write, limit)
+
+
+def left_out(media, user, left):
+    """A part of the error line: the media files not imported (the first NAMED_AT_MOST
+    named) and why."""
+    named = ", ".join("%s (%s)" % (name[:QUOTED_MAX], why) for name, why in left[:NAMED_AT_MOST])
+    more = " and %d more" % (len(left) - NAMED_AT_MOST) if len(left) > NAMED_AT_MOST else ""
+    return "%s: %d files not imported into %s's media: %s%s" % (media, len(left), user, named,
+                                                                more)
 
 
 # ---------------------------------------------------------------------------
@@ -4064,7 +4352,7 @@ class SyncApp:
         self._registry_lock = threading.Lock()
         self.base_path = config.normalized_base_path()
         self.serving = 0                # requests being dispatched now
-        self.requests_of = {}           # user -> requests being dispatched or answered
+        self.requests_of = {}           # user -> downloads being dispatched or answered
         self.later = Later()
 
     def _clean_leftovers(self):
@@ -4110,8 +4398,11 @@ class SyncApp:
     def expire_idle_sessions(self):
         with self._registry_lock:
             syncers = list(self._collections.values())
+            stores = list(self._media.values())
         for syncer in syncers:
             syncer.expire_idle(self.config.session_timeout)
+        for store in stores:
+            store.close_if_idle(time.monotonic() - USER_IDLE)
 
     # -- the request path ---------------------------------------------------
 
@@ -4130,16 +4421,18 @@ class SyncApp:
         return self.serving > 1
 
     @contextlib.contextmanager
-    def turn_of(self, user):
-        """One of the USER_REQUESTS_MAX requests a user may have answered at once: past
-        them a 409, so one account's slow downloads cannot hold every worker."""
-        if user is None:            # a login: the login guard paces those
+    def turn_of(self, req):
+        """For a download, one of the USER_DOWNLOADS_MAX a user may have answered at once:
+        past them a 409, so one account's slow readers cannot hold every worker. Other
+        answers are small, and leave at once."""
+        user = req.user
+        if req.method not in DOWNLOADS:
             yield
             return
         with self._registry_lock:
-            if self.requests_of.get(user, 0) >= USER_REQUESTS_MAX:
-                raise SyncError(409, "this user has %d requests in progress already: sync "
-                                "again when the other devices are done" % USER_REQUESTS_MAX)
+            if self.requests_of.get(user, 0) >= USER_DOWNLOADS_MAX:
+                raise SyncError(409, "this user has %d downloads in progress already: sync "
+                                "again when the other devices are done" % USER_DOWNLOADS_MAX)
             self.requests_of[user] = self.requests_of.get(user, 0) + 1
         try:
             yield
@@ -4621,7 +4914,7 @@ class Handler(BaseHTTPRequestHandler):
             address = app.client_address(self.headers, self.client_address[0])
             req = app.envelopes.decode(self.conn.head, address, area, method, body)
             body.drain()
-            with app.turn_of(req.user):
+            with app.turn_of(req):
                 reply = app.dispatch(req)
                 try:
                     sent = self.send_reply(req, reply)
@@ -5628,8 +5921,7 @@ def command_import_ankisyncd(config, args):
     print("%d users imported; they log in with their old passwords (point each device at "
           "this server and log in again)" % sum(1 for _, what, _ in report
                                                  if not what.startswith("skipped")))
-    left = ["%s (%s's first device uploads instead)" % (trouble, name)
-            for name, _, trouble in report if trouble]
+    left = [trouble for _, _, troubles in report for trouble in troubles]
     if left:
         # The users came over, but not everything: a script running this should know.
         raise ValueError("cannot import %s" % "; ".join(left))
