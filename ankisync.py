@@ -692,8 +692,10 @@ OPTIONS = (
            parse=whole_number),
     Option("quota_collection_mb", 0, "MiB a user's collection may take (0: no limit)", """
         Quotas for a server on a small disk (a class, a family): the MiB one user's
-        collection, and their media files, may take. A sync past it is refused whole,
-        with a message the device shows; 0 means no limit.""", parse=whole_number),
+        collection, and their media files, may take. A sync that would grow past it is
+        refused whole, with a message the device shows (one that shrinks goes through);
+        deleted media waiting in the trash count too, and restore points are kept within
+        the collection's quota. 0 means no limit.""", parse=whole_number),
     Option("quota_media_mb", 0, "MiB a user's media files may take (0: no limit)", "",
            parse=whole_number),
     Option("max_connections", MAX_CONNECTIONS,

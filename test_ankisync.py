@@ -6121,8 +6121,10 @@ def test_zip_reader_refuses_a_zip64_archive():
 
 
 def admin(server, *args, check=True):
-    """An ankisync command on the running server's data folder, from another process."""
-    done = run_ankisync(*args, env=dict(os.environ, SYNC_BASE=server.base), timeout=120)
+    """An ankisync command on a server's data folder (a SyncServer, or the folder's
+    path), from another process."""
+    data = getattr(server, "base", server)
+    done = run_ankisync(*args, env=dict(os.environ, SYNC_BASE=data), timeout=120)
     if check:
         assert done.returncode == 0, done.stdout + done.stderr
     return done
@@ -6387,19 +6389,6 @@ def test_a_package_from_a_modern_anki_becomes_the_collection(server, make_device
 # --- restore points that undo, quotas that count, imports that stay inside ---
 
 
-def admin_at(data, *args, check=True):
-    """An ankisync command on a data folder that is not `server.base` (a small disk)."""
-    done = run_ankisync(*args, env=dict(os.environ, SYNC_BASE=data), timeout=120)
-    if check:
-        assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def points_at(data, user=USER):
-    """restore_points() of a data folder that is not `server.base`."""
-    return [(line.split()[0], line.split()[3], int(line.split()[4]))
-            for line in admin_at(data, "backups", user).stdout.splitlines()
-            if line[:8].isdigit()]
 
 
 def a_second_later(device):
@@ -6468,33 +6457,33 @@ def test_a_restore_or_import_without_room_for_its_undo_is_refused_and_changes_no
     laptop.do("add_notes", deck="Default", prefix="Wort", count=30)
     first_upload(laptop)
     package = str(tmp_path / "laptop.colpkg")
-    admin_at(data, "export", USER, package)
+    admin(data, "export", USER, package)
     phone = make_device("modern", "phone", on=srv)
     phone.do("add_notes", deck="Default", prefix="phone", count=5)
     assert phone.sync() == "full_sync"
     phone.full_upload()                                     # the mistake
-    point = [p for p in points_at(data) if p[1] == "upload"][0][0]
+    point = [p for p in restore_points(data) if p[1] == "upload"][0][0]
     stored = os.path.join(data, USER, "collection.anki2")
     size = os.path.getsize(stored)
     filler = fill(small_disk, leave=2 * size)         # room for a restore, not for its undo
     try:
         assert size < shutil.disk_usage(small_disk).free < 3 * size
-        before = file_bytes(stored), admin_at(data, "backups", USER).stdout
+        before = file_bytes(stored), admin(data, "backups", USER).stdout
         for command in (("restore", USER, point), ("import", USER, package)):
-            done = admin_at(data, *command, check=False)
+            done = admin(data, *command, check=False)
             lines = done.stderr.splitlines()
             assert done.returncode == 1 and len(lines) == 1, (command, done.stderr)
             assert re.search(r"no room .* undo this: [0-9.]+ [KM]iB must be free .*, "
                              r"[0-9.]+ [KM]iB is; make room", lines[0]), lines[0]
-            assert (file_bytes(stored), admin_at(data, "backups", USER).stdout) == before
+            assert (file_bytes(stored), admin(data, "backups", USER).stdout) == before
             assert leftovers(types.SimpleNamespace(data=data)) == []
     finally:
         os.unlink(filler)
-    admin_at(data, "restore", USER, point)
+    admin(data, "restore", USER, point)
     fresh = make_device("modern", "fresh", on=srv)
     join_by_download(fresh)
     assert note_count(fresh) == 30
-    assert [(why, notes) for _, why, notes in points_at(data)][0] == ("restore", 5)
+    assert [(why, notes) for _, why, notes in restore_points(data)][0] == ("restore", 5)
 
 
 def test_deleted_pictures_and_restore_points_count_against_the_quotas(start_server,
