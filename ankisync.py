@@ -4354,7 +4354,7 @@ class SyncApp:
         self._registry_lock = threading.Lock()
         self.base_path = config.normalized_base_path()
         self.serving = 0                # requests being dispatched now
-        self.requests_of = {}           # user -> downloads being dispatched or answered
+        self.downloads_of = {}           # user -> downloads being dispatched or answered
         self.later = Later()
 
     def _clean_leftovers(self):
@@ -4432,17 +4432,17 @@ class SyncApp:
             yield
             return
         with self._registry_lock:
-            if self.requests_of.get(user, 0) >= USER_DOWNLOADS_MAX:
+            if self.downloads_of.get(user, 0) >= USER_DOWNLOADS_MAX:
                 raise SyncError(409, "this user has %d downloads in progress already: sync "
                                 "again when the other devices are done" % USER_DOWNLOADS_MAX)
-            self.requests_of[user] = self.requests_of.get(user, 0) + 1
+            self.downloads_of[user] = self.downloads_of.get(user, 0) + 1
         try:
             yield
         finally:
             with self._registry_lock:
-                left = self.requests_of.pop(user) - 1
+                left = self.downloads_of.pop(user) - 1
                 if left:
-                    self.requests_of[user] = left
+                    self.downloads_of[user] = left
 
     def _dispatch(self, req):
         if req.area == "sync" and COLLECTION_METHODS.get(req.method) == "login":
