@@ -64,9 +64,11 @@ import hmac
 import html
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import math
+import operator
 import os
 import queue
 import random
@@ -221,7 +223,6 @@ ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
                                     # compressor cost more than the bytes it would save
 SQL_IDS_PER_QUERY = 500             # ids bound in one `in (...)`: far below SQLite's 32766
-UTF8_CHECK_ROWS = 5000              # rows an upload's text is checked by at once: ~1 MB
 JSON_DEPTH_MAX = 64                 # a client's JSON nests under 10 (add-on settings in conf more)
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1    # SQLite's integers: ids, usns, times
 NUMERIC_TEXT = re.compile(r"-?[0-9]{1,20}(?:\.[0-9]{0,20})?")  # a number as old clients wrote it
@@ -244,6 +245,7 @@ BACKUP_FOLDER = "backups"           # restore points
 MEDIA_TRASH_FOLDER = "media.trash"  # media files deleted or replaced, for a restore
 COLLECTION_LOCK = ".collection.lock"
 MEDIA_LOCK = ".media.lock"
+COMMAND_LOCK_WAIT = 900             # seconds a command waits for a sync to end (big ones: minutes)
 LOCK_POLL = 0.02                    # seconds between tries of a lock another process holds
 BACKUP_GZIP_LEVEL = 1               # a collection packs to about a third; level 6 gains ~5%
 BACKUP_FREE_FACTOR = 3              # a point is made only while 3x the collection is free
@@ -351,28 +353,31 @@ def client_json(text, what):
     except ValueError as e:             # UnicodeDecodeError is one too
         raise bad_request("%s: invalid JSON (%s)" % (what, str(e)[:QUOTED_MAX]))
     # Lone surrogates come only from \u escapes: strings are searched only when one is there.
+    # Each container's members are sorted by type in one pass at C speed (set(map(type)));
+    # only nested containers, floats and (rarely) strings are then looked at one by one,
+    # so a chunk of thousands of plain rows costs little more than json.loads itself.
     strings = ESCAPED_SURROGATE.search(text) is not None
     pending = [(value, 1)]
     while pending:
         item, depth = pending.pop()
-        if isinstance(item, dict):
+        if type(item) is dict:
             if strings and any(SURROGATE.search(key) for key in item):
                 raise bad_request("%s: a lone surrogate in a JSON key" % what)
             children = item.values()
-        elif isinstance(item, list):
+        elif type(item) is list:
             children = item
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise bad_request("%s: a JSON number out of range" % what)
-            continue
         else:
-            if strings and isinstance(item, str) and SURROGATE.search(item):
-                raise bad_request("%s: a lone surrogate in a JSON string" % what)
-            continue
-        if depth > JSON_DEPTH_MAX:
-            raise bad_request("%s: JSON nested over %d levels" % (what, JSON_DEPTH_MAX))
-        pending.extend((child, depth + 1) for child in children
-                       if strings or isinstance(child, (dict, list, float)))
+            children = (item,)          # the whole document is one scalar
+        kinds = set(map(type, children))
+        if float in kinds and not all(math.isfinite(c) for c in children if type(c) is float):
+            raise bad_request("%s: a JSON number out of range" % what)
+        if strings and str in kinds and any(
+                SURROGATE.search(c) for c in children if type(c) is str):
+            raise bad_request("%s: a lone surrogate in a JSON string" % what)
+        if dict in kinds or list in kinds:
+            if depth >= JSON_DEPTH_MAX:
+                raise bad_request("%s: JSON nested over %d levels" % (what, JSON_DEPTH_MAX))
+            pending.extend((c, depth + 1) for c in children if type(c) in (dict, list))
     return value
 
 
@@ -405,12 +410,49 @@ def to_int(value, what="value"):
 # TEXT (a string), ANY (left to the method), [shape] (a list of them), (shape, ...) (a
 # list of exactly these) or {key: shape} (an object; keys absent or null are left out).
 INT, FLAG, TEXT, ANY = "int", "flag", "text", "any"
+
+
+def plain_values(values, shape):
+    """True if every value is already what `shape` (INT or TEXT) makes of it: checked at
+    C speed, since a chunk holds thousands. False sends them one by one through shaped()."""
+    kinds = set(map(type, values))
+    if shape is TEXT:
+        return kinds <= {str}
+    return not values or (kinds == {int} and INT64_MIN <= min(values)
+                          and max(values) <= INT64_MAX)
+
+
+class FlatRow(tuple):
+    """A row shape of INT, TEXT and ANY only (a card, a note, a review). Rows that already
+    hold plain ints and strings where they belong, as every client sends them, are passed
+    whole: their values are gathered column by column at C speed, without a call per
+    value. Anything else (floats, numeric strings, a wrong type) takes shaped()'s way."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.columns = [(kind, [i for i, inner in enumerate(shape) if inner is kind])
+                        for kind in (INT, TEXT)]
+
+    def holds(self, rows):
+        if set(map(type, rows)) - {list} or set(map(len, rows)) - {len(self)}:
+            return False
+        for kind, positions in self.columns:
+            if not positions:
+                continue
+            pick = operator.itemgetter(*positions)
+            values = list(map(pick, rows)) if len(positions) == 1 else \
+                list(itertools.chain.from_iterable(map(pick, rows)))
+            if not plain_values(values, kind):
+                return False
+        return True
+
+
 GRAVES = {"cards": [INT], "notes": [INT], "decks": [INT]}
 SYNC_OBJECT = {"id": INT, "mod": INT, "usn": INT}          # a notetype, deck or deck config
 NOTETYPE = dict(SYNC_OBJECT, flds=[{}], tmpls=[{}], sortf=INT)
-REVLOG_ROW = (INT,) * 9
-CARD_ROW = (INT,) * 17 + (ANY,)                 # data: a string, or an object from 2.1.26
-NOTE_ROW = (INT, TEXT, INT, INT, ANY, TEXT, TEXT, ANY, ANY, ANY, ANY)
+REVLOG_ROW = FlatRow((INT,) * 9)
+CARD_ROW = FlatRow((INT,) * 17 + (ANY,))        # data: a string, or an object from 2.1.26
+NOTE_ROW = FlatRow((INT, TEXT, INT, INT, ANY, TEXT, TEXT, ANY, ANY, ANY, ANY))
 METHOD_SHAPES = {
     ("sync", "hostKey"): {"u": TEXT, "p": TEXT},
     ("sync", "meta"): {"v": INT},
@@ -427,7 +469,7 @@ METHOD_SHAPES = {
     ("msync", "downloadFiles"): {"files": [TEXT]},
 }
 MEDIA_ZIP_META = [(TEXT, ANY)]                  # uploadChanges' _meta: [name, zip entry or null]
-SANITY_COUNTS = (ANY,) + (INT,) * 7             # [due counts], cards, notes, revlog, ...
+SANITY_COUNTS = FlatRow((ANY,) + (INT,) * 7)            # [due counts], cards, notes, revlog, ...
 SYNC_HEADER = {"v": ANY, "k": TEXT, "c": TEXT, "s": TEXT}     # the anki-sync header's fields
 
 
@@ -455,8 +497,15 @@ def shaped(value, shape, what):
     if isinstance(shape, tuple):
         if len(value) != len(shape):
             raise bad_request("%s must be a list of %d values" % (what, len(shape)))
+        if isinstance(shape, FlatRow) and shape.holds([value]):
+            return value
         return [shaped(v, inner, what) for v, inner in zip(value, shape)]
+    if shape[0] in (INT, TEXT) and plain_values(value, shape[0]):
+        return value
+    if isinstance(shape[0], FlatRow) and shape[0].holds(value):
+        return value
     return [shaped(v, shape[0], what) for v in value]
+
 
 
 class SyncRequest:
@@ -1942,6 +1991,17 @@ def connect_collection(path):
     return conn
 
 
+def integrity_check(path):
+    """True if SQLite finds the file whole."""
+    conn = connect_collection(path)
+    try:
+        return conn.execute("pragma integrity_check").fetchall() == [("ok",)]
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
+
+
 def sqlite_version_of(conn):
     try:
         rows = conn.execute("select ver from col").fetchall()
@@ -1963,20 +2023,27 @@ def prepare_collection_file(path, schema18_copy=None):
             raise CorruptCollection(UPLOAD_CORRUPT)
     conn = connect_collection(path)
     try:
-        try:
-            result = conn.execute("pragma integrity_check").fetchall()
-        except sqlite3.DatabaseError:
+        # SQLite's integrity check and check_tables each read the whole file: they run side
+        # by side, each on its own connection, and an upload waits for the longer one only.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            integrity = pool.submit(integrity_check, path)
+            try:
+                version = sqlite_version_of(conn)
+                if version == 11:
+                    check_schema11(conn)
+                if version in (11, 18):         # both keep the tables a sync reads alike
+                    check_tables(conn)
+            finally:
+                intact = integrity.result()
+        if not intact:
             raise CorruptCollection(UPLOAD_CORRUPT)
-        if result != [("ok",)]:
-            raise CorruptCollection(UPLOAD_CORRUPT)
-        version = sqlite_version_of(conn)
         if version == 18:
             if schema18_copy:
                 conn.execute("pragma wal_checkpoint(truncate)")     # all of it in the file
                 shutil.copyfile(path, schema18_copy)
             downgrade_to_schema11(conn)
         elif version == 11:
-            check_schema11(conn)
+            pass                        # checked above
         elif isinstance(version, int) and 14 <= version <= 17:
             raise CorruptCollection(
                 "Collection schema %d is not accepted by this sync server: please update "
@@ -1984,7 +2051,6 @@ def prepare_collection_file(path, schema18_copy=None):
         else:
             raise CorruptCollection(
                 "Unsupported collection version %s: please update the sync server." % (version,))
-        check_tables(conn)
         conn.execute("pragma journal_mode=delete")
     except (sqlite3.DatabaseError, UnicodeDecodeError):     # text in `col` not UTF-8
         raise CorruptCollection(UPLOAD_CORRUPT)
@@ -2015,7 +2081,9 @@ def check_tables(conn):
         if missing:
             log.info("upload refused: %s lacks %s", table, ", ".join(missing))
             raise CorruptCollection(UPLOAD_CORRUPT)
-        odd = " or ".join("typeof(\"%s\") in ('blob', 'null')" % column for column in columns)
+        # max(a, b, ...) is null when one of them is, and at least x'' when one is a blob
+        # (blobs sort after everything): one comparison a row, not one per column.
+        odd = "coalesce(max(%s) >= x'', 1)" % ", ".join('"%s"' % column for column in columns)
         if conn.execute("select 1 from %s where %s limit 1" % (table, odd)).fetchone():
             log.info("upload refused: %s holds a blob or a null", table)
             raise CorruptCollection(UPLOAD_CORRUPT)
@@ -2026,28 +2094,16 @@ def check_tables(conn):
 
 
 def check_utf8(conn, table, columns):
-    """Text a sync would fail to read: SQLite keeps whatever bytes it was given. Rows
-    are joined by SQLite a window at a time and decoded in one call each, which costs a
-    fraction of reading them one by one (a line break between values, so that no two
-    broken halves make a whole)."""
+    """Text a sync would fail to read: SQLite keeps whatever bytes it was given. Each row's
+    text is read as one value (a line break between columns, so that no two broken halves
+    make a whole) and sqlite3 decodes it in C, failing on the first row that is not UTF-8."""
     joined = " || char(10) || ".join('"%s"' % column for column in columns)
-    conn.text_factory = bytes
     try:
-        after = None        # rowids are ids, times in ms: windows by count, not by value
-        while True:
-            block, after = conn.execute(
-                "select group_concat(v, char(10)), max(r) from (select rowid as r, %s as v "
-                "from %s where ? is null or rowid > ? order by rowid limit ?)"
-                % (joined, table), (after, after, UTF8_CHECK_ROWS)).fetchone()
-            if after is None:
-                break
-            if block is not None:
-                block.decode("utf-8")
-    except UnicodeDecodeError:
+        for _ in conn.execute("select %s from %s" % (joined, table)):
+            pass
+    except sqlite3.OperationalError:        # "Could not decode to UTF-8 column ..."
         log.info("upload refused: %s holds text that is not UTF-8", table)
         raise CorruptCollection(UPLOAD_CORRUPT)
-    finally:
-        conn.text_factory = str
 
 
 def fsync_path(path):
@@ -2160,14 +2216,21 @@ def unlock_file(file):
 
 class FolderLock:
     """A lock shared with other processes: the server's sync methods and the commands
-    that change a user's folder (restore, import) take it. Its file is open only while
-    held: thousands of users must not each keep one open."""
+    that change a user's folder (backup, restore, import) take it. Its file is open only
+    while held: thousands of users must not each keep one open. Taken again by its holder
+    it only counts: a sync session keeps it from `start` to its end, so that a command
+    never reads a collection between two requests of a sync (SQLite would make each wait
+    for the other's file lock, and the device's sync would fail)."""
 
     def __init__(self, path):
         self.path = path
         self.file = None
+        self.holds = 0
 
     def acquire(self, timeout):
+        if self.file is not None:
+            self.holds += 1
+            return True
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         self.file = open(self.path, "a+")
         deadline = time.monotonic() + timeout
@@ -2177,10 +2240,14 @@ class FolderLock:
                 self.file = None
                 return False
             time.sleep(LOCK_POLL)
+        self.holds = 1
         return True
 
     def release(self):
-        if self.file is not None:
+        if self.file is None:
+            return
+        self.holds -= 1
+        if self.holds == 0:
             unlock_file(self.file)
             self.file.close()
             self.file = None
@@ -2384,10 +2451,18 @@ class CollectionSync:
 
     # -- session bookkeeping --------------------------------------------
 
+    def begin_session(self, session):
+        self.folder_lock.acquire(0)     # this request holds it: now kept until the end
+        self.session = session
+
+    def end_session(self):
+        self.session = None
+        self.folder_lock.release()
+
     def abort_session(self):
         if self.session is not None:
             self.session.rollback()
-            self.session = None
+            self.end_session()
 
     def expire_idle(self, timeout):
         """Roll back a session whose device went quiet, and close the files of a user who
@@ -2493,8 +2568,8 @@ class CollectionSync:
         self.collection.detach_readers(self.collection.path)
         conn = self.collection.open()
         self.quota_base = self.used_bytes(conn)     # finish refuses growth past the quota
-        self.session = SyncSession(req.skey, conn, data.get("minUsn") or 0,
-                                   data.get("lnewer", False))
+        self.begin_session(SyncSession(req.skey, conn, data.get("minUsn") or 0,
+                                       data.get("lnewer", False)))
         graves = self.session.pending_graves()
         if data.get("graves"):
             # AnkiDroid and old clients send all their deletions here instead of applyGraves.
@@ -2536,7 +2611,7 @@ class CollectionSync:
         session = self.session
         if session.failed:
             raise bad_request("finish after a failed sanity check: the sync was rolled back")
-        self.session = None
+        self.end_session()
         try:
             self.check_quota(self.used_bytes(session.conn), self.quota_base)
             finished = session.finish()
@@ -3817,9 +3892,13 @@ class UserFolder:
                  (COLLECTION_LOCK, MEDIA_LOCK)]
         try:
             for lock in locks:
-                if not lock.acquire(LOCK_WAIT):
-                    raise ValueError("%s is syncing for more than %d s: try again when it "
-                                     "has finished" % (self.name, LOCK_WAIT))
+                if lock.acquire(0):
+                    continue
+                print("%s is syncing: waiting for the sync to end (up to %d s)"
+                      % (self.name, COMMAND_LOCK_WAIT), file=sys.stderr, flush=True)
+                if not lock.acquire(COMMAND_LOCK_WAIT):
+                    raise ValueError("%s is still syncing after %d s: try again when the "
+                                     "sync has finished" % (self.name, COMMAND_LOCK_WAIT))
             yield
         finally:
             for lock in reversed(locks):

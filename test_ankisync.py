@@ -6252,6 +6252,42 @@ def test_a_restore_waits_for_a_sync_of_that_user_and_leaves_other_users_alone(se
     assert note_count(fresh) == 6
 
 
+@pytest.mark.parametrize("command", ["backup", "restore"])
+def test_a_backup_or_restore_waits_for_the_sync_in_progress_and_the_sync_succeeds(
+        server, make_device, command):
+    """A phone is in the middle of a sync (between `start` and `finish`) when the admin
+    runs a command on that user: the command waits for the sync to end, the phone's
+    sync is answered as if no command ran, and the command then does its work."""
+    laptop = make_device("modern", "laptop")
+    laptop.do("add_notes", deck="Default", prefix="mine", count=4)
+    first_upload(laptop)
+    admin(server, "backup", USER)
+    args = ["restore", USER, restore_points(server)[0][0]] if command == "restore" \
+        else ["backup", USER]
+    key = login(server)
+    start_a_sync(server, key)
+    changes = {"models": [], "decks": [[], []], "tags": ["phone"]}
+    assert modern(server, "applyChanges", {"changes": changes}, key=key).status == 200
+    waiting = subprocess.Popen(ankisync_command(*args), env=dict(os.environ, SYNC_BASE=server.base),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2)
+        assert waiting.poll() is None, waiting.communicate()
+        for method, payload in [("applyChunk", {"chunk": {"done": True}}), ("chunk", {}),
+                                ("finish", {})]:
+            answer = modern(server, method, payload, key=key)
+            assert answer.status == 200, answer
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, out + err
+    assert "%s is syncing: waiting for the sync to end" % USER in err
+    assert laptop.sync() == ("full_sync" if command == "restore" else "normal_sync")
+    if command == "backup":
+        assert "phone" in laptop.col.tags.all()
+    assert "Traceback" not in server.log()
+
+
 def test_export_writes_a_package_anki_imports_with_notes_reviews_and_media(server,
                                                                          make_device,
                                                                          tmp_path):
