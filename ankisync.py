@@ -831,9 +831,20 @@ class Config:
         parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"))
         try:
             parser.read(path, encoding="utf-8")
+        except configparser.MissingSectionHeaderError:
+            raise SystemExit("ankisync: %s: the options must follow a line [server] at the top "
+                             "of the file" % path)
         except configparser.Error as e:
             raise SystemExit("ankisync: cannot read %s: %s" % (path, str(e).splitlines()[0]))
         self.source = path
+        # Options under another heading would be ignored, and a server meant for this
+        # machine only would listen on every network: refused, so the typo is seen.
+        others = [name for name in parser.sections() if name != "server"]
+        if others or (parser.defaults() and not parser.has_section("server")):
+            heading = others[0] if others else parser.default_section
+            raise SystemExit("ankisync: %s: ankisync reads only the section [server], not [%s] "
+                             "(names are case-sensitive): put the options under [server]"
+                             % (path, heading))
         section = parser["server"] if parser.has_section("server") else {}
         known = {option.name: option for option in OPTIONS}
         for name in section:
@@ -1157,6 +1168,13 @@ class UserStore:
             with self.connect() as db:          # if auth.db was edited by hand
                 self._store_key(db, row[0], row[1], key)
         return key
+
+    def remembered_user(self, hkey):
+        """The user a host key belonged to when last seen, from memory only: for the log
+        line of a request refused before it reached a worker (the listener never waits
+        on auth.db)."""
+        cached = self.key_cache.get(key_digest(hkey)) if isinstance(hkey, str) else None
+        return cached[0] if cached else None
 
     def user_for_key(self, hkey):
         if not hkey:
@@ -4813,6 +4831,7 @@ def front_page(host, scheme, config):
 <html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>ankisync</title>
+<link rel="icon" href="data:,">
 <style>body{font:16px/1.5 system-ui,sans-serif;max-width:56em;margin:1em auto;padding:0 1em}
 th{text-align:left;font-weight:600;padding:.6em 0 0}td{padding:0 0 .6em;border-bottom:1px solid
 #ddd}tr{display:block}th,td{display:block}code{background:#f3f3f3;overflow-wrap:anywhere}
@@ -5718,9 +5737,23 @@ class Server(ThreadingHTTPServer):
 
     def refuse(self, conn, error):
         """Answer what the listener will not hand on, and close: the client learns why."""
-        self.notices.warn(conn.peer, "%s - refused %d: %s", conn.peer, error.status, error.reason)
+        self.notices.warn(conn.peer, "%s %s refused %d: %s", conn.peer, self.user_of(conn.head),
+                          error.status, error.reason)
         conn.send_quietly(response_bytes(error.status, error.reason))
         self.linger(conn)
+
+    def user_of(self, head):
+        """Who sent a modern request, by the key in its head (the body need not arrive),
+        as the log names users; "-" for a stranger or a form."""
+        header = head.headers.get("anki-sync") if head is not None else None
+        if header:
+            try:
+                user = self.app.users.remembered_user(client_json(header, "").get("k"))
+            except (SyncError, AttributeError):     # not JSON, or not an object
+                user = None
+            if user:
+                return user
+        return "-"
 
     def linger(self, conn):
         """Close after the answer, reading what the client still sends for a moment:
@@ -5869,7 +5902,7 @@ def command_status(config, args):
                                    seen[0][0], seen[0][1]) if seen else "never")
         rows.append((name, human_size(size), str(notes), str(cards),
                      "%d files, %s" % (files, human_size(media_bytes)), last,
-                     str(sum(1 for device in seen if device[3] >= month)),
+                     str(len(recent_devices(seen, month))),
                      str(len(RestorePoints(folder, config).list()))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -5883,6 +5916,13 @@ def command_status(config, args):
         folder = os.path.join(config.data, folder_name(names[0]))
         for point in RestorePoints(folder, config).list():
             print("restore point " + describe_point(point).rstrip())
+
+
+def recent_devices(seen, since):
+    """The devices among `devices()` rows seen since `since`: a row per client version,
+    so a device that updated Anki, seen again from the same address, counts once."""
+    return {(re.sub(r"\d+(\.\d+)*|\([^)]*\)", "#", client), address)     # (build hash)
+            for client, address, _, last_seen, _ in seen if last_seen >= since}
 
 
 def collection_counts(path):
@@ -5972,6 +6012,10 @@ def command_restore(config, args):
 
 def command_export(config, args):
     folder = user_folder_of(config, args.name)
+    where = os.path.dirname(os.path.abspath(args.file))
+    if not os.path.isdir(where):
+        raise ValueError("cannot write %s: there is no folder %s (make it first)"
+                         % (args.file, where))
     notes, cards, files = export_package(folder, args.file)
     print("wrote %s: %d notes, %d cards, %d media files; import it in Anki with File > "
           "Import" % (args.file, notes, cards, files))
@@ -5979,6 +6023,8 @@ def command_export(config, args):
 
 def command_import(config, args):
     folder = user_folder_of(config, args.name)
+    if not os.path.isfile(args.file):
+        raise ValueError("cannot import %s: there is no such file" % args.file)
     zstd = choose_zstd(config.zstd)
     try:
         before, files = import_package(folder, args.file, zstd)
@@ -5999,9 +6045,12 @@ def command_import_ankisyncd(config, args):
         raise ValueError("cannot import %s" % e) from None
     for name, what, _ in report:
         print("%s: %s" % (name, what))
-    print("%d users imported; they log in with their old passwords (point each device at "
-          "this server and log in again)" % sum(1 for _, what, _ in report
-                                                 if not what.startswith("skipped")))
+    imported = sum(1 for _, what, _ in report if not what.startswith("skipped"))
+    if imported:
+        print("%d user%s imported; they log in with their old passwords (point each device "
+              "at this server and log in again)" % (imported, "s" * (imported != 1)))
+    else:
+        print("no users imported")
     left = [trouble for _, _, troubles in report for trouble in troubles]
     if left:
         # The users came over, but not everything: a script running this should know.
@@ -8826,6 +8875,12 @@ def main(argv=None):
     command = next(c for c in COMMANDS if c.name == args.command)
     try:
         command.run(config, args)
+        sys.stdout.flush()              # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # `status | head`: the reader has what it wanted. Python would complain again
+        # when flushing stdout at exit, so it goes to /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
     except ValueError as e:
         raise SystemExit("ankisync: %s" % e)
     except (ZstdError, CorruptCollection) as e:

@@ -492,6 +492,7 @@ import math  # noqa: E402
 import pathlib  # noqa: E402
 import pty  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
 import resource  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
@@ -1514,6 +1515,8 @@ def test_an_oversize_body_gets_413(start_server):
     bomb = b"\0" * (4 * 1024 * 1024)       # compresses to almost nothing, inflates past 3 MiB
     assert modern(srv, "upload", bomb, key=key).status == 413
     assert modern(srv, "meta", {"v": 11, "cv": "t"}, key=key).status == 200
+    # Refused from its head, before the body came: the log still names the user.
+    assert re.search(r"127\.0\.0\.1 %s refused 413: request body of" % USER, srv.log())
 
 
 def collection_of_version(tmp_path, version):
@@ -1647,6 +1650,23 @@ def test_a_mistyped_option_is_named_and_a_bad_value_refused(tmp_path, capsys):
             ankisync.Config.load(str(ini), environ={})
     with pytest.raises(SystemExit, match="SYNC_PORT: port takes a port number"):
         ankisync.Config.load(None, environ={"SYNC_PORT": "x"})
+
+
+def test_options_under_another_heading_stop_the_start_with_the_fix(tmp_path):
+    """A backend meant for 127.0.0.1 whose ini says [ankisync] or [Server] would listen
+    on every network with its options ignored; a file with no heading, likewise."""
+    ini = tmp_path / "server.ini"
+    for text, error in [("[ankisync]\nhost = 127.0.0.1\n", r"not \[ankisync\]"),
+                        ("[Server]\nhost = 127.0.0.1\n", r"not \[Server\].*case-sensitive"),
+                        ("[server]\nport = 8080\n[tls]\ncertfile = x\n", r"not \[tls\]"),
+                        ("[DEFAULT]\nhost = 127.0.0.1\n", r"not \[DEFAULT\]"),
+                        ("host = 127.0.0.1\n", r"must follow a line \[server\]")]:
+        ini.write_text(text)
+        with pytest.raises(SystemExit, match=error):
+            ankisync.Config.load(str(ini), environ={})
+    done = run_ankisync("--config", str(ini), "lsuser")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("ankisync: ") and len(done.stderr.splitlines()) == 1
 
 
 def test_the_ini_and_the_readme_show_every_option_with_its_default():
@@ -7378,6 +7398,33 @@ def test_status_tells_each_users_collection_media_last_sync_devices_and_backups(
     detail = admin(server, "status", USER).stdout
     assert detail.count("\ndevice ") == 2
     assert "(full upload)" in detail and "(full download)" in detail
+
+
+def test_the_small_things_an_admin_meets_at_the_command_line(server, tmp_path):
+    """`status | head` ends quietly; a device that updated Anki is still one device;
+    `export` into a missing folder, `import` of a missing file and an import of nobody
+    each say what is wrong in their own words."""
+    users = ankisync.UserStore(server.base)
+    for client, address in [("anki,2.1.54 (b6a7760c),lin:debian", "192.168.1.5"),
+                            ("anki,26.9.3 (86e4a2a4),lin:debian", "192.168.1.5"),
+                            ("ankidroid,2.15.6,Android", "192.168.1.7")]:
+        users.saw(USER, "key", client, address, "normal sync")
+    rows = [re.split(r"\s{2,}", line) for line in admin(server, "status").stdout.splitlines()]
+    assert dict(zip(rows[1], next(r for r in rows[2:] if r[0] == USER)))["devices"] == "2"
+    piped = subprocess.run("%s | head -1" % " ".join(shlex.quote(part) for part in
+                                                     ankisync_command("status")),
+                           shell=True, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, SYNC_BASE=server.base))
+    assert piped.stdout.startswith("ankisync ") and piped.stderr == ""
+    missing_folder = str(tmp_path / "nowhere" / "alice.colpkg")
+    done = admin(server, "export", USER, missing_folder, check=False)
+    assert done.returncode != 0 and ".partial" not in done.stderr
+    assert "there is no folder %s" % os.path.dirname(missing_folder) in done.stderr
+    done = admin(server, "import", USER, str(tmp_path / "typo.colpkg"), check=False)
+    assert done.returncode != 0 and "there is no such file" in done.stderr
+    empty = tmp_path / "ankisyncd"
+    ankisyncd_folder(str(empty), [])
+    assert admin(server, "import-ankisyncd", str(empty)).stdout.strip() == "no users imported"
 
 
 def parse_metrics(text):
