@@ -4836,8 +4836,21 @@ def front_page(host, scheme, config):
 th{text-align:left;font-weight:600;padding:.6em 0 0}td{padding:0 0 .6em;border-bottom:1px solid
 #ddd}tr{display:block}th,td{display:block}code{background:#f3f3f3;overflow-wrap:anywhere}
 ul{padding-left:1.2em}button{font-size:.8em}</style>
-<script>function copy(b){navigator.clipboard.writeText(b.dataset.url).then(function(){
-b.textContent="copied"})}</script>
+<script>
+// navigator.clipboard exists only on https:// and localhost pages; a phone on the LAN
+// opens http://, where the copy goes through a hidden text field, and failing that the
+// address is selected for the user to copy.
+function copy(b){var url=b.dataset.url;
+if(navigator.clipboard&&window.isSecureContext){navigator.clipboard.writeText(url).then(
+function(){b.textContent="copied"},function(){fallback(b,url)})}else{fallback(b,url)}}
+function fallback(b,url){var t=document.createElement("textarea"),ok=false;t.value=url;
+t.setAttribute("readonly","");t.style.position="fixed";t.style.opacity="0";
+document.body.appendChild(t);t.select();try{ok=document.execCommand("copy")}catch(e){}
+document.body.removeChild(t);if(ok){b.textContent="copied";return}
+var r=document.createRange();r.selectNodeContents(b.previousElementSibling);
+var s=window.getSelection();s.removeAllRanges();s.addRange(r);
+b.textContent="selected: copy it"}
+</script>
 </head><body>
 <h1>ankisync %s is running</h1>
 <p>This server's addresses:</p>

@@ -7200,6 +7200,52 @@ def test_the_log_and_the_front_page_give_the_address_a_phone_needs(start_server)
     assert row in page
 
 
+@pytest.fixture
+def browser():
+    """A real browser: Debian's chromium, headless, driven by Playwright (its Python
+    package only; it downloads no browser of its own). Skipped, saying why, without them."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("the browser stories need Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the browser stories need Playwright (pip install playwright)")
+    with sync_playwright() as playwright:
+        # A name that is not localhost: the page then is what a phone on the LAN opens
+        # over http://, no "secure context", as on a real network.
+        instance = playwright.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--host-resolver-rules=MAP ankisync.lan 127.0.0.1"])
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def test_the_copy_buttons_copy_on_a_phone_that_opened_the_page_over_plain_http(
+        start_server, browser, tmp_path):
+    """navigator.clipboard is missing on http:// pages other than localhost: the button
+    copies another way, or selects the address, and says which; no script error."""
+    srv = start_server(env={"SYNC_HOST": "0.0.0.0"})
+    for width, height, name in [(390, 844, "phone"), (1280, 800, "desktop")]:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto("http://ankisync.lan:%d/" % srv.port)
+        assert page.evaluate("window.isSecureContext") is False
+        button = page.locator("button").first
+        button.click()
+        page.wait_for_function("document.querySelector('button').textContent != 'copy'",
+                               timeout=5000)
+        said = button.text_content()
+        assert said in ("copied", "selected: copy it") and errors == []
+        if said.startswith("selected"):
+            assert page.evaluate("String(window.getSelection())") == \
+                button.get_attribute("data-url")
+        page.screenshot(path=str(tmp_path / ("front-page-%s.png" % name)), full_page=True)
+        page.close()
+
+
 def refused_serve(tmp_path, ini):
     """`serve` with `ini`, which is to refuse to start: what it said, all of it."""
     config = tmp_path / ("refused-%d.ini" % random.randrange(10**6))
