@@ -254,6 +254,15 @@ ANKISYNCD_SCHEME = "ankisyncd-sha256"   # an imported ankisyncd hash, until the 
 TRASH_BATCH = "usn%d-%d-%s"         # media.trash/usn<media usn>-<ms>-<rand>: usns never step back
 NAMED_AT_MOST = 5                   # files one line of an import's error names; the rest counted
 
+# The private CA of `tls = self-signed` (appendix E).
+TLS_FOLDER = "tls"                  # <data>/tls/: ca.pem, ca.key, server.pem, server.key
+CA_DAYS = 3650                      # the CA: ten years, as each device trusts it by hand once
+SERVER_CERT_DAYS = 397              # Apple's limit: 398 days for public CAs (825 for private
+                                    # ones), and Chrome's; 397 stays under both with a day spare
+CERT_RENEW_DAYS = 30                # a start this close to the end makes a new server certificate
+CERT_BACKDATE = datetime.timedelta(hours=1)    # a device whose clock is slow trusts it at once
+CERT_SERIAL_BITS = 64               # random serials: CA/Browser Forum asks 64 bits, RFC 5280 < 160
+
 
 # ---------------------------------------------------------------------------
 # Errors
@@ -688,6 +697,12 @@ OPTIONS = (
         HTTPS without a reverse proxy: a certificate chain and its key (PEM). Leave empty
         for plain HTTP. Anki accepts only certificates it trusts (e.g. Let's Encrypt)."""),
     Option("keyfile", "", "...and its key", ""),
+    Option("tls", "", "`self-signed`: HTTPS from a private CA, for a LAN without a domain", """
+        self-signed: serve HTTPS with a certificate from a private CA that ankisync makes
+        in <data>/tls/ (no domain, nothing installed); each device trusts its CA once: the
+        front page offers it and says how. A new address gets a new certificate from the
+        same CA at the next start. certfile and keyfile, when set, are used instead.""",
+           parse=str.lower, env="ANKISYNC_TLS", choices=("", "self-signed")),
     Option("notice", "", "a message every client shows when it syncs", """
         A message every client shows when it syncs, and the sync goes on: "The server moves
         on Sunday", say. Plain text; a web address in it becomes a link on clients that
@@ -4769,6 +4784,8 @@ def route(path, base_path):
         return "page", "health"
     if segments == ["metrics"]:
         return "page", "metrics"
+    if segments in (["ca.pem"], ["ca.crt"]):
+        return "page", segments[0]
     method = segments[-1]
     for glued in ("msync", "sync"):
         if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
@@ -4827,6 +4844,7 @@ def front_page(host, scheme, config):
          "Sync url <code>%s</code>, Media sync url <code>%smsync/</code>" % (base, base)),
     ]
     items = "\n".join("<tr><th>%s</th><td>%s</td></tr>" % row for row in rows)
+    trust = trust_block(config) if scheme == "https" else ""
     return ("""<!doctype html>
 <html><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -4860,8 +4878,41 @@ What to enter, by client:</p>
 <table>%s</table>
 <p>The trailing slash matters for modern clients: without it they drop the last part
 of the path.</p>
-</body></html>
-""" % (__version__, listed, items)).encode("utf-8")
+%s</body></html>
+""" % (__version__, listed, items, trust)).encode("utf-8")
+
+
+def trust_block(config):
+    """The front page's part on trusting a private CA (tls = self-signed): where to get
+    it and, per client, how to trust it. Empty when the certificate is someone else's."""
+    if private_ca(config) is None:
+        return ""
+    path = config.normalized_base_path()
+    rows = [
+        ("AnkiDroid 2.18 and later",
+         "Settings &rarr; Sync &rarr; Custom sync server: paste the whole text of "
+         "<a href=\"%sca.pem\">ca.pem</a> into its certificate setting" % path),
+        ("AnkiDroid 2.16 and older",
+         "Android's settings &rarr; Security &rarr; Encryption &amp; credentials &rarr; Install a "
+         "certificate &rarr; CA certificate: pick <a href=\"%sca.crt\">ca.crt</a> "
+         "(AnkiDroid 2.17 trusts neither way: update it)" % path),
+        ("Anki on a computer",
+         "save <a href=\"%sca.pem\">ca.pem</a> and start Anki with <code>SSL_CERT_FILE=</code>"
+         "its path: Anki then trusts only the certificates in that file (append your system's "
+         "bundle to it for AnkiWeb)" % path),
+        ("AnkiMobile (iPhone, iPad)",
+         "open <a href=\"%sca.crt\">ca.crt</a> in Safari and allow the profile; Settings "
+         "&rarr; General &rarr; VPN &amp; Device Management: install it; then Settings &rarr; "
+         "General &rarr; About &rarr; Certificate Trust Settings: turn on full trust for it"
+         % path),
+    ]
+    items = "\n".join("<tr><th>%s</th><td>%s</td></tr>" % row for row in rows)
+    return """<h2>Trusting this server's certificate</h2>
+<p>Its HTTPS certificate comes from a private certificate authority made for this server:
+<a href="%sca.pem">ca.pem</a> (<a href="%sca.crt">ca.crt</a> for phones). Each device
+trusts it once; a new certificate for a new address needs nothing more.</p>
+<table>%s</table>
+""" % (path, path, items)
 
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
@@ -5084,9 +5135,23 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_text(200, "ok")
         if name == "metrics":
             return self.send_metrics()
+        if name in ("ca.pem", "ca.crt"):
+            return self.send_ca(name)
         scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
         page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
         return self.send_body("text/html; charset=utf-8", page)
+
+    def send_ca(self, name):
+        """The private CA's certificate, for devices to trust (appendix E): PEM for Anki
+        and AnkiDroid's setting, DER with the type phones install as a CA."""
+        ca = private_ca(self.server.app.config)
+        if ca is None:
+            return self.send_text(404, "no private CA here: it is made with tls = self-signed")
+        with open(ca, encoding="ascii") as f:
+            text = f.read()
+        if name == "ca.pem":
+            return self.send_body("application/x-pem-file", text.encode("ascii"))
+        return self.send_body("application/x-x509-ca-cert", pem_body(text, "CERTIFICATE"))
 
     def send_body(self, content_type, data):
         self.send_response(200)
@@ -6073,10 +6138,11 @@ def command_import_ankisyncd(config, args):
 def command_health(config, args):
     """The server answers /health at the address and scheme its settings give."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    scheme = "https" if config.certfile else "http"
+    secure = config.certfile or config.tls == "self-signed"
+    scheme = "https" if secure else "http"
     url = "%s://%s:%d%shealth" % (scheme, url_host(host), config.port,
                                    config.normalized_base_path())
-    context = ssl._create_unverified_context() if config.certfile else None
+    context = ssl._create_unverified_context() if secure else None
     try:
         with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT, context=context) as reply:
             ok = reply.status == 200
@@ -6111,6 +6177,8 @@ def command_serve(config, args):
     if config.certfile:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(config.certfile, config.keyfile or None)
+    if context is None and config.tls == "self-signed":
+        context = private_ca_context(config)
     try:
         server = Server((config.host, config.port), app, context)
     except OSError as e:
@@ -6209,6 +6277,142 @@ def url_host(address):
     return "[%s]" % address if ":" in address else address
 
 
+def tls_path(config, name):
+    return os.path.join(config.data, TLS_FOLDER, name)
+
+
+def private_ca(config):
+    """ca.pem's path when the server's certificate comes from its own CA, else None."""
+    if config.tls != "self-signed" or config.certfile:
+        return None
+    return tls_path(config, "ca.pem")
+
+
+DNS_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+",
+                      re.ASCII)     # what a certificate's dNSName holds (RFC 5280 4.2.1.6)
+
+
+def certificate_names(config):
+    """(DNS names, IP addresses) the server certificate is for: this machine's names,
+    127.0.0.1, ::1, the LAN addresses the front page shows, and the names or addresses in
+    ANKISYNC_TLS_NAMES (commas between): those lan_addresses() cannot see, such as a
+    Docker host's address or a router's DNS name."""
+    names, addresses = ["localhost"], [ipaddress.ip_address("127.0.0.1"),
+                                       ipaddress.ip_address("::1")]
+    hostname = socket.gethostname()
+    found = [hostname, socket.getfqdn()] + ([hostname + ".local"] if "." not in hostname
+                                            else [])
+    if config.host not in ("0.0.0.0", "::", ""):
+        found.append(config.host)
+    found += lan_addresses(config.host == "::")
+    found += [part.strip() for part in os.environ.get("ANKISYNC_TLS_NAMES", "").split(",")]
+    for name in found:
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            name = name.rstrip(".").lower()
+            if DNS_NAME.fullmatch(name) and name not in names:
+                names.append(name)
+            continue
+        if address not in addresses:
+            addresses.append(address)
+    return names, addresses
+
+
+def write_private(path, text):
+    """Write a file only its owner reads (0600), whole or not at all."""
+    temp = "%s.%s.tmp" % (path, secrets.token_hex(4))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def ensure_private_ca(config, renew=False):
+    """Make <data>/tls/'s CA if there is none, and a server certificate from it when
+    there is none, it lacks one of certificate_names(), ends within CERT_RENEW_DAYS, or
+    `renew`. Returns what was made, as words for the log."""
+    folder = os.path.join(config.data, TLS_FOLDER)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    ca, ca_key = tls_path(config, "ca.pem"), tls_path(config, "ca.key")
+    made = []
+    if not os.path.exists(ca) and not os.path.exists(ca_key):
+        ca_pem, ca_key_pem = make_ca(socket.gethostname(), now)
+        write_private(ca_key, ca_key_pem)
+        write_private(ca, ca_pem)
+        made.append("a new CA")
+    for path in (ca, ca_key):
+        if not os.path.exists(path):
+            raise SystemExit("ankisync: %s is missing: put it back, or move %s away for a new "
+                             "CA (every device then trusts the new one)" % (path, folder))
+    with open(ca, encoding="ascii") as f:
+        ca_pem = f.read()
+    with open(ca_key, encoding="ascii") as f:
+        ca_key_pem = f.read()
+    names, addresses = certificate_names(config)
+    reason = "renew" if renew or made else server_certificate_stale(config, names, addresses,
+                                                                     now)
+    if reason:
+        try:
+            cert_pem, key_pem = make_server_certificate(ca_pem, ca_key_pem, names, addresses,
+                                                        now)
+        except (ValueError, IndexError) as e:
+            raise SystemExit("ankisync: %s and %s are no CA ankisync made (%s): move %s away "
+                             "for a new one" % (ca, ca_key, e, folder))
+        write_private(tls_path(config, "server.key"), key_pem)
+        write_private(tls_path(config, "server.pem"), cert_pem)
+        made.append("a server certificate (%s) for %s" % (
+            reason, ", ".join(names + [str(a) for a in addresses])))
+    return made
+
+
+def server_certificate_stale(config, names, addresses, now):
+    """Why the server certificate must be made anew, or '' while it serves."""
+    cert, key = tls_path(config, "server.pem"), tls_path(config, "server.key")
+    if not (os.path.exists(cert) and os.path.exists(key)):
+        return "none yet"
+    try:
+        with open(cert, encoding="ascii") as f:
+            expires, has_names, has_addresses = certificate_facts(f.read())
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+    except (ValueError, IndexError, UnicodeDecodeError, ssl.SSLError):
+        return "unreadable"
+    if expires - now < datetime.timedelta(days=CERT_RENEW_DAYS):
+        return "the old one ends %s" % expires.date()
+    missing = [n for n in names if n not in has_names]
+    missing += [str(a) for a in addresses if a not in has_addresses]
+    return "new: %s" % ", ".join(missing) if missing else ""
+
+
+def private_ca_context(config):
+    """The server's TLS context for tls = self-signed: the files made or renewed first."""
+    for line in ensure_private_ca(config):
+        log.info("made %s in %s", line, os.path.join(config.data, TLS_FOLDER))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls_path(config, "server.pem"), tls_path(config, "server.key"))
+    log.info("HTTPS from the private CA %s: devices trust it once (the front page says how)",
+             tls_path(config, "ca.pem"))
+    return context
+
+
+def command_tls(config, args):
+    made = ensure_private_ca(config, renew=True)
+    folder = os.path.join(config.data, TLS_FOLDER)
+    for line in made:
+        print("made %s" % line)
+    print("in %s: ca.pem (the CA's certificate, for devices to trust), ca.key (keep it "
+          "here), server.pem, server.key" % folder)
+    if config.tls != "self-signed" or config.certfile:
+        print("set tls = self-signed in the ini (and certfile, keyfile empty) to serve them")
+    print("each device trusts ca.pem once: the front page (https://...:%d%s) offers it and "
+          "says how, per client" % (config.port, config.normalized_base_path()))
+
+
 def offer_first_user(app, config):
     hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
                                           " --config %s" % config.source if config.source else "")
@@ -6295,6 +6499,11 @@ COMMANDS = (
             "Make a collection package (from Anki's File > Export) the user's collection; "
             "the current one becomes a restore point first. Every device is asked for a "
             "full sync.", [USER_NAME, (("file",), {"help": "the .colpkg to read"})]),
+    Command("tls", command_tls, "make a private CA and a certificate for this machine",
+            "Make (or renew) the private CA and the server certificate of tls = self-signed "
+            "in <data>/tls/: the CA once, a server certificate for this machine's names and "
+            "LAN addresses each time. Devices that trust the CA trust the new certificate "
+            "too. The server uses it at its next start."),
     Command("import-ankisyncd", command_import_ankisyncd, "bring users over from ankisyncd",
             "Bring the users, collections and media of an ankisyncd or anki-sync-server-rs "
             "data folder (the one with auth.db and collections/) over; users keep their "
@@ -8868,6 +9077,320 @@ class ZipWriter:
         count = len(self.directory)
         self.file.write(directory + ZIP_END.pack(ZIP_END_MAGIC, 0, 0, count, count,
                                                  len(directory), self.offset, 0))
+
+
+# ---------------------------------------------------------------------------
+# Appendix E. A private certificate authority
+#   `tls = self-signed` (or `ankisync.py tls`): a CA made once, and a server
+#   certificate it signs for this machine's names and LAN addresses, so a LAN
+#   without a domain name gets HTTPS that devices trust after one install of
+#   the CA. Keys are ECDSA P-256, signed here in pure Python: nothing to install,
+#   and no binding to libcrypto, whose ABI differs between OpenSSL 1.1 and 3.x
+#   (and which macOS hides). A certificate is one signature, so the speed of
+#   Python's integers is irrelevant; nonces are deterministic (RFC 6979), so no
+#   signature depends on a random number generator's quality. Only the
+#   certificates are made here: the TLS connection itself is the `ssl` module's.
+#   docs/tls.md says the same for users.
+# ---------------------------------------------------------------------------
+
+# NIST P-256 (SEC 2, 2.4.2; FIPS 186-4 D.1.2.3): y^2 = x^3 - 3x + b over the prime P256.
+P256 = 2 ** 256 - 2 ** 224 + 2 ** 192 + 2 ** 96 - 1
+P256_B = 0x5AC635D8AA3A93E7B3EBBD55769886BC651D06B0CC53B0F63BCE3C3E27D2604B
+P256_N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551   # the group order
+P256_G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+          0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+
+
+def _jacobian_double(point):
+    """2P in Jacobian coordinates (x = X/Z^2, y = Y/Z^3): no inversion per step."""
+    x, y, z = point
+    if not y:
+        return (0, 1, 0)
+    ysq = y * y % P256
+    s = 4 * x * ysq % P256
+    m = 3 * (x - z * z) * (x + z * z) % P256         # a = -3: 3x^2 + a z^4 factored
+    nx = (m * m - 2 * s) % P256
+    ny = (m * (s - nx) - 8 * ysq * ysq) % P256
+    return (nx, ny, 2 * y * z % P256)
+
+
+def _jacobian_add(p, q):
+    if not p[2]:
+        return q
+    if not q[2]:
+        return p
+    x1, y1, z1 = p
+    x2, y2, z2 = q
+    z1z1, z2z2 = z1 * z1 % P256, z2 * z2 % P256
+    u1, u2 = x1 * z2z2 % P256, x2 * z1z1 % P256
+    s1, s2 = y1 * z2 * z2z2 % P256, y2 * z1 * z1z1 % P256
+    if u1 == u2:
+        return _jacobian_double(p) if s1 == s2 else (0, 1, 0)
+    h, r = (u2 - u1) % P256, (s2 - s1) % P256
+    hh = h * h % P256
+    hhh = h * hh % P256
+    v = u1 * hh % P256
+    nx = (r * r - hhh - 2 * v) % P256
+    ny = (r * (v - nx) - s1 * hhh) % P256
+    return (nx, ny, h * z1 * z2 % P256)
+
+
+def p256_multiply(k, point=P256_G):
+    """k times an affine point, as an affine point. Not constant-time: the keys signed
+    with stay on this machine, and a certificate is signed once a year, so no timing of
+    it is anyone's to observe."""
+    result, addend = (0, 1, 0), (point[0], point[1], 1)
+    while k:
+        if k & 1:
+            result = _jacobian_add(result, addend)
+        addend = _jacobian_double(addend)
+        k >>= 1
+    x, y, z = result
+    zinv = pow(z, -1, P256)
+    return (x * zinv * zinv % P256, y * zinv * zinv * zinv % P256)
+
+
+def rfc6979_nonce(private, digest):
+    """The deterministic k of RFC 6979 3.2 for P-256 with HMAC-SHA256."""
+    x = private.to_bytes(32, "big")
+    h1 = (int.from_bytes(digest, "big") % P256_N).to_bytes(32, "big")    # bits2octets
+    v, k = b"\x01" * 32, b"\x00" * 32
+    for marker in (b"\x00", b"\x01"):
+        k = hmac.new(k, v + marker + x + h1, hashlib.sha256).digest()
+        v = hmac.new(k, v, hashlib.sha256).digest()
+    while True:
+        v = hmac.new(k, v, hashlib.sha256).digest()
+        nonce = int.from_bytes(v, "big")
+        if 1 <= nonce < P256_N:
+            return nonce
+        k = hmac.new(k, v + b"\x00", hashlib.sha256).digest()
+        v = hmac.new(k, v, hashlib.sha256).digest()
+
+
+def ecdsa_sign(private, message):
+    """(r, s): the ECDSA P-256 SHA-256 signature of `message` (FIPS 186-4 6.4)."""
+    digest = hashlib.sha256(message).digest()
+    e = int.from_bytes(digest, "big")
+    k = rfc6979_nonce(private, digest)
+    r = p256_multiply(k)[0] % P256_N
+    s = pow(k, -1, P256_N) * (e + r * private) % P256_N
+    if not r or not s:          # probability 2^-256; RFC 6979 would take the next k
+        raise ValueError("degenerate ECDSA signature")
+    return r, s
+
+
+def new_private_key():
+    return secrets.randbelow(P256_N - 1) + 1
+
+
+def public_point(private):
+    """The public key as SEC 1's uncompressed point: 04 || x || y."""
+    x, y = p256_multiply(private)
+    return b"\x04" + x.to_bytes(32, "big") + y.to_bytes(32, "big")
+
+
+# DER (X.690), only what certificates and keys need.
+def der(tag, content):
+    size = len(content)
+    if size < 0x80:
+        return bytes([tag, size]) + content
+    length = size.to_bytes((size.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def der_int(value):
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
+
+
+def der_oid(dotted):
+    numbers = [int(n) for n in dotted.split(".")]
+    body = bytearray([40 * numbers[0] + numbers[1]])
+    for number in numbers[2:]:
+        chunk = [number & 0x7F]
+        number >>= 7
+        while number:
+            chunk.append(0x80 | number & 0x7F)
+            number >>= 7
+        body += bytes(reversed(chunk))
+    return der(0x06, bytes(body))
+
+
+def der_seq(*items):
+    return der(0x30, b"".join(items))
+
+
+def der_bits(data, unused=0):
+    return der(0x03, bytes([unused]) + data)
+
+
+def der_octets(data):
+    return der(0x04, data)
+
+
+def der_utf8(text):
+    return der(0x0C, text.encode("utf-8"))
+
+
+def der_time(when):
+    """UTCTime until 2049, GeneralizedTime after (RFC 5280 4.1.2.5)."""
+    if when.year < 2050:
+        return der(0x17, when.strftime("%y%m%d%H%M%SZ").encode("ascii"))
+    return der(0x18, when.strftime("%Y%m%d%H%M%SZ").encode("ascii"))
+
+
+DER_TRUE = b"\x01\x01\xff"
+OID_ECDSA_SHA256 = "1.2.840.10045.4.3.2"
+OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+OID_P256 = "1.2.840.10045.3.1.7"
+OID_COMMON_NAME = "2.5.4.3"
+OID_ORGANIZATION = "2.5.4.10"
+OID_SUBJECT_KEY_ID = "2.5.29.14"
+OID_KEY_USAGE = "2.5.29.15"
+OID_SUBJECT_ALT_NAME = "2.5.29.17"
+OID_BASIC_CONSTRAINTS = "2.5.29.19"
+OID_AUTHORITY_KEY_ID = "2.5.29.35"
+OID_EXTENDED_KEY_USAGE = "2.5.29.37"
+OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+KEY_USAGE_CERT_SIGN = der_bits(b"\x06", 1)          # keyCertSign (bit 5), cRLSign (bit 6)
+KEY_USAGE_SIGNATURE = der_bits(b"\x80", 7)          # digitalSignature (bit 0)
+
+
+def der_name(common_name):
+    return der_seq(der(0x31, der_seq(der_oid(OID_ORGANIZATION), der_utf8("ankisync"))),
+                   der(0x31, der_seq(der_oid(OID_COMMON_NAME), der_utf8(common_name))))
+
+
+def der_extension(oid, value, critical=False):
+    return der_seq(der_oid(oid), DER_TRUE if critical else b"", der_octets(value))
+
+
+def key_id(point):
+    """A key identifier (RFC 7093 2, method 1): SHA-256 of the key, first 160 bits."""
+    return hashlib.sha256(point).digest()[:20]
+
+
+def certificate_der(subject, issuer, point, issuer_point, issuer_key, not_before, not_after,
+                    extensions):
+    """An X.509 v3 certificate (RFC 5280 4.1), signed with ECDSA P-256 SHA-256."""
+    algorithm = der_seq(der_oid(OID_ECDSA_SHA256))
+    spki = der_seq(der_seq(der_oid(OID_EC_PUBLIC_KEY), der_oid(OID_P256)), der_bits(point))
+    extensions = list(extensions) + [
+        der_extension(OID_SUBJECT_KEY_ID, der_octets(key_id(point))),
+        der_extension(OID_AUTHORITY_KEY_ID, der_seq(der(0x80, key_id(issuer_point))))]
+    serial = secrets.randbits(CERT_SERIAL_BITS) | 1 << (CERT_SERIAL_BITS - 1)   # positive
+    tbs = der_seq(der(0xA0, der_int(2)), der_int(serial), algorithm, issuer,
+                  der_seq(der_time(not_before), der_time(not_after)), subject, spki,
+                  der(0xA3, der_seq(*extensions)))
+    r, s = ecdsa_sign(issuer_key, tbs)
+    return der_seq(tbs, algorithm, der_bits(der_seq(der_int(r), der_int(s))))
+
+
+def private_key_der(private):
+    """The key as SEC 1's ECPrivateKey (RFC 5915): what `ssl` loads as "EC PRIVATE KEY"."""
+    return der_seq(der_int(1), der_octets(private.to_bytes(32, "big")),
+                   der(0xA0, der_oid(OID_P256)), der(0xA1, der_bits(public_point(private))))
+
+
+def read_private_key(data):
+    """The secret number back from private_key_der()'s PEM, or ValueError."""
+    body = pem_body(data, "EC PRIVATE KEY")
+    # 30 len 02 01 01 04 20 <32 bytes>: the fixed start private_key_der() writes.
+    start = body.find(b"\x02\x01\x01\x04\x20")
+    if not body.startswith(b"\x30") or start < 0 or start > 4:
+        raise ValueError("not a P-256 key as ankisync writes them")
+    private = int.from_bytes(body[start + 5:start + 37], "big")
+    if not 1 <= private < P256_N:
+        raise ValueError("not a P-256 key as ankisync writes them")
+    return private
+
+
+def pem(kind, data):
+    text = base64.b64encode(data).decode("ascii")
+    lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+    return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (kind, "\n".join(lines), kind)
+
+
+def pem_body(text, kind):
+    match = re.search(r"-----BEGIN %s-----(.*?)-----END %s-----" % (kind, kind), text, re.S)
+    if not match:
+        raise ValueError("no %s in it" % kind)
+    return base64.b64decode("".join(match.group(1).split()))
+
+
+def der_items(data):
+    """The (tag, content) of each DER element in `data`, one after the other."""
+    items, pos = [], 0
+    while pos < len(data):
+        size, start = data[pos + 1], pos + 2
+        if size & 0x80:
+            start += size & 0x7F
+            size = int.from_bytes(data[pos + 2:start], "big")
+        if start + size > len(data):
+            raise ValueError("truncated DER")
+        items.append((data[pos], data[start:start + size]))
+        pos = start + size
+    return items
+
+
+def tbs_fields(cert_der):
+    """A certificate's TBSCertificate fields (RFC 5280 4.1), as (tag, content) pairs:
+    version, serial, algorithm, issuer, validity, subject, key, extensions."""
+    return der_items(der_items(der_items(cert_der)[0][1])[0][1])
+
+
+def certificate_facts(pem_text):
+    """(not after, DNS names, IP addresses) of a certificate ankisync wrote."""
+    fields = tbs_fields(pem_body(pem_text, "CERTIFICATE"))
+    tag, text = der_items(fields[4][1])[1]
+    when = datetime.datetime.strptime(text.decode("ascii"),
+                                      "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ")
+    names, addresses = set(), set()
+    for _, extension in der_items(der_items(fields[7][1])[0][1]):
+        parts = der_items(extension)
+        if parts[0] == (0x06, der_oid(OID_SUBJECT_ALT_NAME)[2:]):
+            for kind, value in der_items(der_items(parts[-1][1])[0][1]):
+                if kind == 0x82:
+                    names.add(value.decode("ascii"))
+                elif kind == 0x87:
+                    addresses.add(ipaddress.ip_address(value))
+    return when.replace(tzinfo=datetime.timezone.utc), names, addresses
+
+
+def make_ca(hostname, now):
+    """(certificate PEM, key PEM) of a new CA, named after this machine and the day, so a
+    device that trusted an earlier one tells the two apart."""
+    key = new_private_key()
+    point = public_point(key)
+    name = der_name("ankisync CA on %s, %s" % (hostname, now.strftime("%Y-%m-%d %H:%M")))
+    extensions = [der_extension(OID_BASIC_CONSTRAINTS, der_seq(DER_TRUE, der_int(0)), True),
+                  der_extension(OID_KEY_USAGE, KEY_USAGE_CERT_SIGN, True)]
+    cert = certificate_der(name, name, point, point, key, now - CERT_BACKDATE,
+                           now + datetime.timedelta(days=CA_DAYS), extensions)
+    return pem("CERTIFICATE", cert), pem("EC PRIVATE KEY", private_key_der(key))
+
+
+def make_server_certificate(ca_pem, ca_key_pem, names, addresses, now):
+    """(certificate PEM, key PEM): a new key and a certificate the CA signs for the names
+    and addresses, valid SERVER_CERT_DAYS."""
+    ca_key = read_private_key(ca_key_pem)
+    ca_point = public_point(ca_key)
+    ca_der = pem_body(ca_pem, "CERTIFICATE")
+    if ca_point not in ca_der:
+        raise ValueError("the CA's key does not belong to its certificate")
+    issuer = der(*tbs_fields(ca_der)[5])                # the CA's subject, as written there
+    key = new_private_key()
+    point = public_point(key)
+    alt_names = [der(0x82, name.encode("ascii")) for name in names]
+    alt_names += [der(0x87, address.packed) for address in addresses]
+    extensions = [der_extension(OID_BASIC_CONSTRAINTS, der_seq(), True),
+                  der_extension(OID_KEY_USAGE, KEY_USAGE_SIGNATURE, True),
+                  der_extension(OID_EXTENDED_KEY_USAGE, der_seq(der_oid(OID_SERVER_AUTH))),
+                  der_extension(OID_SUBJECT_ALT_NAME, der_seq(*alt_names))]
+    cert = certificate_der(der_name("ankisync server"), issuer, point, ca_point, ca_key,
+                           now - CERT_BACKDATE, now + datetime.timedelta(days=SERVER_CERT_DAYS),
+                           extensions)
+    return pem("CERTIFICATE", cert), pem("EC PRIVATE KEY", private_key_der(key))
+
 
 
 # ---------------------------------------------------------------------------
