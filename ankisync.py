@@ -6354,8 +6354,8 @@ def ensure_private_ca(config, renew=False):
     with open(ca_key, encoding="ascii") as f:
         ca_key_pem = f.read()
     names, addresses = certificate_names(config)
-    reason = "renew" if renew or made else server_certificate_stale(config, names, addresses,
-                                                                     now)
+    reason = ("asked for" if renew else "for the new CA" if made
+              else server_certificate_stale(config, names, addresses, now))
     if reason:
         try:
             cert_pem, key_pem = make_server_certificate(ca_pem, ca_key_pem, names, addresses,

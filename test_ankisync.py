@@ -488,6 +488,7 @@ import gzip  # noqa: E402
 import html  # noqa: E402
 import http.client  # noqa: E402
 import io  # noqa: E402
+import ipaddress  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import pty  # noqa: E402
@@ -568,12 +569,14 @@ class SyncServer:
         (ankisync only), for the settings the official server's variables have no
         names for; SYNC_* still override it;
     certificate: a make_certificate() to serve HTTPS with (through the ini);
+    self_signed: serve HTTPS from the server's own private CA (tls = self-signed); the
+        tests' own requests then skip verification, as a browser's first visit would;
     prepare: prepare(base) runs once, on the new data folder, before the first start;
     port: a given one, as when a server takes over another's data and clients.
     """
 
     def __init__(self, base, kind="ankisync", users=((USER, PASSWORD),), env=None, ini=None,
-                 certificate=None, prepare=None, port=None):
+                 certificate=None, prepare=None, port=None, self_signed=False):
         self.kind = kind
         self.base = base
         self.users = list(users)
@@ -584,6 +587,9 @@ class SyncServer:
             ini = (ini or "") + "certfile = %s\nkeyfile = %s\n" % (certificate.cert,
                                                                    certificate.key)
             self.ssl_context = ssl.create_default_context(cafile=certificate.ca)
+        if self_signed:
+            ini = (ini or "") + "tls = self-signed\n"
+            self.ssl_context = ssl._create_unverified_context()
         scheme = "http" if self.ssl_context is None else "https"
         self.url = "%s://127.0.0.1:%d/" % (scheme, self.port)
         self.log_path = "%s-%s.log" % (base, kind)
@@ -4224,6 +4230,139 @@ def test_serves_https_itself_with_a_certificate_from_the_ini(start_server, tmp_p
     srv = start_server(certificate=make_certificate(str(tmp_path / "tls")))
     answer = post(srv, "/", method="GET")                # start() had /health over TLS
     assert answer.status == 200 and b"https://127.0.0.1:%d/" % srv.port in answer.body
+
+
+# --- TLS: the private CA of tls = self-signed (appendix E) ---
+
+
+def test_ecdsa_p256_signs_as_rfc_6979_a_2_5_says():
+    """The signature is the pure-Python one: checked against the RFC's own vectors (P-256,
+    SHA-256), nonce and all, so a slip in the curve or the nonce cannot hide."""
+    key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+    assert ankisync.public_point(key).hex().upper() == (
+        "04" "60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6"
+        "7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299")
+    vectors = {
+        b"sample": ("A6E3C57DD01ABE90086538398355DD4C3B17AA873382B0F24D6129493D8AAD60",
+                    "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716",
+                    "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"),
+        b"test": ("D16B6AE827F17175E040871A1C7EC3500192C4C92677336EC2537ACAEE0008E0",
+                  "F1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367",
+                  "019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083"),
+    }
+    for message, (k, r, s) in vectors.items():
+        digest = hashlib.sha256(message).digest()
+        assert ankisync.rfc6979_nonce(key, digest) == int(k, 16)
+        assert ankisync.ecdsa_sign(key, message) == (int(r, 16), int(s, 16))
+
+
+def tls_files(base):
+    folder = os.path.join(base, "tls")
+    return {name: open(os.path.join(folder, name)).read()
+            for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
+
+
+def test_the_tls_command_makes_a_ca_and_a_chain_openssl_accepts_in_private_files(tmp_path):
+    data = str(tmp_path / "data")
+    env = dict(os.environ, SYNC_BASE=data, ANKISYNC_TLS_NAMES="anki.lan, 198.51.100.7")
+    done = subprocess.run(ankisync_command("tls"), env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    folder = os.path.join(data, "tls")
+    assert "made a new CA" in done.stdout and folder in done.stdout
+    assert "tls = self-signed" in done.stdout           # the ini does not say it yet
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    for name in ("ca.pem", "ca.key", "server.pem", "server.key"):
+        assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == 0o600, name
+    first = tls_files(data)
+    _, names, addresses = ankisync.certificate_facts(first["server.pem"])
+    assert {"localhost", "anki.lan"} <= names
+    assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "198.51.100.7")} <= addresses
+    # Python's strictest checks (3.13 sets VERIFY_X509_STRICT by default) take the chain.
+    context = ssl.create_default_context(cafile=os.path.join(folder, "ca.pem"))
+    context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
+    context.load_verify_locations(os.path.join(folder, "ca.pem"))
+    if shutil.which("openssl"):
+        for strict in ([], ["-x509_strict"]):
+            done = subprocess.run(["openssl", "verify"] + strict + [
+                "-purpose", "sslserver", "-CAfile", "ca.pem", "server.pem"], cwd=folder,
+                capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and "server.pem: OK" in done.stdout, done.stderr
+    # Again: a new server certificate, the same CA.
+    done = subprocess.run(ankisync_command("tls"), env=env, capture_output=True, text=True,
+                          timeout=60)
+    again = tls_files(data)
+    assert done.returncode == 0 and "new CA" not in done.stdout
+    assert again["ca.pem"] == first["ca.pem"] and again["ca.key"] == first["ca.key"]
+    assert again["server.pem"] != first["server.pem"]
+    # A CA without its key is named, with the fix, in one line.
+    os.remove(os.path.join(folder, "ca.key"))
+    done = subprocess.run(ankisync_command("tls"), env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("ankisync: ") and "ca.key is missing" in done.stderr
+
+
+def download_ca(srv, folder):
+    """What a user does first: open the front page without trusting anything yet, follow
+    its link to the CA and save it."""
+    page = post(srv, "/", method="GET").body.decode()
+    assert 'href="/ca.pem"' in page and "SSL_CERT_FILE" in page and "AnkiMobile" in page
+    answer = post(srv, "/ca.pem", method="GET")
+    assert answer.status == 200 and answer.headers["Content-Type"] == "application/x-pem-file"
+    der = post(srv, "/ca.crt", method="GET")
+    assert der.headers["Content-Type"] == "application/x-x509-ca-cert"
+    assert der.body == ssl.PEM_cert_to_DER_cert(answer.body.decode())
+    path = os.path.join(folder, "downloaded-ca.pem")
+    with open(path, "wb") as f:
+        f.write(answer.body)
+    return path
+
+
+@pytest.mark.legacy
+def test_devices_that_trust_the_downloaded_ca_sync_over_https(start_server, make_device,
+                                                              tmp_path, monkeypatch):
+    srv = start_server(self_signed=True)
+    ca = download_ca(srv, str(tmp_path))
+    assert open(ca).read() == tls_files(srv.base)["ca.pem"]
+    trusting = ssl.create_default_context(cafile=ca)     # hostname checked, strict on 3.13
+    for host in ("127.0.0.1", "localhost"):
+        url = "https://%s:%d/health" % (host, srv.port)
+        with urllib.request.urlopen(url, timeout=10, context=trusting) as answer:
+            assert answer.status == 200
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(srv.url + "health", timeout=10,      # the system's CAs: no
+                               context=ssl.create_default_context())
+    # A modern Anki (rustls) that trusts only the downloaded CA uploads and syncs,
+    run_device_elsewhere(srv.url, str(tmp_path / "phone"), {"SSL_CERT_FILE": ca})
+    # and a 2.1.54 one joins the collection and syncs too. Its rustls (0.20) takes host
+    # names only ("invalid dnsname" for an address): the certificate has the names too.
+    monkeypatch.setenv("SSL_CERT_FILE", ca)
+    by_name = types.SimpleNamespace(url="https://localhost:%d/" % srv.port)
+    laptop = make_device("legacy", "laptop", on=by_name)
+    join_by_download(laptop)
+    assert laptop.snapshot()["notes"]
+    phone_keeps_syncing(laptop, "legacy", within=60)
+
+
+def test_a_new_address_gets_a_new_certificate_from_the_same_ca(start_server):
+    srv = start_server(self_signed=True)
+    first = tls_files(srv.base)
+    srv.restart()                                        # nothing new: nothing made
+    assert tls_files(srv.base) == first
+    srv.env["ANKISYNC_TLS_NAMES"] = "198.51.100.7"       # the machine got a new address
+    srv.restart()
+    second = tls_files(srv.base)
+    assert second["ca.pem"] == first["ca.pem"] and second["ca.key"] == first["ca.key"]
+    assert second["server.pem"] != first["server.pem"]
+    _, _, addresses = ankisync.certificate_facts(second["server.pem"])
+    assert ipaddress.ip_address("198.51.100.7") in addresses
+    assert "new: 198.51.100.7" in srv.log()
+    # The CA the devices trusted before still verifies the server.
+    ca = os.path.join(srv.base, "tls", "ca.pem")
+    with urllib.request.urlopen(srv.url + "health", timeout=10,
+                                context=ssl.create_default_context(cafile=ca)) as answer:
+        assert answer.status == 200
 
 
 def device_elsewhere_main(folder, url):
