@@ -37,11 +37,11 @@ Python decoder below, in that order.
 The file reads top to bottom from the protocol's words to its machinery: limits,
 errors, protocol words (versions, wire names, request and reply), configuration,
 users, envelopes, the collection store, collection sync (one method per wire name,
-``meta`` first), media sync, restore points, HTTP, the command line; then four
+``meta`` first), media sync, restore points, HTTP, the command line; then five
 appendices: A. zstd, B. the schema 18 to 11 conversion, C. a new collection, D. media
-zips; ``main()`` last. A request enters at ``Handler.serve`` (HTTP), is unwrapped by
-``Envelopes``, authenticated by ``Accounts`` and answered by ``CollectionSync`` or
-``MediaSync``.
+zips, E. a private certificate authority; ``main()`` last. A request enters at
+``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by ``Accounts``
+and answered by ``CollectionSync`` or ``MediaSync``.
 ``docs/protocol.md`` describes the protocol as ankisync speaks it; comments cite it by
 section.
 
@@ -4899,7 +4899,8 @@ def trust_block(config):
         ("Anki on a computer",
          "save <a href=\"%sca.pem\">ca.pem</a> and start Anki with <code>SSL_CERT_FILE=</code>"
          "its path: Anki then trusts only the certificates in that file (append your system's "
-         "bundle to it for AnkiWeb)" % path),
+         "bundle to it for AnkiWeb). Anki 2.1.54 and older reach HTTPS by the machine's name "
+         "only, not by its address" % path),
         ("AnkiMobile (iPhone, iPad)",
          "open <a href=\"%sca.crt\">ca.crt</a> in Safari and allow the profile; Settings "
          "&rarr; General &rarr; VPN &amp; Device Management: install it; then Settings &rarr; "
@@ -9090,7 +9091,8 @@ class ZipWriter:
 #   Python's integers is irrelevant; nonces are deterministic (RFC 6979), so no
 #   signature depends on a random number generator's quality. Only the
 #   certificates are made here: the TLS connection itself is the `ssl` module's.
-#   docs/tls.md says the same for users.
+#   docs/tls.md says the same for users; ensure_private_ca() (the command line
+#   section) decides when a certificate is made.
 # ---------------------------------------------------------------------------
 
 # NIST P-256 (SEC 2, 2.4.2; FIPS 186-4 D.1.2.3): y^2 = x^3 - 3x + b over the prime P256.

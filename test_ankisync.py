@@ -29,7 +29,7 @@ The file has four parts:
    answer a Response, grouped in the order of ankisync.py's sections: limits and
    errors, protocol words, configuration, users, envelopes, the collection store,
    collection sync, media sync, HTTP, the command line, then its appendices (zstd,
-   the schema 18 -> 11 conversion, a new collection).
+   the schema 18 -> 11 conversion, a new collection, media zips, a private CA).
 """
 
 from __future__ import annotations
@@ -1345,7 +1345,8 @@ def test_old_2_1_26_desktop_uploads_and_keeps_syncing_with_modern_laptop(make_de
 # Part 4. The pieces, one at a time, in the order of ankisync.py's sections: limits and
 # errors, protocol words, configuration, users, envelopes, the collection store,
 # collection sync, media sync, HTTP, the command line; then its appendices: zstd, the
-# schema 18 -> 11 conversion (with the official backend as the oracle), a new collection.
+# schema 18 -> 11 conversion (with the official backend as the oracle), a new collection,
+# media zips, a private certificate authority.
 # =====================================================================================
 
 
@@ -4235,27 +4236,6 @@ def test_serves_https_itself_with_a_certificate_from_the_ini(start_server, tmp_p
 # --- TLS: the private CA of tls = self-signed (appendix E) ---
 
 
-def test_ecdsa_p256_signs_as_rfc_6979_a_2_5_says():
-    """The signature is the pure-Python one: checked against the RFC's own vectors (P-256,
-    SHA-256), nonce and all, so a slip in the curve or the nonce cannot hide."""
-    key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
-    assert ankisync.public_point(key).hex().upper() == (
-        "04" "60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6"
-        "7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299")
-    vectors = {
-        b"sample": ("A6E3C57DD01ABE90086538398355DD4C3B17AA873382B0F24D6129493D8AAD60",
-                    "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716",
-                    "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"),
-        b"test": ("D16B6AE827F17175E040871A1C7EC3500192C4C92677336EC2537ACAEE0008E0",
-                  "F1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367",
-                  "019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083"),
-    }
-    for message, (k, r, s) in vectors.items():
-        digest = hashlib.sha256(message).digest()
-        assert ankisync.rfc6979_nonce(key, digest) == int(k, 16)
-        assert ankisync.ecdsa_sign(key, message) == (int(r, 16), int(s, 16))
-
-
 def tls_files(base):
     folder = os.path.join(base, "tls")
     return {name: open(os.path.join(folder, name)).read()
@@ -6274,6 +6254,30 @@ def test_zip_reader_refuses_a_zip64_archive():
             archive.writestr(str(index), b"")
     with pytest.raises(ankisync.ZipError, match="zip64"):
         ankisync.ZipReader(io.BytesIO(out.getvalue()))
+
+
+# --- Appendix E. A private certificate authority, against RFC 6979 ---------------------
+
+
+def test_ecdsa_p256_signs_as_rfc_6979_a_2_5_says():
+    """The signature is the pure-Python one: checked against the RFC's own vectors (P-256,
+    SHA-256), nonce and all, so a slip in the curve or the nonce cannot hide."""
+    key = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+    assert ankisync.public_point(key).hex().upper() == (
+        "04" "60FED4BA255A9D31C961EB74C6356D68C049B8923B61FA6CE669622E60F29FB6"
+        "7903FE1008B8BC99A41AE9E95628BC64F2F1B20C2D7E9F5177A3C294D4462299")
+    vectors = {
+        b"sample": ("A6E3C57DD01ABE90086538398355DD4C3B17AA873382B0F24D6129493D8AAD60",
+                    "EFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716",
+                    "F7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8"),
+        b"test": ("D16B6AE827F17175E040871A1C7EC3500192C4C92677336EC2537ACAEE0008E0",
+                  "F1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367",
+                  "019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083"),
+    }
+    for message, (k, r, s) in vectors.items():
+        digest = hashlib.sha256(message).digest()
+        assert ankisync.rfc6979_nonce(key, digest) == int(k, 16)
+        assert ankisync.ecdsa_sign(key, message) == (int(r, 16), int(s, 16))
 
 
 # --- restore points: "I pressed Upload by mistake" ----------------------------------------
