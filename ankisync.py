@@ -702,7 +702,7 @@ OPTIONS = (
         in <data>/tls/ (no domain, nothing installed); each device trusts its CA once: the
         front page offers it and says how. A new address gets a new certificate from the
         same CA at the next start. certfile and keyfile, when set, are used instead.""",
-           parse=str.lower, env="ANKISYNC_TLS", choices=("", "self-signed")),
+           parse=str.lower, env="ANKISYNC_TLS", choices=("self-signed",)),
     Option("notice", "", "a message every client shows when it syncs", """
         A message every client shows when it syncs, and the sync goes on: "The server moves
         on Sunday", say. Plain text; a web address in it becomes a link on clients that

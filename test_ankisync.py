@@ -4315,6 +4315,12 @@ def test_devices_that_trust_the_downloaded_ca_sync_over_https(start_server, make
                                context=ssl.create_default_context())
     # A modern Anki (rustls) that trusts only the downloaded CA uploads and syncs,
     run_device_elsewhere(srv.url, str(tmp_path / "phone"), {"SSL_CERT_FILE": ca})
+    # one given the CA as AnkiDroid's setting gives it (no SSL_CERT_FILE) joins it,
+    code = "import sys, test_ankisync as t; t.device_with_a_certificate_main(*sys.argv[1:])"
+    env = {k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tablet"), srv.url, ca],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     # and a 2.1.54 one joins the collection and syncs too. Its rustls (0.20) takes host
     # names only ("invalid dnsname" for an address): the certificate has the names too.
     monkeypatch.setenv("SSL_CERT_FILE", ca)
@@ -4354,6 +4360,19 @@ def device_elsewhere_main(folder, url):
         phone_keeps_syncing(phone, "elsewhere")
     finally:
         phone.close()
+
+
+def device_with_a_certificate_main(folder, url, ca):
+    """AnkiDroid's way (its custom certificate setting hands the PEM text to the backend's
+    set_custom_certificate), in a process of its own like device_elsewhere_main's."""
+    tablet = ModernDevice("tablet", folder, types.SimpleNamespace(url=url))
+    try:
+        with open(ca) as f:
+            assert tablet.col._backend.set_custom_certificate(f.read())
+        join_by_download(tablet)
+        phone_keeps_syncing(tablet, "tablet")
+    finally:
+        tablet.close()
 
 
 def run_device_elsewhere(url, folder, env):
