@@ -237,6 +237,7 @@ TEMP_INCOMING = ".incoming-"        # a media file on its way in
 TEMP_NEW_COLLECTION = ".new-collection-"
 TEMP_CONVERT = ".convert"           # suffix: a stored schema-18 file being converted
 TEMP_BACKUP = ".backup-"            # a restore point being written, or unpacked
+TEMP_TLS = ".tls-"                  # a key or certificate of the private CA being written
 TEMP_PREFIXES = (TEMP_SPOOL, TEMP_UPLOAD, TEMP_COPY, TEMP_INCOMING, TEMP_NEW_COLLECTION,
                  TEMP_BACKUP)
 
@@ -255,7 +256,8 @@ TRASH_BATCH = "usn%d-%d-%s"         # media.trash/usn<media usn>-<ms>-<rand>: us
 NAMED_AT_MOST = 5                   # files one line of an import's error names; the rest counted
 
 # The private CA of `tls = self-signed` (appendix E).
-TLS_FOLDER = "tls"                  # <data>/tls/: ca.pem, ca.key, server.pem, server.key
+TLS_FOLDER = ".tls"                 # <data>/.tls/: ca.pem, ca.key, server.pem, server.key; the
+                                    # dot keeps it from a user's folder (a user named "tls")
 CA_DAYS = 3650                      # the CA: ten years, as each device trusts it by hand once
 SERVER_CERT_DAYS = 397              # Apple's limit: 398 days for public CAs (825 for private
                                     # ones), and Chrome's; 397 stays under both with a day spare
@@ -699,7 +701,7 @@ OPTIONS = (
     Option("keyfile", "", "...and its key", ""),
     Option("tls", "", "`self-signed`: HTTPS from a private CA, for a LAN without a domain", """
         self-signed: serve HTTPS with a certificate from a private CA that ankisync makes
-        in <data>/tls/ (no domain, nothing installed); each device trusts its CA once: the
+        in <data>/.tls/ (no domain, nothing installed); each device trusts its CA once: the
         front page offers it and says how. A new address gets a new certificate from the
         same CA at the next start. certfile and keyfile, when set, are used instead.""",
            parse=str.lower, env="ANKISYNC_TLS", choices=("self-signed",)),
@@ -6320,21 +6322,11 @@ def certificate_names(config):
     return names, addresses
 
 
-def write_private(path, text):
-    """Write a file only its owner reads (0600), whole or not at all."""
-    temp = "%s.%s.tmp" % (path, secrets.token_hex(4))
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-
-
 def ensure_private_ca(config, renew=False):
-    """Make <data>/tls/'s CA if there is none, and a server certificate from it when
+    """Make <data>/.tls/'s CA if there is none, and a server certificate from it when
     there is none, it lacks one of certificate_names(), ends within CERT_RENEW_DAYS, or
-    `renew`. Returns what was made, as words for the log."""
+    `renew`. Returns what was made, as words for the log. Each file is written whole, by
+    mkstemp: 0600 whatever the umask."""
     folder = os.path.join(config.data, TLS_FOLDER)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -6343,8 +6335,8 @@ def ensure_private_ca(config, renew=False):
     made = []
     if not os.path.exists(ca) and not os.path.exists(ca_key):
         ca_pem, ca_key_pem = make_ca(socket.gethostname(), now)
-        write_private(ca_key, ca_key_pem)
-        write_private(ca, ca_pem)
+        write_atomically(ca_key, ca_key_pem.encode("ascii"), TEMP_TLS)
+        write_atomically(ca, ca_pem.encode("ascii"), TEMP_TLS)
         made.append("a new CA")
     for path in (ca, ca_key):
         if not os.path.exists(path):
@@ -6364,8 +6356,8 @@ def ensure_private_ca(config, renew=False):
         except (ValueError, IndexError) as e:
             raise SystemExit("ankisync: %s and %s are no CA ankisync made (%s): move %s away "
                              "for a new one" % (ca, ca_key, e, folder))
-        write_private(tls_path(config, "server.key"), key_pem)
-        write_private(tls_path(config, "server.pem"), cert_pem)
+        write_atomically(tls_path(config, "server.key"), key_pem.encode("ascii"), TEMP_TLS)
+        write_atomically(tls_path(config, "server.pem"), cert_pem.encode("ascii"), TEMP_TLS)
         made.append("a server certificate (%s) for %s" % (
             reason, ", ".join(names + [str(a) for a in addresses])))
     return made
@@ -6502,7 +6494,7 @@ COMMANDS = (
             "full sync.", [USER_NAME, (("file",), {"help": "the .colpkg to read"})]),
     Command("tls", command_tls, "make a private CA and a certificate for this machine",
             "Make (or renew) the private CA and the server certificate of tls = self-signed "
-            "in <data>/tls/: the CA once, a server certificate for this machine's names and "
+            "in <data>/.tls/: the CA once, a server certificate for this machine's names and "
             "LAN addresses each time. Devices that trust the CA trust the new certificate "
             "too. The server uses it at its next start."),
     Command("import-ankisyncd", command_import_ankisyncd, "bring users over from ankisyncd",

@@ -480,6 +480,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["legacy-client"]:
 import base64  # noqa: E402
 import concurrent.futures  # noqa: E402
 import contextlib  # noqa: E402
+import datetime  # noqa: E402
 import errno  # noqa: E402
 import fcntl  # noqa: E402
 import functools  # noqa: E402
@@ -4237,18 +4238,19 @@ def test_serves_https_itself_with_a_certificate_from_the_ini(start_server, tmp_p
 
 
 def tls_files(base):
-    folder = os.path.join(base, "tls")
+    folder = os.path.join(base, ".tls")
     return {name: open(os.path.join(folder, name)).read()
             for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
 
 
-def test_the_tls_command_makes_a_ca_and_a_chain_openssl_accepts_in_private_files(tmp_path):
+def test_the_tls_command_makes_a_ca_and_a_chain_openssl_accepts_in_private_files(tmp_path,
+                                                                                monkeypatch):
     data = str(tmp_path / "data")
     env = dict(os.environ, SYNC_BASE=data, ANKISYNC_TLS_NAMES="anki.lan, 198.51.100.7")
     done = subprocess.run(ankisync_command("tls"), env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    folder = os.path.join(data, "tls")
+    folder = os.path.join(data, ".tls")
     assert "made a new CA" in done.stdout and folder in done.stdout
     assert "tls = self-signed" in done.stdout           # the ini does not say it yet
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
@@ -4258,16 +4260,22 @@ def test_the_tls_command_makes_a_ca_and_a_chain_openssl_accepts_in_private_files
     _, names, addresses = ankisync.certificate_facts(first["server.pem"])
     assert {"localhost", "anki.lan"} <= names
     assert {ipaddress.ip_address(a) for a in ("127.0.0.1", "::1", "198.51.100.7")} <= addresses
-    # Python's strictest checks (3.13 sets VERIFY_X509_STRICT by default) take the chain.
-    context = ssl.create_default_context(cafile=os.path.join(folder, "ca.pem"))
-    context.verify_flags |= getattr(ssl, "VERIFY_X509_STRICT", 0)
-    context.load_verify_locations(os.path.join(folder, "ca.pem"))
     if shutil.which("openssl"):
         for strict in ([], ["-x509_strict"]):
             done = subprocess.run(["openssl", "verify"] + strict + [
                 "-purpose", "sslserver", "-CAfile", "ca.pem", "server.pem"], cwd=folder,
                 capture_output=True, text=True, timeout=60)
             assert done.returncode == 0 and "server.pem: OK" in done.stdout, done.stderr
+    # A start within 30 days of the end makes a new one; one before, none.
+    monkeypatch.setenv("ANKISYNC_TLS_NAMES", env["ANKISYNC_TLS_NAMES"])
+    config = ankisync.Config()
+    config.data = data
+    names, addresses = ankisync.certificate_names(config)
+    ends = ankisync.certificate_facts(first["server.pem"])[0]
+    stale = ankisync.server_certificate_stale
+    assert stale(config, names, addresses, ends - datetime.timedelta(days=31)) == ""
+    assert "the old one ends" in stale(config, names, addresses,
+                                       ends - datetime.timedelta(days=29))
     # Again: a new server certificate, the same CA.
     done = subprocess.run(ankisync_command("tls"), env=env, capture_output=True, text=True,
                           timeout=60)
@@ -4305,7 +4313,8 @@ def test_devices_that_trust_the_downloaded_ca_sync_over_https(start_server, make
     srv = start_server(self_signed=True)
     ca = download_ca(srv, str(tmp_path))
     assert open(ca).read() == tls_files(srv.base)["ca.pem"]
-    trusting = ssl.create_default_context(cafile=ca)     # hostname checked, strict on 3.13
+    trusting = ssl.create_default_context(cafile=ca)     # the hostname checked, and
+    trusting.verify_flags |= ssl.VERIFY_X509_STRICT      # strict, as 3.13's default is
     for host in ("127.0.0.1", "localhost"):
         url = "https://%s:%d/health" % (host, srv.port)
         with urllib.request.urlopen(url, timeout=10, context=trusting) as answer:
@@ -4345,7 +4354,7 @@ def test_a_new_address_gets_a_new_certificate_from_the_same_ca(start_server):
     assert ipaddress.ip_address("198.51.100.7") in addresses
     assert "new: 198.51.100.7" in srv.log()
     # The CA the devices trusted before still verifies the server.
-    ca = os.path.join(srv.base, "tls", "ca.pem")
+    ca = os.path.join(srv.base, ".tls", "ca.pem")
     with urllib.request.urlopen(srv.url + "health", timeout=10,
                                 context=ssl.create_default_context(cafile=ca)) as answer:
         assert answer.status == 200
