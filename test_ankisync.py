@@ -4340,6 +4340,15 @@ def test_devices_that_trust_the_downloaded_ca_sync_over_https(start_server, make
     phone_keeps_syncing(laptop, "legacy", within=60)
 
 
+def test_a_certificate_of_ones_own_wins_over_the_private_ca(start_server, tmp_path):
+    srv = start_server(certificate=make_certificate(str(tmp_path / "own")),
+                       ini="tls = self-signed\n")       # the make_certificate CA verifies
+    page = post(srv, "/", method="GET")
+    assert page.status == 200 and b"ca.pem" not in page.body
+    assert post(srv, "/ca.pem", method="GET").status == 404
+    assert not os.path.exists(os.path.join(srv.base, ".tls"))
+
+
 def test_a_new_address_gets_a_new_certificate_from_the_same_ca(start_server):
     srv = start_server(self_signed=True)
     first = tls_files(srv.base)
@@ -4358,6 +4367,11 @@ def test_a_new_address_gets_a_new_certificate_from_the_same_ca(start_server):
     with urllib.request.urlopen(srv.url + "health", timeout=10,
                                 context=ssl.create_default_context(cafile=ca)) as answer:
         assert answer.status == 200
+    # Docker's health check follows the ini to https.
+    env = dict(os.environ, SYNC_BASE=srv.base, SYNC_HOST="127.0.0.1", SYNC_PORT=str(srv.port))
+    done = subprocess.run(ankisync_command("health", "--config", srv.config_path), env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ok: https://" in done.stdout, done.stderr
 
 
 def device_elsewhere_main(folder, url):
