@@ -531,6 +531,9 @@ SERVER_KIND = os.environ.get("ANKISYNC_TEST_SERVER", "ankisync")
 CACHE = os.path.expanduser(os.environ.get("ANKISYNC_TEST_CACHE", "~/.cache/ankisync-tests"))
 ANKISYNC_PY = os.path.join(HERE, "ankisync.py")
 USER, PASSWORD = "user", "pass"
+# The tests may run in a container themselves; the stories are of a server on a machine
+# of its own unless a test says otherwise (ankisync.in_container).
+os.environ["ANKISYNC_CONTAINER"] = "0"
 # The marks (fullsync, normalsync, media, legacy) are declared in pyproject.toml.
 
 
