@@ -7320,19 +7320,18 @@ def test_devices_sync_through_the_readmes_proxy_block_and_its_page_shows_the_pro
     laptop = make_device("modern", "laptop", on=proxy)
     laptop.do("add_notes", deck="Default", prefix="word", count=5)
     first_upload(laptop)
-    phone = make_device("modern", "phone", on=proxy)
-    join_by_download(phone)
-    phone.do("add_notes", deck="Default", prefix="from the phone", count=2)
-    assert sync_normally(phone) == "normal_sync"
-    assert sync_normally(laptop) == "normal_sync"
-    assert_same(laptop, phone)
-    if find_python("3.9") is not None:              # anki 2.1.54's venv needs it
-        old = make_device("legacy", "old laptop", on=proxy)
-        join_by_download(old)
-        old.do("add_notes", deck="Default", prefix="from the old laptop", count=2)
-        assert sync_normally(old) == "normal_sync"
+
+    def joins_and_adds_notes(kind, name):
+        device = make_device(kind, name, on=proxy)
+        join_by_download(device)
+        device.do("add_notes", deck="Default", prefix="from the " + name, count=2)
+        assert sync_normally(device) == "normal_sync"
         assert sync_normally(laptop) == "normal_sync"
-        assert_same(laptop, old)
+        assert_same(laptop, device)
+
+    joins_and_adds_notes("modern", "phone")
+    if find_python("3.9") is not None:              # anki 2.1.54's venv needs it
+        joins_and_adds_notes("legacy", "old laptop")
     # The page, fetched through the proxy, offers the proxy's address and nothing else.
     shown, page = shown_addresses(proxy, "/anki/")
     assert shown == [proxy.url], shown
