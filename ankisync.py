@@ -719,8 +719,10 @@ OPTIONS = (
         Behind a reverse proxy every connection comes from the proxy: name the header in
         which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
         official server's SYNC_IP_HEADER values such as RightmostXForwardedFor), so failed
-        logins are throttled per client and the log shows who connected. Leave it empty
-        when clients connect directly: the header is then ignored, since anyone can send it.""",
+        logins are throttled per client and the log shows who connected; the front page then
+        also believes the proxy's X-Forwarded-Proto and X-Forwarded-Host (or Forwarded).
+        Leave it empty when clients connect directly: the header is then ignored, since
+        anyone can send it.""",
            env="SYNC_IP_HEADER"),
     Option("trusted_proxies", "127.0.0.0/8, ::1", "where ip_header is believed from", """
         The addresses of your reverse proxies, separated by commas (networks like
@@ -4856,7 +4858,7 @@ def front_page(config, reached=None, scheme="http", proxied=False):
         if in_container():
             notes.append("ankisync runs in a container: phones and other computers use "
                          "this computer's address, port %d (or the port published with "
-                         "<code>-p</code>), e.g. <code>%s://192.168.1.20:%d%s</code>. "
+                         "<code>-p</code>): <code>%s://HOST:%d%s</code>, HOST that address. "
                          "The container cannot know it; set public_url to show it here."
                          % (config.port, scheme, config.port, html.escape(path)))
         else:
@@ -6154,8 +6156,8 @@ def command_serve(config, args):
         # The bridge address (10.88.0.2) is no phone's to reach: the host's is, which
         # the container cannot see.
         log.info("listening on port %d in a container: phones and other computers use this "
-                 "computer's address, port %d (or the one published with -p), e.g. "
-                 "%s://192.168.1.20:%d%s; set public_url to name it", config.port,
+                 "computer's address, port %d (or the one published with -p), as "
+                 "%s://HOST:%d%s; set public_url to have it shown", config.port,
                  config.port, scheme, config.port, app.base_path)
     else:
         for address, where in addresses_to_show(config.host):
