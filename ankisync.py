@@ -218,6 +218,8 @@ TRAILER_LINE_MAX = 8 * 1024         # a trailer line after the last chunk, as fo
 METRICS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)  # seconds
 STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this many days
 LAN_ADDRESSES_FRESH = 60            # seconds the LAN addresses shown are trusted (DHCP moves)
+FORWARDED_HOST_MAX = 261            # a proxy's X-Forwarded-Host: a DNS name (253) and a port
+CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")   # Docker's and podman's, in each one
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
@@ -723,12 +725,21 @@ OPTIONS = (
         A secret that opens /metrics to other machines (a Prometheus elsewhere): they send
         "Authorization: Bearer <token>". Empty: this machine only.""",
            env="ANKISYNC_METRICS_TOKEN"),
+    Option("public_url", "", "the address clients use (behind a proxy, in a container)", """
+        The address clients type, as they type it, when it is not the one this machine
+        listens on: a reverse proxy's (https://anki.example.com/anki/, base_path included)
+        or a container host's. The front page and the start-up log then show it, and only it.
+        Empty: the page shows the address its browser used (behind a proxy, the one the
+        proxy says, when ip_header is set) and this machine's own addresses.""",
+           parse=web_address, env="ANKISYNC_PUBLIC_URL"),
     Option("ip_header", "", "behind a proxy: the header with the client's address", """
         Behind a reverse proxy every connection comes from the proxy: name the header in
         which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
         official server's SYNC_IP_HEADER values such as RightmostXForwardedFor), so failed
-        logins are throttled per client and the log shows who connected. Leave it empty
-        when clients connect directly: the header is then ignored, since anyone can send it.""",
+        logins are throttled per client and the log shows who connected; the front page then
+        also believes the proxy's X-Forwarded-Proto and X-Forwarded-Host (or Forwarded).
+        Leave it empty when clients connect directly: the header is then ignored, since
+        anyone can send it.""",
            env="SYNC_IP_HEADER"),
     Option("trusted_proxies", "127.0.0.0/8, ::1", "where ip_header is believed from", """
         The addresses of your reverse proxies, separated by commas (networks like
@@ -885,6 +896,12 @@ class Config:
                 raise SystemExit("ankisync: SYNC_USER%d must look like name:password" % number)
             self.env_users.append((name, secret))
             number += 1
+
+    def public_address(self):
+        """public_url with the trailing slash modern clients need (without it they drop
+        the path's last part), or '' when it is not set."""
+        url = self.public_url
+        return url if not url or urllib.parse.urlsplit(url).path.endswith("/") else url + "/"
 
     def normalized_base_path(self):
         """The prefix as '/anki/' or '/', however it was typed."""
@@ -1259,9 +1276,14 @@ class LoginGuard:
     (KNOWN_LOGIN_SECONDS) and has not failed since: guessers cannot lock the owner out,
     nor one user's wrong passwords the others behind the same router. And PBKDF2 runs
     on at most PASSWORD_CHECKS_AT_ONCE threads, so guessing cannot starve syncs of the CPU.
+
+    `shared(address)` names the addresses everyone comes from (a trusted proxy's own, when
+    a request from it lacks ip_header): locking one out would lock out every user, so
+    only the per-user limits apply to them.
     """
 
-    def __init__(self):
+    def __init__(self, shared=lambda address: False):
+        self.shared = shared
         self.lock = threading.Lock()
         self.by_address = {}        # address -> monotonic times of recent failures
         self.by_user = {}           # name -> the same
@@ -1291,7 +1313,7 @@ class LoginGuard:
         with self.lock:
             if self.known.get((address, name), 0) > now:
                 return
-            until = self._locked_until(address, now)
+            until = now if self.shared(address) else self._locked_until(address, now)
             wait = until - now
             if wait > 0:
                 if self.announced.get(address) != until:
@@ -1326,7 +1348,7 @@ class LoginGuard:
         now = time.monotonic()
         with self.lock:
             return sum(1 for address in list(self.by_address)
-                       if self._locked_until(address, now) > now)
+                       if not self.shared(address) and self._locked_until(address, now) > now)
 
     def _locked_until(self, address, now):
         """When `address` may have its next password checked."""
@@ -2322,9 +2344,9 @@ class Accounts:
     """Who may sync: `hostKey` logins, the host keys they hand out, and the addresses that
     showed a valid key or password lately."""
 
-    def __init__(self, users):
+    def __init__(self, users, shared=lambda address: False):
         self.users = users
-        self.guard = LoginGuard()
+        self.guard = LoginGuard(shared)
         self.trusted = {}               # address -> when its last valid key stops counting
         self.trusted_lock = threading.Lock()
 
@@ -4453,8 +4475,8 @@ class SyncApp:
         self.config = config
         os.makedirs(config.data, exist_ok=True)
         self.users = UserStore(config.data)
-        self.accounts = Accounts(self.users)
         self.ip_header = ip_header_name(config.ip_header)
+        self.accounts = Accounts(self.users, self.shared_address)
         self.proxy_notices = Notices()
         self.zstd = zstd or choose_zstd(config.zstd)
         self.spool_folder = os.path.join(config.data, ".tmp")
@@ -4593,9 +4615,28 @@ class SyncApp:
         if not forwarded:
             self.proxy_notices.warn(peer, "ip_header is %s, but a request from the proxy %s "
                                     "has no %s header: its address is the proxy's, so failed "
-                                    "logins there count against everyone behind the proxy"
+                                    "logins there are limited per user only, not per address"
                                     % (self.config.ip_header, peer, self.ip_header))
         return forwarded or peer
+
+    def page_address(self, headers, peer, scheme):
+        """(the address the browser used, or None without a Host; True if it came through
+        a proxy). A trusted proxy's X-Forwarded-Proto and -Host (or Forwarded's proto= and
+        host=) are believed when ip_header is set, as its X-Forwarded-For is."""
+        proxied = self.is_proxy(peer) and any(headers.get(name) for name in PROXY_HEADERS)
+        host = headers.get("Host")
+        if proxied and self.ip_header:
+            said_scheme, said_host = forwarded_origin(headers)
+            scheme, host = said_scheme or scheme, said_host or host
+        if not host:
+            return None, proxied
+        return "%s://%s%s" % (scheme, host, self.base_path), proxied
+
+    def shared_address(self, address):
+        """True for a trusted proxy's own address behind which everyone logs in (see
+        LoginGuard): with ip_header set, a request from the proxy that lacks it, or one
+        from a browser on the proxy's own machine."""
+        return bool(self.ip_header) and self.is_proxy(address)
 
     def is_proxy(self, peer):
         try:
@@ -4766,6 +4807,32 @@ def forwarded_address(headers, name):
     return entry.strip()[:ADDRESS_MAX]
 
 
+# Headers only a proxy adds: a page asked for with one of them came through a proxy.
+PROXY_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded",
+                 "X-Real-IP", "Via")
+FORWARDED_HOST = re.compile(r"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def forwarded_origin(headers):
+    """(scheme, host) a proxy says the browser asked for, None where it says nothing; of
+    each header, the value the nearest proxy added (the last), as for ip_header."""
+    scheme = headers.get("X-Forwarded-Proto", "").split(",")[-1].strip()
+    host = headers.get("X-Forwarded-Host", "").split(",")[-1].strip()
+    for pair in headers.get("Forwarded", "").split(",")[-1].split(";"):
+        key, _, value = pair.partition("=")
+        key, value = key.strip().lower(), value.strip().strip('"')
+        if key == "proto":
+            scheme = scheme or value
+        elif key == "host":
+            host = host or value
+    if scheme and scheme.lower() not in ("http", "https"):
+        raise bad_request("the proxy's forwarded scheme %r is neither http nor https"
+                          % scheme[:QUOTED_MAX])
+    if host and (len(host) > FORWARDED_HOST_MAX or not FORWARDED_HOST.fullmatch(host)):
+        raise bad_request("the proxy's forwarded host %r is no host name" % host[:QUOTED_MAX])
+    return scheme.lower() or None, host or None
+
+
 def route(path, base_path):
     """(area, method) for a sync URL; ('page', name) for the rest (docs/protocol.md 2).
 
@@ -4803,16 +4870,39 @@ def route(path, base_path):
                     % (base_path, base_path))
 
 
-def front_page(host, scheme, config):
+def front_page(config, reached=None, scheme="http", proxied=False):
     """The one page a user needs: this server's addresses, each with a copy button, and
-    what to enter in each client; readable on a phone."""
+    what to enter in each client; readable on a phone.
+
+    `reached`: the address the browser used (Host is the client's to choose), None
+    without a Host; `proxied`: it came through a reverse proxy, so this machine's own
+    addresses are no one's to type. public_url, when set, is the one address shown."""
     path = config.normalized_base_path()
-    named = host or "HOST:%d" % config.port     # the Host header is the client's to choose
-    addresses = [("%s://%s%s" % (scheme, named, path), "as this browser reached it")]
-    for address, where in addresses_to_show(config.host):
-        url = "%s://%s:%d%s" % (scheme, url_host(address), config.port, path)
-        if url != addresses[0][0]:
-            addresses.append((url, where.strip("()")))
+    notes = []
+    if config.public_url:
+        addresses = [(config.public_address(), "this server's address")]
+    elif proxied:
+        addresses = [(reached or "%s://HOST%s" % (scheme, path),
+                      "as this browser reached it, through a proxy")]
+        if not config.ip_header:
+            notes.append("This page came through a reverse proxy, and ip_header is not set: "
+                         "the address above may be the proxy's way in, not yours. Set "
+                         "ip_header (or public_url) in the ini, as the README's proxy "
+                         "section shows.")
+    else:
+        addresses = [(reached or "%s://HOST:%d%s" % (scheme, config.port, path),
+                      "as this browser reached it")]
+        if in_container():
+            notes.append("ankisync runs in a container: phones and other computers use "
+                         "this computer's address, port %d (or the port published with "
+                         "<code>-p</code>): <code>%s://HOST:%d%s</code>, HOST that address. "
+                         "The container cannot know it; set public_url to show it here."
+                         % (config.port, scheme, config.port, html.escape(path)))
+        else:
+            for address, where in addresses_to_show(config.host):
+                url = "%s://%s:%d%s" % (scheme, url_host(address), config.port, path)
+                if url != addresses[0][0]:
+                    addresses.append((url, where.strip("()")))
     # A page opened on the server itself shows the address phones need in the rows.
     reachable = [url for url, where in addresses if "this machine" not in where
                  and not re.match(r"^\w+://(localhost|127\.|\[::1\])", url)]
@@ -4821,6 +4911,9 @@ def front_page(host, scheme, config):
         '<li><code>%s</code> <button onclick="copy(this)" data-url="%s">copy</button> '
         '<small>%s</small></li>' % (html.escape(url), html.escape(url), html.escape(where))
         for url, where in addresses)
+    listed += "".join("\n<li>%s</li>" % note for note in notes)
+    adduser = ("docker exec -it &lt;container&gt; python ankisync.py adduser NAME"
+               if in_container() else "python3 ankisync.py adduser NAME")
     rows = [
         ("Anki 2.1.57 and later (23.x to 26.x)",
          "Preferences &rarr; Syncing &rarr; Self-hosted sync server: <code>%s</code>" % base),
@@ -4857,9 +4950,9 @@ th{text-align:left;font-weight:600;padding:.6em 0 0}td{padding:0 0 .6em;border-b
 #ddd}tr{display:block}th,td{display:block}code{background:#f3f3f3;overflow-wrap:anywhere}
 ul{padding-left:1.2em}button{font-size:.8em}</style>
 <script>
-// navigator.clipboard exists only on https:// and localhost pages; a phone on the LAN
-// opens http://, where the copy goes through a hidden text field, and failing that the
-// address is selected for the user to copy.
+// navigator.clipboard exists only on pages served over HTTPS or from this machine; a
+// phone on the LAN opens plain HTTP, where the copy goes through a hidden text field,
+// and failing that the address is selected for the user to copy.
 function copy(b){var url=b.dataset.url;
 if(navigator.clipboard&&window.isSecureContext){navigator.clipboard.writeText(url).then(
 function(){b.textContent="copied"},function(){fallback(b,url)})}else{fallback(b,url)}}
@@ -4875,13 +4968,13 @@ b.textContent="selected: copy it"}
 <h1>ankisync %s is running</h1>
 <p>This server's addresses:</p>
 <ul>%s</ul>
-<p>Log in from each device with a user made by <code>python3 ankisync.py adduser NAME</code>.
+<p>Log in from each device with a user made by <code>%s</code>.
 What to enter, by client:</p>
 <table>%s</table>
 <p>The trailing slash matters for modern clients: without it they drop the last part
 of the path.</p>
 %s</body></html>
-""" % (__version__, listed, items, trust)).encode("utf-8")
+""" % (__version__, listed, adduser, items, trust)).encode("utf-8")
 
 
 def trust_block(config):
@@ -5140,8 +5233,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_metrics()
         if name in ("ca.pem", "ca.crt"):
             return self.send_ca(name)
+        app = self.server.app
         scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
-        page = front_page(self.headers.get("Host"), scheme, self.server.app.config)
+        reached, proxied = app.page_address(self.headers, self.client_address[0], scheme)
+        page = front_page(app.config, reached, scheme, proxied)
         return self.send_body("text/html; charset=utf-8", page)
 
     def send_ca(self, name):
@@ -6187,9 +6282,23 @@ def command_serve(config, args):
     except OSError as e:
         raise SystemExit("ankisync: %s" % unbindable(config, e))
     scheme = "https" if context else "http"
-    for address, where in addresses_to_show(config.host):
-        log.info("listening on %s://%s:%d%s  %s", scheme, url_host(address), config.port,
-                 app.base_path, where)
+    if config.public_url:
+        log.info("listening on %s port %d; clients use %s (public_url)", config.host,
+                 config.port, config.public_address())
+    elif in_container():
+        # The bridge address (10.88.0.2) is no phone's to reach: the host's is, which
+        # the container cannot see.
+        log.info("listening on port %d in a container: phones and other computers use this "
+                 "computer's address, port %d (or the one published with -p), as "
+                 "%s://HOST:%d%s; set public_url to have it shown", config.port,
+                 config.port, scheme, config.port, app.base_path)
+    else:
+        for address, where in addresses_to_show(config.host):
+            log.info("listening on %s://%s:%d%s  %s", scheme, url_host(address), config.port,
+                     app.base_path, where)
+        if config.ip_header:
+            log.info("ip_header is set, so clients come through a proxy: they use its "
+                     "address; set public_url to have it shown here and on the page")
     log.info("open the address in a browser for each client's setup")
     stop = threading.Event()
     threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
@@ -6235,6 +6344,17 @@ def unbindable(config, error):
 
 
 LAN_ADDRESSES = {}                  # listening on IPv6 too -> (expiry, addresses)
+
+
+def in_container():
+    """True in a Docker or podman container (the files they put in each, CONTAINER_MARKERS),
+    where this machine's addresses are the container's, which no phone reaches.
+    ANKISYNC_CONTAINER=1 or 0 says so instead: for a runtime that leaves no marker, and
+    for the tests, which may themselves run in one."""
+    said = os.environ.get("ANKISYNC_CONTAINER", "").strip()
+    if said in ("0", "1"):
+        return said == "1"
+    return any(os.path.exists(marker) for marker in CONTAINER_MARKERS)
 
 
 def addresses_to_show(host):
@@ -6409,6 +6529,8 @@ def command_tls(config, args):
 def offer_first_user(app, config):
     hint = "python3 %s%s adduser NAME" % (os.path.basename(__file__),
                                           " --config %s" % config.source if config.source else "")
+    if in_container():
+        hint = "docker exec -it <container> python %s adduser NAME" % os.path.basename(__file__)
     while sys.stdin.isatty():
         name = input("No users yet. Name of the first user (empty to skip): ").strip()
         if not name:

@@ -493,6 +493,7 @@ import ipaddress  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import pty  # noqa: E402
+import pwd  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import resource  # noqa: E402
@@ -534,6 +535,9 @@ SERVER_KIND = os.environ.get("ANKISYNC_TEST_SERVER", "ankisync")
 CACHE = os.path.expanduser(os.environ.get("ANKISYNC_TEST_CACHE", "~/.cache/ankisync-tests"))
 ANKISYNC_PY = os.path.join(HERE, "ankisync.py")
 USER, PASSWORD = "user", "pass"
+# The tests may run in a container themselves; the stories are of a server on a machine
+# of its own unless a test says otherwise (ankisync.in_container).
+os.environ["ANKISYNC_CONTAINER"] = "0"
 # The marks (fullsync, normalsync, media, legacy) are declared in pyproject.toml.
 
 
@@ -1908,11 +1912,11 @@ def test_an_auth_db_of_0_1_0_is_converted_at_start_and_its_keys_keep_working(sta
 # --- password guessers ---
 
 
-def guess(server, name, source="127.0.0.2", headers=None):
+def guess(server, name, source="127.0.0.2", headers=None, prefix="/"):
     """One login with a wrong password: (status, the Retry-After header or None)."""
     body = ZSTD.compress(json.dumps({"u": name, "p": "guess%d" % random.random()}).encode())
-    answer = post(server, "/sync/hostKey", body, dict(anki_sync_header(""), **(headers or {})),
-                  source=source)
+    answer = post(server, prefix + "sync/hostKey", body,
+                  dict(anki_sync_header(""), **(headers or {})), source=source)
     return answer.status, answer.headers.get("Retry-After")
 
 
@@ -7429,6 +7433,252 @@ def test_the_copy_buttons_copy_on_a_phone_that_opened_the_page_over_plain_http(
                 button.get_attribute("data-url")
         page.screenshot(path=str(tmp_path / ("front-page-%s.png" % name)), full_page=True)
         page.close()
+
+
+# --- behind a reverse proxy, in a container: the address users are to type ------------
+
+
+def readme_block(language):
+    """The README's first ```language block, as a user copies it."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        return re.search(r"```%s\n(.*?)```" % language, f.read(), re.S).group(1)
+
+
+class Proxy:
+    """nginx or apache2, started by a test on a loopback port with the README's block
+    in a configuration of its own (in `folder`), in front of `backend`: what post(),
+    modern() and devices need of a server (url, port, ssl_context)."""
+
+    ssl_context = None
+
+    def __init__(self, kind, folder, backend):
+        self.kind, self.folder, self.backend = kind, folder, backend
+        binary = shutil.which(kind) or shutil.which(kind, path="/usr/sbin:/sbin")
+        if binary is None:
+            pytest.skip("%s is not installed: apt-get install %s (.ci/run does)" % (kind, kind))
+        self.port = free_port()
+        self.url = "http://127.0.0.1:%d/anki/" % self.port
+        os.makedirs(folder, exist_ok=True)
+        # The README's block, adapted only in the backend's port.
+        block = readme_block({"nginx": "nginx", "apache2": "apache"}[kind]).replace(
+            "127.0.0.1:27701", "127.0.0.1:%d" % backend.port)
+        conf = os.path.join(folder, kind + ".conf")
+        with open(conf, "w") as f:
+            f.write(getattr(self, kind + "_conf")(block))
+        command = {"nginx": [binary, "-p", folder, "-c", conf, "-g", "daemon off;"],
+                   "apache2": [binary, "-X", "-d", folder, "-f", conf]}[kind]
+        with open(os.path.join(folder, "output.log"), "wb") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=out,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError("%s exited: %s" % (kind, self.log()))
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+        wait_until(listening, timeout=20, what="%s listening" % kind)
+
+    def nginx_conf(self, block):
+        folder = self.folder
+        temp = "\n".join("    %s_temp_path %s/%s;" % (name, folder, name)
+                         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        return """user %s;
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/error.log;
+events { worker_connections 64; }
+http {
+    access_log %s/access.log;
+%s
+    server {
+        listen 127.0.0.1:%d;
+%s
+    }
+}
+""" % (pwd.getpwuid(os.getuid()).pw_name, folder, folder, folder, temp, self.port, block)
+
+    def apache2_conf(self, block):
+        modules = "/usr/lib/apache2/modules"
+        if not os.path.isdir(modules):
+            pytest.skip("apache2's modules are not in %s" % modules)
+        # Debian builds some of them in: those are not to be loaded again.
+        loaded = "\n".join("<IfModule !%s_module>\n    LoadModule %s_module %s/mod_%s.so\n"
+                           "</IfModule>" % (name, name, modules, name)
+                           for name in ("mpm_event", "authz_core", "unixd", "proxy",
+                                        "proxy_http", "headers"))
+        # Apache refuses to serve as root: its children become nobody then.
+        user = "User nobody\nGroup nogroup\n" if os.getuid() == 0 else ""
+        folder = self.folder
+        return """%s
+%sServerName 127.0.0.1
+Listen 127.0.0.1:%d
+PidFile %s/apache2.pid
+ErrorLog %s/error.log
+Mutex file:%s default
+%s
+""" % (loaded, user, self.port, folder, folder, folder, block)
+
+    def log(self):
+        text = ""
+        for name in ("output.log", "error.log"):
+            with contextlib.suppress(OSError), open(os.path.join(self.folder, name)) as f:
+                text += f.read()[-3000:]
+        return text
+
+    def stop(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """start_proxy(kind, backend) -> a running Proxy (nginx or apache2) with the README's
+    block, stopped at the end of the test, its log shown in a failing test's report."""
+    proxies = []
+
+    def start(kind, backend):
+        proxy = Proxy(kind, str(tmp_path / ("%s-%d" % (kind, len(proxies)))), backend)
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.stop()
+        print("---- %s log (tail) ----\n%s" % (proxy.kind, proxy.log()))
+
+
+# The ini lines the README gives with its proxy blocks, but public_url (each test says).
+PROXY_INI = "ip_header = X-Forwarded-For\nbase_path = /anki/\n"
+
+
+def shown_addresses(server, path="/", headers=None, source=None):
+    """The front page's addresses (its copy buttons), and the page."""
+    page = post(server, path, method="GET", headers=headers, source=source).body.decode()
+    return re.findall(r'data-url="([^"]+)"', page), page
+
+
+@pytest.mark.parametrize("kind", ["nginx", "apache2"])
+def test_devices_sync_through_the_readmes_proxy_block_and_its_page_shows_the_proxys_address(
+        start_server, start_proxy, make_device, kind):
+    srv = start_server(ini=PROXY_INI, users=((USER, PASSWORD), ("ana", "pw2")))
+    proxy = start_proxy(kind, srv)
+    laptop = make_device("modern", "laptop", on=proxy)
+    laptop.do("add_notes", deck="Default", prefix="word", count=5)
+    first_upload(laptop)
+
+    def joins_and_adds_notes(kind, name):
+        device = make_device(kind, name, on=proxy)
+        join_by_download(device)
+        device.do("add_notes", deck="Default", prefix="from the " + name, count=2)
+        assert sync_normally(device) == "normal_sync"
+        assert sync_normally(laptop) == "normal_sync"
+        assert_same(laptop, device)
+
+    joins_and_adds_notes("modern", "phone")
+    if find_python("3.9") is not None:              # anki 2.1.54's venv needs it
+        joins_and_adds_notes("legacy", "old laptop")
+    # The page, fetched through the proxy, offers the proxy's address and nothing else.
+    shown, page = shown_addresses(proxy, "/anki/")
+    assert shown == [proxy.url], shown
+    assert ":%d" % srv.port not in page
+    assert "Self-hosted sync server: <code>%s</code>" % proxy.url in page
+    # Five wrong passwords through the proxy lock out no one else there.
+    assert [guess(proxy, "mallory", source="127.0.0.1", prefix="/anki/")[0]
+            for _ in range(5)] == [403] * 5
+    answer = post(proxy, "/anki/sync/hostKey", ZSTD.compress(json.dumps(
+        {"u": "ana", "p": "pw2"}).encode()), anki_sync_header(""))
+    assert answer.status == 200, answer
+
+
+def test_a_trusted_proxys_forwarded_scheme_and_host_make_the_page_address(start_server):
+    srv = start_server(ini=PROXY_INI)
+    said = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "anki.example.org",
+            "X-Forwarded-For": "203.0.113.5"}
+    shown, page = shown_addresses(srv, headers=said)
+    assert shown == ["https://anki.example.org/anki/"], shown
+    assert "Self-hosted sync server: <code>https://anki.example.org/anki/</code>" in page
+    assert ":%d" % srv.port not in page           # none of the backend's own addresses
+    # RFC 7239's Forwarded says the same; of a list, the nearest proxy's entry counts.
+    forwarded = {"Forwarded": 'for=198.51.100.1;host=evil.example, '
+                              'for=203.0.113.5;proto=https;host="anki.example.org"'}
+    assert shown_addresses(srv, headers=forwarded)[0] == ["https://anki.example.org/anki/"]
+    # What is no scheme or no host name gets a 400 with the reason.
+    for bad in ({"X-Forwarded-Proto": "gopher"}, {"X-Forwarded-Host": "a<b>"}):
+        answer = post(srv, "/", method="GET", headers=bad)
+        assert answer.status == 400 and b"the proxy's forwarded" in answer.body, answer
+    # Without ip_header, a proxy's headers change nothing but what is listed.
+    plain = start_server(ini="base_path = /anki/\n")
+    shown, page = shown_addresses(plain, headers=said)
+    assert "anki.example.org" not in page and shown == ["http://127.0.0.1:%d/anki/"
+                                                         % plain.port]
+    assert "ip_header is not set" in page
+    # From an address that is no trusted proxy, anyone could have written them.
+    untrusting = start_server(ini=PROXY_INI + "trusted_proxies = 10.0.0.0/8\n")
+    said.update(Forwarded="proto=https;host=anki.example.org",
+                Host="127.0.0.1:%d" % untrusting.port)
+    shown, page = shown_addresses(untrusting, headers=said)
+    assert "anki.example.org" not in page and "https://" not in page
+    assert shown[0] == "http://127.0.0.1:%d/anki/" % untrusting.port
+    answer = post(untrusting, "/", method="GET", headers={"X-Forwarded-Proto": "gopher"})
+    assert answer.status == 200
+
+
+def test_public_url_is_the_one_address_the_page_and_the_log_give(start_server, tmp_path):
+    srv = start_server(ini=PROXY_INI, env={"ANKISYNC_PUBLIC_URL": "https://anki.example.com/anki",
+                                           "SYNC_HOST": "0.0.0.0"})
+    public = "https://anki.example.com/anki/"        # the trailing slash clients need
+    for headers in ({}, {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "elsewhere.example"}):
+        shown, page = shown_addresses(srv, headers=headers)
+        assert shown == [public], shown
+        assert "Self-hosted sync server: <code>%s</code>" % public in page
+    log = srv.log()
+    assert "clients use %s (public_url)" % public in log
+    assert "from phones and other computers" not in log
+    said = refused_serve(tmp_path, "[server]\npublic_url = anki.example.com\n")
+    assert "public_url takes an http:// or https:// address, not 'anki.example.com'" in said
+    assert "Traceback" not in said
+
+
+def test_in_a_container_the_log_and_page_name_this_computers_address_and_docker_exec(
+        start_server, tmp_path, monkeypatch):
+    srv = start_server(env={"ANKISYNC_CONTAINER": "1", "SYNC_HOST": "0.0.0.0"})
+    log = srv.log()
+    assert "phones and other computers use this computer's address, port %d" % srv.port in log
+    assert "(from phones and other computers)" not in log        # no bridge address
+    shown, page = shown_addresses(srv, headers={"Host": "192.168.1.20:%d" % srv.port})
+    assert shown == ["http://192.168.1.20:%d/" % srv.port], shown    # as the browser came
+    for address in ankisync.lan_addresses():
+        assert address not in page
+    assert "docker exec -it &lt;container&gt; python ankisync.py adduser NAME" in page
+    assert "this computer&#x27;s address" in page or "this computer's address" in page
+    # The check itself: the runtimes' marker files, or ANKISYNC_CONTAINER.
+    marker = tmp_path / ".dockerenv"
+    monkeypatch.delenv("ANKISYNC_CONTAINER")
+    monkeypatch.setattr(ankisync, "CONTAINER_MARKERS", (str(marker),))
+    assert not ankisync.in_container()
+    marker.write_text("")
+    assert ankisync.in_container()
+    monkeypatch.setenv("ANKISYNC_CONTAINER", "0")
+    assert not ankisync.in_container()
+
+
+def test_wrong_passwords_from_the_proxy_itself_lock_out_no_one_else(start_server):
+    """Behind a proxy that passes no client address, every login comes from the proxy:
+    five wrong passwords there must not lock every user out. The user guessed at is
+    still paced."""
+    srv = start_server(ini=PROXY_INI, users=((USER, PASSWORD), ("ana", "pw2")))
+    assert [guess(srv, USER, source="127.0.0.1")[0] for _ in range(5)] == [403] * 5
+    # The name guessed at is still paced: one check a second.
+    assert (429, "1") in [guess(srv, USER, source="127.0.0.1") for _ in range(3)]
+    answer = modern(srv, "hostKey", {"u": "ana", "p": "pw2"}, source="127.0.0.1")
+    assert answer.status == 200, answer
+    assert srv.log().count("has no x-forwarded-for header") == 1
 
 
 def refused_serve(tmp_path, ini):
