@@ -220,6 +220,7 @@ STATUS_DEVICE_DAYS = 30             # `status` counts the devices seen in this m
 LAN_ADDRESSES_FRESH = 60            # seconds the LAN addresses shown are trusted (DHCP moves)
 FORWARDED_HOST_MAX = 261            # a proxy's X-Forwarded-Host: a DNS name (253) and a port
 CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")   # Docker's and podman's, in each one
+CONTAINER_DATA = "/data"             # the image's volume (Dockerfile): where data belongs there
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
@@ -2238,6 +2239,18 @@ def unwritable(path, error):
         owner = None
     me = os.getuid() if hasattr(os, "getuid") else None
     reason = getattr(error, "strerror", None) or str(error)
+    if in_container():
+        # The paths here are the container's: the fix is on the host, or in the ini.
+        inside = os.path.abspath(path) + os.sep
+        if not inside.startswith(CONTAINER_DATA + os.sep) and os.path.isdir(CONTAINER_DATA):
+            return ("cannot write %s (%s): that folder is inside the container, not in its "
+                    "volume: set `data = %s` in the ini you mounted (or SYNC_BASE=%s)"
+                    % (path, reason, CONTAINER_DATA, CONTAINER_DATA))
+        if owner is not None and me is not None and owner != me:
+            return ("cannot write %s (%s): it belongs to uid %d and the container runs as uid "
+                    "%d: on the host, `chown -R %d` the folder you mounted at %s, or start the "
+                    "container with `--user` that folder's owner" % (path, reason, owner, me, me,
+                                                                       CONTAINER_DATA))
     if owner is not None and me is not None and owner != me:
         return ("cannot write %s (%s): it belongs to uid %d and ankisync runs as uid %d: "
                 "`chown -R %d %s`, or set another data folder" % (path, reason, owner, me, me,
@@ -4904,7 +4917,7 @@ def front_page(config, reached=None, scheme="http", proxied=False):
                 if url != addresses[0][0]:
                     addresses.append((url, where.strip("()")))
     # A page opened on the server itself shows the address phones need in the rows.
-    reachable = [url for url, where in addresses if "this machine" not in where
+    reachable = [url for url, where in addresses if "ankisync runs on" not in where
                  and not re.match(r"^\w+://(localhost|127\.|\[::1\])", url)]
     base = html.escape(reachable[0] if reachable else addresses[0][0])
     listed = "\n".join(
@@ -6294,8 +6307,8 @@ def command_serve(config, args):
                  config.port, scheme, config.port, app.base_path)
     else:
         for address, where in addresses_to_show(config.host):
-            log.info("listening on %s://%s:%d%s  %s", scheme, url_host(address), config.port,
-                     app.base_path, where)
+            log.info("listening on %s://%s:%d%s%s", scheme, url_host(address), config.port,
+                     app.base_path, "  " + where if where else "")
         if config.ip_header:
             log.info("ip_header is set, so clients come through a proxy: they use its "
                      "address; set public_url to have it shown here and on the page")
@@ -6361,7 +6374,7 @@ def addresses_to_show(host):
     """(address, what it is for) to put in the log and on the front page."""
     if host not in ("0.0.0.0", "::", ""):
         return [(host, "")]
-    shown = [("127.0.0.1", "(this machine only)")]
+    shown = [("127.0.0.1", "(from the computer ankisync runs on)")]
     ipv6 = host == "::"
     # The front page asks at every visit; the host name's lookup may wait on a slow DNS.
     expiry, found = LAN_ADDRESSES.get(ipv6, (0, []))

@@ -7374,7 +7374,7 @@ def test_an_ankisyncd_collection_that_is_not_sqlite_stays_behind_and_says_so(tmp
 def test_the_log_and_the_front_page_give_the_address_a_phone_needs(start_server):
     srv = start_server(env={"SYNC_HOST": "0.0.0.0"})            # every network, as by default
     text, port = srv.log(), srv.port
-    assert "listening on http://127.0.0.1:%d/  (this machine only)" % port in text
+    assert "listening on http://127.0.0.1:%d/  (from the computer ankisync runs on)" % port in text
     lan = ankisync.lan_addresses()
     for address in lan:
         assert ("listening on http://%s:%d/  (from phones and other computers)"
@@ -7666,6 +7666,26 @@ def test_in_a_container_the_log_and_page_name_this_computers_address_and_docker_
     assert ankisync.in_container()
     monkeypatch.setenv("ANKISYNC_CONTAINER", "0")
     assert not ankisync.in_container()
+
+
+def test_in_a_container_an_unwritable_data_folder_gets_the_hosts_fix(tmp_path, monkeypatch):
+    """The paths a container sees are not the host's: a root-owned host folder mounted at
+    /data is fixed on the host, and an ini mounted over the image's that keeps the data
+    beside it (inside the image) is fixed by `data = /data`."""
+    monkeypatch.setenv("ANKISYNC_CONTAINER", "1")
+    volume = tmp_path / "data"
+    volume.mkdir()
+    monkeypatch.setattr(ankisync, "CONTAINER_DATA", str(volume))
+    os.chown(str(volume), 10001, 10001)
+    error = PermissionError(errno.EACCES, "Permission denied", str(volume))
+    said = ankisync.unwritable(str(volume), error)
+    assert "on the host, `chown -R %d` the folder you mounted at %s" % (os.getuid(), volume) \
+        in said and "--user" in said
+    inside = tmp_path / "app" / "ankisync-data"
+    said = ankisync.unwritable(str(inside), error)
+    assert "inside the container" in said and "`data = %s`" % volume in said
+    monkeypatch.setenv("ANKISYNC_CONTAINER", "0")
+    assert "chown -R %d %s" % (os.getuid(), volume) in ankisync.unwritable(str(volume), error)
 
 
 def test_wrong_passwords_from_the_proxy_itself_lock_out_no_one_else(start_server):
