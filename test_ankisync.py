@@ -7052,7 +7052,7 @@ def damaged_packages(tmp_path):
         ("an empty zip", legacy_package(tmp_path / "none.colpkg", []), "an empty zip"),
         ("no collection", legacy_package(tmp_path / "nocol.colpkg", good[1:]),
          "no collection.anki2"),
-        ("no such file", str(tmp_path / "missing.colpkg"), "No such file"),
+        ("no such file", str(tmp_path / "missing.colpkg"), "there is no such file"),
         ("a folder", str(tmp_path / "a folder.colpkg"), "a folder"),
         ("a collection that is not SQLite", legacy_package(
             tmp_path / "notsqlite.colpkg", [("collection.anki2", b"SQLite? no" * 500)]),
