@@ -264,12 +264,15 @@ NAMED_AT_MOST = 5                   # files one line of an import's error names;
 class SyncError(Exception):
     """A request that cannot be served; `status` is the HTTP answer."""
 
-    def __init__(self, status, reason, retry_after=None, location=None):
+    def __init__(self, status, reason, retry_after=None, location=None, phrase=None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after      # seconds, sent as Retry-After (429, 503)
         self.location = location            # where a 308 sends the client
+        # The status line's words instead of the standard ones: a modern client's media
+        # sync shows them (never the body) for a status it has no sentence of its own for.
+        self.phrase = phrase
 
 
 def bad_request(reason):
@@ -2328,6 +2331,12 @@ class Accounts:
         return self.trusted.get(address, 0) > time.monotonic()
 
 
+def moved_address(moved_to):
+    """The `moved_to` option as clients are sent there: ending in a slash, or empty."""
+    moved = moved_to.strip()
+    return moved + "/" * (bool(moved) and not moved.endswith("/"))
+
+
 def notice_for(notice, version):
     """The admin's notice as a client of `version` shows it: modern clients render
     `msg` as HTML, so what the admin wrote is escaped and its web addresses linked;
@@ -2409,8 +2418,7 @@ class CollectionSync:
         self.busy = busy                # True while other requests are being answered
         self.later = later              # runs a job after the answer has gone
         self.notice = config.notice
-        moved = config.moved_to.strip()
-        self.moved_to = moved + "/" * (bool(moved) and not moved.endswith("/"))
+        self.moved_to = moved_address(config.moved_to)
         self.media = media              # the user's MediaStore: meta tells its usn
         self.max_decompressed = config.max_decompressed
         self.quota = config.quota_collection_mb * MIB
@@ -3098,15 +3106,25 @@ def unique_name(name, taken):
 class MediaSync:
     """One user's media methods, by their wire names (docs/protocol.md 6)."""
 
-    def __init__(self, store, spool_folder, max_decompressed, quota=0):
+    def __init__(self, store, spool_folder, max_decompressed, quota=0, moved_to=""):
         self.store = store
         self.spool_folder = spool_folder
         self.max_decompressed = max_decompressed
         self.quota = quota                  # bytes of media files a user may have; 0: any
+        self.moved_to = moved_to            # the new address, once the server has moved
 
     def handle(self, req):
         if req.method not in MEDIA_METHODS:
             raise SyncError(404, "unknown media method %r" % req.method[:QUOTED_MAX])
+        if self.moved_to:
+            # A modern client follows meta's 308 and remembers it, but the same run's media
+            # sync still comes here (rslib keeps the run's endpoint; media requests follow
+            # no redirect). Stored here, files would never reach the new server: refused,
+            # the device's next sync goes to the new address for media too. 410, not 308:
+            # for media, Anki 26.9 shows a 308 as "HttpError { code: 308 ... }", and a 410
+            # as "HTTP status client error (410 <the status line's words>)".
+            moved = "this sync server has moved to %s: sync again" % self.moved_to
+            raise SyncError(410, moved, phrase=moved)
         method = getattr(self, req.method)      # each method is named as on the wire
         with UserLock(self.store.lock, "another device of this user is syncing media",
                       self.store.folder_lock):
@@ -4533,8 +4551,8 @@ class SyncApp:
                 self.record(req, SYNC_EVENTS[req.method], syncer.client_of(req))
             return reply
         return MediaSync(self.media_for(req.user), self.spool_folder,
-                         self.config.max_decompressed,
-                         self.config.quota_media_mb * MIB).handle(req)
+                         self.config.max_decompressed, self.config.quota_media_mb * MIB,
+                         moved_address(self.config.moved_to)).handle(req)
 
     def active_sessions(self):
         with self._registry_lock:
@@ -5004,7 +5022,7 @@ class Handler(BaseHTTPRequestHandler):
         except SyncError as e:
             status = e.status
             self.finish_body(body)
-            sent = self.send_text(e.status, e.reason, e.retry_after, e.location)
+            sent = self.send_text(e.status, e.reason, e.retry_after, e.location, e.phrase)
         except (ConnectionError, socket.timeout) as e:
             status, self.close_connection = 499, True
             log.info("connection lost during %s: %s", what, e)
@@ -5081,9 +5099,11 @@ class Handler(BaseHTTPRequestHandler):
         return self.send_body("text/plain; version=0.0.4; charset=utf-8",
                               app.metrics.render(app).encode("utf-8"))
 
-    def send_text(self, status, text, retry_after=None, location=None):
+    def send_text(self, status, text, retry_after=None, location=None, phrase=None):
         data = (text + "\n").encode("utf-8")
-        self.send_response(status)
+        if phrase:      # a status line holds printable ASCII only
+            phrase = "".join(c if " " <= c <= "~" else "?" for c in phrase)
+        self.send_response(status, phrase)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         if retry_after is not None:

@@ -7345,6 +7345,48 @@ def test_a_moved_server_sends_modern_clients_on_and_tells_old_ones(start_server,
     assert not meta["cont"] and new.url in meta["msg"]
 
 
+@pytest.mark.media
+def test_a_moved_server_refuses_the_media_of_the_run_that_found_the_move(start_server,
+                                                                         make_device):
+    old = start_server()
+    laptop = make_device("modern", "laptop", on=old)
+    laptop.do("add_notes", deck="Default", prefix="vorher", count=2)
+    before = write_media_on(laptop, [["vorher.jpg", 3000, 1]])
+    first_upload(laptop)
+    laptop.sync_media()
+    old.stop()
+    new = start_server(prepare=lambda base: shutil.copytree(old.base, base, dirs_exist_ok=True))
+    old = start_server(base=old.base, port=old.port, ini="moved_to = %s\n" % new.url)
+    added = write_media_on(laptop, [["neu %d.jpg" % i, 2000 + i, 10 + i] for i in range(3)])
+
+    # One run as Anki runs it: the collection (meta's 308 followed, the new address
+    # remembered), then media in the background from the address the run began with.
+    laptop.do("add_notes", deck="Default", prefix="nachher", count=1)
+    out = laptop.col.sync_collection(laptop.auth, True)
+    assert out.new_endpoint == new.url
+    with pytest.raises(Exception) as refused:
+        wait_until(lambda: not laptop.col.media_sync_status().active, timeout=60,
+                   every=0.05, what="the media sync of the run")
+    # What the device shows: the move and the new address, not a bare status.
+    assert "this sync server has moved to %s" % new.url in str(refused.value)
+    assert not set(added) & set(os.listdir(os.path.join(old.base, USER, "media")))
+    after_move = old.log().split(" sync/meta 308 ", 1)[1]
+    assert set(re.findall(r" msync/\w+ (\d+) ", after_move)) == {"410"}
+
+    # The next run goes to the new address, for the collection and for media.
+    laptop.auth.endpoint = out.new_endpoint
+    assert laptop.sync() in ("normal_sync", "no_changes")
+    laptop.sync_media()
+    stored = os.path.join(new.base, USER, "media")
+    for name, sha1 in added.items():
+        with open(os.path.join(stored, name), "rb") as f:
+            assert hashlib.sha1(f.read()).hexdigest() == sha1
+    fresh = make_device("modern", "fresh", on=new)
+    join_by_download(fresh)
+    fresh.sync_media()
+    assert fresh.media_files() == dict(before, **added)
+
+
 # --- for the person running it: status and metrics ---------------------------------------
 
 
