@@ -245,6 +245,9 @@ BACKUP_FOLDER = "backups"           # restore points
 MEDIA_TRASH_FOLDER = "media.trash"  # media files deleted or replaced, for a restore
 COLLECTION_LOCK = ".collection.lock"
 MEDIA_LOCK = ".media.lock"
+FULL_SYNC_NOTICE = "full-sync-notice.json"  # after a restore or import: who still must hear it
+FULL_SYNC_NOTICE_DEVICES = 200      # devices a notice remembers as done: more than a family
+                                    # has; a client naming itself anew each time cannot grow it
 COMMAND_LOCK_WAIT = 900             # seconds a command waits for a sync to end (big ones: minutes)
 LOCK_POLL = 0.02                    # seconds between tries of a lock another process holds
 BACKUP_GZIP_LEVEL = 1               # a collection packs to about a third; level 6 gains ~5%
@@ -2339,12 +2342,12 @@ def moved_address(moved_to):
 
 def notice_for(notice, version):
     """The admin's notice as a client of `version` shows it: modern clients render
-    `msg` as HTML, so what the admin wrote is escaped and its web addresses linked;
-    older ones print it as it is."""
+    `msg` as HTML, so what the admin wrote is escaped, its web addresses linked and its
+    line breaks kept; older ones print it as it is."""
     if not notice or version < SyncVersion.V11_DIRECT_POST:
         return notice
     return WEB_ADDRESS.sub(lambda m: '<a href="%s">%s</a>' % (m.group(0), m.group(0)),
-                           html.escape(notice, quote=True))
+                           html.escape(notice, quote=True)).replace("\n", "<br>")
 
 
 def old_client_refusal(version, conf):
@@ -2427,6 +2430,7 @@ class CollectionSync:
         self.refusal = ""
         self.collection = Collection(folder)
         self.points = RestorePoints(folder, config)
+        self.full_sync_notice = FullSyncNotice(folder)
         self.session = None
         self.used = time.monotonic()    # the last request's time: files close when idle
         self.clients = {}               # host key -> the client version its last meta named
@@ -2555,6 +2559,7 @@ class CollectionSync:
         conn = self.collection.open()
         mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
         empty = conn.execute("select 1 from cards limit 1").fetchone() is None
+        told = self.full_sync_notice.message(scm, self.client_of(req), req.hkey)
         if self.collection.size() > self.max_decompressed:
             # Too big to upload again: a moving scm makes clients offer a one-way sync.
             scm = now_ms()
@@ -2565,7 +2570,9 @@ class CollectionSync:
             self.refusal = self.media.refusal = ""
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()),
-            "msg": refusal or notice_for(self.notice, version), "cont": not refusal,
+            "msg": refusal or notice_for("\n\n".join(filter(None, (told, self.notice))),
+                                         version),
+            "cont": not refusal,
             "hostNum": 0, "empty": empty,
             "media_usn": self.media.last_usn(),
             "uname": req.user,
@@ -2648,6 +2655,7 @@ class CollectionSync:
     def download(self, req):
         self.abort_session()
         stream = self.collection.reader(self.collection.bump_for_download(req.modern))
+        self.full_sync_notice.downloaded(self.client_of(req), req.hkey)
         return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
 
     def upload(self, req):
@@ -2670,6 +2678,7 @@ class CollectionSync:
                 self.collection.close()
                 self.points.keep_replaced(self.collection.path, "upload",
                                           "before a full upload from %s" % req.address)
+                self.full_sync_notice.end()
                 self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
         except CorruptCollection as e:
             # A status, not the official 200 with a sentence: proxies, logs and scripts see
@@ -3940,7 +3949,7 @@ class UserFolder:
             os.close(fd)
             try:
                 self.points.unpack(point_id, temp)
-                self.install(temp)
+                self.install(temp, "restore", point_id, point["time"])
             finally:
                 if os.path.exists(temp):
                     os.unlink(temp)
@@ -3951,9 +3960,10 @@ class UserFolder:
                 store.close()
         return point, before, returned
 
-    def install(self, prepared):
+    def install(self, prepared, why, what, when):
         """A checked schema-11 file becomes the collection, with a new schema time: every
-        device's next sync then asks for a full sync, and a download gives this file."""
+        device's next sync then asks for a full sync, and a download gives this file; till
+        then each device is told to choose Download (FullSyncNotice)."""
         conn = connect_collection(prepared)
         try:
             if conn.execute("pragma quick_check(1)").fetchall() != [("ok",)]:
@@ -3973,7 +3983,82 @@ class UserFolder:
             conn.close()
         remove_side_files(prepared)
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        # Before the swap: a sync between the two sees the notice's scm, not yet the file's.
+        FullSyncNotice(self.path).start(why, what, when, now)
         self.collection.replace_with(prepared)
+
+
+class FullSyncNotice:
+    """What a restore or an import tells each device at its next sync: the stock full-sync
+    dialog offers Upload as readily as Download, and Upload would undo the command. The
+    file, in the user's folder, survives a restart; it names the schema time the command
+    gave the collection (a full upload gives another: the notice ends with it) and the
+    devices that have downloaded since. A device is what `status` counts as one: a client
+    and its host key. Every device of a user has the same key, so two of the same app
+    version on the same system are one device here: once one has downloaded, the other
+    is not told. Written under the user's folder lock, by the command and by the server."""
+
+    def __init__(self, user_folder):
+        self.path = os.path.join(user_folder, FULL_SYNC_NOTICE)
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                notice = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:      # damaged: no notice, and the sync goes on
+            log.warning("%s unreadable, ignored: %s", self.path, e)
+            return None
+        if not isinstance(notice, dict) or not isinstance(notice.get("done"), list):
+            log.warning("%s is not a notice of ankisync's, ignored", self.path)
+            return None
+        return notice
+
+    def write(self, notice):
+        write_atomically(self.path, json.dumps(notice, indent=1).encode("utf-8"), TEMP_BACKUP)
+
+    def start(self, why, what, when, scm):
+        """A command installed a collection: `why` restore or import, `what` the restore
+        point's id or the package's name, `when` its time (epoch seconds)."""
+        self.write({"why": why, "what": what, "time": int(when), "scm": scm, "done": []})
+
+    def end(self):
+        """A full upload replaced the collection on purpose: nobody needs the notice."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    @staticmethod
+    def device(client, hkey):
+        return hashlib.sha256(("%s\n%s" % (key_digest(hkey), client)).encode("utf-8")
+                              ).hexdigest()
+
+    def message(self, scm, client, hkey):
+        """The sentence for this device, or "": the collection still is the installed one
+        and the device has not downloaded it."""
+        notice = self.read()
+        if not notice or notice.get("scm") != scm or self.device(client, hkey) in notice["done"]:
+            return ""
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(notice["time"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            when = "recently"
+        if notice.get("why") == "import":
+            return ("A collection was imported on the server (%s, %s): choose Download in the "
+                    "next dialog; Upload would undo the import." % (notice.get("what"), when))
+        return ("The collection was restored on the server (restore point %s, %s): choose "
+                "Download in the next dialog; Upload would undo the restore."
+                % (notice.get("what"), when))
+
+    def downloaded(self, client, hkey):
+        notice = self.read()
+        device = self.device(client, hkey)
+        if notice and device not in notice["done"]:
+            notice["done"] = (notice["done"] + [device])[-FULL_SYNC_NOTICE_DEVICES:]
+            try:
+                self.write(notice)
+            except OSError as e:    # a full disk: the download goes on, the device is told again
+                log.warning("%s not updated: %s", self.path, e)
 
 
 def bring_back_media(store, trash, point):
@@ -4122,7 +4207,7 @@ def import_package(folder, package, zstd):
             before = folder.points.keep(folder.collection.path, "import",
                                         "before importing %s" % os.path.basename(package),
                                         undo=True)
-            folder.install(temp)
+            folder.install(temp, "import", os.path.basename(package), time.time())
             store = MediaStore(folder.path)
             added = add_media_files(store, incoming)
             store.close()

@@ -370,7 +370,7 @@ def sync_collection(col, sync):
 # =====================================================================================
 
 RESULT_PREFIX = "ANKISYNC-TEST-RESULT:"
-SYNC_VERBS = ("login", "sync", "full_upload", "full_download", "sync_media")
+SYNC_VERBS = ("login", "sync", "sync_told", "full_upload", "full_download", "sync_media")
 
 
 def legacy_main(argv):
@@ -421,13 +421,15 @@ def rust_sync_verb(state, verb):
         state["hkey"] = col.sync_login(cmd["user"], cmd["password"]).hkey
         return None
     auth = SyncAuth(hkey=state["hkey"], host_number=0)
-    if verb == "sync":
+    if verb in ("sync", "sync_told"):
         # Like aqt: commit the open transaction before a sync, open a new one after.
         col.save(trx=False)
         try:
-            return sync_collection(col, lambda: col.sync_collection(auth))[0]
+            outcome, out = sync_collection(col, lambda: col.sync_collection(auth))
         finally:
             col.db.begin()
+        # sync_told: the message the device shows too (meta's msg).
+        return outcome if verb == "sync" else [outcome, out.server_message]
     if verb == "sync_media":
         col.save()
         col.sync_media(auth)  # blocking in 2.1.54; raises on error
@@ -742,6 +744,14 @@ class ModernDevice:
             self.auth.endpoint = out.new_endpoint
         return outcome
 
+    def sync_told(self):
+        """A sync, and the message the device shows with it (meta's msg)."""
+        if self.auth is None:
+            self.login()
+        outcome, out = sync_collection(self.col,
+                                       lambda: self.col.sync_collection(self.auth, False))
+        return outcome, out.server_message
+
     def sync_on_signal(self, go_file, delay, ready):
         wait_for_file(self.col, go_file, delay, ready=ready)
         return self.sync()
@@ -833,6 +843,9 @@ class LegacyDevice:
 
     def sync(self):
         return self._sync_verb("sync")
+
+    def sync_told(self):
+        return tuple(self._sync_verb("sync_told"))
 
     def sync_on_signal(self, go_file, delay, ready):
         steps = [] if self.hkey else [("login", {})]
@@ -6180,6 +6193,56 @@ def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(ser
     again = make_device("modern", "again")
     join_by_download(again)
     assert note_count(again) == 5
+
+
+@pytest.mark.legacy
+@pytest.mark.parametrize("command", ["restore", "import"])
+def test_after_a_restore_or_import_each_device_is_told_to_download_until_it_has(
+        server, make_device, tmp_path, command):
+    """A laptop, a phone (Anki 26.9) and an old laptop (2.1.54) share 4 notes; the admin
+    restores the point of them, or imports an export of them, after the laptop added 2.
+    Each device's next sync, after a server restart too, says what happened and to
+    choose Download; each downloads, and its syncs after that say nothing."""
+    laptop, phone, nids = set_up_pair(make_device, "modern", "modern")
+    old = make_device("legacy", "old")
+    join_by_download(old)
+    package = str(tmp_path / "vier.colpkg")
+    admin(server, "backup", USER)
+    admin(server, "export", USER, package)
+    point = restore_points(server)[0][0]
+    laptop.do("add_notes", deck="Default", prefix="danach", count=2)
+    sync_normally(laptop)
+    admin(server, *(("restore", USER, point) if command == "restore"
+                     else ("import", USER, package)))
+    server.restart()                    # what the devices are told outlives a restart
+
+    said = ("The collection was restored on the server (restore point %s, " % point
+            if command == "restore" else
+            "A collection was imported on the server (vier.colpkg, ")
+    devices = (laptop, phone, old)
+    for device in devices:
+        outcome, message = device.sync_told()
+        assert outcome == "full_sync", device
+        assert message.startswith(said), (device, message)
+        assert message.endswith("choose Download in the next dialog; Upload would undo "
+                                "the %s." % command), (device, message)
+    for device in devices:
+        device.full_download()
+        assert len(device.snapshot()["notes"]) == len(nids)
+    for device in devices:
+        outcome, message = device.sync_told()
+        assert outcome in ("normal_sync", "no_changes") and message == "", (device, message)
+
+
+def test_after_a_restore_a_full_upload_ends_the_download_advice(server, make_device):
+    """After a restore the phone answers Upload, on purpose: the collection is the
+    phone's now, and the laptop's full sync comes without the restore's advice."""
+    laptop, phone, _ = set_up_pair(make_device, "modern", "modern")
+    admin(server, "backup", USER)
+    admin(server, "restore", USER, restore_points(server)[0][0])
+    assert "restored on the server" in phone.sync_told()[1]
+    phone.full_upload()
+    assert laptop.sync_told() == ("full_sync", "")
 
 
 def test_the_days_first_normal_sync_leaves_one_daily_restore_point(server, make_device):
