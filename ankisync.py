@@ -3581,7 +3581,8 @@ def check_media_name(name):
 #   So before a full upload replaces a collection, and once a day after a normal
 #   sync, the collection is kept in <user>/backups/; deleted and replaced media
 #   files wait in <user>/media.trash/. The CLI lists, makes and restores them,
-#   also while the server runs: both take the user's folder locks.
+#   also while the server runs: both take the user's folder locks. After a restore
+#   or an import each device is told to choose Download, until it has.
 # ---------------------------------------------------------------------------
 
 class RestorePoints:
