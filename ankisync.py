@@ -249,6 +249,9 @@ BACKUP_FOLDER = "backups"           # restore points
 MEDIA_TRASH_FOLDER = "media.trash"  # media files deleted or replaced, for a restore
 COLLECTION_LOCK = ".collection.lock"
 MEDIA_LOCK = ".media.lock"
+FULL_SYNC_NOTICE = "full-sync-notice.json"  # after a restore or import: who still must hear it
+FULL_SYNC_NOTICE_DEVICES = 200      # devices a notice remembers as done: more than a family
+                                    # has; a client naming itself anew each time cannot grow it
 COMMAND_LOCK_WAIT = 900             # seconds a command waits for a sync to end (big ones: minutes)
 LOCK_POLL = 0.02                    # seconds between tries of a lock another process holds
 BACKUP_GZIP_LEVEL = 1               # a collection packs to about a third; level 6 gains ~5%
@@ -278,12 +281,15 @@ CERT_SERIAL_BITS = 64               # random serials: CA/Browser Forum asks 64 b
 class SyncError(Exception):
     """A request that cannot be served; `status` is the HTTP answer."""
 
-    def __init__(self, status, reason, retry_after=None, location=None):
+    def __init__(self, status, reason, retry_after=None, location=None, phrase=None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.retry_after = retry_after      # seconds, sent as Retry-After (429, 503)
         self.location = location            # where a 308 sends the client
+        # The status line's words instead of the standard ones: a modern client's media
+        # sync shows them (never the body) for a status it has no sentence of its own for.
+        self.phrase = phrase
 
 
 def bad_request(reason):
@@ -2398,14 +2404,20 @@ class Accounts:
         return self.trusted.get(address, 0) > time.monotonic()
 
 
+def moved_address(moved_to):
+    """The `moved_to` option as clients are sent there: ending in a slash, or empty."""
+    moved = moved_to.strip()
+    return moved + "/" * (bool(moved) and not moved.endswith("/"))
+
+
 def notice_for(notice, version):
     """The admin's notice as a client of `version` shows it: modern clients render
-    `msg` as HTML, so what the admin wrote is escaped and its web addresses linked;
-    older ones print it as it is."""
+    `msg` as HTML, so what the admin wrote is escaped, its web addresses linked and its
+    line breaks kept; older ones print it as it is."""
     if not notice or version < SyncVersion.V11_DIRECT_POST:
         return notice
     return WEB_ADDRESS.sub(lambda m: '<a href="%s">%s</a>' % (m.group(0), m.group(0)),
-                           html.escape(notice, quote=True))
+                           html.escape(notice, quote=True)).replace("\n", "<br>")
 
 
 def old_client_refusal(version, conf):
@@ -2479,8 +2491,7 @@ class CollectionSync:
         self.busy = busy                # True while other requests are being answered
         self.later = later              # runs a job after the answer has gone
         self.notice = config.notice
-        moved = config.moved_to.strip()
-        self.moved_to = moved + "/" * (bool(moved) and not moved.endswith("/"))
+        self.moved_to = moved_address(config.moved_to)
         self.media = media              # the user's MediaStore: meta tells its usn
         self.max_decompressed = config.max_decompressed
         self.quota = config.quota_collection_mb * MIB
@@ -2489,6 +2500,7 @@ class CollectionSync:
         self.refusal = ""
         self.collection = Collection(folder)
         self.points = RestorePoints(folder, config)
+        self.full_sync_notice = FullSyncNotice(folder)
         self.session = None
         self.used = time.monotonic()    # the last request's time: files close when idle
         self.clients = {}               # host key -> the client version its last meta named
@@ -2617,6 +2629,7 @@ class CollectionSync:
         conn = self.collection.open()
         mod, scm, usn, conf = conn.execute("select mod, scm, usn, conf from col").fetchone()
         empty = conn.execute("select 1 from cards limit 1").fetchone() is None
+        told = self.full_sync_notice.message(scm, self.client_of(req), req.hkey)
         if self.collection.size() > self.max_decompressed:
             # Too big to upload again: a moving scm makes clients offer a one-way sync.
             scm = now_ms()
@@ -2627,7 +2640,9 @@ class CollectionSync:
             self.refusal = self.media.refusal = ""
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()),
-            "msg": refusal or notice_for(self.notice, version), "cont": not refusal,
+            "msg": refusal or notice_for("\n\n".join(filter(None, (told, self.notice))),
+                                         version),
+            "cont": not refusal,
             "hostNum": 0, "empty": empty,
             "media_usn": self.media.last_usn(),
             "uname": req.user,
@@ -2710,6 +2725,7 @@ class CollectionSync:
     def download(self, req):
         self.abort_session()
         stream = self.collection.reader(self.collection.bump_for_download(req.modern))
+        self.full_sync_notice.downloaded(self.client_of(req), req.hkey)
         return Reply(stream=stream, size=os.fstat(stream.fileno()).st_size)
 
     def upload(self, req):
@@ -2732,6 +2748,7 @@ class CollectionSync:
                 self.collection.close()
                 self.points.keep_replaced(self.collection.path, "upload",
                                           "before a full upload from %s" % req.address)
+                self.full_sync_notice.end()
                 self.collection.replace_with(temp, schema18 if os.path.exists(schema18) else None)
         except CorruptCollection as e:
             # A status, not the official 200 with a sentence: proxies, logs and scripts see
@@ -3168,15 +3185,25 @@ def unique_name(name, taken):
 class MediaSync:
     """One user's media methods, by their wire names (docs/protocol.md 6)."""
 
-    def __init__(self, store, spool_folder, max_decompressed, quota=0):
+    def __init__(self, store, spool_folder, max_decompressed, quota=0, moved_to=""):
         self.store = store
         self.spool_folder = spool_folder
         self.max_decompressed = max_decompressed
         self.quota = quota                  # bytes of media files a user may have; 0: any
+        self.moved_to = moved_to            # the new address, once the server has moved
 
     def handle(self, req):
         if req.method not in MEDIA_METHODS:
             raise SyncError(404, "unknown media method %r" % req.method[:QUOTED_MAX])
+        if self.moved_to:
+            # A modern client follows meta's 308 and remembers it, but the same run's media
+            # sync still comes here (rslib keeps the run's endpoint; media requests follow
+            # no redirect). Stored here, files would never reach the new server: refused,
+            # the device's next sync goes to the new address for media too. 410, not 308:
+            # for media, Anki 26.9 shows a 308 as "HttpError { code: 308 ... }", and a 410
+            # as "HTTP status client error (410 <the status line's words>)".
+            moved = "this sync server has moved to %s: sync again" % self.moved_to
+            raise SyncError(410, moved, phrase=moved)
         method = getattr(self, req.method)      # each method is named as on the wire
         with UserLock(self.store.lock, "another device of this user is syncing media",
                       self.store.folder_lock):
@@ -3624,7 +3651,8 @@ def check_media_name(name):
 #   So before a full upload replaces a collection, and once a day after a normal
 #   sync, the collection is kept in <user>/backups/; deleted and replaced media
 #   files wait in <user>/media.trash/. The CLI lists, makes and restores them,
-#   also while the server runs: both take the user's folder locks.
+#   also while the server runs: both take the user's folder locks. After a restore
+#   or an import each device is told to choose Download, until it has.
 # ---------------------------------------------------------------------------
 
 class RestorePoints:
@@ -3992,7 +4020,7 @@ class UserFolder:
             os.close(fd)
             try:
                 self.points.unpack(point_id, temp)
-                self.install(temp)
+                self.install(temp, "restore", point_id, point["time"])
             finally:
                 if os.path.exists(temp):
                     os.unlink(temp)
@@ -4003,9 +4031,10 @@ class UserFolder:
                 store.close()
         return point, before, returned
 
-    def install(self, prepared):
+    def install(self, prepared, why, what, when):
         """A checked schema-11 file becomes the collection, with a new schema time: every
-        device's next sync then asks for a full sync, and a download gives this file."""
+        device's next sync then asks for a full sync, and a download gives this file; till
+        then each device is told to choose Download (FullSyncNotice)."""
         conn = connect_collection(prepared)
         try:
             if conn.execute("pragma quick_check(1)").fetchall() != [("ok",)]:
@@ -4025,7 +4054,82 @@ class UserFolder:
             conn.close()
         remove_side_files(prepared)
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        # Before the swap: a sync between the two sees the notice's scm, not yet the file's.
+        FullSyncNotice(self.path).start(why, what, when, now)
         self.collection.replace_with(prepared)
+
+
+class FullSyncNotice:
+    """What a restore or an import tells each device at its next sync: the stock full-sync
+    dialog offers Upload as readily as Download, and Upload would undo the command. The
+    file, in the user's folder, survives a restart; it names the schema time the command
+    gave the collection (a full upload gives another: the notice ends with it) and the
+    devices that have downloaded since. A device is what `status` counts as one: a client
+    and its host key. Every device of a user has the same key, so two of the same app
+    version on the same system are one device here: once one has downloaded, the other
+    is not told. Written under the user's folder lock, by the command and by the server."""
+
+    def __init__(self, user_folder):
+        self.path = os.path.join(user_folder, FULL_SYNC_NOTICE)
+
+    def read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                notice = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:      # damaged: no notice, and the sync goes on
+            log.warning("%s unreadable, ignored: %s", self.path, e)
+            return None
+        if not isinstance(notice, dict) or not isinstance(notice.get("done"), list):
+            log.warning("%s is not a notice of ankisync's, ignored", self.path)
+            return None
+        return notice
+
+    def write(self, notice):
+        write_atomically(self.path, json.dumps(notice, indent=1).encode("utf-8"), TEMP_BACKUP)
+
+    def start(self, why, what, when, scm):
+        """A command installed a collection: `why` restore or import, `what` the restore
+        point's id or the package's name, `when` its time (epoch seconds)."""
+        self.write({"why": why, "what": what, "time": int(when), "scm": scm, "done": []})
+
+    def end(self):
+        """A full upload replaced the collection on purpose: nobody needs the notice."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    @staticmethod
+    def device(client, hkey):
+        return hashlib.sha256(("%s\n%s" % (key_digest(hkey), client)).encode("utf-8")
+                              ).hexdigest()
+
+    def message(self, scm, client, hkey):
+        """The sentence for this device, or "": the collection still is the installed one
+        and the device has not downloaded it."""
+        notice = self.read()
+        if not notice or notice.get("scm") != scm or self.device(client, hkey) in notice["done"]:
+            return ""
+        try:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(notice["time"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            when = "recently"
+        if notice.get("why") == "import":
+            return ("A collection was imported on the server (%s, %s): choose Download in the "
+                    "next dialog; Upload would undo the import." % (notice.get("what"), when))
+        return ("The collection was restored on the server (restore point %s, %s): choose "
+                "Download in the next dialog; Upload would undo the restore."
+                % (notice.get("what"), when))
+
+    def downloaded(self, client, hkey):
+        notice = self.read()
+        device = self.device(client, hkey)
+        if notice and device not in notice["done"]:
+            notice["done"] = (notice["done"] + [device])[-FULL_SYNC_NOTICE_DEVICES:]
+            try:
+                self.write(notice)
+            except OSError as e:    # a full disk: the download goes on, the device is told again
+                log.warning("%s not updated: %s", self.path, e)
 
 
 def bring_back_media(store, trash, point):
@@ -4174,7 +4278,7 @@ def import_package(folder, package, zstd):
             before = folder.points.keep(folder.collection.path, "import",
                                         "before importing %s" % os.path.basename(package),
                                         undo=True)
-            folder.install(temp)
+            folder.install(temp, "import", os.path.basename(package), time.time())
             store = MediaStore(folder.path)
             added = add_media_files(store, incoming)
             store.close()
@@ -4603,8 +4707,8 @@ class SyncApp:
                 self.record(req, SYNC_EVENTS[req.method], syncer.client_of(req))
             return reply
         return MediaSync(self.media_for(req.user), self.spool_folder,
-                         self.config.max_decompressed,
-                         self.config.quota_media_mb * MIB).handle(req)
+                         self.config.max_decompressed, self.config.quota_media_mb * MIB,
+                         moved_address(self.config.moved_to)).handle(req)
 
     def active_sessions(self):
         with self._registry_lock:
@@ -5196,7 +5300,7 @@ class Handler(BaseHTTPRequestHandler):
         except SyncError as e:
             status = e.status
             self.finish_body(body)
-            sent = self.send_text(e.status, e.reason, e.retry_after, e.location)
+            sent = self.send_text(e.status, e.reason, e.retry_after, e.location, e.phrase)
         except (ConnectionError, socket.timeout) as e:
             status, self.close_connection = 499, True
             log.info("connection lost during %s: %s", what, e)
@@ -5289,9 +5393,11 @@ class Handler(BaseHTTPRequestHandler):
         return self.send_body("text/plain; version=0.0.4; charset=utf-8",
                               app.metrics.render(app).encode("utf-8"))
 
-    def send_text(self, status, text, retry_after=None, location=None):
+    def send_text(self, status, text, retry_after=None, location=None, phrase=None):
         data = (text + "\n").encode("utf-8")
-        self.send_response(status)
+        if phrase:      # a status line holds printable ASCII only
+            phrase = "".join(c if " " <= c <= "~" else "?" for c in phrase)
+        self.send_response(status, phrase)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         if retry_after is not None:

@@ -370,7 +370,7 @@ def sync_collection(col, sync):
 # =====================================================================================
 
 RESULT_PREFIX = "ANKISYNC-TEST-RESULT:"
-SYNC_VERBS = ("login", "sync", "full_upload", "full_download", "sync_media")
+SYNC_VERBS = ("login", "sync", "sync_told", "full_upload", "full_download", "sync_media")
 
 
 def legacy_main(argv):
@@ -421,13 +421,15 @@ def rust_sync_verb(state, verb):
         state["hkey"] = col.sync_login(cmd["user"], cmd["password"]).hkey
         return None
     auth = SyncAuth(hkey=state["hkey"], host_number=0)
-    if verb == "sync":
+    if verb in ("sync", "sync_told"):
         # Like aqt: commit the open transaction before a sync, open a new one after.
         col.save(trx=False)
         try:
-            return sync_collection(col, lambda: col.sync_collection(auth))[0]
+            outcome, out = sync_collection(col, lambda: col.sync_collection(auth))
         finally:
             col.db.begin()
+        # sync_told: the message the device shows too (meta's msg).
+        return outcome if verb == "sync" else [outcome, out.server_message]
     if verb == "sync_media":
         col.save()
         col.sync_media(auth)  # blocking in 2.1.54; raises on error
@@ -754,6 +756,14 @@ class ModernDevice:
             self.auth.endpoint = out.new_endpoint
         return outcome
 
+    def sync_told(self):
+        """A sync, and the message the device shows with it (meta's msg)."""
+        if self.auth is None:
+            self.login()
+        outcome, out = sync_collection(self.col,
+                                       lambda: self.col.sync_collection(self.auth, False))
+        return outcome, out.server_message
+
     def sync_on_signal(self, go_file, delay, ready):
         wait_for_file(self.col, go_file, delay, ready=ready)
         return self.sync()
@@ -845,6 +855,9 @@ class LegacyDevice:
 
     def sync(self):
         return self._sync_verb("sync")
+
+    def sync_told(self):
+        return tuple(self._sync_verb("sync_told"))
 
     def sync_on_signal(self, go_file, delay, ready):
         steps = [] if self.hkey else [("login", {})]
@@ -6391,6 +6404,56 @@ def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(ser
     assert note_count(again) == 5
 
 
+@pytest.mark.legacy
+@pytest.mark.parametrize("command", ["restore", "import"])
+def test_after_a_restore_or_import_each_device_is_told_to_download_until_it_has(
+        server, make_device, tmp_path, command):
+    """A laptop, a phone (Anki 26.9) and an old laptop (2.1.54) share 4 notes; the admin
+    restores the point of them, or imports an export of them, after the laptop added 2.
+    Each device's next sync, after a server restart too, says what happened and to
+    choose Download; each downloads, and its syncs after that say nothing."""
+    laptop, phone, nids = set_up_pair(make_device, "modern", "modern")
+    old = make_device("legacy", "old")
+    join_by_download(old)
+    package = str(tmp_path / "vier.colpkg")
+    admin(server, "backup", USER)
+    admin(server, "export", USER, package)
+    point = restore_points(server)[0][0]
+    laptop.do("add_notes", deck="Default", prefix="danach", count=2)
+    sync_normally(laptop)
+    admin(server, *(("restore", USER, point) if command == "restore"
+                     else ("import", USER, package)))
+    server.restart()                    # what the devices are told outlives a restart
+
+    said = ("The collection was restored on the server (restore point %s, " % point
+            if command == "restore" else
+            "A collection was imported on the server (vier.colpkg, ")
+    devices = (laptop, phone, old)
+    for device in devices:
+        outcome, message = device.sync_told()
+        assert outcome == "full_sync", device
+        assert message.startswith(said), (device, message)
+        assert message.endswith("choose Download in the next dialog; Upload would undo "
+                                "the %s." % command), (device, message)
+    for device in devices:
+        device.full_download()
+        assert len(device.snapshot()["notes"]) == len(nids)
+    for device in devices:
+        outcome, message = device.sync_told()
+        assert outcome in ("normal_sync", "no_changes") and message == "", (device, message)
+
+
+def test_after_a_restore_a_full_upload_ends_the_download_advice(server, make_device):
+    """After a restore the phone answers Upload, on purpose: the collection is the
+    phone's now, and the laptop's full sync comes without the restore's advice."""
+    laptop, phone, _ = set_up_pair(make_device, "modern", "modern")
+    admin(server, "backup", USER)
+    admin(server, "restore", USER, restore_points(server)[0][0])
+    assert "restored on the server" in phone.sync_told()[1]
+    phone.full_upload()
+    assert laptop.sync_told() == ("full_sync", "")
+
+
 def test_the_days_first_normal_sync_leaves_one_daily_restore_point(server, make_device):
     """A laptop uploads 12 notes, adds 3 and syncs: the server keeps the day's restore
     point of the 15 notes, on a thread of its own once the sync has been answered. The
@@ -7864,6 +7927,48 @@ def test_a_moved_server_sends_modern_clients_on_and_tells_old_ones(start_server,
     meta = legacy(old, "meta", {"k": key, "s": "abc", "c": "1"},
                   json.dumps({"v": 10, "cv": "anki,2.1.54"}).encode()).json()
     assert not meta["cont"] and new.url in meta["msg"]
+
+
+@pytest.mark.media
+def test_a_moved_server_refuses_the_media_of_the_run_that_found_the_move(start_server,
+                                                                         make_device):
+    old = start_server()
+    laptop = make_device("modern", "laptop", on=old)
+    laptop.do("add_notes", deck="Default", prefix="vorher", count=2)
+    before = write_media_on(laptop, [["vorher.jpg", 3000, 1]])
+    first_upload(laptop)
+    laptop.sync_media()
+    old.stop()
+    new = start_server(prepare=lambda base: shutil.copytree(old.base, base, dirs_exist_ok=True))
+    old = start_server(base=old.base, port=old.port, ini="moved_to = %s\n" % new.url)
+    added = write_media_on(laptop, [["neu %d.jpg" % i, 2000 + i, 10 + i] for i in range(3)])
+
+    # One run as Anki runs it: the collection (meta's 308 followed, the new address
+    # remembered), then media in the background from the address the run began with.
+    laptop.do("add_notes", deck="Default", prefix="nachher", count=1)
+    out = laptop.col.sync_collection(laptop.auth, True)
+    assert out.new_endpoint == new.url
+    with pytest.raises(Exception) as refused:
+        wait_until(lambda: not laptop.col.media_sync_status().active, timeout=60,
+                   every=0.05, what="the media sync of the run")
+    # What the device shows: the move and the new address, not a bare status.
+    assert "this sync server has moved to %s" % new.url in str(refused.value)
+    assert not set(added) & set(os.listdir(os.path.join(old.base, USER, "media")))
+    after_move = old.log().split(" sync/meta 308 ", 1)[1]
+    assert set(re.findall(r" msync/\w+ (\d+) ", after_move)) == {"410"}
+
+    # The next run goes to the new address, for the collection and for media.
+    laptop.auth.endpoint = out.new_endpoint
+    assert laptop.sync() in ("normal_sync", "no_changes")
+    laptop.sync_media()
+    stored = os.path.join(new.base, USER, "media")
+    for name, sha1 in added.items():
+        with open(os.path.join(stored, name), "rb") as f:
+            assert hashlib.sha1(f.read()).hexdigest() == sha1
+    fresh = make_device("modern", "fresh", on=new)
+    join_by_download(fresh)
+    fresh.sync_media()
+    assert fresh.media_files() == dict(before, **added)
 
 
 # --- for the person running it: status and metrics ---------------------------------------
