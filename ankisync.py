@@ -723,6 +723,12 @@ OPTIONS = (
         A secret that opens /metrics to other machines (a Prometheus elsewhere): they send
         "Authorization: Bearer <token>". Empty: this machine only.""",
            env="ANKISYNC_METRICS_TOKEN"),
+    Option("metrics_token_file", "", "...or the file holding it (Docker and systemd secrets)",
+           """
+        The file that holds metrics_token, as container secrets are given (Docker's
+        /run/secrets/NAME, systemd's LoadCredential): read at start, its trailing newline
+        dropped. SYNC_USER1_FILE, SYNC_USER2_FILE, ... likewise hold name:password.""",
+           env="ANKISYNC_METRICS_TOKEN_FILE"),
     Option("ip_header", "", "behind a proxy: the header with the client's address", """
         Behind a reverse proxy every connection comes from the proxy: name the header in
         which it passes the client's address (X-Forwarded-For, X-Real-IP, or one of the
@@ -879,17 +885,41 @@ class Config:
                 setattr(self, option.name, option.read(environ[option.env], option.env))
         self.passwords_hashed = bool(environ.get("PASSWORDS_HASHED"))
         number = 1
-        while environ.get("SYNC_USER%d" % number):
-            name, sep, secret = environ["SYNC_USER%d" % number].partition(":")
+        while environ.get("SYNC_USER%d" % number) or environ.get("SYNC_USER%d_FILE" % number):
+            variable = "SYNC_USER%d" % number
+            if environ.get(variable) and environ.get(variable + "_FILE"):
+                raise SystemExit("ankisync: set %s or %s_FILE, not both" % (variable, variable))
+            value = environ.get(variable) or secret_from_file(environ[variable + "_FILE"],
+                                                              variable + "_FILE")
+            name, sep, secret = value.partition(":")
             if not sep:
-                raise SystemExit("ankisync: SYNC_USER%d must look like name:password" % number)
+                raise SystemExit("ankisync: %s must look like name:password" % (
+                    variable if environ.get(variable) else variable + "_FILE's file"))
             self.env_users.append((name, secret))
             number += 1
+        if self.metrics_token_file:
+            if self.metrics_token:
+                raise SystemExit("ankisync: set metrics_token or metrics_token_file, not both")
+            self.metrics_token = secret_from_file(self.metrics_token_file, "metrics_token_file")
 
     def normalized_base_path(self):
         """The prefix as '/anki/' or '/', however it was typed."""
         parts = [p for p in self.base_path.split("/") if p]
         return "/" + "".join(p + "/" for p in parts)
+
+
+def secret_from_file(path, what):
+    """A secret as containers hand them over, a file of its own: read once, at start, its
+    trailing newline dropped (editors and `echo` add one); unreadable, a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit("ankisync: %s: cannot read %s: %s" % (
+            what, path, e.strerror if isinstance(e, OSError) and e.strerror else e))
+    if not text:
+        raise SystemExit("ankisync: %s: %s is empty" % (what, path))
+    return text
 
 
 # The official server's SYNC_IP_HEADER names (axum-client-ip), and the header each means.
@@ -5903,11 +5933,11 @@ def housekeeping(app, stop):
 #   once, also while the server runs.
 # ---------------------------------------------------------------------------
 
-def read_password(name, stdin=None):
+def read_password(name, stdin=None, prompt="Password for %s: "):
     """getpass twice on a terminal; one line from stdin for scripts and Docker."""
     stdin = stdin or sys.stdin
     if stdin.isatty():
-        first = getpass.getpass("Password for %s: " % name)
+        first = getpass.getpass(prompt % name)
         if first != getpass.getpass("Again: "):
             raise ValueError("the two passwords differ: nothing changed")
     else:
@@ -5915,6 +5945,12 @@ def read_password(name, stdin=None):
     if not first:
         raise ValueError("an empty password is not allowed: nothing changed")
     return first
+
+
+def command_hash(config, args):
+    """A PHC string for a secret, to paste where a hash is taken instead of the secret:
+    SYNC_USERn=name:<hash> with PASSWORDS_HASHED=1."""
+    print(hash_password(read_password("", prompt="Password to hash: %s")))
 
 
 def command_adduser(config, args):
@@ -6471,6 +6507,10 @@ COMMANDS = (
             "with a name, that user's devices and restore points too. Works with or without "
             "a running server.",
             [(("name",), {"nargs": "?", "help": "one user, in more detail"})]),
+    Command("hash", command_hash, "print a password's hash, for PASSWORDS_HASHED=1",
+            "Print the PBKDF2 hash (a PHC string) of a password, asked twice on a terminal "
+            "or read as one line from stdin, for SYNC_USERn=name:HASH with PASSWORDS_HASHED=1: "
+            "the password itself then appears in no file or variable."),
     Command("health", command_health, "check that the server answers (for health checks)",
             "Ask the running server's /health at the address and scheme the settings give; "
             "exits with 0 when it answers. Docker's HEALTHCHECK uses it."),

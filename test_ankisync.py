@@ -1796,6 +1796,56 @@ def test_users_from_the_environment_are_hashed_once_not_at_every_start(tmp_path,
     assert users.login("u0", "pw0")
 
 
+def test_secrets_from_files_as_containers_give_them_and_one_line_when_unreadable(tmp_path):
+    """SYNC_USERn_FILE and metrics_token_file: read at start, the trailing newline
+    dropped; a file that cannot be read stops the start in one line naming it."""
+    (tmp_path / "alice").write_text("alice:s3cret\n")
+    (tmp_path / "token").write_text("t0ken\r\n")
+    ini = tmp_path / "server.ini"
+    ini.write_text("[server]\nmetrics_token_file = %s\n" % (tmp_path / "token"))
+    config = ankisync.Config.load(str(ini), environ={
+        "SYNC_USER1_FILE": str(tmp_path / "alice"), "SYNC_USER2": "bob:pw"})
+    assert config.env_users == [("alice", "s3cret"), ("bob", "pw")]
+    assert config.metrics_token == "t0ken"
+    missing = str(tmp_path / "nowhere")
+    for environ, named in [({"SYNC_USER1_FILE": missing}, "SYNC_USER1_FILE"),
+                           ({"ANKISYNC_METRICS_TOKEN_FILE": missing}, "metrics_token_file")]:
+        with pytest.raises(SystemExit) as refused:
+            ankisync.Config.load(str(tmp_path / "server.ini"), environ=environ)
+        said = str(refused.value)
+        assert named in said and missing in said and "No such file" in said
+        assert "\n" not in said
+    with pytest.raises(SystemExit, match="not both"):
+        ankisync.Config.load(str(ini), environ={"SYNC_USER1": "a:b",
+                                                "SYNC_USER1_FILE": str(tmp_path / "alice")})
+
+
+def test_a_hash_from_the_hash_command_in_a_secret_file_lets_the_user_sync(start_server,
+                                                                         make_device, tmp_path):
+    """`ankisync.py hash` prints the PHC string PASSWORDS_HASHED=1 takes: given in a
+    SYNC_USER1_FILE, the password itself is in no file, and the device logs in with it."""
+    printed = run_ankisync("hash", stdin="horse battery\n")
+    assert printed.returncode == 0, printed.stderr
+    phc = printed.stdout.strip()
+    assert phc.startswith("$pbkdf2-sha256$i=600000,l=32$") and "horse" not in phc
+    assert ankisync.verify_password("horse battery", phc)
+    secret = tmp_path / "alice-secret"
+    secret.write_text("alice:%s\n" % phc)
+    (tmp_path / "metrics-secret").write_text("m3trics\n")
+    srv = start_server(users=(), env={"SYNC_USER1_FILE": str(secret), "PASSWORDS_HASHED": "1"},
+                       ini="metrics = on\nmetrics_token_file = %s\nip_header = X-Real-IP\n"
+                       % (tmp_path / "metrics-secret"))
+    phone = make_device("modern", "phone", user="alice", password="horse battery", on=srv)
+    phone.do("add_notes", deck="Default", prefix="h", count=2)
+    first_upload(phone)
+    elsewhere = {"X-Real-IP": "203.0.113.9"}
+    assert post(srv, "/metrics", method="GET", headers=elsewhere).status == 403
+    assert post(srv, "/metrics", method="GET",
+                headers=dict(elsewhere, Authorization="Bearer m3trics")).status == 200
+    empty = run_ankisync("hash", stdin="\n")
+    assert empty.returncode != 0 and "empty password" in empty.stderr
+
+
 def test_a_user_named_jose_from_the_environment_syncs_and_passwd_says_where_it_comes_from(
         start_server, make_device, tmp_path):
     srv = start_server(env={"SYNC_USER2": "José:contraseña"})
