@@ -5043,7 +5043,7 @@ body{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:1em auto;padding:0
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6em .2em 0;
 border-bottom:1px solid #ddd;vertical-align:top}code{background:#f3f3f3;overflow-wrap:anywhere}
 input{font-size:1em;max-width:100%}form{margin:.6em 0}.note{background:#fff3cd;padding:.6em}
-.wide{overflow-x:auto}"""
+li{margin:.3em 0}"""
 
 # No script, no frame, no outside resource: a page of ours can only be itself.
 PAGE_HEADERS = (
@@ -5293,20 +5293,18 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
             stats["notes"], stats["cards"], human_size(stats["collection_bytes"]),
             stats["media_files"], human_size(stats["media_bytes"]),
             when(stats["last_sync"]) if stats["last_sync"] else "never", action))
-        devices = "".join("<tr><td>%s</td><td>%s</td><td>%s</td><td>%s (%s)</td></tr>" % (
-            html.escape(client), html.escape(address), when(first)[:10], when(last),
-            html.escape(kind)) for client, address, first, last, kind in
+        # Lists, not tables: a phone shows a line per device, not a table cut off.
+        devices = "".join("<li><code>%s</code> from %s: last sync %s (%s), first %s</li>" % (
+            html.escape(client), html.escape(address), when(last), html.escape(kind),
+            when(first)[:10]) for client, address, first, last, kind in
             self.users.devices(user))
-        parts.append("<h2>Devices</h2>" + ('<div class="wide"><table><tr><th>client</th>'
-                     "<th>from</th><th>first</th><th>last sync</th></tr>%s</table></div>"
-                     % devices if devices else "<p>None has synced yet.</p>"))
-        points = "".join("<tr><td><code>%s</code></td><td>%s</td><td>%s</td><td>%d notes, "
-                         "%d cards</td><td>%s</td></tr>" % (
-                             html.escape(p["id"]), when(p["time"]), html.escape(p["why"]),
-                             p["notes"], p["cards"], human_size(p["size"]))
-                         for p in RestorePoints(folder, config).list())
+        parts.append("<h2>Devices</h2>" + ("<ul>%s</ul>" % devices if devices else
+                                           "<p>None has synced yet.</p>"))
+        points = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s</li>" % (
+            html.escape(p["id"]), when(p["time"]), html.escape(p["why"]), p["notes"],
+            p["cards"], human_size(p["size"])) for p in RestorePoints(folder, config).list())
         parts.append("<h2>Restore points</h2>" + (
-            '<div class="wide"><table>%s</table></div>' % points if points else
+            "<ul>%s</ul>" % points if points else
             "<p>None yet: one is made before each full upload and once a day after a "
             "sync.</p>"))
         parts.append("<h2>Password</h2><p>Every device must log in again after a change.</p>"
