@@ -1600,6 +1600,10 @@ def test_meta_refuses_unknown_sync_versions_with_501(server):
     ("/mediaChanges", ("msync", "mediaChanges")),
     ("/", ("page", "index")),
     ("/health", ("page", "health")),
+    ("/account", ("page", "account")),
+    ("//account/", ("page", "account")),
+    ("/account/collection.colpkg", ("page", "account/collection.colpkg")),
+    ("/api/stats", ("page", "api/stats")),
 ])
 def test_routes_forgive_what_users_type(path, expected):
     assert ankisync.route(path, "/") == expected
@@ -1608,6 +1612,7 @@ def test_routes_forgive_what_users_type(path, expected):
 def test_routes_under_a_base_path():
     assert ankisync.route("/anki/sync/meta", "/anki/") == ("sync", "meta")
     assert ankisync.route("/anki/", "/anki/") == ("page", "index")
+    assert ankisync.route("/anki/account", "/anki/") == ("page", "account")
     with pytest.raises(ankisync.SyncError) as e:
         ankisync.route("/sync/nonsense", "/")
     assert e.value.status == 404
@@ -7705,6 +7710,9 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
     assert (counted["notes"], counted["cards"], counted["media_files"]) == (notes, cards, 2)
     assert counted["collection_bytes"] > 0 and counted["media_bytes"] == 6000
     assert counted["user"] == USER and counted["last_sync"] > time.time() - 600
+    with open(os.path.join(HERE, "README.md")) as f:          # the README's example
+        example = re.search(r'\n(\{"cards".*?\})\n', f.read(), re.DOTALL).group(1)
+    assert sorted(json.loads(example)) == sorted(counted)
     page.goto(url)
     assert token not in page.content()                      # shown once only
     assert "home assistant" in page.content()
