@@ -41,7 +41,8 @@ users, envelopes, the collection store, collection sync (one method per wire nam
 appendices: A. zstd, B. the schema 18 to 11 conversion, C. a new collection, D. media
 zips, E. a private certificate authority; ``main()`` last. A request enters at
 ``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by ``Accounts``
-and answered by ``CollectionSync`` or ``MediaSync``.
+and answered by ``CollectionSync`` or ``MediaSync``; a browser's ``/account`` and a
+dashboard's ``/api/stats`` are answered by ``Pages``.
 ``docs/protocol.md`` describes the protocol as ankisync speaks it; comments cite it by
 section.
 
@@ -155,6 +156,8 @@ PAGE_SESSION_SECONDS = 8 * 3600     # a browser stays logged in a working day, t
 PAGE_SESSION_TEST = "ANKISYNC_TEST_SESSION_SECONDS"  # for the tests only: a shorter lifetime
 SESSION_COOKIE = "ankisync_session"  # the signed login: name, expiry, MAC
 FORM_COOKIE = "ankisync_form"        # random, per browser: what CSRF tokens are bound to
+FORM_COOKIE_SECONDS = 365 * 86400   # it holds no secret of the user's: kept, so forms never
+                                    # fail for a cookie that just expired
 CSRF_HEX = 32                       # hex digits of a form's token: 128 bits
 API_TOKEN_BYTES = 32                # an API token's randomness: no guessing, so no throttle
 API_TOKENS_MAX = 20                 # per user: dashboards are few; auth.db must not fill up
@@ -5160,7 +5163,7 @@ class Pages:
         value = req.cookies.get(FORM_COOKIE, "")
         if not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", value):
             value = secrets.token_urlsafe(24)
-            headers.append(self.cookie(FORM_COOKIE, value, req, 10 * 365 * 86400))
+            headers.append(self.cookie(FORM_COOKIE, value, req, FORM_COOKIE_SECONDS))
         return value
 
     def refusal(self, req, form, session):
