@@ -41,7 +41,8 @@ users, envelopes, the collection store, collection sync (one method per wire nam
 appendices: A. zstd, B. the schema 18 to 11 conversion, C. a new collection, D. media
 zips, E. a private certificate authority; ``main()`` last. A request enters at
 ``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by ``Accounts``
-and answered by ``CollectionSync`` or ``MediaSync``.
+and answered by ``CollectionSync`` or ``MediaSync``; a browser's ``/account`` and a
+dashboard's ``/api/stats`` are answered by ``Pages``.
 ``docs/protocol.md`` describes the protocol as ankisync speaks it; comments cite it by
 section.
 
@@ -147,6 +148,19 @@ PASSWORD_CHECK_WAIT = 10            # seconds a login waits for its turn before 
 GUARD_TABLE_MAX = 10_000            # addresses and names remembered; the oldest are forgotten first
 NOTICE_REPEAT = 60                  # seconds before a warning about one address is logged again
 KNOWN_LOGIN_SECONDS = 30 * 86400    # a login's address counts as the user's own for a month
+
+# Pages: /account, where a user sees their collection in a browser, and /api/stats.
+PAGE_FORM_MAX = 16 * 1024           # a form is a name, two passwords and a token: bytes, not KiB
+PAGE_FORM_FIELDS = 8                # fields in one form: ours send at most five
+PAGE_SESSION_SECONDS = 8 * 3600     # a browser stays logged in a working day, then asks again
+PAGE_SESSION_TEST = "ANKISYNC_TEST_SESSION_SECONDS"  # for the tests only: a shorter lifetime
+SESSION_COOKIE = "ankisync_session"  # the signed login: name, expiry, MAC
+FORM_COOKIE = "ankisync_form"        # random, per browser: what CSRF tokens are bound to
+FORM_COOKIE_SECONDS = 365 * 86400   # it holds no secret of the user's: kept, so forms never
+                                    # fail for a cookie that just expired
+CSRF_HEX = 32                       # hex digits of a form's token: 128 bits
+API_TOKEN_BYTES = 32                # an API token's randomness: no guessing, so no throttle
+API_TOKENS_MAX = 20                 # per user: dashboards are few; auth.db must not fill up
 
 # Connections: one listener thread holds every connection between requests and reads
 # each request's head (and a legacy form's first bytes) itself, so that a worker thread
@@ -732,6 +746,12 @@ OPTIONS = (
         A secret that opens /metrics to other machines (a Prometheus elsewhere): they send
         "Authorization: Bearer <token>". Empty: this machine only.""",
            env="ANKISYNC_METRICS_TOKEN"),
+    Option("metrics_token_file", "", "...or the file holding it (Docker and systemd secrets)",
+           """
+        The file that holds metrics_token, as container secrets are given (Docker's
+        /run/secrets/NAME, systemd's LoadCredential): read at start, its trailing newline
+        dropped. SYNC_USER1_FILE, SYNC_USER2_FILE, ... likewise hold name:password.""",
+           env="ANKISYNC_METRICS_TOKEN_FILE"),
     Option("public_url", "", "the address clients use (behind a proxy, in a container)", """
         The address clients type, as they type it, when it is not the one this machine
         listens on: a reverse proxy's (https://anki.example.com/anki/, base_path included)
@@ -897,12 +917,22 @@ class Config:
                 setattr(self, option.name, option.read(environ[option.env], option.env))
         self.passwords_hashed = bool(environ.get("PASSWORDS_HASHED"))
         number = 1
-        while environ.get("SYNC_USER%d" % number):
-            name, sep, secret = environ["SYNC_USER%d" % number].partition(":")
+        while environ.get("SYNC_USER%d" % number) or environ.get("SYNC_USER%d_FILE" % number):
+            variable = "SYNC_USER%d" % number
+            if environ.get(variable) and environ.get(variable + "_FILE"):
+                raise SystemExit("ankisync: set %s or %s_FILE, not both" % (variable, variable))
+            value = environ.get(variable) or secret_from_file(environ[variable + "_FILE"],
+                                                              variable + "_FILE")
+            name, sep, secret = value.partition(":")
             if not sep:
-                raise SystemExit("ankisync: SYNC_USER%d must look like name:password" % number)
+                raise SystemExit("ankisync: %s must look like name:password" % (
+                    variable if environ.get(variable) else variable + "_FILE's file"))
             self.env_users.append((name, secret))
             number += 1
+        if self.metrics_token_file:
+            if self.metrics_token:
+                raise SystemExit("ankisync: set metrics_token or metrics_token_file, not both")
+            self.metrics_token = secret_from_file(self.metrics_token_file, "metrics_token_file")
 
     def public_address(self):
         """public_url with the trailing slash modern clients need (without it they drop
@@ -914,6 +944,20 @@ class Config:
         """The prefix as '/anki/' or '/', however it was typed."""
         parts = [p for p in self.base_path.split("/") if p]
         return "/" + "".join(p + "/" for p in parts)
+
+
+def secret_from_file(path, what):
+    """A secret as containers hand them over, a file of its own: read once, at start, its
+    trailing newline dropped (editors and `echo` add one); unreadable, a one-line error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit("ankisync: %s: cannot read %s: %s" % (
+            what, path, e.strerror if isinstance(e, OSError) and e.strerror else e))
+    if not text:
+        raise SystemExit("ankisync: %s: %s is empty" % (what, path))
+    return text
 
 
 # The official server's SYNC_IP_HEADER names (axum-client-ip), and the header each means.
@@ -1051,6 +1095,9 @@ class UserStore:
                 create table if not exists hostkeys (
                     hkey text primary key, name text not null, created integer not null);
                 create index if not exists ix_hostkeys_name on hostkeys (name);
+                create table if not exists api_tokens (
+                    digest text primary key, name text not null, label text not null,
+                    created integer not null);
                 create table if not exists devices (
                     name text not null, client text not null, hkey text not null,
                     address text not null, first_seen integer not null,
@@ -1177,8 +1224,40 @@ class UserStore:
         with self.connect() as db:
             db.execute("delete from users where name=?", (name,))
             db.execute("delete from hostkeys where name=?", (name,))
+            db.execute("delete from api_tokens where name=?", (name,))
         self.key_cache.clear()
         return name
+
+    def add_token(self, name, label):
+        """A new API token of `name` (for /api/stats); only its digest is kept, as for
+        host keys: the caller shows it once."""
+        token = secrets.token_urlsafe(API_TOKEN_BYTES)
+        with self.connect() as db:
+            count = db.execute("select count() from api_tokens where name=?",
+                               (name,)).fetchone()[0]
+            if count >= API_TOKENS_MAX:
+                raise ValueError("%d API tokens already: revoke one first" % API_TOKENS_MAX)
+            db.execute("insert into api_tokens values (?, ?, ?, ?)",
+                       (key_digest(token), name, label, int(time.time())))
+        return token
+
+    def tokens(self, name):
+        """(id, label, created) of each API token of `name`: the id is a digest's start,
+        enough to revoke it by, useless to call with."""
+        with self.connect() as db:
+            return db.execute("select substr(digest, 1, 12), label, created from api_tokens "
+                              "where name=? order by created, label", (name,)).fetchall()
+
+    def revoke_token(self, name, token_id):
+        with self.connect() as db:
+            return db.execute("delete from api_tokens where name=? and substr(digest, 1, 12)=?",
+                              (name, token_id)).rowcount
+
+    def user_for_token(self, token):
+        with self.connect() as db:
+            row = db.execute("select name from api_tokens where digest=?",
+                             (key_digest(token),)).fetchone()
+        return row[0] if row else None
 
     def key_for(self, name, phc):
         return hmac.new(self.secret, ("%s\0%s" % (name, phc)).encode("utf-8"),
@@ -2376,17 +2455,23 @@ class Accounts:
         if not isinstance(name, str) or not isinstance(password, str):
             raise bad_request("hostKey needs a user name `u` and a password `p`")
         name = name.strip()
-        with self.guard.turn(req.address, name):
-            hkey = self.users.login(name, password)
-        if hkey is None:
-            self.guard.failed(req.address, name)
-            log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], req.address,
-                        "wrong password" if self.users.exists(name) else "no such user")
-            raise SyncError(403, "wrong user name or password")
-        self.guard.succeeded(req.address, name)
-        self.trust(req.address)
+        hkey = self.check_password(req.address, name, password)
         req.user = self.users.canonical(name)
         return Reply.json({"key": hkey})
+
+    def check_password(self, address, name, password):
+        """The host key for a right name and password, else a 403; throttled by one
+        LoginGuard, so a sync login and a page's login count as the same guesses."""
+        with self.guard.turn(address, name):
+            hkey = self.users.login(name, password)
+        if hkey is None:
+            self.guard.failed(address, name)
+            log.warning("login failed: %r from %s: %s", name[:QUOTED_MAX], address,
+                        "wrong password" if self.users.exists(name) else "no such user")
+            raise SyncError(403, "wrong user name or password")
+        self.guard.succeeded(address, name)
+        self.trust(address)
+        return hkey
 
     def authenticate(self, req):
         """Sets req.user from its host key, or refuses: before any of the body is read."""
@@ -4606,6 +4691,7 @@ class SyncApp:
         self._media = {}
         self._registry_lock = threading.Lock()
         self.base_path = config.normalized_base_path()
+        self.pages = Pages(self)
         self.serving = 0                # requests being dispatched now
         self.downloads_of = {}           # user -> downloads being dispatched or answered
         self.later = Later()
@@ -4972,6 +5058,8 @@ def route(path, base_path):
         return "page", "metrics"
     if segments in (["ca.pem"], ["ca.crt"]):
         return "page", segments[0]
+    if "/".join(segments) in PAGES:
+        return "page", "/".join(segments)
     method = segments[-1]
     for glued in ("msync", "sync"):
         if method.startswith(glued) and (method[len(glued):] in COLLECTION_METHODS
@@ -5126,6 +5214,378 @@ def trust_block(config):
 trusts it once; a new certificate for a new address needs nothing more.</p>
 <table>%s</table>
 """ % (path, path, items)
+
+
+# --- Pages: /account in a browser, /api/stats for dashboards ---------------------------
+#
+# A request for a page comes in at Handler.serve like any other; Pages.answer reads its
+# cookies, checks its form (size, CSRF token, origin) and its login, and answers a
+# PageAnswer, which the handler writes. The sync server's limits apply as to any request:
+# the listener read the head, the body is a small form (PAGE_FORM_MAX), and a password
+# goes through the LoginGuard that throttles sync logins: a guess here counts there.
+
+PAGES = ("account", "account/collection.colpkg", "api/stats")
+
+
+class PageAnswer:
+    """What a page answers: a status, headers, and a body or a file to stream (and then
+    delete: a download's temporary package)."""
+
+    def __init__(self, status, body=b"", content_type="text/html; charset=utf-8",
+                 headers=(), file=None):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers, self.file = list(headers), file
+
+
+class PageRequest:
+    """What Pages needs of a request: its verb, headers, client address, whether it came
+    over TLS (directly, or to a trusted proxy that says so), and its body."""
+
+    def __init__(self, verb, headers, address, secure, body, page):
+        self.verb, self.headers, self.address = verb, headers, address
+        self.secure, self.body, self.page = secure, body, page
+        self.cookies = {}
+        for part in headers.get("Cookie", "").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name not in self.cookies:
+                self.cookies[name] = value
+
+
+PAGE_STYLE = """
+body{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:1em auto;padding:0 1em}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6em .2em 0;
+border-bottom:1px solid #ddd;vertical-align:top}code{background:#f3f3f3;overflow-wrap:anywhere}
+input{font-size:1em;max-width:100%}form{margin:.6em 0}.note{background:#fff3cd;padding:.6em}
+li{margin:.3em 0}"""
+
+# No script, no frame, no outside resource: a page of ours can only be itself.
+PAGE_HEADERS = (
+    ("Cache-Control", "no-store"),
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "same-origin"),
+)
+
+
+def page_html(title, body):
+    return ("""<!doctype html>
+<html><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>%s</title><style>%s</style></head><body>
+%s
+</body></html>
+""" % (html.escape(title), PAGE_STYLE, body)).encode("utf-8")
+
+
+def when(stamp):
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp))
+
+
+class Pages:
+    """/account and /api/stats. A login is a signed cookie, no state on the server: its
+    MAC covers the name, the expiry and the user's password hash, so a new password (or
+    deleting the user) ends every session at once, as it ends every host key."""
+
+    def __init__(self, app):
+        self.app = app
+        self.users = app.users
+        # The session key comes from auth.db's secret (0600 in the data folder), kept
+        # apart from the host keys' use of it by its own label.
+        self.key = hmac.new(app.users.secret, b"ankisync page sessions",
+                            hashlib.sha256).digest()
+        self.lifetime = int(os.environ.get(PAGE_SESSION_TEST) or PAGE_SESSION_SECONDS)
+        self.path = app.base_path + "account"
+
+    def answer(self, req):
+        if req.page == "api/stats":
+            return self.stats(req)
+        user, session = self.session_of(req)
+        if req.page == "account/collection.colpkg":
+            if user is None:
+                return self.login_form(req, 403, "log in first")
+            return self.download(user)
+        if req.verb != "POST":
+            return self.account(req, user, session) if user else self.login_form(req)
+        form = self.read_form(req)
+        refusal = self.refusal(req, form, session if user else "")
+        if refusal:
+            return PageAnswer(403, page_html("ankisync", "<p>%s</p>" % html.escape(refusal)),
+                              headers=PAGE_HEADERS)
+        action = form.get("do")
+        if action == "login":
+            return self.log_in(req, form)
+        if user is None:
+            return self.login_form(req, 403, "log in first")
+        if action == "logout":
+            return self.redirect([self.cookie(SESSION_COOKIE, "", req, 0)])
+        if action == "password":
+            return self.change_password(req, form, user)
+        if action == "token":
+            return self.new_token(req, form, user, session)
+        if action == "revoke":
+            self.users.revoke_token(user, form.get("id", ""))
+            return self.redirect()
+        raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
+
+    # -- sessions, forms and their tokens --------------------------------------------
+
+    def session_value(self, name, phc, expires):
+        mac = hmac.new(self.key, ("session\0%s\0%d\0%s" % (name, expires, phc)).encode("utf-8"),
+                       hashlib.sha256).hexdigest()
+        return "%s.%d.%s" % (b64_nopad(name.encode("utf-8")).replace("+", "-").replace(
+            "/", "_"), expires, mac)
+
+    def session_of(self, req):
+        """(user, cookie value) of a valid, unexpired session, else (None, None)."""
+        value = req.cookies.get(SESSION_COOKIE, "")
+        try:
+            encoded, expires, _ = value.split(".")
+            name = b64_decode_nopad(encoded.replace("-", "+").replace("_", "/")).decode("utf-8")
+            expires = int(expires)
+        except ValueError:                  # UnicodeDecodeError too
+            return None, None
+        row = self.users.find(name)
+        if row is None or row[0] != name or expires < time.time() or \
+                not hmac.compare_digest(value, self.session_value(name, row[1], expires)):
+            return None, None
+        return name, value
+
+    def new_session(self, req, name):
+        phc = self.users.find(name)[1]
+        value = self.session_value(name, phc, int(time.time()) + self.lifetime)
+        return self.cookie(SESSION_COOKIE, value, req, self.lifetime), value
+
+    def cookie(self, name, value, req, max_age):
+        """HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it;
+        Secure over HTTPS: never sent in clear."""
+        return ("Set-Cookie", "%s=%s; Path=%s; Max-Age=%d; HttpOnly; SameSite=Strict%s"
+                % (name, value, self.app.base_path, max_age, "; Secure" if req.secure else ""))
+
+    def csrf(self, form_cookie, session):
+        return hmac.new(self.key, ("csrf\0%s\0%s" % (form_cookie, session or "")).encode(),
+                        hashlib.sha256).hexdigest()[:CSRF_HEX]
+
+    def form_cookie(self, req, headers):
+        """The browser's form cookie, made at its first visit: tokens are bound to it (and
+        to the session), so a token copied from another browser is worth nothing."""
+        value = req.cookies.get(FORM_COOKIE, "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", value):
+            value = secrets.token_urlsafe(24)
+            headers.append(self.cookie(FORM_COOKIE, value, req, FORM_COOKIE_SECONDS))
+        return value
+
+    def refusal(self, req, form, session):
+        """Why a posted form is refused, or None: it comes from another site (Origin,
+        Sec-Fetch-Site), or without the token the page gave this browser."""
+        origin = req.headers.get("Origin")
+        host = req.headers.get("Host", "")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != host:
+            return "refused: this form was sent from another site"
+        if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            return "refused: this form was sent from another site"
+        form_cookie = req.cookies.get(FORM_COOKIE, "")
+        if not form_cookie or not hmac.compare_digest(form.get("csrf", ""),
+                                                      self.csrf(form_cookie, session)):
+            return "refused: the form's token is missing or stale: reload the page"
+        return None
+
+    def read_form(self, req):
+        """A small urlencoded form, or a 4xx saying why not."""
+        kind = req.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/x-www-form-urlencoded":
+            raise SyncError(415, "a page takes forms (application/x-www-form-urlencoded) only")
+        if not req.body.chunked and req.body.remaining > PAGE_FORM_MAX:
+            raise body_too_large(req.body.remaining, PAGE_FORM_MAX)
+        data = b""
+        while True:
+            block = req.body.read(PAGE_FORM_MAX + 1 - len(data))
+            if not block:
+                break
+            data += block
+            if len(data) > PAGE_FORM_MAX:
+                raise SyncError(413, "a form over %d bytes is none of ours" % PAGE_FORM_MAX)
+        try:
+            fields = urllib.parse.parse_qs(data.decode("utf-8"), keep_blank_values=True,
+                                           strict_parsing=True, max_num_fields=PAGE_FORM_FIELDS,
+                                           errors="strict") if data else {}
+        except ValueError as e:             # UnicodeDecodeError too
+            raise bad_request("a malformed form: %s" % str(e)[:QUOTED_MAX])
+        if any(len(values) > 1 for values in fields.values()):
+            raise bad_request("a form field given twice")
+        return {name: values[0] for name, values in fields.items()}
+
+    def redirect(self, headers=()):
+        """After a form: the page again by GET (a reload posts nothing twice)."""
+        return PageAnswer(303, b"", "text/plain", list(PAGE_HEADERS) + list(headers) +
+                          [("Location", self.path)])
+
+    # -- the pages ---------------------------------------------------------------------
+
+    def login_form(self, req, status=200, message="", extra=()):
+        headers = list(PAGE_HEADERS) + list(extra)
+        token = self.csrf(self.form_cookie(req, headers), None)
+        said = '<p class="note">%s</p>' % html.escape(message) if message else ""
+        body = """<h1>Log in</h1>%s
+<p>With the user name and password your Anki devices sync with.</p>
+<form method="post" action="%s">
+<input type="hidden" name="do" value="login"><input type="hidden" name="csrf" value="%s">
+<p><label>User name<br><input name="name" autocomplete="username" required></label></p>
+<p><label>Password<br><input name="password" type="password"
+ autocomplete="current-password" required></label></p>
+<p><button>Log in</button></p></form>""" % (said, html.escape(self.path), token)
+        return PageAnswer(status, page_html("ankisync: log in", body), headers=headers)
+
+    def log_in(self, req, form):
+        name = form.get("name", "").strip()
+        try:
+            self.app.accounts.check_password(req.address, name, form.get("password", ""))
+        except SyncError as e:
+            extra = [("Retry-After", str(e.retry_after))] if e.retry_after else []
+            return self.login_form(req, e.status, e.reason, extra)
+        cookie, _ = self.new_session(req, self.users.canonical(name))
+        return self.redirect([cookie])
+
+    def change_password(self, req, form, user):
+        new = form.get("new", "")
+        if not new or new != form.get("again", ""):
+            return self.account(req, user, None, 400, "the new password is empty, or the two "
+                                "differ: nothing changed")
+        try:
+            self.app.accounts.check_password(req.address, user, form.get("old", ""))
+        except SyncError as e:
+            return self.account(req, user, None, e.status, "the old password: " + e.reason)
+        self.users.set_password(user, new)
+        cookie, session = self.new_session(req, user)      # the old one died with the hash
+        said = ("Password changed. Every device must log in again: Anki asks at its next "
+                "sync; log in there with the new password.")
+        if self.users.source(user) == "env":
+            said += (" Your password also comes from the server's settings (SYNC_USERn), "
+                     "whose next start sets the old one again: tell its admin.")
+        return self.account(req, user, session, 200, said, [cookie])
+
+    def new_token(self, req, form, user, session):
+        label = form.get("label", "").strip()[:QUOTED_MAX] or "dashboard"
+        try:
+            token = self.users.add_token(user, label)
+        except ValueError as e:
+            return self.account(req, user, session, 409, str(e))
+        return self.account(req, user, session, 200, "", shown=(label, token))
+
+    def account(self, req, user, session, status=200, message="", extra=(), shown=None):
+        """The account page: the user's collection, media, devices, restore points and
+        API tokens; the forms to download, change the password, make and revoke tokens."""
+        headers = list(PAGE_HEADERS) + list(extra)
+        if session is None:
+            session = req.cookies.get(SESSION_COOKIE)
+        token = self.csrf(self.form_cookie(req, headers), session)
+        stats = self.user_stats(user)
+        config = self.app.config
+        folder = self.app.user_folder(user)
+        hidden = '<input type="hidden" name="csrf" value="%s">' % token
+        action = html.escape(self.path)
+
+        def form(do, inner, button):
+            return ('<form method="post" action="%s"><input type="hidden" name="do" '
+                    'value="%s">%s%s <button>%s</button></form>' % (action, do, hidden, inner,
+                                                                    button))
+        parts = ["<h1>%s</h1>" % html.escape(user)]
+        if message:
+            parts.append('<p class="note">%s</p>' % html.escape(message))
+        if shown:
+            parts.append('<p class="note">Your new API token %s, shown this once: <code>%s'
+                         '</code><br>Copy it now; only its digest is kept.</p>'
+                         % (html.escape(shown[0]), html.escape(shown[1])))
+        parts.append("""<h2>Collection</h2><table>
+<tr><th>Notes</th><td>%d</td></tr><tr><th>Cards</th><td>%d</td></tr>
+<tr><th>Collection</th><td>%s</td></tr><tr><th>Media files</th><td>%d, %s</td></tr>
+<tr><th>Last sync</th><td>%s</td></tr></table>
+<p><a href="%s/collection.colpkg" download>Download the collection as .colpkg</a> (with its
+media; Anki imports it with File &rarr; Import)</p>""" % (
+            stats["notes"], stats["cards"], human_size(stats["collection_bytes"]),
+            stats["media_files"], human_size(stats["media_bytes"]),
+            when(stats["last_sync"]) if stats["last_sync"] else "never", action))
+        # Lists, not tables: a phone shows a line per device, not a table cut off.
+        devices = "".join("<li><code>%s</code> from %s: last sync %s (%s), first %s</li>" % (
+            html.escape(client), html.escape(address), when(last), html.escape(kind),
+            when(first)[:10]) for client, address, first, last, kind in
+            self.users.devices(user))
+        parts.append("<h2>Devices</h2>" + ("<ul>%s</ul>" % devices if devices else
+                                           "<p>None has synced yet.</p>"))
+        points = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s</li>" % (
+            html.escape(p["id"]), when(p["time"]), html.escape(p["why"]), p["notes"],
+            p["cards"], human_size(p["size"])) for p in RestorePoints(folder, config).list())
+        parts.append("<h2>Restore points</h2>" + (
+            "<ul>%s</ul>" % points if points else
+            "<p>None yet: one is made before each full upload and once a day after a "
+            "sync.</p>"))
+        parts.append("<h2>Password</h2><p>Every device must log in again after a change.</p>"
+                     + form("password", '<p><label>Old password<br><input name="old" '
+                            'type="password" autocomplete="current-password" required></label>'
+                            '</p><p><label>New password<br><input name="new" type="password" '
+                            'autocomplete="new-password" required></label></p><p><label>New '
+                            'password again<br><input name="again" type="password" '
+                            'autocomplete="new-password" required></label></p>',
+                            "Change password"))
+        tokens = "".join("<li>%s, made %s %s</li>" % (
+            html.escape(label), when(created),
+            form("revoke", '<input type="hidden" name="id" value="%s">' % html.escape(tid),
+                 "Revoke")) for tid, label, created in self.users.tokens(user))
+        parts.append("<h2>API tokens</h2><p>For a dashboard (Home Assistant, say): "
+                     "<code>GET %sapi/stats</code> with <code>Authorization: Bearer TOKEN"
+                     "</code> answers your counts as JSON. A token stays until revoked.</p>"
+                     "<ul>%s</ul>" % (html.escape(self.app.base_path), tokens)
+                     + form("token", '<label>Name <input name="label" maxlength="60" '
+                            'placeholder="dashboard"></label>', "Make a token"))
+        parts.append(form("logout", "", "Log out"))
+        return PageAnswer(status, page_html("ankisync: " + user, "\n".join(parts)),
+                          headers=headers)
+
+    def user_stats(self, user):
+        """The counts `status` shows, read the same way (read only, nothing made)."""
+        folder = self.app.user_folder(user)
+        notes, cards, size = collection_counts(os.path.join(folder, "collection.anki2"))
+        files, media_bytes = media_totals(os.path.join(folder, "media.db"))
+        seen = self.users.devices(user)
+        return {"notes": notes, "cards": cards, "collection_bytes": size,
+                "media_files": files, "media_bytes": media_bytes,
+                "last_sync": int(seen[0][3]) if seen else None,
+                "restore_points": len(RestorePoints(folder, self.app.config).list())}
+
+    def download(self, user):
+        folder = UserFolder(self.app.config, user)
+        if not os.path.exists(folder.collection.path) or \
+                not os.path.getsize(folder.collection.path):
+            raise SyncError(404, "no collection yet: sync a device first")
+        fd, temp = tempfile.mkstemp(prefix=TEMP_SPOOL, suffix=".colpkg",
+                                    dir=self.app.spool_folder)
+        os.close(fd)
+        try:
+            export_package(folder, temp)
+        except BaseException:
+            os.unlink(temp)
+            raise
+        name = "%s-%s.colpkg" % (user, time.strftime("%Y-%m-%d"))
+        return PageAnswer(200, content_type="application/octet-stream", file=temp, headers=[
+            ("Cache-Control", "no-store"),
+            ("Content-Disposition", "attachment; filename=\"collection.colpkg\"; "
+                                    "filename*=UTF-8''%s" % urllib.parse.quote(name))])
+
+    def stats(self, req):
+        """GET /api/stats with an API token: the user's counts as JSON, for dashboards."""
+        shown = req.headers.get("Authorization", "")
+        scheme, _, token = shown.partition(" ")
+        user = self.users.user_for_token(token.strip()) \
+            if scheme.lower() == "bearer" and token.strip() else None
+        if user is None:
+            return PageAnswer(401, b'{"error": "an API token is needed: Authorization: '
+                              b'Bearer TOKEN, made on the account page"}\n', "application/json",
+                              [("WWW-Authenticate", 'Bearer realm="ankisync"'),
+                               ("Cache-Control", "no-store")])
+        data = dict(self.user_stats(user), user=user)
+        return PageAnswer(200, (json.dumps(data, sort_keys=True) + "\n").encode("utf-8"),
+                          "application/json", [("Cache-Control", "no-store")])
 
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
@@ -5284,6 +5744,9 @@ class Handler(BaseHTTPRequestHandler):
             body = BodyReader(self.rfile, self.conn.head, app.config.max_payload)
             area, method = route(self.path, app.base_path)
             what = "%s/%s" % (area, method)
+            if area == "page" and method in PAGES:
+                status, sent = self.serve_pages(method, body)
+                return
             if area == "page":
                 self.finish_body(body)
                 sent = self.send_page(method)
@@ -5355,6 +5818,36 @@ class Handler(BaseHTTPRequestHandler):
         reached, proxied = app.page_address(self.headers, self.client_address[0], scheme)
         page = front_page(app.config, reached, scheme, proxied)
         return self.send_body("text/html; charset=utf-8", page)
+
+    def serve_pages(self, name, body):
+        """/account and /api/stats (Pages): (status, bytes sent)."""
+        app = self.server.app
+        peer = self.client_address[0]
+        # Behind a proxy that ends TLS, the proxy says so: believed from trusted_proxies only.
+        secure = isinstance(self.connection, ssl.SSLSocket) or (
+            app.is_proxy(peer) and self.headers.get("X-Forwarded-Proto", "").lower() == "https")
+        answer = app.pages.answer(PageRequest(
+            self.command, self.headers, app.client_address(self.headers, peer), secure, body,
+            name))
+        self.finish_body(body)
+        self.send_response(answer.status)
+        for header, value in answer.headers:
+            self.send_header(header, value)
+        self.send_header("Content-Type", answer.content_type)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        if answer.file is None:
+            self.send_header("Content-Length", str(len(answer.body)))
+            self.end_headers()
+            self.wfile.write(answer.body)
+            return answer.status, len(answer.body)
+        try:
+            with open(answer.file, "rb") as f:
+                self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+                self.end_headers()
+                return answer.status, copy_stream(f.read, self.wfile.write)
+        finally:
+            os.unlink(answer.file)
 
     def send_ca(self, name):
         """The private CA's certificate, for devices to trust (appendix E): PEM for Anki
@@ -6117,11 +6610,11 @@ def housekeeping(app, stop):
 #   once, also while the server runs.
 # ---------------------------------------------------------------------------
 
-def read_password(name, stdin=None):
+def read_password(name, stdin=None, prompt="Password for %s: "):
     """getpass twice on a terminal; one line from stdin for scripts and Docker."""
     stdin = stdin or sys.stdin
     if stdin.isatty():
-        first = getpass.getpass("Password for %s: " % name)
+        first = getpass.getpass(prompt % name)
         if first != getpass.getpass("Again: "):
             raise ValueError("the two passwords differ: nothing changed")
     else:
@@ -6129,6 +6622,12 @@ def read_password(name, stdin=None):
     if not first:
         raise ValueError("an empty password is not allowed: nothing changed")
     return first
+
+
+def command_hash(config, args):
+    """A PHC string for a secret, to paste where a hash is taken instead of the secret:
+    SYNC_USERn=name:<hash> with PASSWORDS_HASHED=1."""
+    print(hash_password(read_password("", prompt="Password to hash: %s")))
 
 
 def command_adduser(config, args):
@@ -6712,6 +7211,10 @@ COMMANDS = (
             "with a name, that user's devices and restore points too. Works with or without "
             "a running server.",
             [(("name",), {"nargs": "?", "help": "one user, in more detail"})]),
+    Command("hash", command_hash, "print a password's hash, for PASSWORDS_HASHED=1",
+            "Print the PBKDF2 hash (a PHC string) of a password, asked twice on a terminal "
+            "or read as one line from stdin, for SYNC_USERn=name:HASH with PASSWORDS_HASHED=1: "
+            "the password itself then appears in no file or variable."),
     Command("health", command_health, "check that the server answers (for health checks)",
             "Ask the running server's /health at the address and scheme the settings give; "
             "exits with 0 when it answers. Docker's HEALTHCHECK uses it."),

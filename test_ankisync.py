@@ -512,6 +512,7 @@ import tempfile  # noqa: E402
 import threading  # noqa: E402
 import tracemalloc  # noqa: E402
 import types  # noqa: E402
+import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
 import zipfile  # noqa: E402
 import zlib  # noqa: E402
@@ -1616,6 +1617,10 @@ def test_meta_refuses_unknown_sync_versions_with_501(server):
     ("/mediaChanges", ("msync", "mediaChanges")),
     ("/", ("page", "index")),
     ("/health", ("page", "health")),
+    ("/account", ("page", "account")),
+    ("//account/", ("page", "account")),
+    ("/account/collection.colpkg", ("page", "account/collection.colpkg")),
+    ("/api/stats", ("page", "api/stats")),
 ])
 def test_routes_forgive_what_users_type(path, expected):
     assert ankisync.route(path, "/") == expected
@@ -1624,6 +1629,7 @@ def test_routes_forgive_what_users_type(path, expected):
 def test_routes_under_a_base_path():
     assert ankisync.route("/anki/sync/meta", "/anki/") == ("sync", "meta")
     assert ankisync.route("/anki/", "/anki/") == ("page", "index")
+    assert ankisync.route("/anki/account", "/anki/") == ("page", "account")
     with pytest.raises(ankisync.SyncError) as e:
         ankisync.route("/sync/nonsense", "/")
     assert e.value.status == 404
@@ -1811,6 +1817,56 @@ def test_users_from_the_environment_are_hashed_once_not_at_every_start(tmp_path,
     assert costly == ["verify_password", "hash_password"]
     assert users.login("u5", "new") and not users.login("u5", "pw5")
     assert users.login("u0", "pw0")
+
+
+def test_secrets_from_files_as_containers_give_them_and_one_line_when_unreadable(tmp_path):
+    """SYNC_USERn_FILE and metrics_token_file: read at start, the trailing newline
+    dropped; a file that cannot be read stops the start in one line naming it."""
+    (tmp_path / "alice").write_text("alice:s3cret\n")
+    (tmp_path / "token").write_text("t0ken\r\n")
+    ini = tmp_path / "server.ini"
+    ini.write_text("[server]\nmetrics_token_file = %s\n" % (tmp_path / "token"))
+    config = ankisync.Config.load(str(ini), environ={
+        "SYNC_USER1_FILE": str(tmp_path / "alice"), "SYNC_USER2": "bob:pw"})
+    assert config.env_users == [("alice", "s3cret"), ("bob", "pw")]
+    assert config.metrics_token == "t0ken"
+    missing = str(tmp_path / "nowhere")
+    for environ, named in [({"SYNC_USER1_FILE": missing}, "SYNC_USER1_FILE"),
+                           ({"ANKISYNC_METRICS_TOKEN_FILE": missing}, "metrics_token_file")]:
+        with pytest.raises(SystemExit) as refused:
+            ankisync.Config.load(str(tmp_path / "server.ini"), environ=environ)
+        said = str(refused.value)
+        assert named in said and missing in said and "No such file" in said
+        assert "\n" not in said
+    with pytest.raises(SystemExit, match="not both"):
+        ankisync.Config.load(str(ini), environ={"SYNC_USER1": "a:b",
+                                                "SYNC_USER1_FILE": str(tmp_path / "alice")})
+
+
+def test_a_hash_from_the_hash_command_in_a_secret_file_lets_the_user_sync(start_server,
+                                                                         make_device, tmp_path):
+    """`ankisync.py hash` prints the PHC string PASSWORDS_HASHED=1 takes: given in a
+    SYNC_USER1_FILE, the password itself is in no file, and the device logs in with it."""
+    printed = run_ankisync("hash", stdin="horse battery\n")
+    assert printed.returncode == 0, printed.stderr
+    phc = printed.stdout.strip()
+    assert phc.startswith("$pbkdf2-sha256$i=600000,l=32$") and "horse" not in phc
+    assert ankisync.verify_password("horse battery", phc)
+    secret = tmp_path / "alice-secret"
+    secret.write_text("alice:%s\n" % phc)
+    (tmp_path / "metrics-secret").write_text("m3trics\n")
+    srv = start_server(users=(), env={"SYNC_USER1_FILE": str(secret), "PASSWORDS_HASHED": "1"},
+                       ini="metrics = on\nmetrics_token_file = %s\nip_header = X-Real-IP\n"
+                       % (tmp_path / "metrics-secret"))
+    phone = make_device("modern", "phone", user="alice", password="horse battery", on=srv)
+    phone.do("add_notes", deck="Default", prefix="h", count=2)
+    first_upload(phone)
+    elsewhere = {"X-Real-IP": "203.0.113.9"}
+    assert post(srv, "/metrics", method="GET", headers=elsewhere).status == 403
+    assert post(srv, "/metrics", method="GET",
+                headers=dict(elsewhere, Authorization="Bearer m3trics")).status == 200
+    empty = run_ankisync("hash", stdin="\n")
+    assert empty.returncode != 0 and "empty password" in empty.stderr
 
 
 def test_a_user_named_jose_from_the_environment_syncs_and_passwd_says_where_it_comes_from(
@@ -6560,6 +6616,23 @@ def test_a_backup_or_restore_waits_for_the_sync_in_progress_and_the_sync_succeed
     assert "Traceback" not in server.log()
 
 
+def assert_imports_as(package, folder, device):
+    """The .colpkg, imported as Anki's File > Import does (into a new profile folder),
+    is the device's collection and media, whole."""
+    target = os.path.join(folder, "collection.anki2")
+    os.makedirs(folder)
+    backend = RustBackend()
+    backend.import_collection_package(col_path=target, backup_path=package,
+                                      media_folder=target[:-6] + ".media",
+                                      media_db=target[:-6] + ".media.db2")
+    imported = Collection(target, backend=backend)
+    try:
+        assert snapshot(imported) == device.snapshot()
+        assert media_files(imported) == device.media_files()
+    finally:
+        imported.close()
+
+
 def test_export_writes_a_package_anki_imports_with_notes_reviews_and_media(server,
                                                                          make_device,
                                                                          tmp_path):
@@ -6572,18 +6645,7 @@ def test_export_writes_a_package_anki_imports_with_notes_reviews_and_media(serve
     package = str(tmp_path / "alice.colpkg")
     admin(server, "export", USER, package)
 
-    target = str(tmp_path / "imported" / "collection.anki2")
-    os.makedirs(os.path.dirname(target))
-    backend = RustBackend()
-    backend.import_collection_package(col_path=target, backup_path=package,
-                                      media_folder=target[:-6] + ".media",
-                                      media_db=target[:-6] + ".media.db2")
-    imported = Collection(target, backend=backend)
-    try:
-        assert snapshot(imported) == laptop.snapshot()
-        assert media_files(imported) == laptop.media_files()
-    finally:
-        imported.close()
+    assert_imports_as(package, str(tmp_path / "imported"), laptop)
 
     # ... and back in, over a collection of one note: a restore point first.
     admin(server, "import", USER, package)
@@ -7762,6 +7824,251 @@ def test_wrong_passwords_from_the_proxy_itself_lock_out_no_one_else(start_server
     answer = modern(srv, "hostKey", {"u": "ana", "p": "pw2"}, source="127.0.0.1")
     assert answer.status == 200, answer
     assert srv.log().count("has no x-forwarded-for header") == 1
+
+
+# --- Pages: /account and /api/stats --------------------------------------------------
+
+
+def cookies_set(answer):
+    """name -> (value, attributes) of the one Set-Cookie an answer carries, if any."""
+    header = answer.headers.get("Set-Cookie")
+    if not header:
+        return {}
+    name, _, rest = header.partition("=")
+    value, _, attributes = rest.partition(";")
+    return {name: (value, attributes)}
+
+
+def page_form(answer):
+    """The CSRF token of the (last) form in a page."""
+    return re.findall(r'name="csrf" value="([0-9a-f]+)"', answer.body.decode())[-1]
+
+
+def form_post(srv, fields, cookies, headers=None, source=None, path="/account"):
+    body = urllib.parse.urlencode(fields).encode()
+    sent = {"Content-Type": "application/x-www-form-urlencoded",
+            "Cookie": "; ".join("%s=%s" % item for item in cookies.items())}
+    sent.update(headers or {})
+    return post(srv, path, body, sent, source=source)
+
+
+def page_get(srv, cookies, path="/account", source=None):
+    return post(srv, path, method="GET", source=source,
+                headers={"Cookie": "; ".join("%s=%s" % item for item in cookies.items())})
+
+
+def page_login(srv, name=USER, password=PASSWORD, source=None):
+    """A browser's login by hand: the form, its cookie and token, the post. The cookies
+    it holds then, and the answer to the post."""
+    first = page_get(srv, {}, source=source)
+    cookies = {name_: value for name_, (value, _) in cookies_set(first).items()}
+    answer = form_post(srv, {"do": "login", "csrf": page_form(first), "name": name,
+                             "password": password}, cookies, source=source)
+    cookies.update({name_: value for name_, (value, _) in cookies_set(answer).items()})
+    return cookies, answer
+
+
+def test_account_forms_refuse_a_missing_token_another_site_and_a_tampered_cookie(start_server):
+    """CSRF: a form without the token this browser was given, or posted from another
+    site, is refused before any password is checked; the session cookie is HttpOnly,
+    SameSite=Strict, signed (a changed byte is no login) and bound to the session's
+    own token; forms are small and urlencoded, or a 4xx says why."""
+    srv = start_server()
+    first = page_get(srv, {})
+    assert first.status == 200 and 'name="password"' in first.body.decode()
+    (form_name, (form_value, attributes)), = cookies_set(first).items()
+    assert form_name == "ankisync_form" and "HttpOnly" in attributes
+    cookies, token = {form_name: form_value}, page_form(first)
+    login = {"do": "login", "csrf": token, "name": USER, "password": PASSWORD}
+    for fields, jar, headers in [
+            (dict(login, csrf=""), cookies, {}),                            # no token
+            (dict(login, csrf="0" * 32), cookies, {}),                      # a forged one
+            (login, {}, {}),                                                # no form cookie
+            (login, {form_name: "A" * 32}, {}),                             # another browser's
+            (login, cookies, {"Origin": "http://evil.example"}),            # another origin
+            (login, cookies, {"Sec-Fetch-Site": "cross-site"})]:
+        refused = form_post(srv, fields, jar, headers)
+        assert refused.status == 403 and "refused" in refused.body.decode(), (fields, headers)
+        assert "Set-Cookie" not in refused.headers
+    assert "login failed" not in srv.log()                  # no password was even checked
+    answer = form_post(srv, login, cookies, {"Origin": "http://127.0.0.1:%d" % srv.port})
+    assert answer.status == 303 and answer.headers["Location"] == "/account"
+    (name, (session, attributes)), = cookies_set(answer).items()
+    flags = [a.strip() for a in attributes.split(";")]
+    assert name == "ankisync_session" and "HttpOnly" in flags and "SameSite=Strict" in flags
+    assert "Path=/" in flags and "Max-Age=%d" % ankisync.PAGE_SESSION_SECONDS in flags
+    assert "Secure" not in flags                            # plain http: it would never return
+    cookies[name] = session
+    page = page_get(srv, cookies)
+    assert "<h1>%s</h1>" % USER in page.body.decode()
+    # The login form's token is not the session's: a form needs the page's own.
+    assert form_post(srv, {"do": "logout", "csrf": token}, cookies).status == 403
+    # A cookie changed anywhere is no login, only the form again.
+    for tampered in [session[:-1] + ("0" if session[-1] != "0" else "1"),
+                     "YWRtaW4" + session[session.index("."):],          # another name
+                     session.split(".")[0] + ".9999999999." + session.split(".")[2]]:
+        again = page_get(srv, dict(cookies, ankisync_session=tampered))
+        assert again.status == 200 and "<h1>Log in</h1>" in again.body.decode()
+        assert "<h1>%s</h1>" % USER not in again.body.decode()
+    # Forms are small urlencoded bodies.
+    token = page_form(page)
+    assert form_post(srv, {"do": "logout", "csrf": token, "x": "y" * 20000},
+                     cookies).status == 413
+    assert post(srv, "/account", b"do=logout", {"Content-Type": "text/plain",
+                                                "Cookie": "ankisync_session=" + session}
+                ).status == 415
+    assert post(srv, "/account", b"do=logout&do=login&csrf=" + token.encode(), {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Cookie": "; ".join("%s=%s" % c for c in cookies.items())}).status == 400
+    assert post(srv, "/account", b"%ff=1", {
+        "Content-Type": "application/x-www-form-urlencoded"}).status == 400
+    logout = form_post(srv, {"do": "logout", "csrf": token}, cookies)
+    assert logout.status == 303 and cookies_set(logout)["ankisync_session"][0] == ""
+
+
+def test_a_stranger_sees_only_the_login_form_and_no_user_data(start_server, make_device):
+    """Pages answer a stranger nothing but the login form: no name, no count, no package,
+    no stats; the front page names no user either."""
+    srv = start_server(users=(("alice-private", "pw-private"),))
+    phone = make_device("modern", "phone", user="alice-private", password="pw-private", on=srv)
+    phone.do("add_notes", deck="Default", prefix="secret-note", count=3)
+    first_upload(phone)
+    seen = []
+    for path in ("/", "/account", "/account/", "//account", "/account/collection.colpkg",
+                 "/api/stats"):
+        answer = post(srv, path, method="GET")
+        seen.append((path, answer.status))
+        assert b"alice-private" not in answer.body and b"secret-note" not in answer.body
+        assert not answer.body.startswith(b"PK")                # no package
+        if path.startswith("/account"):
+            assert "<h1>Log in</h1>" in answer.body.decode()
+    assert [status for _, status in seen] == [200, 200, 200, 200, 403, 401]
+    for authorization in ("Bearer nonsense", "Bearer ", "Basic YTpi", ""):
+        stats = post(srv, "/api/stats", method="GET", headers={"Authorization": authorization})
+        assert stats.status == 401 and b"alice" not in stats.body
+        assert stats.headers["WWW-Authenticate"].startswith("Bearer")
+    # A host key is no API token, nor the other way round.
+    key = modern(srv, "hostKey", {"u": "alice-private", "p": "pw-private"}).json()["key"]
+    assert post(srv, "/api/stats", method="GET",
+                headers={"Authorization": "Bearer " + key}).status == 401
+
+
+def test_a_session_ends_at_its_expiry(start_server):
+    srv = start_server(env={ankisync.PAGE_SESSION_TEST: "2"})
+    cookies, answer = page_login(srv)
+    assert "Max-Age=2;" in answer.headers["Set-Cookie"]
+    assert "<h1>%s</h1>" % USER in page_get(srv, cookies).body.decode()
+    time.sleep(3)           # the browser would drop it by now; one that kept it gets no more
+    expired = page_get(srv, cookies)
+    assert "<h1>Log in</h1>" in expired.body.decode() and "<h1>%s" % USER not in \
+        expired.body.decode()
+
+
+def test_wrong_passwords_on_the_page_throttle_sync_logins_from_that_address(start_server):
+    """One LoginGuard: five wrong passwords on the account page lock the address out of
+    hostKey too (even with the right password), and the other way round."""
+    srv = start_server(users=((USER, PASSWORD), ("bob", "bobs")))
+    guesser = "127.0.0.2"
+    for _ in range(ankisync.LOGIN_FAILURES_ALLOWED):
+        _, answer = page_login(srv, password="wrong", source=guesser)
+        assert answer.status == 403 and "wrong user name or password" in answer.body.decode()
+    _, answer = page_login(srv, source=guesser)
+    assert answer.status == 429 and int(answer.headers["Retry-After"]) > 0
+    sync = modern(srv, "hostKey", {"u": USER, "p": PASSWORD}, source=guesser)
+    assert sync.status == 429
+    assert modern(srv, "hostKey", {"u": USER, "p": PASSWORD}).status == 200   # others log in
+    other = "127.0.0.3"         # bob: the name "user" is paced by now, from anywhere
+    for _ in range(ankisync.LOGIN_FAILURES_ALLOWED):
+        assert modern(srv, "hostKey", {"u": "bob", "p": "wrong"}, source=other).status == 403
+    _, answer = page_login(srv, "bob", "bobs", source=other)
+    assert answer.status == 429 and "<h1>Log in</h1>" in answer.body.decode()
+
+
+def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_token_and_changes_the_password(  # noqa: E501
+        start_server, make_device, browser, tmp_path):
+    """The account page in a real browser, at phone and desktop width: log in with the
+    sync password; the counts a 26.9.3 device uploaded; the .colpkg downloaded imports
+    in Anki whole; an API token answers /api/stats until revoked; a new password logs
+    the device out (Anki's own AuthFailed) and in again with it."""
+    from anki.errors import SyncError as AnkiSyncError, SyncErrorKind
+    srv = start_server()
+    laptop = make_device("modern", "laptop", on=srv)
+    laptop.do("build_sample")
+    laptop.do("review", deck="Lang::Deutsch", count=3)
+    laptop.do("write_media", files=[["a.jpg", 2000, 5], ["b c.png", 4000, 6]])
+    first_upload(laptop)
+    laptop.sync_media()
+    admin(srv, "backup", USER)
+    (point, _, _), = restore_points(srv)
+    notes, cards = laptop.col.note_count(), laptop.col.card_count()
+    url = "http://ankisync.lan:%d/account" % srv.port
+    for width, height, name in [(390, 844, "phone"), (1280, 800, "desktop")]:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url)
+        page.screenshot(path=str(tmp_path / ("account-login-%s.png" % name)), full_page=True)
+        page.fill("input[name=name]", USER)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button:has-text('Log in')")
+        page.wait_for_selector("h1:text('%s')" % USER)
+        rows = dict(zip(page.locator("th").all_text_contents(),
+                        page.locator("td").all_text_contents()))
+        assert rows["Notes"] == str(notes) and rows["Cards"] == str(cards)
+        assert rows["Media files"].startswith("2, ")
+        lists = page.locator("ul").all_text_contents()
+        assert "26.09.3" in lists[0] and "(full upload)" in lists[0]      # the device
+        assert point in lists[1] and "manual: %d notes" % notes in lists[1]
+        page.screenshot(path=str(tmp_path / ("account-%s.png" % name)), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width   # no sideways
+        page.close()
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(url)
+    page.fill("input[name=name]", USER)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    assert "HttpOnly" not in page.evaluate("document.cookie") and \
+        page.evaluate("document.cookie") == ""              # no script sees either cookie
+    with page.expect_download() as download:
+        page.click("text=Download the collection as .colpkg")
+    package = str(tmp_path / "downloaded.colpkg")
+    download.value.save_as(package)
+    assert download.value.suggested_filename.endswith(".colpkg")
+    assert_imports_as(package, str(tmp_path / "imported"), laptop)
+
+    page.fill("input[name=label]", "home assistant")
+    page.click("button:has-text('Make a token')")
+    token = page.locator(".note code").text_content()
+    stats = post(srv, "/api/stats", method="GET", headers={"Authorization": "Bearer " + token})
+    assert stats.status == 200 and stats.headers["Content-Type"] == "application/json"
+    counted = stats.json()
+    assert (counted["notes"], counted["cards"], counted["media_files"]) == (notes, cards, 2)
+    assert counted["collection_bytes"] > 0 and counted["media_bytes"] == 6000
+    assert counted["user"] == USER and counted["last_sync"] > time.time() - 600
+    with open(os.path.join(HERE, "README.md")) as f:          # the README's example
+        example = re.search(r'\n(\{"cards".*?\})\n', f.read(), re.DOTALL).group(1)
+    assert sorted(json.loads(example)) == sorted(counted)
+    page.goto(url)
+    assert token not in page.content()                      # shown once only
+    assert "home assistant" in page.content()
+    with page.expect_navigation():
+        page.click("button:has-text('Revoke')")
+    assert "home assistant" not in page.content()
+    assert post(srv, "/api/stats", method="GET",
+                headers={"Authorization": "Bearer " + token}).status == 401
+
+    page.fill("input[name=old]", PASSWORD)
+    page.fill("input[name=new]", "new pass")
+    page.fill("input[name=again]", "new pass")
+    page.click("button:has-text('Change password')")
+    assert "Every device must log in again" in page.locator(".note").text_content()
+    assert page.locator("h1").text_content() == USER        # this browser stays logged in
+    page.screenshot(path=str(tmp_path / "account-password-changed.png"), full_page=True)
+    laptop.do("add_notes", deck="Default", prefix="after", count=1)
+    with pytest.raises(AnkiSyncError) as refused:
+        laptop.sync()
+    assert refused.value.kind == SyncErrorKind.AUTH
+    laptop.password, laptop.auth = "new pass", None
+    assert laptop.sync() == "normal_sync"
+    page.close()
 
 
 def refused_serve(tmp_path, ini):
