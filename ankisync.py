@@ -4057,13 +4057,18 @@ def folder_bytes(folder):
         return 0
 
 
+class FolderBusy(ValueError):
+    """A user's sync went on past the wait for it (a command's message, a page's 409)."""
+
+
 class UserFolder:
     """A user's folder, for the commands that change it while the server may run: they
     take the same locks as the server's sync methods, collection and media."""
 
-    def __init__(self, config, name):
+    def __init__(self, config, name, wait=COMMAND_LOCK_WAIT):
         self.config = config
         self.name = name
+        self.wait = wait                # seconds to wait for a sync in progress to end
         self.path = os.path.join(config.data, folder_name(name))
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         self.collection = Collection(self.path)
@@ -4077,11 +4082,12 @@ class UserFolder:
             for lock in locks:
                 if lock.acquire(0):
                     continue
-                print("%s is syncing: waiting for the sync to end (up to %d s)"
-                      % (self.name, COMMAND_LOCK_WAIT), file=sys.stderr, flush=True)
-                if not lock.acquire(COMMAND_LOCK_WAIT):
-                    raise ValueError("%s is still syncing after %d s: try again when the "
-                                     "sync has finished" % (self.name, COMMAND_LOCK_WAIT))
+                if self.wait == COMMAND_LOCK_WAIT:          # at a terminal: say why
+                    print("%s is syncing: waiting for the sync to end (up to %d s)"
+                          % (self.name, self.wait), file=sys.stderr, flush=True)
+                if not lock.acquire(self.wait):
+                    raise FolderBusy("%s is still syncing after %d s: try again when the "
+                                     "sync has finished" % (self.name, self.wait))
             yield
         finally:
             for lock in reversed(locks):
@@ -4766,10 +4772,15 @@ class SyncApp:
         """For a download, one of the USER_DOWNLOADS_MAX a user may have answered at once:
         past them a 409, so one account's slow readers cannot hold every worker. Other
         answers are small, and leave at once."""
-        user = req.user
         if req.method not in DOWNLOADS:
             yield
             return
+        with self.download_turn(req.user):
+            yield
+
+    @contextlib.contextmanager
+    def download_turn(self, user):
+        """One of the user's USER_DOWNLOADS_MAX downloads, by a device or the account page."""
         with self._registry_lock:
             if self.downloads_of.get(user, 0) >= USER_DOWNLOADS_MAX:
                 raise SyncError(409, "this user has %d downloads in progress already: sync "
@@ -5178,8 +5189,10 @@ What to enter, by client:</p>
 <table>%s</table>
 <p>The trailing slash matters for modern clients: without it they drop the last part
 of the path.</p>
+<p>Your collection, devices and restore points, your password and tokens for dashboards:
+the <a href="%saccount">account page</a> (log in with your sync name and password).</p>
 %s</body></html>
-""" % (__version__, listed, adduser, items, trust)).encode("utf-8")
+""" % (__version__, listed, adduser, items, html.escape(path), trust)).encode("utf-8")
 
 
 def trust_block(config):
@@ -5554,7 +5567,9 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
                 "restore_points": len(RestorePoints(folder, self.app.config).list())}
 
     def download(self, user):
-        folder = UserFolder(self.app.config, user)
+        # A worker waits for a sync in progress as long as a device's request would, not
+        # as long as a command at a terminal does.
+        folder = UserFolder(self.app.config, user, wait=LOCK_WAIT)
         if not os.path.exists(folder.collection.path) or \
                 not os.path.getsize(folder.collection.path):
             raise SyncError(404, "no collection yet: sync a device first")
@@ -5562,7 +5577,11 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
                                     dir=self.app.spool_folder)
         os.close(fd)
         try:
-            export_package(folder, temp)
+            with self.app.download_turn(user):
+                export_package(folder, temp)
+        except FolderBusy as e:
+            os.unlink(temp)
+            raise SyncError(409, str(e))
         except BaseException:
             os.unlink(temp)
             raise
