@@ -9907,6 +9907,9 @@ class AcmeCertificates:
                 break
             except ChallengeFailed as e:
                 failures.append("%s: %s" % (kind, e))
+                if kind != kinds[-1]:
+                    log.info("the CA's %s check of %s failed (%s): trying the next kind",
+                             kind, self.domain, e)
         else:
             raise AcmeError("; ".join(failures), fix=self.reach_fix())
         key = new_private_key()
@@ -9919,8 +9922,8 @@ class AcmeCertificates:
         write_atomically(self.key_path, key_pem.encode("ascii"), TEMP_TLS)
         write_atomically(self.cert_path, chain.encode("ascii"), TEMP_TLS)
         ends = certificate_facts(chain)[0]
-        self.tls.swap(context, "from %s for %s, until %s" % (
-            urllib.parse.urlsplit(self.config.acme_directory).netloc, self.domain,
+        self.tls.swap(context, "from %s for %s by %s, until %s" % (
+            urllib.parse.urlsplit(self.config.acme_directory).netloc, self.domain, kind,
             ends.strftime("%Y-%m-%d %H:%M:%S")))
 
     def reach_fix(self):

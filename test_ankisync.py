@@ -4617,8 +4617,9 @@ def test_lets_encrypt_certificate_obtained_renewed_while_running_and_devices_syn
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not srv.died() and "Traceback" not in srv.log()
-        if challenge == "http-01":
-            assert "tls-alpn-01: " in srv.log()     # tried first, failed, named
+        assert "for localhost by %s" % challenge in srv.log()
+        if challenge == "http-01":                  # tried first, failed, named
+            assert "tls-alpn-01 check of localhost failed" in srv.log()
     finally:
         srv.kill()
         print("---- ankisync log (tail) ----\n" + srv.log_tail())
