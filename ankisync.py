@@ -9995,10 +9995,9 @@ class AcmeCertificates:
         try:
             server = listener((self.config.host, self.config.acme_http_port), Answers)
         except OSError as e:
-            log.info("HTTP-01 not offered: %s (TLS-ALPN-01 on port %d is)", unbindable(
-                self.config, e).replace("port %d" % self.config.port,
-                                        "port %d" % self.config.acme_http_port),
-                     self.config.port)
+            log.info("HTTP-01 not offered: cannot listen on port %d (%s; below 1024 needs "
+                     "root or CAP_NET_BIND_SERVICE); TLS-ALPN-01 on port %d is",
+                     self.config.acme_http_port, e.strerror or e, self.config.port)
             return None
         threading.Thread(target=server.serve_forever, name="http-01", daemon=True).start()
         return server

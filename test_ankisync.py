@@ -4460,6 +4460,36 @@ def test_new_certificate_files_are_served_without_a_restart_and_a_bad_pair_is_re
     assert "Traceback" not in srv.log()
 
 
+def test_a_running_server_serves_its_private_ca_s_renewed_certificate(tmp_path, monkeypatch,
+                                                                      caplog):
+    """The daily look (renew_private_ca): a new address gets a new certificate from the
+    same CA, swapped into the listener's ServerTls; an unusable CA is a log line."""
+    config = ankisync.Config()
+    config.data = str(tmp_path / "data")
+    config.tls = "self-signed"
+    tls = ankisync.ServerTls(ankisync.private_ca_context(config))
+    before = tls.context
+    ankisync.renew_private_ca(config, tls)              # nothing new: nothing swapped
+    assert tls.context is before
+    monkeypatch.setenv("ANKISYNC_TLS_NAMES", "198.51.100.9")
+    with caplog.at_level("INFO", logger="ankisync"):
+        ankisync.renew_private_ca(config, tls)
+    assert tls.context is not before and "HTTPS certificate replaced" in caplog.text
+    with open(os.path.join(config.data, ".tls", "server.pem")) as f:
+        assert ipaddress.ip_address("198.51.100.9") in ankisync.certificate_facts(f.read())[2]
+    os.remove(os.path.join(config.data, ".tls", "ca.key"))
+    monkeypatch.setenv("ANKISYNC_TLS_NAMES", "198.51.100.10")
+    renewed = tls.context
+    ankisync.renew_private_ca(config, tls)
+    assert tls.context is renewed and "could not be renewed" in caplog.text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_a_client_hello_s_alpn_is_read_from_any_bytes_without_a_fault(data):
+    assert isinstance(ankisync.client_alpn(b"\x16\x03\x01" + data), tuple)
+
+
 def make_pebble_certificate(folder):
     """Pebble's own HTTPS (its API): Debian's pebble ships without its test certificates,
     so appendix E's CA makes one for 127.0.0.1 (strict enough for Python 3.13's checks,
