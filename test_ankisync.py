@@ -4591,7 +4591,7 @@ def pebble(tmp_path):
             print("---- pebble log (tail) ----\n" + "\n".join(f.read().splitlines()[-40:]))
 
 
-def start_acme_server(start_server, tmp_path, directory, api_ca, port, http_port, domain):
+def start_acme_server(tmp_path, directory, api_ca, port, http_port, domain):
     """ankisync with acme_domain, its first HTTPS (a stand-in) trusted by no one: health is
     asked without verification, as start() would for tls = self-signed."""
     base = str(tmp_path / ("server-acme-%d" % port))
@@ -4615,7 +4615,7 @@ def test_lets_encrypt_certificate_obtained_renewed_while_running_and_devices_syn
     TLS-ALPN-01 at a closed port: the first challenge fails, the second wins."""
     port, http_port = free_port(), free_port()
     ca = pebble(port if challenge == "tls-alpn-01" else free_port(), http_port, validity=45)
-    srv = start_acme_server(None, tmp_path, ca.directory, ca.certificate.ca, port, http_port,
+    srv = start_acme_server(tmp_path, ca.directory, ca.certificate.ca, port, http_port,
                             "localhost")
     try:
         srv.start()
@@ -4669,10 +4669,10 @@ def test_lets_encrypt_failures_are_logged_with_the_fix_and_the_server_stays_up(p
     port, http_port = free_port(), free_port()
     ca = pebble(port, http_port)
     ca.point_dns("127.0.0.9")        # the domain's DNS leads elsewhere
-    srv = start_acme_server(None, tmp_path, ca.directory, ca.certificate.ca, port, http_port,
+    srv = start_acme_server(tmp_path, ca.directory, ca.certificate.ca, port, http_port,
                             "localhost")
     # The CA out of reach: nothing listens at its address.
-    gone = start_acme_server(None, tmp_path, "https://127.0.0.1:%d/dir" % free_port(),
+    gone = start_acme_server(tmp_path, "https://127.0.0.1:%d/dir" % free_port(),
                              ca.certificate.ca, free_port(), free_port(), "localhost")
     try:
         srv.start()
