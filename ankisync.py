@@ -37,9 +37,9 @@ Python decoder below, in that order.
 The file reads top to bottom from the protocol's words to its machinery: limits,
 errors, protocol words (versions, wire names, request and reply), configuration,
 users, envelopes, the collection store, collection sync (one method per wire name,
-``meta`` first), media sync, restore points, HTTP, the command line; then five
+``meta`` first), media sync, restore points, HTTP, the command line; then six
 appendices: A. zstd, B. the schema 18 to 11 conversion, C. a new collection, D. media
-zips, E. a private certificate authority; ``main()`` last. A request enters at
+zips, E. a private certificate authority, F. an ACME client; ``main()`` last. A request enters at
 ``Handler.serve`` (HTTP), is unwrapped by ``Envelopes``, authenticated by ``Accounts``
 and answered by ``CollectionSync`` or ``MediaSync``; a browser's ``/account`` and a
 dashboard's ``/api/stats`` are answered by ``Pages``.
@@ -58,6 +58,7 @@ import ctypes.util
 import datetime
 import difflib
 import errno
+import functools
 import getpass
 import gzip
 import hashlib
@@ -89,6 +90,7 @@ import textwrap
 import threading
 import time
 import unicodedata
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -254,7 +256,7 @@ TEMP_INCOMING = ".incoming-"        # a media file on its way in
 TEMP_NEW_COLLECTION = ".new-collection-"
 TEMP_CONVERT = ".convert"           # suffix: a stored schema-18 file being converted
 TEMP_BACKUP = ".backup-"            # a restore point being written, or unpacked
-TEMP_TLS = ".tls-"                  # a key or certificate of the private CA being written
+TEMP_TLS = ".tls-"                  # a key or certificate of the private CA or ACME being written
 TEMP_PREFIXES = (TEMP_SPOOL, TEMP_UPLOAD, TEMP_COPY, TEMP_INCOMING, TEMP_NEW_COLLECTION,
                  TEMP_BACKUP)
 
@@ -284,6 +286,29 @@ SERVER_CERT_DAYS = 397              # Apple's limit: 398 days for public CAs (82
 CERT_RENEW_DAYS = 30                # a start this close to the end makes a new server certificate
 CERT_BACKDATE = datetime.timedelta(hours=1)    # a device whose clock is slow trusts it at once
 CERT_SERIAL_BITS = 64               # random serials: CA/Browser Forum asks 64 bits, RFC 5280 < 160
+PRIVATE_CA_CHECK = 86400            # seconds between a running server's checks that its private
+                                    # certificate still serves: a year's, renewed 30 days early
+CERT_CHECK_INTERVAL = 5             # seconds between looks at certfile's and keyfile's times: a
+                                    # certbot or Caddy renewal is served within seconds, for 2 stats
+
+# Let's Encrypt: ACME, RFC 8555 (appendix F).
+ACME_LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+ACME_RENEW_AT = 2 / 3               # of a certificate's life: Let's Encrypt asks renewal with a
+                                    # third left (30 of 90 days), so its outages pass unnoticed
+ACME_RETRY_FIRST = 60               # seconds after a failed attempt before the next; doubled each
+ACME_RETRY_MAX = 6 * 3600           # ...up to this: Let's Encrypt allows 5 failed validations per
+                                    # name an hour, and a fix (DNS, a port) takes a while anyway
+ACME_TIMEOUT = 30                   # seconds one request to the CA may take
+ACME_POLL = 1                       # seconds between looks at an authorization or order
+ACME_POLL_MAX = 120                 # seconds a validation or an order may take before it counts
+                                    # as failed (Let's Encrypt's take seconds)
+ACME_BAD_NONCE_TRIES = 5            # a badNonce is retried with the nonce it came with (8555 6.5)
+ACME_REPLY_MAX = 1 * MIB            # a directory, order or certificate chain is a few KiB
+ALPN_ACME = "acme-tls/1"            # RFC 8737 4: the protocol a TLS-ALPN-01 validation offers
+TLS_HELLO_PEEK = 16 * 1024          # bytes of a ClientHello looked at for that protocol: one
+                                    # TLS record at most (RFC 8446 5.1)
+TLS_HELLO_WAIT = 1.0                # seconds the rest of a split ClientHello is awaited while a
+                                    # TLS-ALPN-01 validation is open; then: the usual certificate
 
 
 # ---------------------------------------------------------------------------
@@ -728,6 +753,28 @@ OPTIONS = (
         front page offers it and says how. A new address gets a new certificate from the
         same CA at the next start. certfile and keyfile, when set, are used instead.""",
            parse=str.lower, env="ANKISYNC_TLS", choices=("self-signed",)),
+    Option("acme_domain", "", "HTTPS with a Let's Encrypt certificate for this domain", """
+        HTTPS with a certificate from Let's Encrypt (ACME), obtained at start and renewed
+        while running, for this domain name (anki.example.org), which must point at this
+        machine. The CA checks that the server is here on port 443 (TLS-ALPN-01: forward
+        443 to `port`) or on port 80 (HTTP-01: answered on acme_http_port when ankisync
+        can listen there; forward 80 to it); one of the two is enough. Until the first
+        certificate comes, HTTPS answers with a temporary one no device trusts.
+        Key and certificates: <data>/.tls/acme-*. certfile and keyfile win over it.""",
+           parse=str.lower),
+    Option("acme_email", "", "...an address Let's Encrypt may write to (optional)", """
+        An e-mail address for the ACME account (optional): Let's Encrypt writes only about
+        problems with it."""),
+    Option("acme_directory", ACME_LETS_ENCRYPT, "...another ACME CA (its directory address)",
+           """
+        The ACME CA's directory. Let's Encrypt's staging CA, for trying things out without
+        its rate limits: https://acme-staging-v02.api.letsencrypt.org/directory (its
+        certificates are trusted by no device). Its own HTTPS is checked against the
+        system's trusted CAs (SSL_CERT_FILE, when set).""", parse=web_address),
+    Option("acme_http_port", 80, "...the port HTTP-01 challenges are answered on", """
+        The port HTTP-01 challenges are answered on, when ankisync can listen on it (port
+        80 needs root or CAP_NET_BIND_SERVICE; or forward 80 to a port above 1023).""",
+           parse=port_number),
     Option("notice", "", "a message every client shows when it syncs", """
         A message every client shows when it syncs, and the sync goes on: "The server moves
         on Sunday", say. Plain text; a web address in it becomes a link on clients that
@@ -6212,6 +6259,119 @@ def raise_fd_limit():
         return None
 
 
+# --- the certificate: one context, swapped whole when it changes ----------------------
+def load_certificate(certfile, keyfile):
+    """The TLS context of a certificate chain and its key (PEM files), for the listener."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile or None)
+    return context
+
+
+def context_from_pem(cert_pem, key_pem, folder):
+    """load_certificate() of PEM text: `ssl` reads files only, so a 0600 one, gone after."""
+    fd, path = tempfile.mkstemp(prefix=TEMP_TLS, dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(cert_pem + key_pem)
+        return load_certificate(path, None)
+    finally:
+        os.remove(path)
+
+
+def file_times(paths):
+    """What tells a changed file: modification time, size and inode of each (a certbot
+    renewal moves symbolic links, which stat follows); None for one that is missing."""
+    times = []
+    for path in paths:
+        try:
+            info = os.stat(path)
+            times.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        except OSError:
+            times.append(None)
+    return times
+
+
+class ServerTls:
+    """The listener's certificate: the ssl.SSLContext each new connection is wrapped with.
+
+    A renewal (ACME's, the private CA's) or new certfile/keyfile swap in a new context
+    whole: connections in progress keep the one their handshake used, so nothing is cut.
+    While a TLS-ALPN-01 validation is open (RFC 8737), a connection that offers ALPN
+    acme-tls/1 gets the challenge's certificate instead; nothing else does.
+    """
+
+    def __init__(self, context, files=()):
+        self.context = context
+        self.files = tuple(files)           # (certfile, keyfile) watched, or ()
+        self.seen = file_times(self.files)
+        self.next_check = time.monotonic() + CERT_CHECK_INTERVAL
+        self.challenge = None               # the acme-tls/1 context while one is open
+
+    def swap(self, context, why):
+        self.context = context              # one assignment: atomic for the listener
+        log.info("HTTPS certificate replaced (%s): new connections get it", why)
+
+    def wrap_socket(self, sock, hello=b"", **options):
+        context = self.context
+        challenge = self.challenge
+        if challenge is not None and ALPN_ACME in client_alpn(hello):
+            context = challenge
+        return context.wrap_socket(sock, **options)
+
+    def check_files(self):
+        """Reload certfile and keyfile once they changed; a pair that does not load is
+        refused, with a log line, and the old one kept until the files change again."""
+        if not self.files or time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + CERT_CHECK_INTERVAL
+        times = file_times(self.files)
+        if times == self.seen:
+            return
+        self.seen = times
+        try:
+            context = load_certificate(*self.files)
+        except (OSError, ssl.SSLError, ValueError) as e:
+            log.warning("%s changed but does not load (%s): the certificate served so far "
+                        "stays until the files change again", " and ".join(
+                            f for f in self.files if f), getattr(e, "reason", None) or e)
+            return
+        self.swap(context, "%s changed" % self.files[0])
+
+
+def client_alpn(hello):
+    """The ALPN protocols a ClientHello (one TLS record, RFC 8446 4.1.2) offers, as
+    strings; () when it is not whole or not one."""
+    try:
+        if hello[0] != 0x16 or hello[5] != 1:       # handshake record, ClientHello
+            return ()
+        end = 5 + int.from_bytes(hello[3:5], "big")
+        if len(hello) < end:
+            return ()
+        pos = 5 + 4 + 2 + 32                        # header, version, random
+        pos += 1 + hello[pos]                       # session id
+        pos += 2 + int.from_bytes(hello[pos:pos + 2], "big")    # cipher suites
+        pos += 1 + hello[pos]                       # compression methods
+        pos += 2
+        while pos + 4 <= end:
+            kind = int.from_bytes(hello[pos:pos + 2], "big")
+            size = int.from_bytes(hello[pos + 2:pos + 4], "big")
+            pos += 4
+            if kind == 16:                          # application_layer_protocol_negotiation
+                names, at = [], pos + 2
+                while at < pos + size:
+                    names.append(hello[at + 1:at + 1 + hello[at]].decode("ascii", "replace"))
+                    at += 1 + hello[at]
+                return tuple(names)
+            pos += size
+    except IndexError:
+        pass
+    return ()
+
+
+def hello_is_whole(hello):
+    return len(hello) >= 5 and len(hello) >= 5 + int.from_bytes(hello[3:5], "big")
+
+
 class Server(ThreadingHTTPServer):
     """The listener: one thread that owns every connection while no request is running.
 
@@ -6231,7 +6391,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address, app, tls=None):
         self.app = app
-        self.tls = tls                  # an ssl.SSLContext, or None for plain HTTP
+        self.tls = tls                  # a ServerTls, or None for plain HTTP
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.max_connections = app.config.max_connections
@@ -6368,12 +6528,19 @@ class Server(ThreadingHTTPServer):
         """A TLS port's connection: its first byte tells a handshake from plain HTTP."""
         if conn.state == "handshake":
             return self.handshake(conn)
+        # While a TLS-ALPN-01 validation is open the whole ClientHello is looked at (its
+        # ALPN picks the certificate); else its first byte is enough.
+        peek = TLS_HELLO_PEEK if self.tls.challenge is not None else 1
         try:
-            first = conn.sock.recv(1, socket.MSG_PEEK)
+            hello = conn.sock.recv(peek, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             return self.close(conn)
+        first = hello[:1]
+        if peek > 1 and first == b"\x16" and not hello_is_whole(hello) and \
+                time.monotonic() - conn.since < TLS_HELLO_WAIT:
+            return                          # the rest of it is on its way
         if first != b"\x16":                # not a TLS handshake record
             if not first:
                 return self.close(conn)
@@ -6381,7 +6548,7 @@ class Server(ThreadingHTTPServer):
             return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
                                                  "server address"))
         self.unlisten(conn)
-        conn.sock = self.tls.wrap_socket(conn.sock, server_side=True,
+        conn.sock = self.tls.wrap_socket(conn.sock, hello, server_side=True,
                                          do_handshake_on_connect=False)
         conn.state = "handshake"
         self.listen_to(conn)
@@ -6614,11 +6781,22 @@ class Server(ThreadingHTTPServer):
 
 
 
-def housekeeping(app, stop):
-    """Roll back sync sessions of clients that vanished; runs beside the server."""
-    while not stop.wait(min(30, max(1, app.config.session_timeout // 4))):
+def housekeeping(app, stop, tls=None, renew=None):
+    """Roll back sync sessions of clients that vanished, reload certfile and keyfile when
+    they change, and have `renew` (the private CA's) run daily; beside the server."""
+    every = min(30, max(1, app.config.session_timeout // 4))
+    next_sessions = time.monotonic() + every
+    next_renewal = time.monotonic() + PRIVATE_CA_CHECK
+    while not stop.wait(min(every, CERT_CHECK_INTERVAL) if tls else every):
         try:
-            app.expire_idle_sessions()
+            if tls is not None:
+                tls.check_files()
+            if time.monotonic() >= next_sessions:
+                next_sessions = time.monotonic() + every
+                app.expire_idle_sessions()
+            if renew is not None and time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + PRIVATE_CA_CHECK
+                renew()
         except Exception:
             log.exception("housekeeping failed")
 
@@ -6873,7 +7051,7 @@ def command_import_ankisyncd(config, args):
 def command_health(config, args):
     """The server answers /health at the address and scheme its settings give."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    secure = config.certfile or config.tls == "self-signed"
+    secure = config.certfile or config.tls == "self-signed" or config.acme_domain
     scheme = "https" if secure else "http"
     url = "%s://%s:%d%shealth" % (scheme, url_host(host), config.port,
                                    config.normalized_base_path())
@@ -6908,16 +7086,24 @@ def command_serve(config, args):
     log.info("data folder: %s", config.data)
     if not app.users.names():
         offer_first_user(app, config)
-    context = None
+    context, renew, acme = None, None, None
     if config.certfile:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(config.certfile, config.keyfile or None)
+        context = load_certificate(config.certfile, config.keyfile)
+    if context is None and config.acme_domain:
+        acme = AcmeCertificates(config)
+        context = acme.first_context()
     if context is None and config.tls == "self-signed":
         context = private_ca_context(config)
+    watched = (config.certfile, config.keyfile) if config.certfile else ()
+    tls = ServerTls(context, watched) if context else None
+    if private_ca(config):
+        renew = functools.partial(renew_private_ca, config, tls)
     try:
-        server = Server((config.host, config.port), app, context)
+        server = Server((config.host, config.port), app, tls)
     except OSError as e:
         raise SystemExit("ankisync: %s" % unbindable(config, e))
+    if acme:
+        acme.start(tls)
     scheme = "https" if context else "http"
     if config.public_url:
         log.info("listening on %s port %d; clients use %s (public_url)", config.host,
@@ -6938,7 +7124,7 @@ def command_serve(config, args):
                      "address; set public_url to have it shown here and on the page")
     log.info("open the address in a browser for each client's setup")
     stop = threading.Event()
-    threading.Thread(target=housekeeping, args=(app, stop), daemon=True).start()
+    threading.Thread(target=housekeeping, args=(app, stop, tls, renew), daemon=True).start()
     install_sigterm()
     try:
         server.serve_forever()
@@ -7043,7 +7229,7 @@ def tls_path(config, name):
 
 def private_ca(config):
     """ca.pem's path when the server's certificate comes from its own CA, else None."""
-    if config.tls != "self-signed" or config.certfile:
+    if config.tls != "self-signed" or config.certfile or config.acme_domain:
         return None
     return tls_path(config, "ca.pem")
 
@@ -7148,6 +7334,19 @@ def private_ca_context(config):
     log.info("HTTPS from the private CA %s: devices trust it once (the front page says how)",
              tls_path(config, "ca.pem"))
     return context
+
+
+def renew_private_ca(config, tls):
+    """A running server's daily look at its private certificate: a new one, from the same
+    CA, served at once when it ends within CERT_RENEW_DAYS or the machine has a new name."""
+    try:
+        made = ensure_private_ca(config)
+        if made:
+            tls.swap(load_certificate(tls_path(config, "server.pem"),
+                                      tls_path(config, "server.key")), "; ".join(made))
+    except (SystemExit, OSError, ValueError, ssl.SSLError) as e:
+        log.warning("the private CA's certificate could not be renewed (%s): the one served "
+                    "stays", str(e).replace("ankisync: ", ""))
 
 
 def command_tls(config, args):
@@ -10095,12 +10294,21 @@ def tbs_fields(cert_der):
     return der_items(der_items(der_items(cert_der)[0][1])[0][1])
 
 
+def certificate_validity(fields):
+    """(not before, not after) of a certificate's TBS fields, as UTC datetimes."""
+    times = []
+    for tag, text in der_items(fields[4][1]):
+        when = datetime.datetime.strptime(text.decode("ascii"),
+                                          "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ")
+        times.append(when.replace(tzinfo=datetime.timezone.utc))
+    return tuple(times)
+
+
 def certificate_facts(pem_text):
-    """(not after, DNS names, IP addresses) of a certificate ankisync wrote."""
+    """(not after, DNS names, IP addresses) of a certificate: the first one in the text
+    (a chain's leaf)."""
     fields = tbs_fields(pem_body(pem_text, "CERTIFICATE"))
-    tag, text = der_items(fields[4][1])[1]
-    when = datetime.datetime.strptime(text.decode("ascii"),
-                                      "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ")
+    when = certificate_validity(fields)[1]
     names, addresses = set(), set()
     for _, extension in der_items(der_items(fields[7][1])[0][1]):
         parts = der_items(extension)
@@ -10110,7 +10318,7 @@ def certificate_facts(pem_text):
                     names.add(value.decode("ascii"))
                 elif kind == 0x87:
                     addresses.add(ipaddress.ip_address(value))
-    return when.replace(tzinfo=datetime.timezone.utc), names, addresses
+    return when, names, addresses
 
 
 def make_ca(hostname, now):
@@ -10147,6 +10355,422 @@ def make_server_certificate(ca_pem, ca_key_pem, names, addresses, now):
                            now - CERT_BACKDATE, now + datetime.timedelta(days=SERVER_CERT_DAYS),
                            extensions)
     return pem("CERTIFICATE", cert), pem("EC PRIVATE KEY", private_key_der(key))
+
+
+# ---------------------------------------------------------------------------
+# Appendix F. Let's Encrypt: an ACME client (RFC 8555)
+#   `acme_domain`: a certificate from Let's Encrypt (or another ACME CA), asked
+#   for at start and again at two thirds of its life while the server runs, and
+#   swapped into the listener's ServerTls. The CA checks that the domain leads
+#   here by TLS-ALPN-01 (RFC 8737) on the HTTPS port itself, so one forwarded
+#   port is enough, or else by HTTP-01 on port 80 when ankisync can listen there.
+#   Requests are JWS signed ES256 with appendix E's ECDSA; the CSR is made with
+#   its DER encoder. A failure is logged in the CA's own words with the likely
+#   fix and tried again later, less and less often; the server serves meanwhile.
+# ---------------------------------------------------------------------------
+
+OID_ACME_IDENTIFIER = "1.3.6.1.5.5.7.1.31"          # RFC 8737 3: id-pe-acmeIdentifier
+OID_EXTENSION_REQUEST = "1.2.840.113549.1.9.14"     # PKCS #9: the extensions a CSR asks for
+COMMON_NAME_MAX = 64                                # RFC 5280's ub-common-name
+STAND_IN_DAYS = 7           # the stand-in and challenge certificates: replaced within minutes
+ACME_PROBLEM = "urn:ietf:params:acme:error:"        # RFC 8555 6.7: problem types start so
+HTTP01_PATH = "/.well-known/acme-challenge/"        # RFC 8555 8.3
+
+
+class AcmeError(Exception):
+    """The CA's refusal, in its problem document's words (RFC 8555 6.7), or no answer."""
+
+    def __init__(self, detail, kind="", fix=""):
+        super().__init__(detail)
+        self.kind, self.fix = kind, fix
+
+
+class ChallengeFailed(AcmeError):
+    """The CA could not see this server at the domain by one challenge type."""
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def jwk_of(private):
+    """The public key as a JWK (RFC 7518 6.2): what newAccount is signed with."""
+    point = public_point(private)
+    return {"crv": "P-256", "kty": "EC", "x": b64url(point[1:33]), "y": b64url(point[33:])}
+
+
+def jwk_thumbprint(jwk):
+    """RFC 7638: SHA-256 of the required members, in order, without spaces."""
+    text = json.dumps(jwk, sort_keys=True, separators=(",", ":"))
+    return b64url(hashlib.sha256(text.encode("ascii")).digest())
+
+
+def jws(private, protected, payload):
+    """A flattened JWS (RFC 7515 7.2.2) signed ES256: r || s, 32 bytes each (RFC 7518
+    3.4), not DER. A payload of None is the empty one of a POST-as-GET (RFC 8555 6.3)."""
+    head = b64url(json.dumps(protected).encode("utf-8"))
+    body = "" if payload is None else b64url(json.dumps(payload).encode("utf-8"))
+    r, s = ecdsa_sign(private, ("%s.%s" % (head, body)).encode("ascii"))
+    return {"protected": head, "payload": body,
+            "signature": b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))}
+
+
+def domain_name(domain):
+    """A certificate's subject: the domain as common name, when it fits in one."""
+    if len(domain) > COMMON_NAME_MAX:
+        return der_seq()                # the subjectAltName alone names it (RFC 5280 4.1.2.6)
+    return der_seq(der(0x31, der_seq(der_oid(OID_COMMON_NAME), der_utf8(domain))))
+
+
+def domain_alt_name(domain):
+    return der_extension(OID_SUBJECT_ALT_NAME, der_seq(der(0x82, domain.encode("ascii"))))
+
+
+def csr_der(private, domain):
+    """A PKCS #10 certificate request (RFC 2986 4) for `domain`, signed with its key."""
+    spki = der_seq(der_seq(der_oid(OID_EC_PUBLIC_KEY), der_oid(OID_P256)),
+                   der_bits(public_point(private)))
+    attributes = der(0xA0, der_seq(der_oid(OID_EXTENSION_REQUEST),
+                                   der(0x31, der_seq(domain_alt_name(domain)))))
+    info = der_seq(der_int(0), domain_name(domain), spki, attributes)
+    r, s = ecdsa_sign(private, info)
+    return der_seq(info, der_seq(der_oid(OID_ECDSA_SHA256)),
+                   der_bits(der_seq(der_int(r), der_int(s))))
+
+
+def self_signed_certificate(domain, extensions=()):
+    """(certificate PEM, key PEM) signed by its own new key, for `domain`: the stand-in
+    served until the CA's comes, and with the acmeIdentifier extension the TLS-ALPN-01
+    answer."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    key = new_private_key()
+    point = public_point(key)
+    name = domain_name(domain)
+    cert = certificate_der(name, name, point, point, key, now - CERT_BACKDATE,
+                           now + datetime.timedelta(days=STAND_IN_DAYS),
+                           [domain_alt_name(domain)] + list(extensions))
+    return pem("CERTIFICATE", cert), pem("EC PRIVATE KEY", private_key_der(key))
+
+
+class AcmeClient:
+    """One conversation with an ACME CA (RFC 8555 7): its directory, the account, then an
+    order per certificate. The CA's own HTTPS is verified with the system's CAs, which
+    SSL_CERT_FILE replaces when set."""
+
+    def __init__(self, directory, account_key, email=""):
+        self.directory_url, self.key, self.email = directory, account_key, email
+        self.directory, self.kid, self.nonce = {}, None, None
+        self.context = ssl.create_default_context()
+
+    def request(self, url, data=None, method=None):
+        """(status, headers, body) of one HTTP request; AcmeError when there is no answer."""
+        headers = {"User-Agent": "ankisync/%s" % __version__}
+        if data is not None:
+            headers["Content-Type"] = "application/jose+json"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=ACME_TIMEOUT,
+                                        context=self.context) as reply:
+                return reply.status, reply.headers, reply.read(ACME_REPLY_MAX)
+        except urllib.error.HTTPError as e:
+            with e:
+                return e.code, e.headers, e.read(ACME_REPLY_MAX)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise AcmeError("no answer from the CA at %s: %s" % (url, reason), fix=(
+                "check this machine's connection to the internet, and acme_directory; a "
+                "CA whose certificate no system CA signed is trusted through SSL_CERT_FILE"))
+
+    def post(self, url, payload):
+        """(headers, body) of a signed POST (payload None: a POST-as-GET); a badNonce is
+        retried with the nonce that came with it (RFC 8555 6.5)."""
+        for _ in range(ACME_BAD_NONCE_TRIES):
+            if self.nonce is None:
+                _, headers, _ = self.request(self.directory["newNonce"], method="HEAD")
+                self.nonce = headers.get("Replay-Nonce")
+            protected = {"alg": "ES256", "nonce": self.nonce, "url": url}
+            if self.kid:
+                protected["kid"] = self.kid
+            else:
+                protected["jwk"] = jwk_of(self.key)
+            body = json.dumps(jws(self.key, protected, payload)).encode("ascii")
+            status, headers, answer = self.request(url, body)
+            self.nonce = headers.get("Replay-Nonce")
+            if status < 400:
+                return headers, answer
+            try:
+                problem = json.loads(answer)
+            except ValueError:
+                problem = {}
+            kind = str(problem.get("type", "")).replace(ACME_PROBLEM, "")
+            if kind != "badNonce":
+                raise AcmeError(str(problem.get("detail") or "HTTP %d from %s" % (status, url)),
+                                kind)
+        raise AcmeError("the CA refused %d nonces in a row" % ACME_BAD_NONCE_TRIES, "badNonce")
+
+    def post_json(self, url, payload):
+        headers, body = self.post(url, payload)
+        try:
+            return headers, json.loads(body)
+        except ValueError:
+            raise AcmeError("the CA's answer from %s is no JSON" % url)
+
+    def open_account(self):
+        """The directory, then the account of this key: made, or found (RFC 8555 7.3)."""
+        status, _, body = self.request(self.directory_url)
+        try:
+            self.directory = json.loads(body) if status == 200 else None
+            self.directory["newNonce"], self.directory["newAccount"], self.directory["newOrder"]
+        except (ValueError, TypeError, KeyError):
+            raise AcmeError("%s is no ACME directory (HTTP %d)" % (self.directory_url, status),
+                            fix="set acme_directory to the CA's directory address")
+        account = {"termsOfServiceAgreed": True}
+        if self.email:
+            account["contact"] = ["mailto:" + self.email]
+        headers, _ = self.post_json(self.directory["newAccount"], account)
+        self.kid = headers.get("Location")
+
+    def authorize(self, domain, kind, answer):
+        """A new order for `domain` whose authorizations are won by challenges of `kind`;
+        answer(token, key authorization) sets up the answer while the CA looks, and
+        answer(None, None) takes it down. Returns (order address, order)."""
+        headers, order = self.post_json(self.directory["newOrder"],
+                                        {"identifiers": [{"type": "dns", "value": domain}]})
+        for address in order["authorizations"]:
+            _, authorization = self.post_json(address, None)
+            if authorization["status"] == "valid":
+                continue        # won before, within the CA's reuse period
+            challenge = [c for c in authorization["challenges"] if c["type"] == kind]
+            if not challenge:
+                raise ChallengeFailed("the CA offers no %s challenge" % kind)
+            token = challenge[0]["token"]
+            answer(token, "%s.%s" % (token, jwk_thumbprint(jwk_of(self.key))))
+            try:
+                self.post_json(challenge[0]["url"], {})
+                authorization = self.wait(address, ("valid", "invalid", "deactivated",
+                                                    "expired", "revoked"))
+            finally:
+                answer(None, None)
+            if authorization["status"] != "valid":
+                errors = [c["error"] for c in authorization["challenges"] if c.get("error")]
+                error = errors[0] if errors else {}
+                raise ChallengeFailed(str(error.get("detail") or authorization["status"]),
+                                      str(error.get("type", "")).replace(ACME_PROBLEM, ""))
+        return headers.get("Location"), order
+
+    def finalize(self, address, order, csr):
+        """The certificate chain (PEM) of an authorized order, for the CSR."""
+        _, order = self.post_json(order["finalize"], {"csr": b64url(csr)})
+        if order["status"] != "valid":
+            order = self.wait(address, ("valid", "invalid"))
+        if order["status"] != "valid":
+            raise AcmeError(str(order.get("error", {}).get("detail") or "order " +
+                                order["status"]))
+        _, chain = self.post(order["certificate"], None)
+        return chain.decode("ascii")
+
+    def wait(self, address, ends):
+        """The object at `address` once its status is one of `ends` (RFC 8555 7.5.1)."""
+        deadline = time.monotonic() + ACME_POLL_MAX
+        while True:
+            _, thing = self.post_json(address, None)
+            if thing.get("status") in ends:
+                return thing
+            if time.monotonic() > deadline:
+                raise AcmeError("the CA did not finish within %d s" % ACME_POLL_MAX)
+            time.sleep(ACME_POLL)
+
+
+class AcmeCertificates:
+    """acme_domain's certificate: the stored one, or a stand-in, at start; then a thread
+    that obtains one and renews it at ACME_RENEW_AT of its life, each swapped into the
+    listener's ServerTls. Files in <data>/.tls/: acme-account.key, acme.key, acme.pem."""
+
+    def __init__(self, config):
+        self.config = config
+        self.domain = config.acme_domain.rstrip(".")
+        if not DNS_NAME.fullmatch(self.domain) or ipaddress_or_none(self.domain):
+            raise SystemExit("ankisync: acme_domain takes a domain name, such as "
+                             "anki.example.org, not %r" % config.acme_domain)
+        self.folder = os.path.join(config.data, TLS_FOLDER)
+        self.cert_path, self.key_path = tls_path(config, "acme.pem"), tls_path(config, "acme.key")
+        self.tls, self.http, self.tokens = None, None, {}
+
+    def first_context(self):
+        """What HTTPS serves from the start: the stored certificate, or a stand-in."""
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
+        os.chmod(self.folder, 0o700)
+        if self.stored():
+            log.info("HTTPS for %s with the certificate in %s", self.domain, self.cert_path)
+            return load_certificate(self.cert_path, self.key_path)
+        log.info("no certificate for %s yet: until the CA's comes, HTTPS answers with a "
+                 "temporary self-signed one that no device trusts", self.domain)
+        return context_from_pem(*self_signed_certificate(self.domain), self.folder)
+
+    def stored(self):
+        """(not before, not after) of the stored certificate, when it is for the domain,
+        loads with its key and has not ended; else None."""
+        try:
+            with open(self.cert_path, encoding="ascii") as f:
+                text = f.read()
+            validity = certificate_validity(tbs_fields(pem_body(text, "CERTIFICATE")))
+            names = certificate_facts(text)[1]
+            load_certificate(self.cert_path, self.key_path)
+        except (OSError, ValueError, IndexError, UnicodeDecodeError, ssl.SSLError):
+            return None
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return validity if self.domain in names and validity[1] > now else None
+
+    def start(self, tls):
+        self.tls = tls
+        self.http = self.listen_http()
+        threading.Thread(target=self.run, name="acme", daemon=True).start()
+
+    def run(self):
+        retry = ACME_RETRY_FIRST
+        while True:
+            validity = self.stored()
+            if validity:
+                start, end = validity
+                due = start + (end - start) * ACME_RENEW_AT
+                wait = (due - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+                if wait > 0:
+                    log.info("the certificate for %s ends %s: renewed from %s on",
+                             self.domain, end.strftime("%Y-%m-%d %H:%M:%S"),
+                             due.strftime("%Y-%m-%d %H:%M:%S"))
+                    time.sleep(wait)
+                    continue
+            try:
+                self.obtain()
+                retry = ACME_RETRY_FIRST
+                continue
+            except AcmeError as e:
+                serving = ("the certificate served so far" if validity
+                           else "HTTPS serves its temporary certificate")
+                log.warning("no certificate from %s for %s: %s%s%s; next try in %d s, %s "
+                            "meanwhile", urllib.parse.urlsplit(self.config.acme_directory).netloc,
+                            self.domain, "%s: " % e.kind if e.kind else "", e,
+                            " (%s)" % e.fix if e.fix else "", retry, serving)
+            except Exception:
+                log.exception("no certificate for %s; next try in %d s", self.domain, retry)
+            time.sleep(retry)
+            retry = min(retry * 2, ACME_RETRY_MAX)
+
+    def obtain(self):
+        """A new certificate from the CA, stored and swapped in; AcmeError if not."""
+        client = AcmeClient(self.config.acme_directory, self.account_key(),
+                            self.config.acme_email)
+        client.open_account()
+        kinds = ["tls-alpn-01"] + ["http-01"] * (self.http is not None)
+        failures = []
+        for kind in kinds:
+            try:
+                address, order = client.authorize(self.domain, kind,
+                                                  functools.partial(self.answer, kind))
+                break
+            except ChallengeFailed as e:
+                failures.append("%s: %s" % (kind, e))
+                if kind != kinds[-1]:
+                    log.info("the CA's %s check of %s failed (%s): trying the next kind",
+                             kind, self.domain, e)
+        else:
+            raise AcmeError("; ".join(failures), fix=self.reach_fix())
+        key = new_private_key()
+        key_pem = pem("EC PRIVATE KEY", private_key_der(key))
+        chain = client.finalize(address, order, csr_der(key, self.domain))
+        try:
+            context = context_from_pem(chain, key_pem, self.folder)
+        except (ssl.SSLError, ValueError) as e:
+            raise AcmeError("the CA's certificate does not load: %s" % e)
+        write_atomically(self.key_path, key_pem.encode("ascii"), TEMP_TLS)
+        write_atomically(self.cert_path, chain.encode("ascii"), TEMP_TLS)
+        ends = certificate_facts(chain)[0]
+        self.tls.swap(context, "from %s for %s by %s, until %s" % (
+            urllib.parse.urlsplit(self.config.acme_directory).netloc, self.domain, kind,
+            ends.strftime("%Y-%m-%d %H:%M:%S")))
+
+    def reach_fix(self):
+        http = ("port 80 to %d (HTTP-01)" % self.config.acme_http_port if self.http
+                else "port 80 (HTTP-01, which ankisync could not listen on)")
+        return ("the CA must reach this server at %s: its DNS must point at this machine's "
+                "public address, and port 443 be forwarded to port %d (TLS-ALPN-01) or %s"
+                % (self.domain, self.config.port, http))
+
+    def account_key(self):
+        path = tls_path(self.config, "acme-account.key")
+        try:
+            with open(path, encoding="ascii") as f:
+                return read_private_key(f.read())
+        except FileNotFoundError:
+            key = new_private_key()
+            write_atomically(path, pem("EC PRIVATE KEY", private_key_der(key)).encode("ascii"),
+                             TEMP_TLS)
+            return key
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise AcmeError("%s is unreadable (%s)" % (path, e),
+                            fix="move it away: a new account is made")
+
+    def answer(self, kind, token, key_authorization):
+        """Set up (or, with token None, take down) the answer to one challenge."""
+        if kind == "http-01":
+            self.tokens.clear()
+            if token is not None:
+                self.tokens[token] = key_authorization
+            return
+        if token is None:
+            self.tls.challenge = None
+            return
+        digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+        extension = der_extension(OID_ACME_IDENTIFIER, der_octets(digest), critical=True)
+        context = context_from_pem(*self_signed_certificate(self.domain, [extension]),
+                                   self.folder)
+        context.set_alpn_protocols([ALPN_ACME])
+        self.tls.challenge = context
+
+    def listen_http(self):
+        """The HTTP-01 listener on acme_http_port, or None when it cannot be had: then
+        TLS-ALPN-01 alone is offered. Anything but a challenge is sent to HTTPS."""
+        tokens, domain, port = self.tokens, self.domain, self.config.port
+
+        class Answers(BaseHTTPRequestHandler):
+            def do_GET(self):
+                token = self.path[len(HTTP01_PATH):] if self.path.startswith(HTTP01_PATH) \
+                    else None
+                if token in tokens:
+                    body = tokens[token].encode("ascii")
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/octet-stream")
+                else:
+                    body = b""
+                    self.send_response(301)
+                    self.send_header("Location", "https://%s%s/" % (
+                        domain, "" if port == 443 else ":%d" % port))
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        listener = type("Http01Server", (ThreadingHTTPServer,),
+                        {"address_family": family, "daemon_threads": True})
+        try:
+            server = listener((self.config.host, self.config.acme_http_port), Answers)
+        except OSError as e:
+            log.info("HTTP-01 not offered: cannot listen on port %d (%s; below 1024 needs "
+                     "root or CAP_NET_BIND_SERVICE); TLS-ALPN-01 on port %d is",
+                     self.config.acme_http_port, e.strerror or e, self.config.port)
+            return None
+        threading.Thread(target=server.serve_forever, name="http-01", daemon=True).start()
+        return server
+
+
+def ipaddress_or_none(text):
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 

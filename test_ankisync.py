@@ -4481,6 +4481,294 @@ def run_device_elsewhere(url, folder, env):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+# --- TLS: certificates reloaded when their files change, and Let's Encrypt (ACME) ---
+
+
+def served_serial(srv, host="127.0.0.1"):
+    """The serial of the certificate a new connection to the server gets."""
+    context = ssl._create_unverified_context()
+    with socket.create_connection((host, srv.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname=host) as sock:
+            der = sock.getpeercert(binary_form=True)
+    return int.from_bytes(ankisync.tbs_fields(der)[1][1], "big")
+
+
+def pem_serial(path):
+    with open(path) as f:
+        der = ankisync.pem_body(f.read(), "CERTIFICATE")       # a chain's leaf
+    return int.from_bytes(ankisync.tbs_fields(der)[1][1], "big")
+
+
+def test_new_certificate_files_are_served_without_a_restart_and_a_bad_pair_is_refused(
+        start_server, tmp_path):
+    first = make_certificate(str(tmp_path / "tls"))
+    srv = start_server(certificate=first)
+    old_serial = pem_serial(first.cert)
+    assert served_serial(srv) == old_serial
+    # A connection open before the change (a sync in progress) keeps its certificate.
+    open_one = srv.ssl_context.wrap_socket(socket.create_connection(("127.0.0.1", srv.port),
+                                                                    timeout=10),
+                                           server_hostname="127.0.0.1")
+    # certbot's renewal: new files in the same place, from another CA.
+    second = make_certificate(str(tmp_path / "renewed"))
+    shutil.copy(second.key, first.key)
+    shutil.copy(second.cert, first.cert)
+    wait_until(lambda: served_serial(srv) == pem_serial(second.cert), 20,
+               "the renewed certificate")
+    assert "HTTPS certificate replaced" in srv.log()
+    open_one.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert open_one.recv(4096).startswith(b"HTTP/1.1 200")
+    der = open_one.getpeercert(binary_form=True)
+    assert int.from_bytes(ankisync.tbs_fields(der)[1][1], "big") == old_serial
+    open_one.close()
+    # A device that trusts the new CA syncs.
+    run_device_elsewhere(srv.url, str(tmp_path / "phone"), {"SSL_CERT_FILE": second.ca})
+    # A certificate whose key is not the one beside it is refused, the old pair kept.
+    third = make_certificate(str(tmp_path / "wrong"))
+    shutil.copy(third.cert, first.cert)
+    wait_until(lambda: "does not load" in srv.log(), 20, "the refusal in the log")
+    assert served_serial(srv) == pem_serial(second.cert)
+    srv.ssl_context = ssl.create_default_context(cafile=second.ca)
+    assert post(srv, "/health", method="GET").status == 200
+    assert "Traceback" not in srv.log()
+
+
+def test_a_running_server_serves_its_private_ca_s_renewed_certificate(tmp_path, monkeypatch,
+                                                                      caplog):
+    """The daily look (renew_private_ca): a new address gets a new certificate from the
+    same CA, swapped into the listener's ServerTls; an unusable CA is a log line."""
+    config = ankisync.Config()
+    config.data = str(tmp_path / "data")
+    config.tls = "self-signed"
+    tls = ankisync.ServerTls(ankisync.private_ca_context(config))
+    before = tls.context
+    ankisync.renew_private_ca(config, tls)              # nothing new: nothing swapped
+    assert tls.context is before
+    monkeypatch.setenv("ANKISYNC_TLS_NAMES", "198.51.100.9")
+    with caplog.at_level("INFO", logger="ankisync"):
+        ankisync.renew_private_ca(config, tls)
+    assert tls.context is not before and "HTTPS certificate replaced" in caplog.text
+    with open(os.path.join(config.data, ".tls", "server.pem")) as f:
+        assert ipaddress.ip_address("198.51.100.9") in ankisync.certificate_facts(f.read())[2]
+    os.remove(os.path.join(config.data, ".tls", "ca.key"))
+    monkeypatch.setenv("ANKISYNC_TLS_NAMES", "198.51.100.10")
+    renewed = tls.context
+    ankisync.renew_private_ca(config, tls)
+    assert tls.context is renewed and "could not be renewed" in caplog.text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_a_client_hello_s_alpn_is_read_from_any_bytes_without_a_fault(data):
+    assert isinstance(ankisync.client_alpn(b"\x16\x03\x01" + data), tuple)
+
+
+def make_pebble_certificate(folder):
+    """Pebble's own HTTPS (its API): Debian's pebble ships without its test certificates,
+    so appendix E's CA makes one for 127.0.0.1 (strict enough for Python 3.13's checks,
+    which openssl's make_certificate CA, without key usage, is not)."""
+    os.makedirs(folder, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    ca, ca_key = ankisync.make_ca("pebble test", now)
+    cert, key = ankisync.make_server_certificate(
+        ca, ca_key, ["localhost"], [ipaddress.ip_address("127.0.0.1")], now)
+    paths = types.SimpleNamespace(**{name: os.path.join(folder, name + ".pem")
+                                     for name in ("ca", "cert", "key")})
+    for path, text in ((paths.ca, ca), (paths.cert, cert), (paths.key, key)):
+        with open(path, "w") as f:
+            f.write(text)
+    return paths
+
+
+class Pebble:
+    """Let's Encrypt's test CA (pebble) and its DNS (pebble-challtestsrv) on loopback,
+    checking domains on the given ports."""
+
+    def __init__(self, folder, tls_port, http_port, validity):
+        for program in ("pebble", "pebble-challtestsrv"):
+            if shutil.which(program) is None:
+                pytest.skip("%s is not installed (Debian: apt-get install pebble)" % program)
+        os.makedirs(folder, exist_ok=True)
+        self.certificate = make_pebble_certificate(os.path.join(folder, "api"))
+        self.port, self.management = free_port(), free_port()
+        self.dns, self.dns_management = free_port(), free_port()
+        config = os.path.join(folder, "pebble.json")
+        with open(config, "w") as f:
+            json.dump({"pebble": {
+                "listenAddress": "127.0.0.1:%d" % self.port,
+                "managementListenAddress": "127.0.0.1:%d" % self.management,
+                "certificate": self.certificate.cert, "privateKey": self.certificate.key,
+                "httpPort": http_port, "tlsPort": tls_port, "ocspResponderURL": "",
+                "externalAccountBindingRequired": False,
+                "certificateValidityPeriod": validity}}, f)
+        self.log_path = os.path.join(folder, "pebble.log")
+        log = open(self.log_path, "ab")
+        self.procs = [
+            subprocess.Popen(["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1",
+                              "-defaultIPv6", "", "-dns01", "127.0.0.1:%d" % self.dns,
+                              "-http01", "", "-https01", "", "-tlsalpn01", "",
+                              "-management", "127.0.0.1:%d" % self.dns_management],
+                             stdout=log, stderr=log, start_new_session=True),
+            subprocess.Popen(["pebble", "-config", config, "-dnsserver",
+                              "127.0.0.1:%d" % self.dns], stdout=log, stderr=log,
+                             env=dict(os.environ, PEBBLE_VA_NOSLEEP="1",
+                                      PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0"),
+                             start_new_session=True)]
+        log.close()
+        self.directory = "https://127.0.0.1:%d/dir" % self.port
+        self.trusting = ssl.create_default_context(cafile=self.certificate.ca)
+        wait_until(self.answers, 20, "pebble")
+
+    def answers(self):
+        try:
+            with urllib.request.urlopen(self.directory, timeout=2, context=self.trusting):
+                return True
+        except OSError:
+            return False
+
+    def root(self, folder):
+        """Pebble's issuing root, as a device would be given it: a file."""
+        url = "https://127.0.0.1:%d/roots/0" % self.management
+        with urllib.request.urlopen(url, timeout=10, context=self.trusting) as answer:
+            path = os.path.join(folder, "pebble-root.pem")
+            with open(path, "wb") as f:
+                f.write(answer.read())
+        return path
+
+    def point_dns(self, address):
+        request = urllib.request.Request(
+            "http://127.0.0.1:%d/set-default-ipv4" % self.dns_management,
+            data=json.dumps({"ip": address}).encode(), method="POST")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def stop(self):
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def pebble(tmp_path):
+    started = []
+
+    def start(tls_port, http_port, validity=3600):
+        started.append(Pebble(str(tmp_path / ("pebble-%d" % len(started))), tls_port,
+                              http_port, validity))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.stop()
+        with open(one.log_path, errors="replace") as f:
+            print("---- pebble log (tail) ----\n" + "\n".join(f.read().splitlines()[-40:]))
+
+
+def start_acme_server(tmp_path, directory, api_ca, port, http_port, domain):
+    """ankisync with acme_domain, its first HTTPS (a stand-in) trusted by no one: health is
+    asked without verification, as start() would for tls = self-signed."""
+    base = str(tmp_path / ("server-acme-%d" % port))
+    srv = SyncServer(base, port=port, env={"SSL_CERT_FILE": api_ca}, ini=(
+        "acme_domain = %s\nacme_directory = %s\nacme_http_port = %d\n"
+        % (domain, directory, http_port)))
+    srv.ssl_context = ssl._create_unverified_context()
+    srv.url = "https://127.0.0.1:%d/" % port
+    return srv
+
+
+def acme_files(srv):
+    return os.path.join(srv.base, ".tls", "acme.pem")
+
+
+@pytest.mark.parametrize("challenge", ["tls-alpn-01", "http-01"])
+def test_lets_encrypt_certificate_obtained_renewed_while_running_and_devices_sync(
+        pebble, tmp_path, challenge):
+    """acme_domain against pebble. localhost: pebble's DNS (challtestsrv) and the device's
+    (the system's) both give 127.0.0.1 for it. HTTP-01 is tested by pointing pebble's
+    TLS-ALPN-01 at a closed port: the first challenge fails, the second wins."""
+    port, http_port = free_port(), free_port()
+    ca = pebble(port if challenge == "tls-alpn-01" else free_port(), http_port, validity=45)
+    srv = start_acme_server(tmp_path, ca.directory, ca.certificate.ca, port, http_port,
+                            "localhost")
+    try:
+        srv.start()
+        wait_until(lambda: os.path.exists(acme_files(srv)), 60, "the first certificate",
+                   every=0.2)
+        first = pem_serial(acme_files(srv))
+        wait_until(lambda: served_serial(srv, "localhost") == first, 10, "it served")
+        log = srv.log()
+        assert "temporary self-signed" in log and "HTTPS certificate replaced" in log
+        folder = os.path.join(srv.base, ".tls")
+        for name in ("acme.pem", "acme.key", "acme-account.key"):
+            assert stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode) == 0o600, name
+        # A real Anki trusting pebble's root (as a phone trusts Let's Encrypt's) syncs at
+        # the domain.
+        root = ca.root(str(tmp_path))
+        url = "https://localhost:%d/" % port
+        trusting = ssl.create_default_context(cafile=root)
+        with urllib.request.urlopen(url + "health", timeout=10, context=trusting) as answer:
+            assert answer.status == 200
+        run_device_elsewhere(url, str(tmp_path / "phone"), {"SSL_CERT_FILE": root})
+        # Two thirds into its 45 s, the running server renews it; the device syncs on.
+        wait_until(lambda: pem_serial(acme_files(srv)) != first, 60, "the renewal",
+                   every=0.5)
+        second = pem_serial(acme_files(srv))
+        wait_until(lambda: served_serial(srv, "localhost") == second, 10, "it served")
+        code = "import sys, test_ankisync as t; t.device_again_main(*sys.argv[1:])"
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "phone"), url],
+                              cwd=HERE, env=dict(os.environ, SSL_CERT_FILE=root),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert not srv.died() and "Traceback" not in srv.log()
+        assert "for localhost by %s" % challenge in srv.log()
+        if challenge == "http-01":                  # tried first, failed, named
+            assert "tls-alpn-01 check of localhost failed" in srv.log()
+    finally:
+        srv.kill()
+        print("---- ankisync log (tail) ----\n" + srv.log_tail())
+
+
+def device_again_main(folder, url):
+    """The phone of device_elsewhere_main, later: it logs in and syncs its new notes."""
+    phone = ModernDevice("phone", folder, types.SimpleNamespace(url=url))
+    try:
+        phone_keeps_syncing(phone, "again")
+    finally:
+        phone.close()
+
+
+def test_lets_encrypt_failures_are_logged_with_the_fix_and_the_server_stays_up(pebble,
+                                                                              tmp_path):
+    port, http_port = free_port(), free_port()
+    ca = pebble(port, http_port)
+    ca.point_dns("127.0.0.9")        # the domain's DNS leads elsewhere
+    srv = start_acme_server(tmp_path, ca.directory, ca.certificate.ca, port, http_port,
+                            "localhost")
+    # The CA out of reach: nothing listens at its address.
+    gone = start_acme_server(tmp_path, "https://127.0.0.1:%d/dir" % free_port(),
+                             ca.certificate.ca, free_port(), free_port(), "localhost")
+    try:
+        srv.start()
+        gone.start()
+        wait_until(lambda: "next try in" in srv.log(), 60, "the failure in the log")
+        line = [x for x in srv.log().splitlines() if "next try in" in x][0]
+        assert "no certificate from 127.0.0.1:%d for localhost" % ca.port in line
+        assert "127.0.0.9" in line                  # the CA's own detail
+        assert "DNS must point at this machine" in line and "port 443" in line, line
+        assert "Traceback" not in srv.log()
+        wait_until(lambda: "next try in" in gone.log(), 60, "the failure in the log")
+        line = [x for x in gone.log().splitlines() if "next try in" in x][0]
+        assert "no answer from the CA" in line and "acme_directory" in line, line
+        for one in (srv, gone):
+            answer = post(one, "/health", method="GET")
+            assert answer.status == 200 and not one.died()
+        assert not os.path.exists(acme_files(srv))
+    finally:
+        srv.kill()
+        gone.kill()
+        print("---- ankisync logs (tail) ----\n" + srv.log_tail() + "\n" + gone.log_tail())
+
+
 def test_stalled_tls_handshakes_stall_nobody_and_each_port_names_the_wrong_scheme(
         start_server, server, tmp_path):
     certificate = make_certificate(str(tmp_path / "tls"))
