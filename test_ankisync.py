@@ -4290,6 +4290,9 @@ def test_each_certificate_mistake_is_one_line_naming_the_option_the_file_and_the
     der = str(tmp_path / "cert.der")
     subprocess.run(["openssl", "x509", "-in", tls.cert, "-outform", "der", "-out", der],
                    check=True, capture_output=True, timeout=60)
+    locked = str(tmp_path / "locked-key.pem")      # asked for on a terminal there is not
+    subprocess.run(["openssl", "pkey", "-in", tls.key, "-aes256", "-passout", "pass:x",
+                    "-out", locked], check=True, capture_output=True, timeout=60)
     missing = str(tmp_path / "live" / "fullchain.pem")
     port = free_port()
     (tmp_path / "afile").write_text("x")            # a data folder that is a file
@@ -4299,6 +4302,7 @@ def test_each_certificate_mistake_is_one_line_naming_the_option_the_file_and_the
             (tls.key, tls.cert, "certfile %s holds a private key, no certificate" % tls.key),
             (tls.cert, other.key, "keyfile %s is not the key of certfile %s: set keyfile to "
                                   "the key made with this certificate" % (other.key, tls.cert)),
+            (tls.cert, locked, "keyfile %s is encrypted with a passphrase" % locked),
             (tls.cert, "", "certfile %s holds no private key and keyfile is empty: set "
                            "keyfile" % tls.cert),
             ("", tls.key, "keyfile is set (%s) but certfile is not" % tls.key)]:
