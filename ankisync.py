@@ -224,7 +224,7 @@ LAN_ADDRESSES_FRESH = 60            # seconds the LAN addresses shown are truste
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
 PEM_READ_MAX = 1 * MIB              # of a certfile or keyfile read to check it: a chain
                                     # is a few KiB, and /dev/zero must not fill RAM
-WRONG_SCHEME_STATUS = 426           # plain HTTP on the TLS port: see Server.on_hello
+WRONG_SCHEME_STATUS = 426           # plain HTTP on the TLS port: see Server.wrong_scheme
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
                                     # compressor cost more than the bytes it would save
@@ -5761,7 +5761,7 @@ class Server(ThreadingHTTPServer):
         if conn.state in ("head", "body"):
             self.refuse(conn, SyncError(408, "the request took too long to arrive"))
         elif conn.state == "plain":
-            self.wrong_scheme(conn)         # what head it sent: a slow typist's telnet
+            self.wrong_scheme(conn)         # a head unfinished at its deadline: answered too
         elif conn.state in ("hello", "handshake") and self.tls is not None:
             self.notices.warn(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
                         conn.peer, HEADER_TIMEOUT)
