@@ -223,6 +223,9 @@ OLD_TIMEZONE_CLIENT = (
     "handling\"), sync there, then here.")
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+PEM_CERTIFICATE = re.compile(rb"-----BEGIN (?:TRUSTED )?CERTIFICATE-----")
+PEM_KEY = re.compile(rb"-----BEGIN (?:RSA |EC |DSA |ENCRYPTED )?PRIVATE KEY-----")
+PEM_ENCRYPTED = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: 4,ENCRYPTED")
 WEB_ADDRESS = re.compile(r"https?://(?:(?!&quot;|&#x27;)[^\s<>])+")  # linked in a notice
 QUOTED_MAX = 60                     # characters of a client's text quoted in an error or the log
 HOST_KEY_HEX = 40                   # the host key's length: clients kept it as a sha1 hex digest
@@ -238,6 +241,9 @@ FORWARDED_HOST_MAX = 261            # a proxy's X-Forwarded-Host: a DNS name (25
 CONTAINER_MARKERS = ("/.dockerenv", "/run/.containerenv")   # Docker's and podman's, in each one
 CONTAINER_DATA = "/data"             # the image's volume (Dockerfile): where data belongs there
 HEALTH_TIMEOUT = 4                  # seconds `health` waits: under Docker's 5 s check timeout
+PEM_READ_MAX = 1 * MIB              # of a certfile or keyfile read to check it: a chain
+                                    # is a few KiB, and /dev/zero must not fill RAM
+WRONG_SCHEME_STATUS = 426           # plain HTTP on the TLS port: see Server.wrong_scheme
 ONE_SHOT_REPLY_MAX = 4 * MIB        # smaller streamed answers are compressed in one call
 RAW_REPLY_MAX = 1024                # smaller answers go uncompressed in a zstd frame: making a
                                     # compressor cost more than the bytes it would save
@@ -5656,6 +5662,10 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
 HEAD_END = re.compile(rb"\r?\n\r?\n")
+# The host a client named, without its port, if it is a name or an address and nothing else:
+# it goes back into an answer's status line.
+HOST_HEADER = re.compile(rb"\nhost:[ \t]*([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])"
+                         rb"(?::[0-9]{1,5})?[ \t]*\r?\n", re.IGNORECASE)
 # RFC 9112's grammar, strictly: a token method, a target of visible ASCII, one space each.
 TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 REQUEST_LINE = re.compile(r"%s [\x21-\x7e]+ HTTP/1\.[01]" % TOKEN)
@@ -5738,12 +5748,15 @@ class RequestHead:
         return len(buffer) >= wanted or (self.chunked and buffer.endswith(b"0\r\n\r\n"))
 
 
-def response_bytes(status, text, close=True):
-    """A short plain-text answer, for the listener, which has no handler to write it."""
+def response_bytes(status, text, close=True, phrase=None, headers=""):
+    """A short plain-text answer, for the listener, which has no handler to write it;
+    `phrase` instead of the status's usual reason phrase, `headers` lines of more."""
     body = (text + "\n").encode("utf-8")
-    phrase = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    if phrase is None:
+        phrase = BaseHTTPRequestHandler.responses.get(status, ("",))[0]
     return ("HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d"
-            "\r\n%s\r\n" % (status, phrase, len(body), "Connection: close\r\n" if close else "")
+            "\r\n%s%s\r\n" % (status, phrase, len(body), headers,
+                               "Connection: close\r\n" if close else "")
             ).encode("latin-1") + body
 
 
@@ -6260,13 +6273,6 @@ def raise_fd_limit():
 
 
 # --- the certificate: one context, swapped whole when it changes ----------------------
-def load_certificate(certfile, keyfile):
-    """The TLS context of a certificate chain and its key (PEM files), for the listener."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certfile, keyfile or None)
-    return context
-
-
 def context_from_pem(cert_pem, key_pem, folder):
     """load_certificate() of PEM text: `ssl` reads files only, so a 0600 one, gone after."""
     fd, path = tempfile.mkstemp(prefix=TEMP_TLS, dir=folder)
@@ -6449,6 +6455,8 @@ class Server(ThreadingHTTPServer):
             self.take_back()
         elif what.state in ("hello", "handshake") and self.tls is not None:
             self.on_hello(what)
+        elif what.state == "plain":
+            self.on_plain(what)
         elif what.state == "linger":
             self.on_linger(what)
         elif what.state == "blocked":      # its client reads again: on to the waiting request
@@ -6542,17 +6550,53 @@ class Server(ThreadingHTTPServer):
                 time.monotonic() - conn.since < TLS_HELLO_WAIT:
             return                          # the rest of it is on its way
         if first != b"\x16":                # not a TLS handshake record
-            if not first:
+            if not first.isupper():         # no HTTP method either: nothing to answer
                 return self.close(conn)
-            self.notices.warn(conn.peer, "%s sent plain HTTP to this HTTPS port", conn.peer)
-            return self.refuse(conn, bad_request("this port speaks HTTPS: use https:// in the "
-                                                 "server address"))
+            # Plain HTTP: someone typed http:// for this port. Its head is read (for the
+            # Host it names) and answered in plain HTTP by wrong_scheme().
+            conn.state = "plain"
+            return self.on_plain(conn)
         self.unlisten(conn)
         conn.sock = self.tls.wrap_socket(conn.sock, hello, server_side=True,
                                          do_handshake_on_connect=False)
         conn.state = "handshake"
         self.listen_to(conn)
         self.handshake(conn)
+
+    def on_plain(self, conn):
+        """Plain HTTP on the TLS port: its head, up to HEAD_MAX, then wrong_scheme()."""
+        try:
+            data = conn.sock.recv(HEAD_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.close(conn)
+        if not data:
+            return self.close(conn)
+        conn.buffer += data
+        if HEAD_END.search(conn.buffer) or len(conn.buffer) >= HEAD_MAX:
+            self.wrong_scheme(conn)
+
+    def wrong_scheme(self, conn):
+        """The answer to plain HTTP on the TLS port. Which status, tried with the clients
+        themselves (docs/protocol.md 3.6): 400, what this port answered at first, makes
+        Anki 2.1.28 and later say "Please use the Check Database function", sending the
+        user to repair a healthy collection; 403 says the password is wrong; 308 and 301
+        to https:// confuse both generations (a raw "HttpError { code: 308 ...", a GET
+        answered 405); a closed connection is "error sending request". 421, 426 and 505
+        are each "A network error occurred ... HTTP status client error (426 Upgrade
+        Required) for url ()"; Anki 26.9 shows the reason phrase the server sends (2.1.54
+        the standard one), so the phrase carries the fix; 426 is HTTP's own "use another
+        protocol" (RFC 9110 15.5.22, with the Upgrade header it requires)."""
+        host = HOST_HEADER.search(conn.buffer)
+        host = host.group(1).decode("ascii") if host else url_host(conn.sock.getsockname()[0])
+        address = "https://%s:%d%s" % (host, self.server_address[1], self.app.base_path)
+        self.notices.warn(conn.peer, "%s sent plain HTTP to this HTTPS port (told to use %s)",
+                          conn.peer, address)
+        text = "this port speaks HTTPS: use %s" % address
+        conn.send_quietly(response_bytes(WRONG_SCHEME_STATUS, text, phrase=text,
+                                         headers="Upgrade: TLS/1.2, HTTP/1.1\r\n"))
+        self.linger(conn)
 
     def handshake(self, conn):
         try:
@@ -6702,6 +6746,8 @@ class Server(ThreadingHTTPServer):
         """A connection past its deadline: a request too slow to arrive, or an idle one."""
         if conn.state in ("head", "body"):
             self.refuse(conn, SyncError(408, "the request took too long to arrive"))
+        elif conn.state == "plain":
+            self.wrong_scheme(conn)         # a head unfinished at its deadline: answered too
         elif conn.state in ("hello", "handshake") and self.tls is not None:
             self.notices.warn(conn.peer, "TLS handshake with %s unfinished after %d s: dropped",
                         conn.peer, HEADER_TIMEOUT)
@@ -7060,7 +7106,12 @@ def command_health(config, args):
         with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT, context=context) as reply:
             ok = reply.status == 200
     except OSError as e:
-        raise SystemExit("ankisync: no answer from %s: %s" % (url, e))
+        try:
+            tls_context(config)         # a certificate mistake kept the server from starting
+            why = ""
+        except CertificateError as mistake:
+            why = "; %s" % mistake
+        raise SystemExit("ankisync: no answer from %s: %s%s" % (url, e, why))
     if not ok:
         raise SystemExit("ankisync: %s answered %d" % (url, reply.status))
     print("ok: %s" % url)
@@ -7073,6 +7124,11 @@ def limit_malloc_arenas():
 
 def command_serve(config, args):
     limit_malloc_arenas()
+    # Certificates first: an unreadable privkey.pem must not be blamed on the data folder.
+    try:
+        context = tls_context(config)
+    except CertificateError as e:
+        raise SystemExit("ankisync: %s" % e)
     check_bindable(config)          # before the data folder is made: a typo costs nothing
     check_writable(config.data)
     lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
@@ -7086,9 +7142,7 @@ def command_serve(config, args):
     log.info("data folder: %s", config.data)
     if not app.users.names():
         offer_first_user(app, config)
-    context, renew, acme = None, None, None
-    if config.certfile:
-        context = load_certificate(config.certfile, config.keyfile)
+    renew, acme = None, None
     if context is None and config.acme_domain:
         acme = AcmeCertificates(config)
         context = acme.first_context()
@@ -7164,6 +7218,114 @@ def unbindable(config, error):
         return ("%s: %s is not an address of this machine: set `host` to 0.0.0.0 (every "
                 "network) or 127.0.0.1 (this machine only)" % (where, config.host))
     return "cannot listen on %s: %s" % (where, error.strerror or error)
+
+
+class CertificateError(ValueError):
+    """certfile or keyfile unusable: one line naming the option, the file and the fix."""
+
+
+class KeyEncrypted(Exception):
+    """Raised instead of asking for a key's passphrase: a server has no one to ask."""
+
+
+def no_passphrase():
+    raise KeyEncrypted()
+
+
+def tls_context(config):
+    """The HTTPS context of certfile and keyfile, or None without them."""
+    return load_certificate(config.certfile, config.keyfile)
+
+
+def load_certificate(certfile, keyfile):
+    """The TLS context of a certificate chain and its key (PEM files), for the listener;
+    None for plain HTTP. The files are read and looked at first, as OpenSSL names neither
+    the file nor the mistake ("[SSL] PEM lib") and an unreadable one is only an errno:
+    CertificateError says which, at start and when a changed file is reloaded."""
+    if not certfile:
+        if keyfile:
+            raise CertificateError(
+                "keyfile is set (%s) but certfile is not: set certfile to the certificate "
+                "chain (certbot: fullchain.pem), or empty keyfile for plain HTTP" % keyfile)
+        return None
+    cert = read_pem("certfile", certfile)
+    if not PEM_CERTIFICATE.search(cert):
+        if PEM_KEY.search(cert):
+            problem = ("holds a private key, no certificate: certfile is the certificate "
+                       "chain (certbot: fullchain.pem), keyfile its key (privkey.pem)")
+        else:
+            problem = ("is no PEM certificate (no -----BEGIN CERTIFICATE----- line): set "
+                       "certfile to the PEM chain (certbot: fullchain.pem); a DER one converts "
+                       "with `openssl x509 -inform der -in FILE -out cert.pem`")
+        raise CertificateError("certfile %s %s" % (certfile, problem))
+    option, path = ("keyfile", keyfile) if keyfile else ("certfile", certfile)
+    key = read_pem(option, path) if keyfile else cert
+    if not PEM_KEY.search(key):
+        if not keyfile:
+            problem = ("holds no private key and keyfile is empty: set keyfile to the "
+                       "certificate's key (certbot: privkey.pem)")
+        elif PEM_CERTIFICATE.search(key):
+            problem = ("holds a certificate, no private key: keyfile is the certificate's key "
+                       "(certbot: privkey.pem)")
+        else:
+            problem = ("is no PEM private key (no -----BEGIN PRIVATE KEY----- line): set "
+                       "keyfile to the certificate's key (certbot: privkey.pem)")
+        raise CertificateError("%s %s %s" % (option, path, problem))
+    encrypted = CertificateError(
+        "%s %s is encrypted with a passphrase, which a server has no one to ask for: save it "
+        "decrypted, readable by this user only, with `openssl pkey -in FILE -out key.pem`"
+        % (option, path))
+    if PEM_ENCRYPTED.search(key):
+        raise encrypted
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile or None, password=no_passphrase)
+    except KeyEncrypted:
+        raise encrypted from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            raise CertificateError(
+                "%s %s is not the key of certfile %s: set keyfile to the key made with this "
+                "certificate (certbot: privkey.pem beside fullchain.pem)"
+                % (option, path, certfile)) from None
+        raise CertificateError("certfile %s%s: OpenSSL cannot use it: %s" % (
+            certfile, " with keyfile %s" % keyfile if keyfile else "",
+            e.reason or e.strerror or e)) from None
+    except OSError as e:                # changed since it was read
+        raise CertificateError("certfile %s: %s" % (certfile, e.strerror or e)) from None
+    return context
+
+
+def read_pem(option, path):
+    """The start of a certfile or keyfile, or CertificateError saying why it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(PEM_READ_MAX)
+    except FileNotFoundError:
+        problem = "does not exist: set %s to the file's full path" % option
+    except PermissionError:
+        problem = ("is not readable by %s, which ankisync runs as: run ankisync as root, or "
+                   "give a group it is in read access to the file and its folders (as "
+                   "`chgrp -R ssl-cert DIR && chmod -R g+rX DIR`, with the user in group "
+                   "ssl-cert), or copy the file where this user can read it" % running_user())
+    except IsADirectoryError:
+        problem = "is a folder: set %s to a file in it (certbot: %s)" % (
+            option, "fullchain.pem" if option == "certfile" else "privkey.pem")
+    except OSError as e:
+        problem = "cannot be read: %s" % (e.strerror or e)
+    raise CertificateError("%s %s %s" % (option, path, problem))
+
+
+def running_user():
+    """'uid 1000 (alice)': who a permission error is about."""
+    if not hasattr(os, "getuid"):
+        return "this user"
+    uid = os.getuid()
+    try:
+        import pwd      # Unix only, as getuid
+        return "uid %d (%s)" % (uid, pwd.getpwuid(uid).pw_name)
+    except (ImportError, KeyError):
+        return "uid %d" % uid
 
 
 LAN_ADDRESSES = {}                  # listening on IPv6 too -> (expiry, addresses)

@@ -4785,13 +4785,113 @@ def test_stalled_tls_handshakes_stall_nobody_and_each_port_names_the_wrong_schem
     with pytest.raises(OSError):
         ssl.create_default_context().wrap_socket(connect(server), server_hostname="127.0.0.1")
     assert "spoke HTTPS to this HTTP port" in server.log()
-    # Plain HTTP sent to the HTTPS port gets a 400 that says what to do, and a log line
+    # Plain HTTP sent to the HTTPS port gets a 426 that says what to do, and a log line
     # (once, however often it comes); the answer must not be lost to a TCP reset.
     for _ in range(2):
         answer = raw_exchange(srv, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", pause=0.3)
-        assert answer.version == "HTTP/1.1" and answer.status == 400, answer
-        assert b"use https://" in answer.body, answer
+        assert answer.version == "HTTP/1.1" and answer.status == 426, answer
+        assert b"use https://x:%d/" % srv.port in answer.body, answer
     assert srv.log().count("sent plain HTTP to this HTTPS port") == 1
+
+
+def test_http_typed_for_the_https_port_tells_both_clients_to_use_https_not_check_database(
+        start_server, make_device, tmp_path):
+    """A 400 there made Anki say "Please use the Check Database function", sending the
+    user to repair a healthy collection. Anki 26.9 shows the status line's words."""
+    srv = start_server(certificate=make_certificate(str(tmp_path / "tls")))
+    typed = types.SimpleNamespace(url="http://127.0.0.1:%d/" % srv.port)
+    with pytest.raises(Exception) as modern_error:
+        make_device("modern", "desktop", on=typed).login()
+    text = str(modern_error.value)
+    assert "Check Database" not in text, text
+    assert "426 this port speaks HTTPS: use https://127.0.0.1:%d/" % srv.port in text, text
+    # Without the test CA (SSL_CERT_FILE) the https:// address itself is refused, in the
+    # words the README quotes.
+    with pytest.raises(Exception) as untrusted:
+        make_device("modern", "laptop", on=srv).login()
+    assert "error sending request for url ()" in str(untrusted.value), untrusted.value
+
+
+@pytest.mark.legacy
+def test_http_typed_for_the_https_port_is_no_check_database_on_anki_2_1_54(
+        start_server, make_device, tmp_path):
+    srv = start_server(certificate=make_certificate(str(tmp_path / "tls")))
+    typed = types.SimpleNamespace(url="http://127.0.0.1:%d/" % srv.port)
+    with pytest.raises(LegacyClientError) as error:
+        make_device("legacy", "desktop", on=typed).login()
+    text = str(error.value)
+    assert "Check Database" not in text and "426 Upgrade Required" in text, text
+
+
+def test_each_certificate_mistake_is_one_line_naming_the_option_the_file_and_the_fix(
+        tmp_path):
+    """Checked before the data folder: an unwritable one must not take the blame."""
+    tls = make_certificate(str(tmp_path / "tls"))
+    other = make_certificate(str(tmp_path / "other"))
+    der = str(tmp_path / "cert.der")
+    subprocess.run(["openssl", "x509", "-in", tls.cert, "-outform", "der", "-out", der],
+                   check=True, capture_output=True, timeout=60)
+    locked = str(tmp_path / "locked-key.pem")      # asked for on a terminal there is not
+    subprocess.run(["openssl", "pkey", "-in", tls.key, "-aes256", "-passout", "pass:x",
+                    "-out", locked], check=True, capture_output=True, timeout=60)
+    missing = str(tmp_path / "live" / "fullchain.pem")
+    port = free_port()
+    (tmp_path / "afile").write_text("x")            # a data folder that is a file
+    for certfile, keyfile, said in [
+            (missing, tls.key, "certfile %s does not exist" % missing),
+            (der, tls.key, "certfile %s is no PEM certificate" % der),
+            (tls.key, tls.cert, "certfile %s holds a private key, no certificate" % tls.key),
+            (tls.cert, other.key, "keyfile %s is not the key of certfile %s: set keyfile to "
+                                  "the key made with this certificate" % (other.key, tls.cert)),
+            (tls.cert, locked, "keyfile %s is encrypted with a passphrase" % locked),
+            (tls.cert, "", "certfile %s holds no private key and keyfile is empty: set "
+                           "keyfile" % tls.cert),
+            ("", tls.key, "keyfile is set (%s) but certfile is not" % tls.key)]:
+        ini = ("[server]\nhost = 127.0.0.1\nport = %d\ndata = %s\ncertfile = %s\n"
+               "keyfile = %s\n" % (port, tmp_path / "afile", certfile, keyfile))
+        text = refused_serve(tmp_path, ini)
+        assert text.startswith("ankisync: ") and said in text, text
+        assert len(text.strip().splitlines()) == 1, text
+        # `health` finds no server, and says why none started.
+        config = tmp_path / "health.ini"
+        config.write_text(ini)
+        done = run_ankisync("health", "--config", str(config))
+        assert done.returncode != 0 and "no answer from" in done.stderr, done.stderr
+        assert said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_key_only_root_may_read_is_named_with_the_user_and_the_fix(tmp_path):
+    """certbot's privkey.pem is root's alone; a server run as another user used to say
+    it could not write its data folder."""
+    python = "/usr/bin/python3"
+    if os.getuid() != 0 or not shutil.which("runuser") or not os.path.exists(python):
+        pytest.skip("needs root, runuser and a Python other users can run")
+    shared = tempfile.mkdtemp(prefix="ankisync-test-", dir="/tmp")    # others may enter it
+    try:
+        os.chmod(shared, 0o755)
+        script = os.path.join(shared, "ankisync.py")
+        shutil.copy(os.path.join(HERE, "ankisync.py"), script)
+        os.chmod(script, 0o644)
+        tls = make_certificate(os.path.join(shared, "live"))
+        os.chmod(os.path.dirname(tls.cert), 0o755)
+        os.chmod(tls.cert, 0o644)
+        os.chmod(tls.key, 0o600)                    # as certbot leaves it
+        config = os.path.join(shared, "ankisync.ini")
+        with open(config, "w") as f:
+            f.write("[server]\ncertfile = %s\nkeyfile = %s\ndata = %s\n"
+                    % (tls.cert, tls.key, os.path.join(shared, "data")))
+        os.chmod(config, 0o644)
+        proc = subprocess.run(["runuser", "-u", "nobody", "--", "env", "SYNC_PORT=%d"
+                               % free_port(), python, script, "--config", config, "serve"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode != 0
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert lines[0].startswith("ankisync: keyfile %s is not readable by uid %d (nobody)"
+                                   % (tls.key, pwd.getpwnam("nobody").pw_uid)), lines[0]
+        assert "run ankisync as root" in lines[0] and "ssl-cert" in lines[0], lines[0]
+    finally:
+        shutil.rmtree(shared)
 
 
 # --- the front page ---
