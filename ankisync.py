@@ -836,10 +836,12 @@ OPTIONS = (
     Option("admin_token_file", "", "...or the file holding that hash (container secrets)", """
         The file that holds admin_token's hash, as container secrets are given (see
         metrics_token_file): read at start.""", env="ANKISYNC_ADMIN_TOKEN_FILE"),
-    Option("admin_from", "127.0.0.0/8, ::1", "the addresses /admin answers", """
+    Option("admin_from", "127.0.0.1, ::1", "the addresses /admin answers", """
         The addresses the admin page answers, separated by commas (networks like
-        192.168.1.0/24 too); others get a 403. The default is this machine. Behind a
-        reverse proxy the client's address from ip_header counts, not the proxy's.""",
+        192.168.1.0/24 too); others get a 403. The default is a browser on this machine.
+        Behind a reverse proxy the client's address from ip_header counts, not the
+        proxy's; without ip_header, a request that came through a proxy is refused, since
+        every one of them would come from the proxy's address.""",
            parse=address_networks, env="ANKISYNC_ADMIN_FROM"),
     Option("public_url", "", "the address clients use (behind a proxy, in a container)", """
         The address clients type, as they type it, when it is not the one this machine
@@ -5793,7 +5795,10 @@ class AdminPage(Pages):
     def answer(self, req):
         if not self.phc:
             raise SyncError(404, "no admin page here: admin_token in the ini turns it on")
-        if not self.allowed(req.address):
+        # Through a proxy the server cannot see past, everyone is the proxy: on this
+        # machine, that would be everyone "from this machine".
+        proxied = not self.app.ip_header and any(req.headers.get(h) for h in PROXY_HEADERS)
+        if proxied or not self.allowed(req.address):
             self.refusals.warn(req.address, "admin page refused to %s: not in admin_from",
                                req.address)
             raise SyncError(403, "the admin page answers admin_from's addresses only")
