@@ -5410,7 +5410,7 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6e
 border-bottom:1px solid #ddd;vertical-align:top}code{background:#f3f3f3;overflow-wrap:anywhere}
 input{font-size:1em;max-width:100%}form{margin:.6em 0}.note{background:#fff3cd;padding:.6em}
 li{margin:.3em 0}.wide{overflow-x:auto}pre{white-space:pre-wrap;overflow-wrap:anywhere;
-font-size:.8em}textarea{width:100%;font:inherit}"""
+font-size:.8em}textarea{width:100%;box-sizing:border-box;font:inherit}"""
 
 # No script, no frame, no outside resource: a page of ours can only be itself.
 PAGE_HEADERS = (
