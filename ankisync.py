@@ -5838,8 +5838,11 @@ class AdminPage(Pages):
                 name = self.users.canonical(name)
                 self.users.set_password(name, password)
                 said = "changed the password of %s; their devices must log in again" % name
+                said += self.from_environment(name, "sets the old password again")
             elif action == "deluser":
-                said = delete_user(self.app.config, self.users, name, form.get("data") == "on")
+                note = self.from_environment(self.users.canonical(name), "adds the user again")
+                said = delete_user(self.app.config, self.users, name,
+                                   form.get("data") == "on") + note
             elif action == "restore":
                 name = self.users.canonical(name)
                 folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
@@ -5855,6 +5858,10 @@ class AdminPage(Pages):
             return self.home(req, user, session, 400, str(e))
         log.info("admin from %s: %s", req.address, said.replace("\n", "; "))
         return self.home(req, user, session, 200, said)
+
+    def from_environment(self, name, what):
+        note = environment_note(self.users, name, what)
+        return "; note: " + note if note else ""
 
     def home(self, req, user, session, status=200, message=""):
         """Every user's status row, their restore points and forms; the notice; the log."""
@@ -7137,9 +7144,17 @@ def command_passwd(config, args):
 
 
 def warn_if_from_environment(users, name, what):
-    if users.source(name) == "env":
-        print("note: %s comes from a SYNC_USERn variable of the server, whose next start %s: "
-              "change or remove that variable too" % (name, what))
+    note = environment_note(users, name, what)
+    if note:
+        print("note: " + note)
+
+
+def environment_note(users, name, what):
+    """Why a change of `passwd` or `deluser` may not last, for the CLI and the admin page."""
+    if users.source(name) != "env":
+        return ""
+    return ("%s comes from a SYNC_USERn variable of the server, whose next start %s: change "
+            "or remove that variable too" % (name, what))
 
 
 def command_deluser(config, args):

@@ -8460,6 +8460,9 @@ def test_admin_forms_refuse_a_missing_token_another_site_and_the_account_page_s_
     # A user's mistake is a line on the page, not a traceback.
     again = form_post(srv, add, cookies, path="/admin")
     assert again.status == 400 and "already exists" in again.body.decode()
+    reset = form_post(srv, {"do": "passwd", "csrf": token, "name": USER, "password": "x"},
+                      cookies, path="/admin")
+    assert reset.status == 200 and "SYNC_USERn" in reset.body.decode()     # as `passwd` says
     nobody = form_post(srv, {"do": "restore", "csrf": token, "name": "nobody", "id": "1"},
                        cookies, path="/admin")
     assert nobody.status == 400 and "no user" in nobody.body.decode()
