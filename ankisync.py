@@ -51,6 +51,7 @@ License: GNU Affero General Public License v3.0 or later.
 
 import argparse
 import base64
+import collections
 import configparser
 import contextlib
 import ctypes
@@ -161,6 +162,16 @@ FORM_COOKIE = "ankisync_form"        # random, per browser: what CSRF tokens are
 FORM_COOKIE_SECONDS = 365 * 86400   # it holds no secret of the user's: kept, so forms never
                                     # fail for a cookie that just expired
 CSRF_HEX = 32                       # hex digits of a form's token: 128 bits
+ADMIN_COOKIE = "ankisync_admin"     # the admin page's signed login, apart from a user's
+ADMIN_FORM_COOKIE = "ankisync_admin_form"   # ...and its forms' cookie, both on its own path
+ADMIN_NAME = "admin"                # who an admin session is for (its MAC covers the hash)
+ADMIN_GUARD_NAME = "/admin"         # the admin's name in the LoginGuard: no user name holds
+                                    # a slash, so guessing the token paces no user, nor back
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+ADMIN_LOG_LINES = 200               # the log's last lines the admin page shows, kept in memory
+NOTICE_FILE = "notice.txt"          # in the data folder: the notice set on the admin page
+NOTICE_MAX = 2000                   # characters of a notice: a paragraph, not a page
+PHC_PARTS = 5                       # "", scheme, parameters, salt, digest of a $-joined PHC
 API_TOKEN_BYTES = 32                # an API token's randomness: no guessing, so no throttle
 API_TOKENS_MAX = 20                 # per user: dashboards are few; auth.db must not fill up
 
@@ -650,9 +661,11 @@ class Option:
     """One setting: its ini name, default, parser, the environment variable that overrides
     it, the README's summary of it and the ini's comment on it."""
 
-    def __init__(self, name, default, summary, comment, parse=str, env=None, choices=()):
+    def __init__(self, name, default, summary, comment, parse=str, env=None, choices=(),
+                 secret=False):
         self.name, self.default, self.summary = name, default, summary
         self.comment, self.parse, self.env, self.choices = comment, parse, env, choices
+        self.secret = secret            # a wrong value may be the secret: never repeated
 
     def read(self, text, where):
         """The value `text` (from the ini or the environment) gives, or a one-line error."""
@@ -662,8 +675,9 @@ class Option:
         try:
             value = self.parse(text)
         except ValueError:
-            raise SystemExit("ankisync: %s: %s takes %s, not %r"
-                             % (where, self.name, TAKES.get(self.parse, "a number"), text))
+            raise SystemExit("ankisync: %s: %s takes %s%s"
+                             % (where, self.name, TAKES.get(self.parse, "a number"),
+                                "" if self.secret else ", not %r" % text))
         if self.choices and value not in self.choices:
             raise SystemExit("ankisync: %s: %s is one of %s, not %r"
                              % (where, self.name, ", ".join(self.choices), text))
@@ -706,8 +720,20 @@ def address_networks(text):
                  for part in text.split(",") if part.strip())
 
 
+def phc_hash(text):
+    """A PHC string as `ankisync.py hash` prints it, never the secret itself: a secret
+    in the ini would be read by whoever reads the ini."""
+    parts = text.split("$")
+    if len(parts) != PHC_PARTS or parts[0] or parts[1] != "pbkdf2-sha256" or \
+            not all(parts[2:]):
+        raise ValueError(text)
+    return text
+
+
 TAKES = {whole_number: "a whole number (0 or more)", counting_number: "a whole number (1 or more)",
          port_number: "a port number (1 to 65535)",
+         phc_hash: "the hash `ankisync.py hash` prints ($pbkdf2-sha256$...), never the token "
+                   "itself",
          web_address: "an http:// or https:// address",
          address_networks: "addresses or networks, separated by commas (127.0.0.1, 10.0.0.0/8)"}
 
@@ -805,6 +831,24 @@ OPTIONS = (
         /run/secrets/NAME, systemd's LoadCredential): read at start, its trailing newline
         dropped. SYNC_USER1_FILE, SYNC_USER2_FILE, ... likewise hold name:password.""",
            env="ANKISYNC_METRICS_TOKEN_FILE"),
+    Option("admin_token", "", "turns on /admin: the hash `ankisync.py hash` makes of a token",
+           """
+        The admin page, /admin, in a browser: users (add, new password, delete), their
+        collections and restore points (and a restore), the notice, the log's last lines.
+        Off while empty. To turn it on, choose a long token, run `ankisync.py hash`, type
+        the token, and set this to the hash it prints ($pbkdf2-sha256$...); never the token
+        itself. The page's login asks for the token.""",
+           parse=phc_hash, env="ANKISYNC_ADMIN_TOKEN", secret=True),
+    Option("admin_token_file", "", "...or the file holding that hash (container secrets)", """
+        The file that holds admin_token's hash, as container secrets are given (see
+        metrics_token_file): read at start.""", env="ANKISYNC_ADMIN_TOKEN_FILE"),
+    Option("admin_from", "127.0.0.1, ::1", "the addresses /admin answers", """
+        The addresses the admin page answers, separated by commas (networks like
+        192.168.1.0/24 too); others get a 403. The default is a browser on this machine.
+        Behind a reverse proxy the client's address from ip_header counts, not the
+        proxy's; without ip_header, a request that came through a proxy is refused, since
+        every one of them would come from the proxy's address.""",
+           parse=address_networks, env="ANKISYNC_ADMIN_FROM"),
     Option("public_url", "", "the address clients use (behind a proxy, in a container)", """
         The address clients type, as they type it, when it is not the one this machine
         listens on: a reverse proxy's (https://anki.example.com/anki/, base_path included)
@@ -986,6 +1030,12 @@ class Config:
             if self.metrics_token:
                 raise SystemExit("ankisync: set metrics_token or metrics_token_file, not both")
             self.metrics_token = secret_from_file(self.metrics_token_file, "metrics_token_file")
+        if self.admin_token_file:
+            if self.admin_token:
+                raise SystemExit("ankisync: set admin_token or admin_token_file, not both")
+            option = next(o for o in OPTIONS if o.name == "admin_token")
+            self.admin_token = option.read(secret_from_file(
+                self.admin_token_file, "admin_token_file"), self.admin_token_file)
 
     def public_address(self):
         """public_url with the trailing slash modern clients need (without it they drop
@@ -2526,6 +2576,17 @@ class Accounts:
         self.trust(address)
         return hkey
 
+    def check_admin(self, address, token, phc):
+        """The admin page's token against its hash, or a 403: through the same LoginGuard,
+        so guessing it is paced as guessing a password is."""
+        with self.guard.turn(address, ADMIN_GUARD_NAME):
+            right = verify_password(token, phc)
+        if not right:
+            self.guard.failed(address, ADMIN_GUARD_NAME)
+            log.warning("admin login failed from %s: wrong token", address)
+            raise SyncError(403, "wrong admin token")
+        self.guard.succeeded(address, ADMIN_GUARD_NAME)
+
     def authenticate(self, req):
         """Sets req.user from its host key, or refuses: before any of the body is read."""
         req.user = self.users.user_for_key(req.hkey)
@@ -2628,7 +2689,7 @@ class CollectionSync:
         self.folder = folder
         self.busy = busy                # True while other requests are being answered
         self.later = later              # runs a job after the answer has gone
-        self.notice = config.notice
+        self.config = config            # its notice is read at each meta: the admin page sets it
         self.moved_to = moved_address(config.moved_to)
         self.media = media              # the user's MediaStore: meta tells its usn
         self.max_decompressed = config.max_decompressed
@@ -2778,7 +2839,7 @@ class CollectionSync:
             self.refusal = self.media.refusal = ""
         return Reply.json({
             "mod": mod, "scm": scm, "usn": usn, "ts": int(time.time()),
-            "msg": refusal or notice_for("\n\n".join(filter(None, (told, self.notice))),
+            "msg": refusal or notice_for("\n\n".join(filter(None, (told, self.config.notice))),
                                          version),
             "cont": not refusal,
             "hostNum": 0, "empty": empty,
@@ -4751,6 +4812,11 @@ class SyncApp:
         self._registry_lock = threading.Lock()
         self.base_path = config.normalized_base_path()
         self.pages = Pages(self)
+        # The notice set on the admin page, kept in the data folder, wins over the ini's.
+        self.ini_notice = config.notice
+        config.notice = self.notice_override() or config.notice
+        self.admin = AdminPage(self)
+        self.recent_log = None          # a RecentLog, when `serve` runs with admin_token
         self.serving = 0                # requests being dispatched now
         self.downloads_of = {}           # user -> downloads being dispatched or answered
         self.later = Later()
@@ -4776,6 +4842,33 @@ class SyncApp:
                         os.unlink(entry.path)
                     except OSError:
                         pass
+
+    def notice_override(self):
+        """The notice the admin page set, or ''."""
+        try:
+            with open(os.path.join(self.config.data, NOTICE_FILE), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("the admin page's notice is unreadable, the ini's applies: %s", e)
+            return ""
+
+    def set_notice(self, text):
+        """The admin page's notice: kept for the next start, and every sync from now on
+        shows it; empty, the ini's notice comes back. What happened, to log and show."""
+        text = text.strip().replace("\r\n", "\n")
+        if len(text) > NOTICE_MAX:
+            raise ValueError("a notice of %d characters: at most %d" % (len(text), NOTICE_MAX))
+        path = os.path.join(self.config.data, NOTICE_FILE)
+        if text:
+            write_atomically(path, text.encode("utf-8"), TEMP_UPLOAD)
+            self.config.notice = text
+            return "set the notice: %r" % text[:QUOTED_MAX]
+        if os.path.exists(path):
+            os.unlink(path)
+        self.config.notice = self.ini_notice
+        return "removed the notice set here; the ini's applies: %r" % self.ini_notice[:QUOTED_MAX]
 
     def user_folder(self, user):
         """Made when first written to, not here: a login must work on a full disk."""
@@ -5290,7 +5383,7 @@ trusts it once; a new certificate for a new address needs nothing more.</p>
 # the listener read the head, the body is a small form (PAGE_FORM_MAX), and a password
 # goes through the LoginGuard that throttles sync logins: a guess here counts there.
 
-PAGES = ("account", "account/collection.colpkg", "api/stats")
+PAGES = ("account", "account/collection.colpkg", "api/stats", "admin")
 
 
 class PageAnswer:
@@ -5322,7 +5415,8 @@ body{font:16px/1.5 system-ui,sans-serif;max-width:48em;margin:1em auto;padding:0
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6em .2em 0;
 border-bottom:1px solid #ddd;vertical-align:top}code{background:#f3f3f3;overflow-wrap:anywhere}
 input{font-size:1em;max-width:100%}form{margin:.6em 0}.note{background:#fff3cd;padding:.6em}
-li{margin:.3em 0}"""
+li{margin:.3em 0}.wide{overflow-x:auto}pre{white-space:pre-wrap;overflow-wrap:anywhere;
+font-size:.8em}textarea{width:100%;box-sizing:border-box;font:inherit}"""
 
 # No script, no frame, no outside resource: a page of ours can only be itself.
 PAGE_HEADERS = (
@@ -5354,15 +5448,23 @@ class Pages:
     MAC covers the name, the expiry and the user's password hash, so a new password (or
     deleting the user) ends every session at once, as it ends every host key."""
 
+    page = "account"                    # the path under base_path
+    session_cookie, form_cookie_name = SESSION_COOKIE, FORM_COOKIE
+    key_label = b"ankisync page sessions"
+    login_fields = """<p>With the user name and password your Anki devices sync with.</p>
+<p><label>User name<br><input name="name" autocomplete="username" required></label></p>
+<p><label>Password<br><input name="password" type="password"
+ autocomplete="current-password" required></label></p>"""
+
     def __init__(self, app):
         self.app = app
         self.users = app.users
         # The session key comes from auth.db's secret (0600 in the data folder), kept
         # apart from the host keys' use of it by its own label.
-        self.key = hmac.new(app.users.secret, b"ankisync page sessions",
-                            hashlib.sha256).digest()
+        self.key = hmac.new(app.users.secret, self.key_label, hashlib.sha256).digest()
         self.lifetime = int(os.environ.get(PAGE_SESSION_TEST) or PAGE_SESSION_SECONDS)
-        self.path = app.base_path + "account"
+        self.path = app.base_path + self.page
+        self.cookie_path = app.base_path
 
     def answer(self, req):
         if req.page == "api/stats":
@@ -5372,8 +5474,12 @@ class Pages:
             if user is None:
                 return self.login_form(req, 403, "log in first")
             return self.download(user)
+        return self.form_answer(req, user, session)
+
+    def form_answer(self, req, user, session):
+        """GET: the page, or the login form; POST: a form, checked, then its action."""
         if req.verb != "POST":
-            return self.account(req, user, session) if user else self.login_form(req)
+            return self.home(req, user, session) if user else self.login_form(req)
         form = self.read_form(req)
         refusal = self.refusal(req, form, session if user else "")
         if refusal:
@@ -5385,7 +5491,18 @@ class Pages:
         if user is None:
             return self.login_form(req, 403, "log in first")
         if action == "logout":
-            return self.redirect([self.cookie(SESSION_COOKIE, "", req, 0)])
+            return self.redirect([self.cookie(self.session_cookie, "", req, 0)])
+        return self.act(req, form, action, user, session)
+
+    def home(self, req, user, session):
+        return self.account(req, user, session)
+
+    def phc_of(self, name):
+        """The hash a session of `name` is bound to, or None: no such login."""
+        row = self.users.find(name)
+        return row[1] if row is not None and row[0] == name else None
+
+    def act(self, req, form, action, user, session):
         if action == "password":
             return self.change_password(req, form, user)
         if action == "token":
@@ -5405,29 +5522,28 @@ class Pages:
 
     def session_of(self, req):
         """(user, cookie value) of a valid, unexpired session, else (None, None)."""
-        value = req.cookies.get(SESSION_COOKIE, "")
+        value = req.cookies.get(self.session_cookie, "")
         try:
             encoded, expires, _ = value.split(".")
             name = b64_decode_nopad(encoded.replace("-", "+").replace("_", "/")).decode("utf-8")
             expires = int(expires)
         except ValueError:                  # UnicodeDecodeError too
             return None, None
-        row = self.users.find(name)
-        if row is None or row[0] != name or expires < time.time() or \
-                not hmac.compare_digest(value, self.session_value(name, row[1], expires)):
+        phc = self.phc_of(name)
+        if phc is None or expires < time.time() or \
+                not hmac.compare_digest(value, self.session_value(name, phc, expires)):
             return None, None
         return name, value
 
     def new_session(self, req, name):
-        phc = self.users.find(name)[1]
-        value = self.session_value(name, phc, int(time.time()) + self.lifetime)
-        return self.cookie(SESSION_COOKIE, value, req, self.lifetime), value
+        value = self.session_value(name, self.phc_of(name), int(time.time()) + self.lifetime)
+        return self.cookie(self.session_cookie, value, req, self.lifetime), value
 
     def cookie(self, name, value, req, max_age):
         """HttpOnly: no script reads it; SameSite=Strict: no other site's page sends it;
         Secure over HTTPS: never sent in clear."""
         return ("Set-Cookie", "%s=%s; Path=%s; Max-Age=%d; HttpOnly; SameSite=Strict%s"
-                % (name, value, self.app.base_path, max_age, "; Secure" if req.secure else ""))
+                % (name, value, self.cookie_path, max_age, "; Secure" if req.secure else ""))
 
     def csrf(self, form_cookie, session):
         return hmac.new(self.key, ("csrf\0%s\0%s" % (form_cookie, session or "")).encode(),
@@ -5436,10 +5552,10 @@ class Pages:
     def form_cookie(self, req, headers):
         """The browser's form cookie, made at its first visit: tokens are bound to it (and
         to the session), so a token copied from another browser is worth nothing."""
-        value = req.cookies.get(FORM_COOKIE, "")
+        value = req.cookies.get(self.form_cookie_name, "")
         if not re.fullmatch(r"[A-Za-z0-9_-]{16,64}", value):
             value = secrets.token_urlsafe(24)
-            headers.append(self.cookie(FORM_COOKIE, value, req, FORM_COOKIE_SECONDS))
+            headers.append(self.cookie(self.form_cookie_name, value, req, FORM_COOKIE_SECONDS))
         return value
 
     def refusal(self, req, form, session):
@@ -5451,7 +5567,7 @@ class Pages:
             return "refused: this form was sent from another site"
         if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             return "refused: this form was sent from another site"
-        form_cookie = req.cookies.get(FORM_COOKIE, "")
+        form_cookie = req.cookies.get(self.form_cookie_name, "")
         if not form_cookie or not hmac.compare_digest(form.get("csrf", ""),
                                                       self.csrf(form_cookie, session)):
             return "refused: the form's token is missing or stale: reload the page"
@@ -5494,24 +5610,27 @@ class Pages:
         token = self.csrf(self.form_cookie(req, headers), None)
         said = '<p class="note">%s</p>' % html.escape(message) if message else ""
         body = """<h1>Log in</h1>%s
-<p>With the user name and password your Anki devices sync with.</p>
 <form method="post" action="%s">
 <input type="hidden" name="do" value="login"><input type="hidden" name="csrf" value="%s">
-<p><label>User name<br><input name="name" autocomplete="username" required></label></p>
-<p><label>Password<br><input name="password" type="password"
- autocomplete="current-password" required></label></p>
-<p><button>Log in</button></p></form>""" % (said, html.escape(self.path), token)
+%s
+<p><button>Log in</button></p></form>""" % (said, html.escape(self.path), token,
+                                            self.login_fields)
         return PageAnswer(status, page_html("ankisync: log in", body), headers=headers)
 
     def log_in(self, req, form):
-        name = form.get("name", "").strip()
         try:
-            self.app.accounts.check_password(req.address, name, form.get("password", ""))
+            name = self.check_login(req, form)
         except SyncError as e:
             extra = [("Retry-After", str(e.retry_after))] if e.retry_after else []
             return self.login_form(req, e.status, e.reason, extra)
-        cookie, _ = self.new_session(req, self.users.canonical(name))
+        cookie, _ = self.new_session(req, name)
         return self.redirect([cookie])
+
+    def check_login(self, req, form):
+        """Who the login form's fields log in, or a SyncError."""
+        name = form.get("name", "").strip()
+        self.app.accounts.check_password(req.address, name, form.get("password", ""))
+        return self.users.canonical(name)
 
     def change_password(self, req, form, user):
         new = form.get("new", "")
@@ -5544,7 +5663,7 @@ class Pages:
         API tokens; the forms to download, change the password, make and revoke tokens."""
         headers = list(PAGE_HEADERS) + list(extra)
         if session is None:
-            session = req.cookies.get(SESSION_COOKIE)
+            session = req.cookies.get(self.session_cookie)
         token = self.csrf(self.form_cookie(req, headers), session)
         stats = self.user_stats(user)
         config = self.app.config
@@ -5658,6 +5777,173 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
         data = dict(self.user_stats(user), user=user)
         return PageAnswer(200, (json.dumps(data, sort_keys=True) + "\n").encode("utf-8"),
                           "application/json", [("Cache-Control", "no-store")])
+
+
+class AdminPage(Pages):
+    """/admin: what the CLI's user commands do, in a browser, for the holder of the admin
+    token (admin_token keeps its hash), from admin_from's addresses only. The login and
+    its forms are the account page's, with their own cookies on their own path; every
+    action calls what the CLI command calls, and is logged with the admin's address."""
+
+    page = "admin"
+    session_cookie, form_cookie_name = ADMIN_COOKIE, ADMIN_FORM_COOKIE
+    key_label = b"ankisync admin sessions"
+    login_fields = """<p>With the admin token (the one whose hash admin_token holds).</p>
+<p><label>Admin token<br><input name="password" type="password"
+ autocomplete="current-password" required></label></p>"""
+
+    def __init__(self, app):
+        super().__init__(app)
+        self.cookie_path = self.path
+        self.phc = app.config.admin_token
+        self.refusals = Notices()        # a stranger knocking again must not fill the log
+
+    def answer(self, req):
+        if not self.phc:
+            raise SyncError(404, "no admin page here: admin_token in the ini turns it on")
+        # Through a proxy the server cannot see past, everyone is the proxy: on this
+        # machine, that would be everyone "from this machine".
+        proxied = not self.app.ip_header and any(req.headers.get(h) for h in PROXY_HEADERS)
+        if proxied or not self.allowed(req.address):
+            self.refusals.warn(req.address, "admin page refused to %s: not in admin_from",
+                               req.address)
+            raise SyncError(403, "the admin page answers admin_from's addresses only")
+        user, session = self.session_of(req)
+        return self.form_answer(req, user, session)
+
+    def allowed(self, address):
+        try:
+            address = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        return any(address in network for network in self.app.config.admin_from
+                   if network.version == address.version)
+
+    def phc_of(self, name):
+        return self.phc if name == ADMIN_NAME else None
+
+    def check_login(self, req, form):
+        self.app.accounts.check_admin(req.address, form.get("password", ""), self.phc)
+        log.info("admin from %s: logged in", req.address)
+        return ADMIN_NAME
+
+    def act(self, req, form, action, user, session):
+        """One change, as its CLI command makes it, logged; the page again with what
+        happened, or why nothing did."""
+        name = form.get("name", "").strip()
+        password = form.get("password", "")
+        try:
+            if action == "adduser":
+                if not password:
+                    raise ValueError("a new user needs a password: nothing changed")
+                self.users.add(name, password)
+                said = "added user %s" % self.users.canonical(name)
+            elif action == "passwd":
+                if not password:
+                    raise ValueError("the new password is empty: nothing changed")
+                name = self.users.canonical(name)
+                self.users.set_password(name, password)
+                said = "changed the password of %s; their devices must log in again" % name
+                said += self.from_environment(name, "sets the old password again")
+            elif action == "deluser":
+                note = self.from_environment(self.users.canonical(name), "adds the user again")
+                said = delete_user(self.app.config, self.users, name,
+                                   form.get("data") == "on") + note
+            elif action == "restore":
+                name = self.users.canonical(name)
+                folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
+                point, before, media = folder.restore(form.get("id", ""))
+                said = restored_text(folder, point, before, media)
+            elif action == "notice":
+                said = self.app.set_notice(form.get("notice", ""))
+            else:
+                raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
+        except FolderBusy as e:
+            return self.home(req, user, session, 409, str(e))
+        except ValueError as e:
+            return self.home(req, user, session, 400, str(e))
+        log.info("admin from %s: %s", req.address, said.replace("\n", "; "))
+        return self.home(req, user, session, 200, said)
+
+    def from_environment(self, name, what):
+        note = environment_note(self.users, name, what)
+        return "; note: " + note if note else ""
+
+    def home(self, req, user, session, status=200, message=""):
+        """Every user's status row, their restore points and forms; the notice; the log."""
+        headers = list(PAGE_HEADERS)
+        if session is None:
+            session = req.cookies.get(self.session_cookie)
+        hidden = '<input type="hidden" name="csrf" value="%s">' % self.csrf(
+            self.form_cookie(req, headers), session)
+        action = html.escape(self.path)
+
+        def form(do, inner, button, name=None):
+            named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
+                if name is not None else ""
+            return ('<form method="post" action="%s"><input type="hidden" name="do" '
+                    'value="%s">%s%s%s <button>%s</button></form>' % (action, do, hidden,
+                                                                      named, inner, button))
+        config = self.app.config
+        parts = ["<h1>Admin</h1>"]
+        if message:
+            parts.append('<p class="note">%s</p>' % html.escape(message))
+        names = self.users.names()
+        rows = status_rows(config, self.users, names)
+        parts.append('<h2>Users</h2><div class="wide"><table><tr>%s</tr>%s</table></div>' % (
+            "".join("<th>%s</th>" % html.escape(cell) for cell in rows[0]),
+            "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % html.escape(cell) for cell in row)
+                    for row in rows[1:])))
+        parts.append("<h3>Add a user</h3>" + form(
+            "adduser", '<p><label>User name<br><input name="name" autocomplete="off" required>'
+            '</label></p><p><label>Password<br><input name="password" type="password" '
+            'autocomplete="new-password" required></label></p>', "Add user"))
+        for name in names:
+            points = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s %s</li>" % (
+                html.escape(p["id"]), when(p["time"]), html.escape(p["why"]), p["notes"],
+                p["cards"], human_size(p["size"]),
+                form("restore", '<input type="hidden" name="id" value="%s">'
+                     % html.escape(p["id"]), "Restore", name))
+                for p in RestorePoints(self.app.user_folder(name), config).list())
+            parts.append("<h3>%s</h3>" % html.escape(name) + form(
+                "passwd", '<label>New password <input name="password" type="password" '
+                'autocomplete="new-password" required></label>', "Set password", name)
+                + form("deluser", '<label><input type="checkbox" name="data"> and their '
+                       'collection and media</label>', "Delete user", name)
+                + ("<p>Restore points (a restore asks every device for a full sync: "
+                   "Download):</p><ul>%s</ul>" % points if points else
+                   "<p>No restore points yet.</p>"))
+        parts.append(
+            "<h2>Notice</h2><p>Every client shows it when it syncs. Set here, it is kept in "
+            "the data folder (%s) and wins over the ini's notice; empty, the ini's applies"
+            "%s.</p>" % (NOTICE_FILE, ": %s" % html.escape(self.app.ini_notice)
+                         if self.app.ini_notice else " (none)")
+            + form("notice", '<textarea name="notice" rows="3" maxlength="%d">%s</textarea>'
+                   % (NOTICE_MAX, html.escape(self.app.notice_override())), "Set notice"))
+        recent = self.app.recent_log
+        parts.append("<h2>Log</h2>" + (
+            "<p>The last %d lines, newest last:</p><pre>%s</pre>" % (
+                ADMIN_LOG_LINES, html.escape("\n".join(recent.lines))) if recent else
+            "<p>Not kept: this server was not started by <code>serve</code>.</p>"))
+        parts.append(form("logout", "", "Log out"))
+        return PageAnswer(status, page_html("ankisync: admin", "\n".join(parts)),
+                          headers=headers)
+
+
+class RecentLog(logging.Handler):
+    """The log's last lines, in memory, for the admin page: the server logs to stderr,
+    where a journal or a container keeps it, no file of its own to read back."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.lines = collections.deque(maxlen=size)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record):
+        try:
+            self.lines.append(self.format(record))
+        except Exception:           # as logging's own handlers: a record never stops a request
+            self.handleError(record)
 
 
 HTTP_DATE = [0, ""]        # the Date header of the current second
@@ -5899,13 +6185,14 @@ class Handler(BaseHTTPRequestHandler):
         return self.send_body("text/html; charset=utf-8", page)
 
     def serve_pages(self, name, body):
-        """/account and /api/stats (Pages): (status, bytes sent)."""
+        """/account, /api/stats (Pages) and /admin (AdminPage): (status, bytes sent)."""
         app = self.server.app
         peer = self.client_address[0]
         # Behind a proxy that ends TLS, the proxy says so: believed from trusted_proxies only.
         secure = isinstance(self.connection, ssl.SSLSocket) or (
             app.is_proxy(peer) and self.headers.get("X-Forwarded-Proto", "").lower() == "https")
-        answer = app.pages.answer(PageRequest(
+        pages = app.admin if name == "admin" else app.pages
+        answer = pages.answer(PageRequest(
             self.command, self.headers, app.client_address(self.headers, peer), secure, body,
             name))
         self.finish_body(body)
@@ -6903,23 +7190,35 @@ def command_passwd(config, args):
 
 
 def warn_if_from_environment(users, name, what):
-    if users.source(name) == "env":
-        print("note: %s comes from a SYNC_USERn variable of the server, whose next start %s: "
-              "change or remove that variable too" % (name, what))
+    note = environment_note(users, name, what)
+    if note:
+        print("note: " + note)
+
+
+def environment_note(users, name, what):
+    """Why a change of `passwd` or `deluser` may not last, for the CLI and the admin page."""
+    if users.source(name) != "env":
+        return ""
+    return ("%s comes from a SYNC_USERn variable of the server, whose next start %s: change "
+            "or remove that variable too" % (name, what))
 
 
 def command_deluser(config, args):
     users = UserStore(config.data)
     name = users.canonical(args.name)
     warn_if_from_environment(users, name, "adds the user again")
-    users.delete(name)
+    print(delete_user(config, users, name, args.delete_data))
+
+
+def delete_user(config, users, name, delete_data):
+    """`deluser`, for the CLI and the admin page: what was done, in a line."""
+    name = users.delete(name)
     folder = os.path.join(config.data, folder_name(name))
-    if args.delete_data and os.path.isdir(folder):
+    if delete_data and os.path.isdir(folder):
         shutil.rmtree(folder)
-        print("deleted user %s and their data" % name)
-    else:
-        print("deleted user %s; their data stays in %s (add --delete-data to remove it)"
-              % (name, folder))
+        return "deleted user %s and their data" % name
+    return ("deleted user %s; their data stays in %s (add --delete-data to remove it)"
+            % (name, folder))
 
 
 def command_status(config, args):
@@ -6927,6 +7226,23 @@ def command_status(config, args):
     names = [users.canonical(args.name)] if args.name else users.names()
     print("ankisync %s, data folder %s, %s free" % (__version__, config.data,
                                                    human_size(free_space(config.data))))
+    rows = status_rows(config, users, names)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if args.name:
+        print()
+        for client, address, first, last_seen, kind in users.devices(names[0]):
+            print("device %s from %s: first %s, last %s (%s)" % (
+                client, address, time.strftime("%Y-%m-%d", time.localtime(first)),
+                time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)), kind))
+        folder = os.path.join(config.data, folder_name(names[0]))
+        for point in RestorePoints(folder, config).list():
+            print("restore point " + describe_point(point).rstrip())
+
+
+def status_rows(config, users, names):
+    """`status`'s table, for the CLI and the admin page: a heading, then a row per user."""
     month = time.time() - STATUS_DEVICE_DAYS * 86400
     rows = [("user", "collection", "notes", "cards", "media", "last sync", "devices",
              "restore points")]
@@ -6941,18 +7257,7 @@ def command_status(config, args):
                      "%d files, %s" % (files, human_size(media_bytes)), last,
                      str(len(recent_devices(seen, month))),
                      str(len(RestorePoints(folder, config).list()))))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if args.name:
-        print()
-        for client, address, first, last_seen, kind in users.devices(names[0]):
-            print("device %s from %s: first %s, last %s (%s)" % (
-                client, address, time.strftime("%Y-%m-%d", time.localtime(first)),
-                time.strftime("%Y-%m-%d %H:%M", time.localtime(last_seen)), kind))
-        folder = os.path.join(config.data, folder_name(names[0]))
-        for point in RestorePoints(folder, config).list():
-            print("restore point " + describe_point(point).rstrip())
+    return rows
 
 
 def recent_devices(seen, since):
@@ -7036,15 +7341,20 @@ def command_backup(config, args):
 
 def command_restore(config, args):
     folder = user_folder_of(config, args.name)
-    point, before, media = folder.restore(args.id)
-    print("restored %s of %s: %d notes, %d cards%s" % (
+    print(restored_text(folder, *folder.restore(args.id)))
+
+
+def restored_text(folder, point, before, media):
+    """What a restore did, for the CLI and the admin page."""
+    lines = ["restored %s of %s: %d notes, %d cards%s" % (
         point["id"], folder.name, point["notes"], point["cards"],
-        ", %d media files back" % len(media) if media else ""))
+        ", %d media files back" % len(media) if media else "")]
     if before:
-        print("the collection before it is restore point %s: `restore %s %s` undoes this"
-              % (before["id"], folder.name, before["id"]))
-    print("every device of %s is asked for a full sync at its next sync: choose Download"
-          % folder.name)
+        lines.append("the collection before it is restore point %s: `restore %s %s` undoes "
+                     "this" % (before["id"], folder.name, before["id"]))
+    lines.append("every device of %s is asked for a full sync at its next sync: choose "
+                 "Download" % folder.name)
+    return "\n".join(lines)
 
 
 def command_export(config, args):
@@ -7133,6 +7443,9 @@ def command_serve(config, args):
     check_writable(config.data)
     lock = DataFolderLock(config.data)       # held, open, for as long as the server runs
     app = SyncApp(config)
+    if config.admin_token:
+        app.recent_log = RecentLog(ADMIN_LOG_LINES)
+        log.addHandler(app.recent_log)
     app.users.apply_environment(config.env_users, config.passwords_hashed)
     log.info("ankisync %s, Python %s, zstd backend: %s", __version__,
              sys.version.split()[0], app.zstd.name)
@@ -10946,7 +11259,7 @@ def main(argv=None):
     os.umask(0o077)     # auth.db, collections, media: the users' own, whatever the shell's umask
     config = Config.load(args.config)
     logging.basicConfig(level=getattr(logging, config.log_level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format=LOG_FORMAT)
     # The format prints neither the caller nor the thread: not worth looking up per line
     # (the logging HOWTO's "Optimization").
     logging._srcfile = None

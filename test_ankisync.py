@@ -8459,6 +8459,199 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
     page.close()
 
 
+# --- the admin page ---------------------------------------------------------------------
+
+ADMIN_TOKEN = "correct horse admin staple"
+
+
+@pytest.fixture(scope="module")
+def admin_hash():
+    """The hash `ankisync.py hash` prints for ADMIN_TOKEN: what admin_token holds."""
+    printed = run_ankisync("hash", stdin=ADMIN_TOKEN + "\n")
+    assert printed.returncode == 0, printed.stderr
+    return printed.stdout.strip()
+
+
+def admin_login(srv, token=ADMIN_TOKEN, source=None):
+    """page_login on /admin: the admin's cookies, and the answer to the login."""
+    first = page_get(srv, {}, path="/admin", source=source)
+    cookies = {name: value for name, (value, _) in cookies_set(first).items()}
+    answer = form_post(srv, {"do": "login", "csrf": page_form(first), "password": token},
+                       cookies, source=source, path="/admin")
+    cookies.update({name: value for name, (value, _) in cookies_set(answer).items()})
+    return cookies, answer
+
+
+def test_the_admin_page_is_off_without_admin_token_and_refused_elsewhere_or_without_the_token(
+        start_server, admin_hash, tmp_path):
+    """No admin_token: /admin is a 404. With it: another address gets a one-line 403
+    before any form (admin_from is this machine by default, or what it names); a wrong
+    token is no login and counts in the LoginGuard; the ini takes only a hash, and
+    admin_token_file holds one as a container secret does."""
+    plain = start_server()
+    assert post(plain, "/admin", method="GET").status == 404
+    srv = start_server(ini="admin_token = %s\n" % admin_hash)
+    for method in ("GET", "POST"):
+        refused = post(srv, "/admin", b"do=login", method=method, source="127.0.0.2",
+                       headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert refused.status == 403 and refused.body.decode().count("\n") == 1
+        assert b"admin_from" in refused.body and b"<form" not in refused.body
+    assert "admin page refused to 127.0.0.2" in srv.log()
+    # Through a proxy on this machine, without ip_header, everyone would be 127.0.0.1.
+    proxied = post(srv, "/admin", method="GET", headers={"X-Forwarded-For": "203.0.113.5"})
+    assert proxied.status == 403
+    assert "<h1>Log in</h1>" in page_get(srv, {}, path="/admin").body.decode()
+    cookies, answer = admin_login(srv, token="wrong")
+    assert answer.status == 403 and "wrong admin token" in answer.body.decode()
+    assert ankisync.ADMIN_COOKIE not in cookies
+    assert "admin login failed from 127.0.0.1: wrong token" in srv.log()
+    assert "<h1>Admin</h1>" not in page_get(srv, cookies, path="/admin").body.decode()
+    # A user's sync password, or their account session, is no admin login.
+    _, answer = admin_login(srv, token=PASSWORD)
+    assert answer.status == 403
+    account, _ = page_login(srv)
+    forged = {ankisync.ADMIN_COOKIE: account["ankisync_session"]}
+    assert "<h1>Admin</h1>" not in page_get(srv, forged, path="/admin").body.decode()
+    cookies, answer = admin_login(srv)
+    assert answer.status == 303 and answer.headers["Location"] == "/admin"
+    flags = [a.strip() for a in cookies_set(answer)[ankisync.ADMIN_COOKIE][1].split(";")]
+    assert "Path=/admin" in flags and "HttpOnly" in flags and "SameSite=Strict" in flags
+    page = page_get(srv, cookies, path="/admin").body.decode()
+    assert "<h1>Admin</h1>" in page and "<td>%s</td>" % USER in page
+    # Its session opens /admin only from admin_from, even with the cookie.
+    assert page_get(srv, cookies, path="/admin", source="127.0.0.2").status == 403
+
+    secret = tmp_path / "admin-secret"
+    secret.write_text(admin_hash + "\n")
+    other = start_server(ini="admin_token_file = %s\nadmin_from = 127.0.0.2, 10.0.0.0/8\n"
+                         % secret)
+    assert post(other, "/admin", method="GET").status == 403
+    _, answer = admin_login(other, source="127.0.0.2")
+    assert answer.status == 303
+    text = refused_serve(tmp_path, "[server]\nadmin_token = %s\n" % ADMIN_TOKEN)
+    assert "admin_token takes the hash `ankisync.py hash` prints" in text, text
+    assert ADMIN_TOKEN not in text and "Traceback" not in text
+
+
+
+def test_admin_forms_refuse_a_missing_token_another_site_and_the_account_page_s_token(
+        start_server, admin_hash):
+    """CSRF: an admin form without this browser's token, with another page's, or from
+    another site changes nothing; with its own it does, and says so in the log."""
+    srv = start_server(ini="admin_token = %s\n" % admin_hash)
+    cookies, _ = admin_login(srv)
+    page = page_get(srv, cookies, path="/admin")
+    token = page_form(page)
+    account = page_form(page_get(srv, {}))
+    add = {"do": "adduser", "csrf": token, "name": "mallory", "password": "pw"}
+    for fields, jar, headers in [
+            (dict(add, csrf=""), cookies, {}),
+            (dict(add, csrf=account), cookies, {}),
+            (add, dict(cookies, ankisync_admin_form="A" * 32), {}),
+            (add, cookies, {"Origin": "http://evil.example"}),
+            (add, cookies, {"Sec-Fetch-Site": "cross-site"})]:
+        refused = form_post(srv, fields, jar, headers, path="/admin")
+        assert refused.status == 403 and "refused" in refused.body.decode(), (fields, headers)
+    assert "mallory" not in admin(srv, "lsuser").stdout
+    answer = form_post(srv, add, cookies, path="/admin")
+    assert answer.status == 200 and "added user mallory" in answer.body.decode()
+    assert "mallory" in admin(srv, "lsuser").stdout
+    assert "admin from 127.0.0.1: added user mallory" in srv.log()
+    # A user's mistake is a line on the page, not a traceback.
+    again = form_post(srv, add, cookies, path="/admin")
+    assert again.status == 400 and "already exists" in again.body.decode()
+    reset = form_post(srv, {"do": "passwd", "csrf": token, "name": USER, "password": "x"},
+                      cookies, path="/admin")
+    assert reset.status == 200 and "SYNC_USERn" in reset.body.decode()     # as `passwd` says
+    nobody = form_post(srv, {"do": "restore", "csrf": token, "name": "nobody", "id": "1"},
+                       cookies, path="/admin")
+    assert nobody.status == 400 and "no user" in nobody.body.decode()
+    assert "Traceback" not in srv.log()
+
+
+def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_deletes_them(
+        start_server, make_device, browser, tmp_path, admin_hash):
+    """The admin page in a real browser, at phone and desktop width: log in with the
+    token; add a user, as whom a 26.9.3 device then syncs; a new password asks that
+    device to log in; a restore from the page makes its next sync a full one; the notice
+    set there reaches it; deleting the user with their data leaves nothing. Every change
+    is in the server's log with "admin" and the address, and on the page's own log."""
+    from anki.errors import SyncError as AnkiSyncError, SyncErrorKind
+    srv = start_server(ini="admin_token = %s\n" % admin_hash)
+    url = "http://ankisync.lan:%d/admin" % srv.port
+    page = None
+    for width, height, name in [(390, 844, "phone"), (1280, 800, "desktop")]:
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(url)
+        page.screenshot(path=str(tmp_path / ("admin-login-%s.png" % name)), full_page=True)
+        page.fill("input[name=password]", ADMIN_TOKEN)
+        page.click("button:has-text('Log in')")
+        page.wait_for_selector("h1:text('Admin')")
+        page.screenshot(path=str(tmp_path / ("admin-%s.png" % name)), full_page=True)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        if name == "phone":
+            page.close()
+
+    form = page.locator("form:has(input[value=adduser])")
+    form.locator("input[name=name]").fill("carol")
+    form.locator("input[name=password]").fill("carols pw")
+    form.locator("button").click()
+    assert "added user carol" in page.locator(".note").text_content()
+    phone = make_device("modern", "carol-phone", user="carol", password="carols pw", on=srv)
+    phone.do("add_notes", deck="Default", prefix="carol", count=3)
+    first_upload(phone)
+    assert phone.sync() == "no_changes"
+    admin(srv, "backup", "carol")
+    (point, _, _), = restore_points(srv, "carol")
+    phone.do("add_notes", deck="Default", prefix="later", count=2)
+    assert phone.sync() == "normal_sync"
+
+    page.goto(url)
+    rows = page.locator("tr:has(td:text-is('carol')) td").all_text_contents()
+    assert rows[0] == "carol" and rows[2] == "5"                       # notes
+    form = page.locator("form:has(input[value=passwd]):has(input[value=carol])")
+    form.locator("input[name=password]").fill("carols new pw")
+    form.locator("button").click()
+    assert "changed the password of carol" in page.locator(".note").text_content()
+    with pytest.raises(AnkiSyncError) as refused:
+        phone.sync()
+    assert refused.value.kind == SyncErrorKind.AUTH
+    phone.password, phone.auth = "carols new pw", None
+    assert phone.sync() == "no_changes"
+
+    page.locator("form:has(input[value=restore]):has(input[value='%s']) button"
+                 % point).click()
+    assert "restored %s of carol: 3 notes" % point in page.locator(".note").text_content()
+    assert phone.sync() == "full_sync"
+    phone.full_download()
+    assert note_count(phone) == 3
+
+    page.fill("textarea[name=notice]", "The server moves on Sunday")
+    page.click("button:has-text('Set notice')")
+    assert "set the notice" in page.locator(".note").text_content()
+    assert "The server moves on Sunday" in phone.sync_told()[1]
+    page.screenshot(path=str(tmp_path / "admin-after-changes.png"), full_page=True)
+
+    form = page.locator("form:has(input[value=deluser]):has(input[value=carol])")
+    form.locator("input[name=data]").check()
+    form.locator("button").click()
+    assert "deleted user carol and their data" in page.locator(".note").text_content()
+    assert not os.path.exists(os.path.join(srv.base, "carol"))
+    assert "carol" not in admin(srv, "lsuser").stdout
+    with pytest.raises(AnkiSyncError) as refused:
+        phone.sync()
+    assert refused.value.kind == SyncErrorKind.AUTH
+
+    log = srv.log()
+    for change in ("added user carol", "changed the password of carol",
+                   "restored %s of carol" % point, "set the notice",
+                   "deleted user carol and their data"):
+        assert "admin from 127.0.0.1: " + change in log, change
+        assert "admin from 127.0.0.1: " + change in page.locator("pre").text_content(), change
+    assert ADMIN_TOKEN not in log and "Traceback" not in log
+    page.close()
+
+
 def refused_serve(tmp_path, ini):
     """`serve` with `ini`, which is to refuse to start: what it said, all of it."""
     config = tmp_path / ("refused-%d.ini" % random.randrange(10**6))
