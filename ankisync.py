@@ -5728,15 +5728,10 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
                           headers=headers)
 
     def user_stats(self, user):
-        """The counts `status` shows, read the same way (read only, nothing made)."""
-        folder = self.app.user_folder(user)
-        notes, cards, size = collection_counts(os.path.join(folder, "collection.anki2"))
-        files, media_bytes = media_totals(os.path.join(folder, "media.db"))
-        seen = self.users.devices(user)
-        return {"notes": notes, "cards": cards, "collection_bytes": size,
-                "media_files": files, "media_bytes": media_bytes,
-                "last_sync": int(seen[0][3]) if seen else None,
-                "restore_points": len(RestorePoints(folder, self.app.config).list())}
+        """The counts `status` shows, with the last sync's time for a dashboard."""
+        counts = user_counts(self.app.config, self.users, user)
+        seen = counts.pop("devices")
+        return dict(counts, last_sync=int(seen[0][3]) if seen else None)
 
     def download(self, user):
         # A worker waits for a sync in progress as long as a device's request would, not
@@ -7247,17 +7242,26 @@ def status_rows(config, users, names):
     rows = [("user", "collection", "notes", "cards", "media", "last sync", "devices",
              "restore points")]
     for name in names:
-        folder = os.path.join(config.data, folder_name(name))      # read only: nothing made
-        notes, cards, size = collection_counts(os.path.join(folder, "collection.anki2"))
-        files, media_bytes = media_totals(os.path.join(folder, "media.db"))
-        seen = users.devices(name)
+        counts = user_counts(config, users, name)
+        seen = counts["devices"]
         last = ("%s %s from %s" % (time.strftime("%Y-%m-%d %H:%M", time.localtime(seen[0][3])),
                                    seen[0][0], seen[0][1]) if seen else "never")
-        rows.append((name, human_size(size), str(notes), str(cards),
-                     "%d files, %s" % (files, human_size(media_bytes)), last,
-                     str(len(recent_devices(seen, month))),
-                     str(len(RestorePoints(folder, config).list()))))
+        rows.append((name, human_size(counts["collection_bytes"]), str(counts["notes"]),
+                     str(counts["cards"]), "%d files, %s" % (
+                         counts["media_files"], human_size(counts["media_bytes"])), last,
+                     str(len(recent_devices(seen, month))), str(counts["restore_points"])))
     return rows
+
+
+def user_counts(config, users, name):
+    """What `status`, the account page and /api/stats tell of a user, read only: nothing
+    is made for a user who never synced."""
+    folder = os.path.join(config.data, folder_name(name))
+    notes, cards, size = collection_counts(os.path.join(folder, "collection.anki2"))
+    files, media_bytes = media_totals(os.path.join(folder, "media.db"))
+    return {"notes": notes, "cards": cards, "collection_bytes": size,
+            "media_files": files, "media_bytes": media_bytes, "devices": users.devices(name),
+            "restore_points": len(RestorePoints(folder, config).list())}
 
 
 def recent_devices(seen, since):
@@ -7417,7 +7421,8 @@ def command_health(config, args):
             ok = reply.status == 200
     except OSError as e:
         try:
-            tls_context(config)         # a certificate mistake kept the server from starting
+            # A certificate mistake may be what kept the server from starting.
+            load_certificate(config.certfile, config.keyfile)
             why = ""
         except CertificateError as mistake:
             why = "; %s" % mistake
@@ -7436,7 +7441,7 @@ def command_serve(config, args):
     limit_malloc_arenas()
     # Certificates first: an unreadable privkey.pem must not be blamed on the data folder.
     try:
-        context = tls_context(config)
+        context = load_certificate(config.certfile, config.keyfile)
     except CertificateError as e:
         raise SystemExit("ankisync: %s" % e)
     check_bindable(config)          # before the data folder is made: a typo costs nothing
@@ -7543,11 +7548,6 @@ class KeyEncrypted(Exception):
 
 def no_passphrase():
     raise KeyEncrypted()
-
-
-def tls_context(config):
-    """The HTTPS context of certfile and keyfile, or None without them."""
-    return load_certificate(config.certfile, config.keyfile)
 
 
 def load_certificate(certfile, keyfile):
