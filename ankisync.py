@@ -155,6 +155,7 @@ KNOWN_LOGIN_SECONDS = 30 * 86400    # a login's address counts as the user's own
 # Pages: /account, where a user sees their collection in a browser, and /api/stats.
 PAGE_FORM_MAX = 16 * 1024           # a form is a name, two passwords and a token: bytes, not KiB
 PAGE_FORM_FIELDS = 8                # fields in one form: ours send at most five
+QUERY_MAX = 256                     # a page's query names a restore point: longer is not ours
 PAGE_SESSION_SECONDS = 8 * 3600     # a browser stays logged in a working day, then asks again
 PAGE_SESSION_TEST = "ANKISYNC_TEST_SESSION_SECONDS"  # for the tests only: a shorter lifetime
 SESSION_COOKIE = "ankisync_session"  # the signed login: name, expiry, MAC
@@ -165,6 +166,10 @@ CSRF_HEX = 32                       # hex digits of a form's token: 128 bits
 ADMIN_COOKIE = "ankisync_admin"     # the admin page's signed login, apart from a user's
 ADMIN_FORM_COOKIE = "ankisync_admin_form"   # ...and its forms' cookie, both on its own path
 ADMIN_NAME = "admin"                # who an admin session is for (its MAC covers the hash)
+SAID_COOKIE = "ankisync_said"       # what a form did, signed, shown once by the page it leads to
+ADMIN_SAID_COOKIE = "ankisync_admin_said"   # ...and the admin page's, on its own path
+SAID_MAX = 2000                     # characters of that message: a cookie holds about 4 KB
+SAID_SECONDS = 120                  # a redirect follows at once: a later visit shows nothing
 ADMIN_GUARD_NAME = "/admin"         # the admin's name in the LoginGuard: no user name holds
                                     # a slash, so guessing the token paces no user, nor back
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -1201,6 +1206,8 @@ class UserStore:
                 create table if not exists api_tokens (
                     digest text primary key, name text not null, label text not null,
                     created integer not null);
+                create table if not exists page_logouts (
+                    mac text primary key, expires integer not null);
                 create table if not exists devices (
                     name text not null, client text not null, hkey text not null,
                     address text not null, first_seen integer not null,
@@ -1361,6 +1368,18 @@ class UserStore:
             row = db.execute("select name from api_tokens where digest=?",
                              (key_digest(token),)).fetchone()
         return row[0] if row else None
+
+    def end_page_session(self, mac, expires):
+        """A page session logged out: its cookie is worth nothing from now on, even one a
+        stolen copy of it. Kept till it would have expired anyway, then forgotten."""
+        with self.connect() as db:
+            db.execute("delete from page_logouts where expires < ?", (int(time.time()),))
+            db.execute("insert or ignore into page_logouts values (?, ?)", (mac, expires))
+
+    def page_session_ended(self, mac):
+        with self.connect() as db:
+            return db.execute("select 1 from page_logouts where mac=?",
+                              (mac,)).fetchone() is not None
 
     def key_for(self, name, phc):
         return hmac.new(self.secret, ("%s\0%s" % (name, phc)).encode("utf-8"),
@@ -4337,15 +4356,21 @@ class FullSyncNotice:
                 log.warning("%s not updated: %s", self.path, e)
 
 
+def media_deleted_since(trash, point):
+    """{name: path in the trash} of each media file deleted after the point: the oldest
+    copy after it, the one the point's notes used."""
+    wanted = {}
+    for usn, stamp, batch in trash_batches(trash):
+        if deleted_after(point, usn, stamp):
+            for name in os.listdir(batch):
+                wanted.setdefault(name, os.path.join(batch, name))
+    return wanted
+
+
 def bring_back_media(store, trash, point):
     """Media files deleted after the point and not on the server now: back, as new
     changes every device downloads."""
-    wanted = {}
-    for usn, stamp, batch in trash_batches(trash):
-        if not deleted_after(point, usn, stamp):
-            continue
-        for name in os.listdir(batch):
-            wanted.setdefault(name, os.path.join(batch, name))     # the oldest copy after
+    wanted = media_deleted_since(trash, point)
     stored = store.entries(wanted)
     returned = sorted(name for name in wanted if not stored.get(name, (None, 0))[1])
     copies = []
@@ -4365,17 +4390,29 @@ def bring_back_media(store, trash, point):
 
 # --- a user's collection in and out: .colpkg, and ankisyncd's data folder --------------
 
-def export_package(folder, out_path):
+def export_package(folder, out_path, point_id=None):
     """A collection package (.colpkg) Anki imports with File > Import: the collection
-    (schema 11, the layout Anki 2.1 wrote) and its media. Returns (notes, cards, files)."""
+    (schema 11, the layout Anki 2.1 wrote) and its media; or, given a restore point's
+    id, the point's collection with today's media and those deleted since the point
+    (the trash keeps them). Returns (notes, cards, files)."""
     fd, snapshot = tempfile.mkstemp(prefix=TEMP_BACKUP, dir=folder.path)
     os.close(fd)
     try:
         with folder.locked():
-            notes, cards = snapshot_collection(folder.collection.path, snapshot)
+            if point_id is None:
+                notes, cards = snapshot_collection(folder.collection.path, snapshot)
+                returned = {}
+            else:
+                point = folder.points.find(point_id)
+                folder.points.unpack(point["id"], snapshot)
+                notes, cards = point["notes"], point["cards"]
+                returned = media_deleted_since(folder.points.trash, point)
             store = MediaStore(folder.path)
-            names = [name for name, _, _, size in store.changes_since(-1, limit=-1) if size]
+            files = {name: os.path.join(folder.path, "media", name)
+                     for name, _, _, size in store.changes_since(-1, limit=-1) if size}
             store.close()
+        for name, path in returned.items():
+            files.setdefault(name, path)
         conn = connect_collection(snapshot)
         try:
             conf = json.loads(conn.execute("select conf from col").fetchone()[0])
@@ -4387,11 +4424,12 @@ def export_package(folder, out_path):
         media = {}
         with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
             archive.write(snapshot, entry)
-            for name in names:
-                path = os.path.join(folder.path, "media", name)
-                if os.path.exists(path):
+            for name, path in sorted(files.items()):
+                try:
                     archive.write(path, str(len(media)), zipfile.ZIP_STORED)
-                    media[str(len(media))] = name
+                except FileNotFoundError:       # deleted by a sync since the list was read
+                    continue
+                media[str(len(media))] = name
             archive.writestr("media", json.dumps(media))
         os.replace(temp, out_path)
     finally:
@@ -5400,14 +5438,27 @@ class PageRequest:
     """What Pages needs of a request: its verb, headers, client address, whether it came
     over TLS (directly, or to a trusted proxy that says so), and its body."""
 
-    def __init__(self, verb, headers, address, secure, body, page):
+    def __init__(self, verb, headers, address, secure, body, page, query=""):
         self.verb, self.headers, self.address = verb, headers, address
         self.secure, self.body, self.page = secure, body, page
+        self.query = query_fields(query)
         self.cookies = {}
         for part in headers.get("Cookie", "").split(";"):
             name, sep, value = part.strip().partition("=")
             if sep and name not in self.cookies:
                 self.cookies[name] = value
+
+
+def query_fields(query):
+    """A page's query (which restore point to download): a few short fields, or a 400;
+    never ignored, lest a point asked for be answered with the collection of today."""
+    try:
+        if len(query) > QUERY_MAX:
+            raise ValueError("over %d characters" % QUERY_MAX)
+        return dict(urllib.parse.parse_qsl(query, strict_parsing=bool(query),
+                                           max_num_fields=PAGE_FORM_FIELDS, errors="strict"))
+    except ValueError as e:             # UnicodeDecodeError too
+        raise bad_request("a malformed query: %s" % str(e)[:QUOTED_MAX])
 
 
 PAGE_STYLE = """
@@ -5444,12 +5495,14 @@ def when(stamp):
 
 
 class Pages:
-    """/account and /api/stats. A login is a signed cookie, no state on the server: its
-    MAC covers the name, the expiry and the user's password hash, so a new password (or
-    deleting the user) ends every session at once, as it ends every host key."""
+    """/account and /api/stats. A login is a signed cookie: its MAC covers the name, the
+    expiry and the user's password hash, so a new password (or deleting the user) ends
+    every session at once, as it ends every host key; a logout ends its own session (the
+    one state kept: auth.db's page_logouts, till the cookie would have expired)."""
 
     page = "account"                    # the path under base_path
     session_cookie, form_cookie_name = SESSION_COOKIE, FORM_COOKIE
+    said_cookie = SAID_COOKIE
     key_label = b"ankisync page sessions"
     login_fields = """<p>With the user name and password your Anki devices sync with.</p>
 <p><label>User name<br><input name="name" autocomplete="username" required></label></p>
@@ -5473,7 +5526,7 @@ class Pages:
         if req.page == "account/collection.colpkg":
             if user is None:
                 return self.login_form(req, 403, "log in first")
-            return self.download(user)
+            return self.download(user, req.query.get("point"))
         return self.form_answer(req, user, session)
 
     def form_answer(self, req, user, session):
@@ -5491,11 +5544,15 @@ class Pages:
         if user is None:
             return self.login_form(req, 403, "log in first")
         if action == "logout":
+            self.users.end_page_session(*self.mac_and_expiry(session))
             return self.redirect([self.cookie(self.session_cookie, "", req, 0)])
         return self.act(req, form, action, user, session)
 
     def home(self, req, user, session):
-        return self.account(req, user, session)
+        """The page by GET: with what the last form did, shown once (see done())."""
+        said, shown = self.said_of(req, session)
+        extra = [self.cookie(self.said_cookie, "", req, 0)] if said or shown else []
+        return self.render(req, user, session, 200, said, extra, shown)
 
     def phc_of(self, name):
         """The hash a session of `name` is bound to, or None: no such login."""
@@ -5504,12 +5561,14 @@ class Pages:
 
     def act(self, req, form, action, user, session):
         if action == "password":
-            return self.change_password(req, form, user)
+            return self.change_password(req, form, user, session)
         if action == "token":
             return self.new_token(req, form, user, session)
         if action == "revoke":
             self.users.revoke_token(user, form.get("id", ""))
             return self.redirect()
+        if action == "restore":
+            return self.restore(req, form, user, session, user)
         raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
 
     # -- sessions, forms and their tokens --------------------------------------------
@@ -5520,18 +5579,24 @@ class Pages:
         return "%s.%d.%s" % (b64_nopad(name.encode("utf-8")).replace("+", "-").replace(
             "/", "_"), expires, mac)
 
+    @staticmethod
+    def mac_and_expiry(session):
+        _, expires, mac = session.split(".")
+        return mac, int(expires)
+
     def session_of(self, req):
         """(user, cookie value) of a valid, unexpired session, else (None, None)."""
         value = req.cookies.get(self.session_cookie, "")
         try:
-            encoded, expires, _ = value.split(".")
+            encoded, expires, mac = value.split(".")
             name = b64_decode_nopad(encoded.replace("-", "+").replace("_", "/")).decode("utf-8")
             expires = int(expires)
         except ValueError:                  # UnicodeDecodeError too
             return None, None
         phc = self.phc_of(name)
         if phc is None or expires < time.time() or \
-                not hmac.compare_digest(value, self.session_value(name, phc, expires)):
+                not hmac.compare_digest(value, self.session_value(name, phc, expires)) or \
+                self.users.page_session_ended(mac):
             return None, None
         return name, value
 
@@ -5603,6 +5668,42 @@ class Pages:
         return PageAnswer(303, b"", "text/plain", list(PAGE_HEADERS) + list(headers) +
                           [("Location", self.path)])
 
+    def done(self, req, session, said, shown=None, extra=()):
+        """A change made: the page again by GET, which shows `said` (and a new token,
+        `shown`) once. They ride in a cookie signed for this session: no one else's
+        page, nor a link, can make ours say something."""
+        payload = b64_nopad(json.dumps([said[:SAID_MAX], shown]).encode("utf-8")).replace(
+            "+", "-").replace("/", "_")
+        value = "%s.%s" % (payload, self.said_mac(session, payload))
+        return self.redirect(list(extra) + [self.cookie(self.said_cookie, value, req,
+                                                        SAID_SECONDS)])
+
+    def said_mac(self, session, payload):
+        return hmac.new(self.key, ("said\0%s\0%s" % (session, payload)).encode("utf-8"),
+                        hashlib.sha256).hexdigest()
+
+    def said_of(self, req, session):
+        """(message, shown token) a done() left for this session, or ("", None)."""
+        payload, _, mac = req.cookies.get(self.said_cookie, "").partition(".")
+        if not payload or not hmac.compare_digest(mac, self.said_mac(session, payload)):
+            return "", None
+        said, shown = json.loads(b64_decode_nopad(payload.replace("-", "+").replace("_", "/")))
+        return said, shown
+
+    def form(self, csrf, do, inner, button, name=None):
+        """One of the page's forms: its action, this browser's token, and (on the admin
+        page) the user it acts on."""
+        named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
+            if name is not None else ""
+        return ('<form method="post" action="%s"><input type="hidden" name="do" value="%s">'
+                '<input type="hidden" name="csrf" value="%s">%s%s <button>%s</button></form>'
+                % (html.escape(self.path), do, csrf, named, inner, button))
+
+    def page_token(self, req, session, headers):
+        if session is None:
+            session = req.cookies.get(self.session_cookie)
+        return self.csrf(self.form_cookie(req, headers), session)
+
     # -- the pages ---------------------------------------------------------------------
 
     def login_form(self, req, status=200, message="", extra=()):
@@ -5632,52 +5733,103 @@ class Pages:
         self.app.accounts.check_password(req.address, name, form.get("password", ""))
         return self.users.canonical(name)
 
-    def change_password(self, req, form, user):
+    def change_password(self, req, form, user, session):
         new = form.get("new", "")
         if not new or new != form.get("again", ""):
-            return self.account(req, user, None, 400, "the new password is empty, or the two "
-                                "differ: nothing changed")
+            return self.render(req, user, session, 400, "the new password is empty, or the "
+                               "two differ: nothing changed")
         try:
             self.app.accounts.check_password(req.address, user, form.get("old", ""))
         except SyncError as e:
-            return self.account(req, user, None, e.status, "the old password: " + e.reason)
+            return self.render(req, user, session, e.status, "the old password: " + e.reason)
         self.users.set_password(user, new)
+        log.info("account page from %s: %s changed their password", req.address, user)
         cookie, session = self.new_session(req, user)      # the old one died with the hash
         said = ("Password changed. Every device must log in again: Anki asks at its next "
                 "sync; log in there with the new password.")
         if self.users.source(user) == "env":
             said += (" Your password also comes from the server's settings (SYNC_USERn), "
                      "whose next start sets the old one again: tell its admin.")
-        return self.account(req, user, session, 200, said, [cookie])
+        return self.done(req, session, said, extra=[cookie])
 
     def new_token(self, req, form, user, session):
         label = form.get("label", "").strip()[:QUOTED_MAX] or "dashboard"
         try:
             token = self.users.add_token(user, label)
         except ValueError as e:
-            return self.account(req, user, session, 409, str(e))
-        return self.account(req, user, session, 200, "", shown=(label, token))
+            return self.render(req, user, session, 409, str(e))
+        return self.done(req, session, "", shown=(label, token))
 
-    def account(self, req, user, session, status=200, message="", extra=(), shown=None):
+    def restore(self, req, form, user, session, name):
+        """A restore point of `name` becomes their collection: first a page that says
+        what it holds and what each device will do (nothing changes), then, confirmed,
+        the restore, told in the log with who asked and from where."""
+        folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
+        try:
+            point = folder.points.find(form.get("id", ""))
+            if form.get("confirmed") != "yes":
+                return self.confirm_restore(req, session, folder, point)
+            point, before, media = folder.restore(point["id"])
+        except FolderBusy as e:
+            return self.render(req, user, session, 409, str(e))
+        except NoRoomForPoint as e:
+            return self.render(req, user, session, 507, str(e))
+        except ValueError as e:
+            return self.render(req, user, session, 400, str(e))
+        said = restored_text(folder, point, before, media, on_page=True)
+        log.info("%s from %s: %s", self.page, req.address, said.replace("\n", "; "))
+        return self.done(req, session, said)
+
+    def confirm_restore(self, req, session, folder, point):
+        headers = list(PAGE_HEADERS)
+        csrf = self.page_token(req, session, headers)
+        notes, cards, _ = collection_counts(folder.collection.path)
+        devices = self.users.devices(folder.name)
+        lines = []
+        for client, address, _, last, _ in devices:
+            if last > point["time"]:
+                fate = ("it synced after this point was made: what it synced since then is "
+                        "not in the point and goes with Download")
+            else:
+                fate = "it has not synced since this point was made"
+            lines.append("<li><code>%s</code> from %s, last sync %s: %s.</li>" % (
+                html.escape(client), html.escape(address), when(last), fate))
+        body = """<h1>Restore %s?</h1>
+<table><tr><th></th><th>Notes</th><th>Cards</th></tr>
+<tr><th>The restore point, %s (%s)</th><td>%d</td><td>%d</td></tr>
+<tr><th>The collection now</th><td>%d</td><td>%d</td></tr></table>
+<h2>What happens</h2><ul>
+<li>The collection on the server becomes the restore point. The one it replaces is kept as
+a new restore point first: restoring that one undoes this.</li>
+<li>Media files deleted since the point come back.</li>
+<li>At each device's next sync, Anki asks for a full sync (AnkiDroid: "one-way sync"):
+<strong>choose Download</strong>. Upload would send back the collection being replaced.
+Changes a device made and did not sync before are lost.</li></ul>
+<h2>Devices</h2>%s
+%s<p><a href="%s">Cancel</a></p>""" % (
+            html.escape(point["id"]), when(point["time"]), html.escape(
+                point.get("note") or point["why"]), point["notes"], point["cards"], notes, cards,
+            "<ul>%s</ul>" % "".join(lines) if lines else "<p>None has synced yet.</p>",
+            self.form(csrf, "restore", '<input type="hidden" name="id" value="%s">'
+                      '<input type="hidden" name="confirmed" value="yes">'
+                      % html.escape(point["id"]), "Restore %s" % html.escape(point["id"]),
+                      folder.name),
+            html.escape(self.path))
+        return PageAnswer(200, page_html("ankisync: restore", body), headers=headers)
+
+    def render(self, req, user, session, status=200, message="", extra=(), shown=None):
         """The account page: the user's collection, media, devices, restore points and
-        API tokens; the forms to download, change the password, make and revoke tokens."""
+        API tokens; the forms to download, restore, change the password, make and revoke
+        tokens."""
         headers = list(PAGE_HEADERS) + list(extra)
-        if session is None:
-            session = req.cookies.get(self.session_cookie)
-        token = self.csrf(self.form_cookie(req, headers), session)
+        csrf = self.page_token(req, session, headers)
         stats = self.user_stats(user)
         config = self.app.config
         folder = self.app.user_folder(user)
-        hidden = '<input type="hidden" name="csrf" value="%s">' % token
         action = html.escape(self.path)
-
-        def form(do, inner, button):
-            return ('<form method="post" action="%s"><input type="hidden" name="do" '
-                    'value="%s">%s%s <button>%s</button></form>' % (action, do, hidden, inner,
-                                                                    button))
         parts = ["<h1>%s</h1>" % html.escape(user)]
         if message:
-            parts.append('<p class="note">%s</p>' % html.escape(message))
+            parts.append('<p class="note">%s</p>' % html.escape(message).replace("\n", "<br>"))
         if shown:
             parts.append('<p class="note">Your new API token %s, shown this once: <code>%s'
                          '</code><br>Copy it now; only its digest is kept.</p>'
@@ -5698,32 +5850,30 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
             self.users.devices(user))
         parts.append("<h2>Devices</h2>" + ("<ul>%s</ul>" % devices if devices else
                                            "<p>None has synced yet.</p>"))
-        points = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s</li>" % (
-            html.escape(p["id"]), when(p["time"]), html.escape(p["why"]), p["notes"],
-            p["cards"], human_size(p["size"])) for p in RestorePoints(folder, config).list())
-        parts.append("<h2>Restore points</h2>" + (
-            "<ul>%s</ul>" % points if points else
-            "<p>None yet: one is made before each full upload and once a day after a "
-            "sync.</p>"))
+        parts.append("<h2>Restore points</h2>" + restore_points_html(
+            self, csrf, RestorePoints(folder, config).list(), None,
+            "%s/collection.colpkg?point=" % action))
         parts.append("<h2>Password</h2><p>Every device must log in again after a change.</p>"
-                     + form("password", '<p><label>Old password<br><input name="old" '
-                            'type="password" autocomplete="current-password" required></label>'
-                            '</p><p><label>New password<br><input name="new" type="password" '
-                            'autocomplete="new-password" required></label></p><p><label>New '
-                            'password again<br><input name="again" type="password" '
-                            'autocomplete="new-password" required></label></p>',
-                            "Change password"))
+                     + self.form(csrf, "password", '<p><label>Old password<br><input '
+                                 'name="old" type="password" autocomplete="current-password" '
+                                 'required></label></p><p><label>New password<br><input '
+                                 'name="new" type="password" autocomplete="new-password" '
+                                 'required></label></p><p><label>New password again<br><input '
+                                 'name="again" type="password" autocomplete="new-password" '
+                                 'required></label></p>', "Change password"))
         tokens = "".join("<li>%s, made %s %s</li>" % (
             html.escape(label), when(created),
-            form("revoke", '<input type="hidden" name="id" value="%s">' % html.escape(tid),
-                 "Revoke")) for tid, label, created in self.users.tokens(user))
+            self.form(csrf, "revoke", '<input type="hidden" name="id" value="%s">'
+                      % html.escape(tid), "Revoke")) for tid, label, created in
+            self.users.tokens(user))
         parts.append("<h2>API tokens</h2><p>For a dashboard (Home Assistant, say): "
                      "<code>GET %sapi/stats</code> with <code>Authorization: Bearer TOKEN"
                      "</code> answers your counts as JSON. A token stays until revoked.</p>"
                      "<ul>%s</ul>" % (html.escape(self.app.base_path), tokens)
-                     + form("token", '<label>Name <input name="label" maxlength="60" '
-                            'placeholder="dashboard"></label>', "Make a token"))
-        parts.append(form("logout", "", "Log out"))
+                     + self.form(csrf, "token", '<label>Name <input name="label" '
+                                 'maxlength="60" placeholder="dashboard"></label>',
+                                 "Make a token"))
+        parts.append(self.form(csrf, "logout", "", "Log out"))
         return PageAnswer(status, page_html("ankisync: " + user, "\n".join(parts)),
                           headers=headers)
 
@@ -5733,26 +5883,30 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
         seen = counts.pop("devices")
         return dict(counts, last_sync=int(seen[0][3]) if seen else None)
 
-    def download(self, user):
+    def download(self, user, point_id=None):
+        """The collection as a .colpkg, or a restore point's (with the media it used)."""
         # A worker waits for a sync in progress as long as a device's request would, not
         # as long as a command at a terminal does.
         folder = UserFolder(self.app.config, user, wait=LOCK_WAIT)
-        if not os.path.exists(folder.collection.path) or \
-                not os.path.getsize(folder.collection.path):
+        if point_id is None and (not os.path.exists(folder.collection.path) or
+                                 not os.path.getsize(folder.collection.path)):
             raise SyncError(404, "no collection yet: sync a device first")
         fd, temp = tempfile.mkstemp(prefix=TEMP_SPOOL, suffix=".colpkg",
                                     dir=self.app.spool_folder)
         os.close(fd)
         try:
             with self.app.download_turn(user):
-                export_package(folder, temp)
+                export_package(folder, temp, point_id)
         except FolderBusy as e:
             os.unlink(temp)
             raise SyncError(409, str(e))
+        except ValueError as e:         # no such restore point
+            os.unlink(temp)
+            raise SyncError(404, str(e))
         except BaseException:
             os.unlink(temp)
             raise
-        name = "%s-%s.colpkg" % (user, time.strftime("%Y-%m-%d"))
+        name = "%s-%s.colpkg" % (user, point_id or time.strftime("%Y-%m-%d"))
         return PageAnswer(200, content_type="application/octet-stream", file=temp, headers=[
             ("Cache-Control", "no-store"),
             ("Content-Disposition", "attachment; filename=\"collection.colpkg\"; "
@@ -5774,6 +5928,24 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
                           "application/json", [("Cache-Control", "no-store")])
 
 
+def restore_points_html(pages, csrf, points, name, download):
+    """A user's restore points as a list: when, why, what each holds, a Restore button
+    (which first asks) and, on the account page, a download link."""
+    if not points:
+        return ("<p>None yet: one is made before each full upload, before a restore, and "
+                "once a day after a sync.</p>")
+    items = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s %s%s</li>" % (
+        html.escape(p["id"]), when(p["time"]), html.escape(p.get("note") or p["why"]),
+        p["notes"], p["cards"], human_size(p["size"]),
+        '<a href="%s%s" download>Download</a> ' % (download, urllib.parse.quote(p["id"]))
+        if download else "",
+        pages.form(csrf, "restore", '<input type="hidden" name="id" value="%s">'
+                   % html.escape(p["id"]), "Restore&hellip;", name)) for p in points)
+    return ("<p>A restore asks every device for a full sync: choose Download. The collection "
+            "it replaces is kept as a restore point, so a restore can be undone.</p>"
+            "<ul>%s</ul>" % items)
+
+
 class AdminPage(Pages):
     """/admin: what the CLI's user commands do, in a browser, for the holder of the admin
     token (admin_token keeps its hash), from admin_from's addresses only. The login and
@@ -5782,6 +5954,7 @@ class AdminPage(Pages):
 
     page = "admin"
     session_cookie, form_cookie_name = ADMIN_COOKIE, ADMIN_FORM_COOKIE
+    said_cookie = ADMIN_SAID_COOKIE
     key_label = b"ankisync admin sessions"
     login_fields = """<p>With the admin token (the one whose hash admin_token holds).</p>
 <p><label>Admin token<br><input name="password" type="password"
@@ -5824,7 +5997,7 @@ class AdminPage(Pages):
 
     def act(self, req, form, action, user, session):
         """One change, as its CLI command makes it, logged; the page again with what
-        happened, or why nothing did."""
+        happened, or why nothing did. A deletion and a restore ask first."""
         name = form.get("name", "").strip()
         password = form.get("password", "")
         try:
@@ -5841,86 +6014,93 @@ class AdminPage(Pages):
                 said = "changed the password of %s; their devices must log in again" % name
                 said += self.from_environment(name, "sets the old password again")
             elif action == "deluser":
-                note = self.from_environment(self.users.canonical(name), "adds the user again")
-                said = delete_user(self.app.config, self.users, name,
-                                   form.get("data") == "on") + note
-            elif action == "restore":
                 name = self.users.canonical(name)
-                folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
-                point, before, media = folder.restore(form.get("id", ""))
-                said = restored_text(folder, point, before, media)
+                with_data = form.get("data") == "on"
+                if form.get("confirmed") != "yes":
+                    return self.confirm_delete(req, session, name, with_data)
+                note = self.from_environment(name, "adds the user again")
+                said = delete_user(self.app.config, self.users, name, with_data) + note
+            elif action == "restore":
+                return self.restore(req, form, user, session, self.users.canonical(name))
             elif action == "notice":
                 said = self.app.set_notice(form.get("notice", ""))
             else:
                 raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
-        except FolderBusy as e:
-            return self.home(req, user, session, 409, str(e))
         except ValueError as e:
-            return self.home(req, user, session, 400, str(e))
+            return self.render(req, user, session, 400, str(e))
         log.info("admin from %s: %s", req.address, said.replace("\n", "; "))
-        return self.home(req, user, session, 200, said)
+        return self.done(req, session, said)
 
     def from_environment(self, name, what):
         note = environment_note(self.users, name, what)
         return "; note: " + note if note else ""
 
-    def home(self, req, user, session, status=200, message=""):
-        """Every user's status row, their restore points and forms; the notice; the log."""
+    def confirm_delete(self, req, session, name, with_data):
+        """What deleting `name` does, and the button that does it: nothing changes yet."""
         headers = list(PAGE_HEADERS)
-        if session is None:
-            session = req.cookies.get(self.session_cookie)
-        hidden = '<input type="hidden" name="csrf" value="%s">' % self.csrf(
-            self.form_cookie(req, headers), session)
-        action = html.escape(self.path)
+        csrf = self.page_token(req, session, headers)
+        counts = user_counts(self.app.config, self.users, name)
+        if with_data:
+            data = ("Their collection (%d notes, %d cards), %d media files and %d restore "
+                    "points are deleted for good: no restore point can bring them back."
+                    % (counts["notes"], counts["cards"], counts["media_files"],
+                       counts["restore_points"]))
+        else:
+            data = ("Their collection, media and restore points stay in the data folder: "
+                    "adding %s again finds them." % name)
+        body = """<h1>Delete %s?</h1>
+<ul><li>Their devices (%d) are refused at their next sync, and their API tokens stop.</li>
+<li>%s</li></ul>
+%s<p><a href="%s">Cancel</a></p>""" % (
+            html.escape(name), len(counts["devices"]), html.escape(data),
+            self.form(csrf, "deluser", '<input type="hidden" name="confirmed" value="yes">%s'
+                      % ('<input type="hidden" name="data" value="on">' if with_data else ""),
+                      "Delete %s%s" % (html.escape(name), " and their data" if with_data
+                                       else ""), name),
+            html.escape(self.path))
+        return PageAnswer(200, page_html("ankisync: delete", body), headers=headers)
 
-        def form(do, inner, button, name=None):
-            named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
-                if name is not None else ""
-            return ('<form method="post" action="%s"><input type="hidden" name="do" '
-                    'value="%s">%s%s%s <button>%s</button></form>' % (action, do, hidden,
-                                                                      named, inner, button))
+    def render(self, req, user, session, status=200, message="", extra=(), shown=None):
+        """Every user's status row, their restore points and forms; the notice; the log."""
+        headers = list(PAGE_HEADERS) + list(extra)
+        csrf = self.page_token(req, session, headers)
         config = self.app.config
         parts = ["<h1>Admin</h1>"]
         if message:
-            parts.append('<p class="note">%s</p>' % html.escape(message))
+            parts.append('<p class="note">%s</p>' % html.escape(message).replace("\n", "<br>"))
         names = self.users.names()
         rows = status_rows(config, self.users, names)
         parts.append('<h2>Users</h2><div class="wide"><table><tr>%s</tr>%s</table></div>' % (
             "".join("<th>%s</th>" % html.escape(cell) for cell in rows[0]),
             "".join("<tr>%s</tr>" % "".join("<td>%s</td>" % html.escape(cell) for cell in row)
                     for row in rows[1:])))
-        parts.append("<h3>Add a user</h3>" + form(
-            "adduser", '<p><label>User name<br><input name="name" autocomplete="off" required>'
-            '</label></p><p><label>Password<br><input name="password" type="password" '
-            'autocomplete="new-password" required></label></p>', "Add user"))
+        parts.append("<h3>Add a user</h3>" + self.form(
+            csrf, "adduser", '<p><label>User name<br><input name="name" autocomplete="off" '
+            'required></label></p><p><label>Password<br><input name="password" '
+            'type="password" autocomplete="new-password" required></label></p>', "Add user"))
         for name in names:
-            points = "".join("<li><code>%s</code> %s, %s: %d notes, %d cards, %s %s</li>" % (
-                html.escape(p["id"]), when(p["time"]), html.escape(p["why"]), p["notes"],
-                p["cards"], human_size(p["size"]),
-                form("restore", '<input type="hidden" name="id" value="%s">'
-                     % html.escape(p["id"]), "Restore", name))
-                for p in RestorePoints(self.app.user_folder(name), config).list())
-            parts.append("<h3>%s</h3>" % html.escape(name) + form(
-                "passwd", '<label>New password <input name="password" type="password" '
+            points = RestorePoints(self.app.user_folder(name), config).list()
+            parts.append("<h3>%s</h3>" % html.escape(name) + self.form(
+                csrf, "passwd", '<label>New password <input name="password" type="password" '
                 'autocomplete="new-password" required></label>', "Set password", name)
-                + form("deluser", '<label><input type="checkbox" name="data"> and their '
-                       'collection and media</label>', "Delete user", name)
-                + ("<p>Restore points (a restore asks every device for a full sync: "
-                   "Download):</p><ul>%s</ul>" % points if points else
-                   "<p>No restore points yet.</p>"))
+                + self.form(csrf, "deluser", '<label><input type="checkbox" name="data"> and '
+                            'their collection and media</label>', "Delete user&hellip;", name)
+                + "<p>Restore points:</p>" + restore_points_html(self, csrf, points, name,
+                                                                 None))
         parts.append(
             "<h2>Notice</h2><p>Every client shows it when it syncs. Set here, it is kept in "
             "the data folder (%s) and wins over the ini's notice; empty, the ini's applies"
             "%s.</p>" % (NOTICE_FILE, ": %s" % html.escape(self.app.ini_notice)
                          if self.app.ini_notice else " (none)")
-            + form("notice", '<textarea name="notice" rows="3" maxlength="%d">%s</textarea>'
-                   % (NOTICE_MAX, html.escape(self.app.notice_override())), "Set notice"))
+            + self.form(csrf, "notice", '<textarea name="notice" rows="3" maxlength="%d">%s'
+                        '</textarea>' % (NOTICE_MAX, html.escape(self.app.notice_override())),
+                        "Set notice"))
         recent = self.app.recent_log
         parts.append("<h2>Log</h2>" + (
             "<p>The last %d lines, newest last:</p><pre>%s</pre>" % (
                 ADMIN_LOG_LINES, html.escape("\n".join(recent.lines))) if recent else
             "<p>Not kept: this server was not started by <code>serve</code>.</p>"))
-        parts.append(form("logout", "", "Log out"))
+        parts.append(self.form(csrf, "logout", "", "Log out"))
         return PageAnswer(status, page_html("ankisync: admin", "\n".join(parts)),
                           headers=headers)
 
@@ -6189,7 +6369,7 @@ class Handler(BaseHTTPRequestHandler):
         pages = app.admin if name == "admin" else app.pages
         answer = pages.answer(PageRequest(
             self.command, self.headers, app.client_address(self.headers, peer), secure, body,
-            name))
+            name, self.path.partition("?")[2]))
         self.finish_body(body)
         self.send_response(answer.status)
         for header, value in answer.headers:
@@ -7348,14 +7528,15 @@ def command_restore(config, args):
     print(restored_text(folder, *folder.restore(args.id)))
 
 
-def restored_text(folder, point, before, media):
-    """What a restore did, for the CLI and the admin page."""
+def restored_text(folder, point, before, media, on_page=False):
+    """What a restore did, for the CLI and the pages (which undo by a button)."""
     lines = ["restored %s of %s: %d notes, %d cards%s" % (
         point["id"], folder.name, point["notes"], point["cards"],
         ", %d media files back" % len(media) if media else "")]
     if before:
-        lines.append("the collection before it is restore point %s: `restore %s %s` undoes "
-                     "this" % (before["id"], folder.name, before["id"]))
+        lines.append("the collection before it is restore point %s: %s undoes this" % (
+            before["id"], "restoring it" if on_page else "`restore %s %s`" % (
+                folder.name, before["id"])))
     lines.append("every device of %s is asked for a full sync at its next sync: choose "
                  "Download" % folder.name)
     return "\n".join(lines)
@@ -7367,7 +7548,7 @@ def command_export(config, args):
     if not os.path.isdir(where):
         raise ValueError("cannot write %s: there is no folder %s (make it first)"
                          % (args.file, where))
-    notes, cards, files = export_package(folder, args.file)
+    notes, cards, files = export_package(folder, args.file, args.point)
     print("wrote %s: %d notes, %d cards, %d media files; import it in Anki with File > "
           "Import" % (args.file, notes, cards, files))
 
@@ -7923,8 +8104,11 @@ COMMANDS = (
             [USER_NAME, (("id",), {"help": "the restore point, as `backups` lists it"})]),
     Command("export", command_export, "write a user's collection as a .colpkg",
             "Write the user's collection and media as a collection package that Anki "
-            "imports with File > Import, without syncing.",
-            [USER_NAME, (("file",), {"help": "the .colpkg to write"})]),
+            "imports with File > Import, without syncing; with --point, a restore point's "
+            "collection instead, with the media it used.",
+            [USER_NAME, (("file",), {"help": "the .colpkg to write"}),
+             (("--point",), {"metavar": "ID", "help": "a restore point, as `backups` lists "
+                             "it"})]),
     Command("import", command_import, "make a .colpkg the user's collection",
             "Make a collection package (from Anki's File > Export) the user's collection; "
             "the current one becomes a restore point first. Every device is asked for a "

@@ -8256,6 +8256,16 @@ def page_login(srv, name=USER, password=PASSWORD, source=None):
     return cookies, answer
 
 
+def followed(srv, answer, cookies, source=None):
+    """What a browser shows after a form: a change answers 303 (a reload must not post it
+    again), with cookies, and the page by GET then says what was done, once."""
+    assert answer.status == 303, (answer.status, answer.body[:300])
+    cookies.update({name: value for name, (value, _) in cookies_set(answer).items()})
+    page = page_get(srv, cookies, path=answer.headers["Location"], source=source)
+    cookies.update({name: value for name, (value, _) in cookies_set(page).items()})
+    return page
+
+
 def test_account_forms_refuse_a_missing_token_another_site_and_a_tampered_cookie(start_server):
     """CSRF: a form without the token this browser was given, or posted from another
     site, is refused before any password is checked; the session cookie is HttpOnly,
@@ -8553,15 +8563,16 @@ def test_admin_forms_refuse_a_missing_token_another_site_and_the_account_page_s_
         refused = form_post(srv, fields, jar, headers, path="/admin")
         assert refused.status == 403 and "refused" in refused.body.decode(), (fields, headers)
     assert "mallory" not in admin(srv, "lsuser").stdout
-    answer = form_post(srv, add, cookies, path="/admin")
+    answer = followed(srv, form_post(srv, add, cookies, path="/admin"), cookies)
     assert answer.status == 200 and "added user mallory" in answer.body.decode()
+    assert 'class="note"' not in page_get(srv, cookies, path="/admin").body.decode()  # once
     assert "mallory" in admin(srv, "lsuser").stdout
     assert "admin from 127.0.0.1: added user mallory" in srv.log()
     # A user's mistake is a line on the page, not a traceback.
     again = form_post(srv, add, cookies, path="/admin")
     assert again.status == 400 and "already exists" in again.body.decode()
-    reset = form_post(srv, {"do": "passwd", "csrf": token, "name": USER, "password": "x"},
-                      cookies, path="/admin")
+    reset = followed(srv, form_post(srv, {"do": "passwd", "csrf": token, "name": USER,
+                                          "password": "x"}, cookies, path="/admin"), cookies)
     assert reset.status == 200 and "SYNC_USERn" in reset.body.decode()     # as `passwd` says
     nobody = form_post(srv, {"do": "restore", "csrf": token, "name": "nobody", "id": "1"},
                        cookies, path="/admin")
@@ -8621,6 +8632,11 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
 
     page.locator("form:has(input[value=restore]):has(input[value='%s']) button"
                  % point).click()
+    # First what it does, changing nothing: the point's counts beside today's, the device.
+    page.wait_for_selector("h1:text('Restore %s?')" % point)
+    assert "26.09.3" in page.locator("ul").last.text_content()
+    assert note_count(phone) == 5
+    page.click("button:has-text('Restore %s')" % point)
     assert "restored %s of carol: 3 notes" % point in page.locator(".note").text_content()
     assert phone.sync() == "full_sync"
     phone.full_download()
@@ -8635,6 +8651,10 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
     form = page.locator("form:has(input[value=deluser]):has(input[value=carol])")
     form.locator("input[name=data]").check()
     form.locator("button").click()
+    page.wait_for_selector("h1:text('Delete carol?')")
+    assert "3 notes" in page.content() and os.path.exists(os.path.join(srv.base, "carol"))
+    page.screenshot(path=str(tmp_path / "admin-delete-asks.png"), full_page=True)
+    page.click("button:has-text('Delete carol and their data')")
     assert "deleted user carol and their data" in page.locator(".note").text_content()
     assert not os.path.exists(os.path.join(srv.base, "carol"))
     assert "carol" not in admin(srv, "lsuser").stdout
