@@ -5802,7 +5802,7 @@ class Pages:
 <li>The collection on the server becomes the restore point. The one it replaces is kept as
 a new restore point first: restoring that one undoes this.</li>
 <li>Media files deleted since the point come back.</li>
-<li>At each device's next sync, Anki asks for a full sync (AnkiDroid: "one-way sync"):
+<li>At each device's next sync, Anki (AnkiDroid, AnkiMobile) asks for a full sync:
 <strong>choose Download</strong>. Upload would send back the collection being replaced.
 Changes a device made and did not sync before are lost.</li></ul>
 <h2>Devices</h2>%s

@@ -7924,6 +7924,16 @@ def browser():
             instance.close()
 
 
+SCREENSHOTS = os.path.join(HERE, "test-output", "screenshots")
+
+
+def screenshot(page, name):
+    """The whole page as a PNG in test-output/screenshots/: what a person sees, kept for
+    a look after the run (CI lists them)."""
+    os.makedirs(SCREENSHOTS, exist_ok=True)
+    page.screenshot(path=os.path.join(SCREENSHOTS, name + ".png"), full_page=True)
+
+
 def test_the_copy_buttons_copy_on_a_phone_that_opened_the_page_over_plain_http(
         start_server, browser, tmp_path):
     """navigator.clipboard is missing on http:// pages other than localhost: the button
@@ -7944,7 +7954,7 @@ def test_the_copy_buttons_copy_on_a_phone_that_opened_the_page_over_plain_http(
         if said.startswith("selected"):
             assert page.evaluate("String(window.getSelection())") == \
                 button.get_attribute("data-url")
-        page.screenshot(path=str(tmp_path / ("front-page-%s.png" % name)), full_page=True)
+        screenshot(page, "front-page-%s" % name)
         page.close()
 
 
@@ -8320,8 +8330,14 @@ def test_account_forms_refuse_a_missing_token_another_site_and_a_tampered_cookie
         "Cookie": "; ".join("%s=%s" % c for c in cookies.items())}).status == 400
     assert post(srv, "/account", b"%ff=1", {
         "Content-Type": "application/x-www-form-urlencoded"}).status == 400
+    # What a form did is shown from a cookie signed for this session: one made up, or
+    # another session's, says nothing.
+    made_up = "W1wiSGFja2VkXCIsIG51bGxd." + "0" * 64
+    assert "Hacked" not in page_get(srv, dict(cookies, ankisync_said=made_up)).body.decode()
     logout = form_post(srv, {"do": "logout", "csrf": token}, cookies)
     assert logout.status == 303 and cookies_set(logout)["ankisync_session"][0] == ""
+    # The cookie is dead on the server too: a copy kept elsewhere is no login.
+    assert "<h1>Log in</h1>" in page_get(srv, cookies).body.decode()
 
 
 def test_a_stranger_sees_only_the_login_form_and_no_user_data(start_server, make_device):
@@ -8403,7 +8419,7 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
     for width, height, name in [(390, 844, "phone"), (1280, 800, "desktop")]:
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
-        page.screenshot(path=str(tmp_path / ("account-login-%s.png" % name)), full_page=True)
+        screenshot(page, "account-login-%s" % name)
         page.fill("input[name=name]", USER)
         page.fill("input[name=password]", PASSWORD)
         page.click("button:has-text('Log in')")
@@ -8415,7 +8431,7 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
         lists = page.locator("ul").all_text_contents()
         assert "26.09.3" in lists[0] and "(full upload)" in lists[0]      # the device
         assert point in lists[1] and "manual: %d notes" % notes in lists[1]
-        page.screenshot(path=str(tmp_path / ("account-%s.png" % name)), full_page=True)
+        screenshot(page, "account-%s" % name)
         assert page.evaluate("document.documentElement.scrollWidth") <= width   # no sideways
         page.close()
     page = browser.new_page(viewport={"width": 390, "height": 844})
@@ -8459,7 +8475,7 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
     page.click("button:has-text('Change password')")
     assert "Every device must log in again" in page.locator(".note").text_content()
     assert page.locator("h1").text_content() == USER        # this browser stays logged in
-    page.screenshot(path=str(tmp_path / "account-password-changed.png"), full_page=True)
+    screenshot(page, "account-password-changed")
     laptop.do("add_notes", deck="Default", prefix="after", count=1)
     with pytest.raises(AnkiSyncError) as refused:
         laptop.sync()
@@ -8467,6 +8483,98 @@ def test_in_a_browser_a_user_sees_their_counts_downloads_the_colpkg_makes_a_toke
     laptop.password, laptop.auth = "new pass", None
     assert laptop.sync() == "normal_sync"
     page.close()
+
+
+def test_with_only_a_phone_browser_a_user_undoes_a_mistaken_upload(start_server, make_device,
+                                                                   browser, tmp_path):
+    """The laptop has 30 notes and a picture; a new phone answers Upload by mistake. In a
+    phone-sized browser the user logs in, finds the restore point the upload left,
+    downloads it (a .colpkg that imports as the laptop's collection), is told what a
+    restore does before it happens, restores; a reload restores nothing twice. Both
+    devices' next syncs ask for a full sync, and Download brings the 30 notes back.
+    Logging out ends the session, for a copy of its cookie too."""
+    srv = start_server()
+    laptop = make_device("modern", "laptop", on=srv)
+    laptop.do("add_notes", deck="Lang::Deutsch", prefix="Wort", count=30)
+    laptop.do("write_media", files=[["haus.jpg", 3000, 1]])
+    first_upload(laptop)
+    laptop.sync_media()
+    phone = make_device("modern", "phone", on=srv)
+    phone.do("add_notes", deck="Default", prefix="phone", count=5)
+    assert phone.sync() == "full_sync"
+    phone.full_upload()                                     # the mistake
+    (point, why, notes), = restore_points(srv)
+    assert (why, notes) == ("upload", 30)
+
+    url = "http://ankisync.lan:%d/account" % srv.port
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.goto(url)
+    page.fill("input[name=name]", USER)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button:has-text('Log in')")
+    item = page.locator("li:has(code:text-is('%s'))" % point)
+    assert "before a full upload" in item.text_content() and "30 notes" in item.text_content()
+    with page.expect_download() as download:
+        item.locator("a:text('Download')").click()
+    package = str(tmp_path / "point.colpkg")
+    download.value.save_as(package)
+    assert_imports_as(package, str(tmp_path / "imported"), laptop)
+
+    item.locator("button").click()
+    page.wait_for_selector("h1:text('Restore %s?')" % point)
+    screenshot(page, "account-restore-asks")
+    asked = page.locator("body").text_content()
+    assert "choose Download" in asked and "Upload would send back" in asked
+    cells = page.locator("td").all_text_contents()
+    assert cells == ["30", "30", "5", "5"]                   # the point's and today's
+    assert len(restore_points(srv)) == 1                    # asking changed nothing
+    page.click("button:has-text('Restore %s')" % point)
+    said = page.locator(".note").text_content()
+    assert "restored %s of %s: 30 notes" % (point, USER) in said
+    assert "restoring it undoes this" in said and "choose Download" in said
+    screenshot(page, "account-restored")
+    assert page.url == url                                  # by GET, after a 303
+    page.reload()
+    assert page.locator(".note").count() == 0               # said once
+    assert [why for _, why, _ in restore_points(srv)] == ["restore", "upload"]
+    assert "account from 127.0.0.1: restored %s of %s" % (point, USER) in srv.log()
+
+    for device in (laptop, phone):
+        assert device.sync() == "full_sync", device
+        device.full_download()
+        assert note_count(device) == 30, device
+
+    cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+    page.click("button:has-text('Log out')")
+    page.wait_for_selector("h1:text('Log in')")
+    assert "<h1>Log in</h1>" in page_get(srv, cookies).body.decode()
+    page.close()
+
+
+def test_a_user_restores_and_downloads_only_their_own_restore_points(start_server,
+                                                                     make_device):
+    """The account page acts on its own user: a form naming another user, or another
+    user's point, restores nothing of theirs; a point that is not there is a one-line
+    404 or 400; a malformed query is a 400, never the collection of today instead."""
+    srv = start_server(users=((USER, PASSWORD), ("bob", "bobs")))
+    for name, password, count in ((USER, PASSWORD, 3), ("bob", "bobs", 4)):
+        device = make_device("modern", name, user=name, password=password, on=srv)
+        device.do("add_notes", deck="Default", prefix=name, count=count)
+        first_upload(device)
+        admin(srv, "backup", name)
+    (bobs, _, _), = restore_points(srv, "bob")
+    cookies, _ = page_login(srv)
+    token = page_form(page_get(srv, cookies))
+    for fields in ({"id": bobs}, {"id": bobs, "name": "bob", "confirmed": "yes"}):
+        answer = form_post(srv, dict(fields, do="restore", csrf=token), cookies)
+        assert answer.status == 400 and "has no restore point" in answer.body.decode()
+    assert [why for _, why, _ in restore_points(srv, "bob")] == ["manual"]
+    for query, status in (("point=" + bobs, 404), ("point=nope", 404), ("point=%ff", 400),
+                          ("point=a&point=b&" + "x=1&" * 10, 400), ("p" * 300, 400)):
+        answer = page_get(srv, cookies, path="/account/collection.colpkg?" + query)
+        assert answer.status == status and not answer.body.startswith(b"PK"), query
+        assert answer.body.decode().count("\n") == 1
+    assert "Traceback" not in srv.log()
 
 
 # --- the admin page ---------------------------------------------------------------------
@@ -8594,11 +8702,11 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
     for width, height, name in [(390, 844, "phone"), (1280, 800, "desktop")]:
         page = browser.new_page(viewport={"width": width, "height": height})
         page.goto(url)
-        page.screenshot(path=str(tmp_path / ("admin-login-%s.png" % name)), full_page=True)
+        screenshot(page, "admin-login-%s" % name)
         page.fill("input[name=password]", ADMIN_TOKEN)
         page.click("button:has-text('Log in')")
         page.wait_for_selector("h1:text('Admin')")
-        page.screenshot(path=str(tmp_path / ("admin-%s.png" % name)), full_page=True)
+        screenshot(page, "admin-%s" % name)
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         if name == "phone":
             page.close()
@@ -8646,14 +8754,14 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
     page.click("button:has-text('Set notice')")
     assert "set the notice" in page.locator(".note").text_content()
     assert "The server moves on Sunday" in phone.sync_told()[1]
-    page.screenshot(path=str(tmp_path / "admin-after-changes.png"), full_page=True)
+    screenshot(page, "admin-after-changes")
 
     form = page.locator("form:has(input[value=deluser]):has(input[value=carol])")
     form.locator("input[name=data]").check()
     form.locator("button").click()
     page.wait_for_selector("h1:text('Delete carol?')")
     assert "3 notes" in page.content() and os.path.exists(os.path.join(srv.base, "carol"))
-    page.screenshot(path=str(tmp_path / "admin-delete-asks.png"), full_page=True)
+    screenshot(page, "admin-delete-asks")
     page.click("button:has-text('Delete carol and their data')")
     assert "deleted user carol and their data" in page.locator(".note").text_content()
     assert not os.path.exists(os.path.join(srv.base, "carol"))
