@@ -8780,6 +8780,61 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
     page.close()
 
 
+@pytest.fixture
+def logged_in_pages(start_server, admin_hash):
+    """A server with an admin page, and a browser logged in to both pages: (server,
+    {page: (cookies, csrf token)}). Shared by every example of a fuzzed test."""
+    srv = start_server(ini="admin_token = %s\n" % admin_hash)
+    account, _ = page_login(srv)
+    admin_cookies, _ = admin_login(srv)
+    return srv, {"/account": (account, page_form(page_get(srv, account))),
+                 "/admin": (admin_cookies, page_form(page_get(srv, admin_cookies,
+                                                              path="/admin")))}
+
+
+PAGE_ACTIONS = ["login", "password", "token", "revoke", "restore", "adduser", "passwd",
+                "deluser", "notice"]              # not logout: the examples share a login
+page_values = st.text(max_size=30)
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/account", "/admin", "/account/collection.colpkg",
+                             "/api/stats"]),
+       query=st.text(max_size=40), method=st.sampled_from(["GET", "POST"]),
+       fields=st.dictionaries(st.sampled_from(["name", "password", "id", "confirmed", "new",
+                                               "old", "again", "label", "notice", "data"])
+                              | st.text(max_size=6), page_values, max_size=5),
+       action=st.sampled_from(PAGE_ACTIONS) | page_values,
+       raw=st.none() | st.binary(max_size=120), with_token=st.booleans(),
+       cookie=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=126),
+                                  max_size=120),
+       authorization=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=126),
+                                         max_size=60))
+def test_pages_answer_any_form_cookie_query_or_token_with_a_page_or_a_4xx(
+        logged_in_pages, path, query, method, fields, action, raw, with_token, cookie,
+        authorization):
+    """Whatever a browser or a stranger sends the pages (logged in or not, with the right
+    form token or none, a made-up cookie, a query, a bearer token, bytes that are no
+    form), the answer is a page, a redirect or a 4xx in a line: never a 5xx, never a
+    traceback in the log."""
+    srv, logins = logged_in_pages
+    cookies, token = logins.get(path, logins["/account"])
+    body = raw if raw is not None else urllib.parse.urlencode(
+        dict(fields, do=action, **({"csrf": token} if with_token else {}))).encode()
+    headers = {"Content-Type": "application/x-www-form-urlencoded",
+               "Cookie": cookie if cookie is not None else
+               "; ".join("%s=%s" % item for item in cookies.items())}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    target = path + ("?" + urllib.parse.quote(query, safe="=&%") if query else "")
+    answer = post(srv, target, body if method == "POST" else b"", headers, method=method)
+    assert answer.status < 500, (answer.status, answer.body[:200])
+    if answer.status >= 400 and not answer.body.startswith(b"<!doctype"):
+        assert answer.body.strip().count(b"\n") == 0, answer.body[:200]
+    assert "Traceback" not in srv.log()
+
+
 def refused_serve(tmp_path, ini):
     """`serve` with `ini`, which is to refuse to start: what it said, all of it."""
     config = tmp_path / ("refused-%d.ini" % random.randrange(10**6))
