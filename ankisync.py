@@ -7406,6 +7406,7 @@ def sched_timing_today(crt, now, creation_offset, current_offset, rollover):
 
 
 def rollover_datetime(moment, hour):
+    """`hour`:00 of the same day, in the same offset, as rslib's rollover_datetime."""
     return moment.replace(hour=hour % 24, minute=0, second=0, microsecond=0)
 
 

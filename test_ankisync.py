@@ -8504,12 +8504,14 @@ def a_day_of_study(col):
     cids = sorted(col.find_cards("deck:Default"))
     assert len(cids) >= 11
     today, now = col.sched.today, int(time.time())
-    states = [  # (type, queue, due): 2 review, 1 learning, 0 new; queue -1 suspended,
-        (2, 2, today - 1), (2, 2, today), (2, 2, today + 1),        # -3 buried by hand
-        (1, 3, today),                                              # learning, a day away
-        (1, 1, now + 600), (1, 1, now + 3600),                      # within 1200 s, beyond
-        (2, -1, today - 1),
-        (0, -3, 1000), (0, -1, 1001), (0, 0, 1002), (0, 0, 1003)]
+    # (type, queue, due) in Anki's numbers: type 2 review, 1 learning, 0 new; queue as
+    # the type, or -1 suspended, -3 buried by hand; a learning card in queue 3 is due
+    # on a day, in queue 1 at a second.
+    states = [(2, 2, today - 1), (2, 2, today), (2, 2, today + 1),
+              (1, 3, today),
+              (1, 1, now + 600), (1, 1, now + 3600),        # within the 1200 s, beyond
+              (2, -1, today - 1),
+              (0, -3, 1000), (0, -1, 1001), (0, 0, 1002), (0, 0, 1003)]
     for cid, (kind, queue, due) in zip(cids, states):
         col.db.execute("update cards set type = ?, queue = ?, due = ?, ivl = ?, usn = -1, "
                        "mod = ? where id = ?", kind, queue, due, 1 if kind == 2 else 0,
