@@ -130,6 +130,9 @@ MULTIPART_HEADER_MAX = 8 * 1024     # part headers are one or two short lines
 MULTIPART_FIELD_MAX = 64 * 1024     # every part but `data` is a short string
 CHUNK_SIZE = 250                    # rows per `chunk` reply, as the official server sends
 DEFAULT_ROLLOVER = 4                # the hour a day starts, as Anki and the official server set it
+ROLLOVER_MAX = 23                   # Anki reads a later hour as 23: a day starts within the day
+UTC_OFFSET_LIMIT = 24 * 60          # minutes: chrono's FixedOffset is under a day, Anki then UTC
+LEARN_AHEAD_DEFAULT = 1200          # seconds: Anki's "learn ahead limit" (collapseTime) default
 GRAVES_MAX = 1_000_000              # deletions in one request; far above any real collection
 KEY_CACHE_MAX = 5000                # host keys known in memory; past it the cache starts afresh
 HOSTKEY_BODY_MAX = 64 * 1024        # a login is a name and a password; a larger body is no login
@@ -5837,12 +5840,16 @@ Changes a device made and did not sync before are lost.</li></ul>
         parts.append("""<h2>Collection</h2><table>
 <tr><th>Notes</th><td>%d</td></tr><tr><th>Cards</th><td>%d</td></tr>
 <tr><th>Collection</th><td>%s</td></tr><tr><th>Media files</th><td>%d, %s</td></tr>
-<tr><th>Last sync</th><td>%s</td></tr></table>
+<tr><th>Last sync</th><td>%s</td></tr>
+<tr><th>Due today</th><td>%d</td></tr><tr><th>New</th><td>%d</td></tr>
+<tr><th>Reviewed today</th><td>%d</td></tr><tr><th>Streak</th><td>%s</td></tr></table>
 <p><a href="%s/collection.colpkg" download>Download the collection as .colpkg</a> (with its
 media; Anki imports it with File &rarr; Import)</p>""" % (
             stats["notes"], stats["cards"], human_size(stats["collection_bytes"]),
             stats["media_files"], human_size(stats["media_bytes"]),
-            when(stats["last_sync"]) if stats["last_sync"] else "never", action))
+            when(stats["last_sync"]) if stats["last_sync"] else "never", stats["due"],
+            stats["new"], stats["reviewed_today"],
+            "1 day" if stats["streak"] == 1 else "%d days" % stats["streak"], action))
         # Lists, not tables: a phone shows a line per device, not a table cut off.
         devices = "".join("<li><code>%s</code> from %s: last sync %s (%s), first %s</li>" % (
             html.escape(client), html.escape(address), when(last), html.escape(kind),
@@ -5878,9 +5885,12 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
                           headers=headers)
 
     def user_stats(self, user):
-        """The counts `status` shows, with the last sync's time for a dashboard."""
+        """The counts `status` shows, with the last sync's time and what there is to
+        study today for a dashboard."""
         counts = user_counts(self.app.config, self.users, user)
         seen = counts.pop("devices")
+        counts.update(study_counts(os.path.join(self.app.user_folder(user),
+                                                "collection.anki2")))
         return dict(counts, last_sync=int(seen[0][3]) if seen else None)
 
     def download(self, user, point_id=None):
@@ -7464,6 +7474,120 @@ def collection_counts(path):
         return 0, 0, os.path.getsize(path)
     finally:
         db.close()
+
+
+def study_counts(path, now=None):
+    """What a user has to study and has studied, as Anki counts it for the collection's
+    own day: due (Anki's is:due), new (ready, before daily limits), reviewed_today (its
+    "Studied N cards today") and streak (days in a row with a review, up to today or,
+    while today has none yet, yesterday); zeros when there is no collection."""
+    zeros = {"due": 0, "new": 0, "reviewed_today": 0, "streak": 0}
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return zeros
+    now = int(time.time() if now is None else now)
+    db = sqlite3.connect("file:%s?mode=ro" % urllib.parse.quote(os.path.abspath(path)),
+                         uri=True, timeout=LOCK_WAIT)
+    try:
+        crt, conf = db.execute("select crt, conf from col").fetchone()
+        conf = json.loads(conf)
+        if not isinstance(conf, dict):
+            return zeros
+        days_elapsed, next_day_at = collection_timing(conf, crt, now)
+        learn_ahead = config_int(conf, "collapseTime", LEARN_AHEAD_DEFAULT)
+        due = db.execute(
+            "select count() from cards where (queue in (2, 3) and due <= ?) or "
+            "(queue in (1, 4) and due <= ?)", (days_elapsed, now + learn_ahead)).fetchone()[0]
+        new = db.execute("select count() from cards where queue = 0").fetchone()[0]
+        # Anki's studied_today.sql: manual entries (4) and reschedulings (5) were no study.
+        end = next_day_at * 1000
+        reviewed = db.execute(
+            "select count() from revlog where id > ? and type != 4 and type != 5",
+            (end - 86_400_000,)).fetchone()[0]
+        # A day is (start, end] in revlog ids, as studied_today counts it, so the streak
+        # takes in today exactly when reviewed_today is above zero.
+        days_ago = [row[0] for row in db.execute(
+            "select distinct (? - id) / 86400000 from revlog where id < ? and type != 4 "
+            "and type != 5 order by 1", (end, end))]
+    except (sqlite3.Error, TypeError, ValueError, OverflowError, OSError):
+        return zeros            # a broken file is the next sync's to mend, not a page's
+    finally:
+        db.close()
+    return {"due": due, "new": new, "reviewed_today": reviewed,
+            "streak": study_streak(days_ago)}
+
+
+def study_streak(days_ago):
+    """Consecutive days with a review among `days_ago` (0 today, 1 yesterday, ascending):
+    a day without one yet is not over, so the streak may end yesterday."""
+    if not days_ago or days_ago[0] > 1:
+        return 0
+    streak = 0
+    for day in days_ago:
+        if day != days_ago[0] + streak:
+            break
+        streak += 1
+    return streak
+
+
+# Anki's day, as rslib's scheduler/timing.rs reckons it on a server: the server has no
+# time zone of the user's, only the offset their devices last wrote into the config.
+
+def collection_timing(conf, crt, now):
+    """(days_elapsed, next_day_at) of a schema-11 collection: its `col.conf` and `crt`."""
+    rollover = None                 # the v1 scheduler's day starts at crt's hour
+    if conf.get("schedVer") == 2:
+        rollover = min(config_int(conf, "rollover", DEFAULT_ROLLOVER), ROLLOVER_MAX)
+    current = utc_offset(conf.get("localOffset"))
+    return sched_timing_today(crt, now, utc_offset(conf.get("creationOffset")),
+                              datetime.timezone.utc if current is None else current, rollover)
+
+
+def config_int(conf, key, default):
+    """A whole number >= 0 of the config, or the default when missing or not one: Anki
+    reads these as unsigned and falls back on its default."""
+    value = conf.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return default
+    return value
+
+
+def utc_offset(minutes_west):
+    """A config's offset (minutes west of UTC: Nepal's is -345) as a time zone; None when
+    missing or invalid, as chrono's FixedOffset::west_opt answers."""
+    if not isinstance(minutes_west, int) or isinstance(minutes_west, bool) or \
+            abs(minutes_west) >= UTC_OFFSET_LIMIT:
+        return None
+    return datetime.timezone(datetime.timedelta(minutes=-minutes_west))
+
+
+def sched_timing_today(crt, now, creation_offset, current_offset, rollover):
+    """(days_elapsed, next_day_at) as rslib's sched_timing_today: rollover None is the
+    v1 scheduler; a v2 collection without a creation offset takes the "legacy" path."""
+    # Days stay >= 0 where Anki's u32 would wrap: a clock behind the collection's birth.
+    if rollover is None:
+        days = int((now - crt) / 86400)             # Rust's division: toward zero
+        return max(days, 0), crt + (days + 1) * 86400
+    if creation_offset is None:
+        crt_at_rollover = rollover_datetime(datetime.datetime.fromtimestamp(
+            crt, current_offset), rollover).timestamp()
+        days = int((now - crt_at_rollover) / 86400)
+        next_day_at = rollover_datetime(datetime.datetime.fromtimestamp(
+            now, current_offset), rollover).timestamp()
+        if next_day_at < now:
+            next_day_at += 86400
+        return max(days, 0), int(next_day_at)
+    created = datetime.datetime.fromtimestamp(crt, creation_offset)
+    today = datetime.datetime.fromtimestamp(now, current_offset)
+    rollover_today = rollover_datetime(today, rollover)
+    passed = rollover_today <= today
+    next_day_at = rollover_today + datetime.timedelta(days=1) if passed else rollover_today
+    days = today.date().toordinal() - created.date().toordinal() - (0 if passed else 1)
+    return max(days, 0), int(next_day_at.timestamp())
+
+
+def rollover_datetime(moment, hour):
+    """`hour`:00 of the same day, in the same offset, as rslib's rollover_datetime."""
+    return moment.replace(hour=hour % 24, minute=0, second=0, microsecond=0)
 
 
 def media_totals(path):

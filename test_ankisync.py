@@ -8577,6 +8577,205 @@ def test_a_user_restores_and_downloads_only_their_own_restore_points(start_serve
     assert "Traceback" not in srv.log()
 
 
+# --- what there is to study: Anki's day, reckoned on the server ---
+
+CHRONO_TZ_RECHECK = 1.5     # seconds: the wheel's chrono looks at TZ again after 1 s at most
+NEPAL = -345                # Anki's minutes west of UTC for +5:45: a zone off the whole hour
+
+
+@pytest.fixture
+def time_zone(monkeypatch):
+    """time_zone(name): this process (and the anki wheel in it) lives in that zone until
+    the test ends."""
+    moved = []
+
+    def live_in(name):
+        monkeypatch.setenv("TZ", name)
+        time.tzset()
+        time.sleep(CHRONO_TZ_RECHECK)
+        moved.append(name)
+
+    yield live_in
+    if moved:
+        monkeypatch.undo()
+        time.tzset()
+        time.sleep(CHRONO_TZ_RECHECK)       # the next test's collections in its own zone
+
+
+def set_rollover(col, hour):
+    """Preferences > Review > Next day starts at: Anki's own way, which forgets the day
+    it had reckoned (a raw set_config would keep it until the old day ends)."""
+    prefs = col.get_preferences()
+    prefs.scheduling.rollover = hour
+    col.set_preferences(prefs)
+
+
+def a_day_of_study(col):
+    """Cards and reviews on both sides of the collection's day start, written by hand as
+    a device's own changes (usn -1), so they sync: reviews due yesterday, today and
+    tomorrow, learning cards inside and beyond the learn-ahead limit, a suspended review,
+    new cards, a buried and a suspended new one; reviews a minute after and a minute
+    before the day started, a manual entry and a rescheduling, and days studied back to
+    the day before yesterday, then a gap (with only a manual entry in it) and one more.
+    Anki's is:due, is:new and "Studied N cards today" of it are the test's 4, 2 and 2,
+    the streak 3 days."""
+    cids = sorted(col.find_cards("deck:Default"))
+    assert len(cids) >= 11
+    today, now = col.sched.today, int(time.time())
+    # (type, queue, due) in Anki's numbers: type 2 review, 1 learning, 0 new; queue as
+    # the type, or -1 suspended, -3 buried by hand; a learning card in queue 3 is due
+    # on a day, in queue 1 at a second.
+    states = [(2, 2, today - 1), (2, 2, today), (2, 2, today + 1),
+              (1, 3, today),
+              (1, 1, now + 600), (1, 1, now + 3600),        # within the 1200 s, beyond
+              (2, -1, today - 1),
+              (0, -3, 1000), (0, -1, 1001), (0, 0, 1002), (0, 0, 1003)]
+    for cid, (kind, queue, due) in zip(cids, states):
+        col.db.execute("update cards set type = ?, queue = ?, due = ?, ivl = ?, usn = -1, "
+                       "mod = ? where id = ?", kind, queue, due, 1 if kind == 2 else 0,
+                       now, cid)
+    start = (col.sched.day_cutoff - 86400) * 1000
+    day = 86_400_000
+    for offset, kind in [(60_000, 1), (90_000, 0), (120_000, 4), (150_000, 5),   # today
+                         (-60_000, 1), (-day - 60_000, 2), (-2 * day - 60_000, 4),
+                         (-3 * day - 60_000, 1)]:
+        col.db.execute("insert into revlog (id, cid, usn, ease, ivl, lastIvl, factor, time, "
+                       "type) values (?, ?, -1, 3, 1, 0, 2500, 6000, ?)", start + offset,
+                       cids[0], kind)
+    return 4, 2, 2, 3
+
+
+def api_stats(srv, user=USER, password=PASSWORD):
+    """/api/stats as a dashboard reads it, with a token made on the account page."""
+    cookies, _ = page_login(srv, user, password)
+    made = followed(srv, form_post(srv, {"do": "token", "csrf": page_form(
+        page_get(srv, cookies)), "label": "dashboard"}, cookies), cookies)
+    token = re.search(r"shown this once: <code>([^<]+)</code>", made.body.decode()).group(1)
+    stats = post(srv, "/api/stats", method="GET", headers={"Authorization": "Bearer " + token})
+    assert stats.status == 200, stats
+    return stats.json(), cookies
+
+
+def studied_today(col):
+    """N of the wheel's "Studied N cards in M seconds today"."""
+    return int(re.search(r"\d+", col.studied_today()).group())
+
+
+@pytest.mark.parametrize("zone,minutes_west", [("UTC", None), ("Asia/Kathmandu", NEPAL)])
+@pytest.mark.parametrize("rollover_from_now", [-1, 12], ids=["day-began-an-hour-ago",
+                                                            "day-ends-in-12-hours"])
+def test_due_new_and_reviewed_today_are_the_wheel_s_own_counts_in_the_collection_s_day(
+        start_server, make_device, time_zone, zone, minutes_west, rollover_from_now):
+    """A laptop in Kathmandu (+5:45) or in UTC, its day starting at an hour chosen from
+    the clock (an hour ago, or in twelve: never near now), uploads cards and reviews on
+    both sides of its day start. The server, itself in another zone, answers on
+    /api/stats and the account page what the anki wheel counts for the same collection:
+    is:due, new cards, "Studied N cards today"; and the streak."""
+    srv = start_server(env={"TZ": "America/St_Johns"})     # -3:30: the server's own zone
+    time_zone(zone)                                         # must not count
+    laptop = make_device("modern", "laptop", on=srv)
+    col = laptop.col
+    set_rollover(col, (time.localtime().tm_hour + rollover_from_now) % 24)
+    laptop.do("add_notes", deck="Default", prefix="study", count=11)
+    expected = a_day_of_study(col)
+    assert col.get_config("localOffset", None) == minutes_west     # what the device syncs
+    first_upload(laptop)
+    wheel = (len(col.find_cards("is:due")), len(col.find_cards("is:new -is:suspended -is:buried")),
+             studied_today(col))
+    assert wheel == expected[:3]
+    stats, cookies = api_stats(srv)
+    assert (stats["due"], stats["new"], stats["reviewed_today"], stats["streak"]) == expected
+    assert (stats["notes"], stats["cards"]) == (11, 11)                # the old keys stay
+    page = page_get(srv, cookies).body.decode()
+    rows = dict(re.findall(r"<tr><th>([^<]+)</th><td>([^<]*)</td></tr>", page))
+    assert (rows["Due today"], rows["New"], rows["Reviewed today"], rows["Streak"]) == (
+        "4", "2", "2", "3 days")
+
+
+def test_the_streak_waits_for_today_and_grows_with_a_review(start_server, make_device):
+    """Reviews yesterday and the day before: a streak of 2 while today has none yet (the
+    day is not over), 0 studied today; the laptop answers a card and syncs: 3, and 1
+    studied today, as the wheel says. A day without a review ends the streak."""
+    srv = start_server()
+    laptop = make_device("modern", "laptop", on=srv)
+    col = laptop.col
+    set_rollover(col, (time.localtime().tm_hour + 12) % 24)
+    laptop.do("add_notes", deck="Default", prefix="streak", count=3)
+    start = (col.sched.day_cutoff - 86400) * 1000
+    for days_ago in (1, 2, 4):
+        col.db.execute("insert into revlog (id, cid, usn, ease, ivl, lastIvl, factor, time, "
+                       "type) values (?, ?, -1, 3, 1, 0, 2500, 6000, 1)",
+                       start - (days_ago - 1) * 86_400_000 - 60_000,
+                       col.find_cards("deck:Default")[0])
+    first_upload(laptop)
+    stats, _ = api_stats(srv)
+    assert (stats["reviewed_today"], stats["streak"]) == (0, 2) and studied_today(col) == 0
+    laptop.do("review", deck="Default", count=1)
+    sync_normally(laptop)
+    stats, _ = api_stats(srv)
+    assert (stats["reviewed_today"], stats["streak"]) == (1, 3)
+    assert studied_today(col) == 1
+    assert ankisync.study_streak([]) == 0 and ankisync.study_streak([2, 3]) == 0
+    assert ankisync.study_streak([0, 2, 3]) == 1 and ankisync.study_streak([1]) == 1
+
+
+def utc(*when):
+    return int(datetime.datetime(*when, tzinfo=datetime.timezone.utc).timestamp())
+
+
+def test_anki_s_day_on_the_server_v1_v2_legacy_and_v2_new_by_hand():
+    """The three ways rslib reckons a day, on values worked out by hand: a collection
+    made in Nepal (+5:45) at 10:00 on 1 January 2024, its day starting at 4:00; "now" a
+    second before and at 4:00 Nepal time on 3 January (22:15 UTC the day before)."""
+    nepal = ankisync.utc_offset(NEPAL)
+    crt = utc(2024, 1, 1, 4, 15)                        # 10:00 in Nepal
+    before, at = utc(2024, 1, 2, 22, 14, 59), utc(2024, 1, 2, 22, 15)
+    timing = ankisync.sched_timing_today
+    # v2, creationOffset set: calendar days in each offset, less one before the rollover.
+    assert timing(crt, before, nepal, nepal, 4) == (1, at)
+    assert timing(crt, at, nepal, nepal, 4) == (2, at + 86400)
+    # Made in Nepal, now in Newfoundland (-3:30, 9:45 on 2 January then): day 1 till
+    # 4:00 there on the 3rd.
+    newfoundland = ankisync.utc_offset(210)
+    assert timing(crt, utc(2024, 1, 2, 13, 15), nepal, newfoundland, 4) == (
+        1, utc(2024, 1, 3, 7, 30))
+    # v2 without creationOffset: whole days since crt's day start in today's offset; at
+    # the very second of the rollover, Anki's next day is that second.
+    assert timing(crt, before, None, nepal, 4) == (1, at)
+    assert timing(crt, at, None, nepal, 4) == (2, at)
+    assert timing(crt, at + 1, None, nepal, 4) == (2, at + 86400)
+    # v1: days of 24 hours from crt itself, whatever the offsets.
+    assert timing(crt, crt + 2 * 86400 - 1, None, nepal, None) == (1, crt + 2 * 86400)
+    assert timing(crt, crt + 2 * 86400, nepal, nepal, None) == (2, crt + 3 * 86400)
+    # rslib's own test values (legacy_timing, in Brisbane's +10:00).
+    brisbane, now = ankisync.utc_offset(-600), 1584491078
+    assert timing(1575226800, now, None, brisbane, None) == (107, 1584558000)
+    assert timing(1533564000, now, None, brisbane, 0) == (589, 1584540000)
+    assert timing(1524038400, now, None, brisbane, 4) == (700, 1584554400)
+    # From a config: schedVer 1 or missing is v1; rollover capped at 23; an offset of a
+    # day or more, or none, is UTC.
+    conf = {"schedVer": 2, "rollover": 30, "creationOffset": 0, "localOffset": 24 * 60}
+    assert ankisync.collection_timing(conf, utc(2024, 1, 1), utc(2024, 1, 3, 22, 59)) == (
+        1, utc(2024, 1, 3, 23))
+    assert ankisync.collection_timing({}, crt, at) == timing(crt, at, None, None, None)
+    assert ankisync.collection_timing({"schedVer": 2, "localOffset": NEPAL}, crt, at) == (
+        2, at)
+
+
+def test_study_counts_of_no_collection_or_a_broken_one_are_zeros(tmp_path):
+    zeros = {"due": 0, "new": 0, "reviewed_today": 0, "streak": 0}
+    assert ankisync.study_counts(str(tmp_path / "none.anki2")) == zeros
+    broken = tmp_path / "broken.anki2"
+    broken.write_bytes(b"SQLite format 3\0" + b"\xff" * 4000)
+    assert ankisync.study_counts(str(broken)) == zeros
+    db = sqlite3.connect(str(tmp_path / "odd.anki2"))
+    db.execute("create table col (crt, conf)")
+    db.execute("insert into col values (0, '[1]')")
+    db.commit()
+    db.close()
+    assert ankisync.study_counts(str(tmp_path / "odd.anki2")) == zeros
+
+
 # --- the admin page ---------------------------------------------------------------------
 
 ADMIN_TOKEN = "correct horse admin staple"
