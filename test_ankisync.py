@@ -6808,7 +6808,8 @@ def note_count(device):
 
 
 def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(server,
-                                                                           make_device):
+                                                                           make_device,
+                                                                           tmp_path):
     """A laptop has 30 notes and media. A new phone with 5 notes of its own answers
     "Upload" in the full-sync dialog, and the laptop, unaware, deletes a picture. The
     server kept the laptop's collection; `restore` brings it and the picture back to a
@@ -6829,6 +6830,13 @@ def test_a_mistaken_upload_is_undone_by_a_restore_and_the_restore_by_another(ser
 
     points = restore_points(server)
     assert [(why, notes) for _, why, notes in points] == [("upload", 30)]
+    if server.kind == "ankisync":       # the point as a package: its notes, and the picture
+        package = str(tmp_path / "point.colpkg")                # deleted after it
+        admin(server, "export", USER, package, "--point", points[0][0])
+        imported = imported_package(package, str(tmp_path / "imported"))
+        assert len(find_notes(imported, "")) == 30
+        assert sorted(media_files(imported)) == ["baum.png", "haus.jpg", "hund.mp3"]
+        imported.close()
     admin(server, "restore", USER, points[0][0])
 
     fresh = make_device("modern", "fresh")
@@ -7004,16 +7012,22 @@ def test_a_backup_or_restore_waits_for_the_sync_in_progress_and_the_sync_succeed
     assert "Traceback" not in server.log()
 
 
-def assert_imports_as(package, folder, device):
-    """The .colpkg, imported as Anki's File > Import does (into a new profile folder),
-    is the device's collection and media, whole."""
+def imported_package(package, folder):
+    """The .colpkg imported as Anki's File > Import does, into a new profile folder: the
+    collection, open."""
     target = os.path.join(folder, "collection.anki2")
     os.makedirs(folder)
     backend = RustBackend()
     backend.import_collection_package(col_path=target, backup_path=package,
                                       media_folder=target[:-6] + ".media",
                                       media_db=target[:-6] + ".media.db2")
-    imported = Collection(target, backend=backend)
+    return Collection(target, backend=backend)
+
+
+def assert_imports_as(package, folder, device):
+    """The .colpkg, imported into a new profile, is the device's collection and media,
+    whole."""
+    imported = imported_package(package, folder)
     try:
         assert snapshot(imported) == device.snapshot()
         assert media_files(imported) == device.media_files()
