@@ -8381,6 +8381,22 @@ def test_a_stranger_sees_only_the_login_form_and_no_user_data(start_server, make
                 headers={"Authorization": "Bearer " + key}).status == 401
 
 
+def test_page_cookies_are_secure_over_https_and_from_a_proxy_that_ended_tls(start_server,
+                                                                           tmp_path):
+    """Secure (never sent in clear): over the server's own HTTPS, and behind a trusted
+    proxy that says it ended TLS (X-Forwarded-Proto: https); not over plain HTTP, nor when
+    an address that is no trusted proxy only claims it."""
+    tls = start_server(certificate=make_certificate(str(tmp_path / "tls")))
+    cookies, answer = page_login(tls)
+    assert answer.status == 303 and "; Secure" in answer.headers["Set-Cookie"]
+    assert "<h1>%s</h1>" % USER in page_get(tls, cookies).body.decode()
+    proxied = start_server(ini="ip_header = X-Forwarded-For\ntrusted_proxies = 127.0.0.1\n")
+    claimed = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.7"}
+    for source, secure in (("127.0.0.1", True), ("127.0.0.2", False)):
+        page = post(proxied, "/account", method="GET", headers=claimed, source=source)
+        assert page.status == 200 and ("; Secure" in page.headers["Set-Cookie"]) == secure
+
+
 def test_a_session_ends_at_its_expiry(start_server):
     srv = start_server(env={ankisync.PAGE_SESSION_TEST: "2"})
     cookies, answer = page_login(srv)
