@@ -171,7 +171,8 @@ ADMIN_FORM_COOKIE = "ankisync_admin_form"   # ...and its forms' cookie, both on 
 ADMIN_NAME = "admin"                # who an admin session is for (its MAC covers the hash)
 SAID_COOKIE = "ankisync_said"       # what a form did, signed, shown once by the page it leads to
 ADMIN_SAID_COOKIE = "ankisync_admin_said"   # ...and the admin page's, on its own path
-SAID_MAX = 2000                     # characters of that message: a cookie holds about 4 KB
+SAID_MAX = 700                      # characters of that message: as UTF-8 in base64 it stays
+                                    # within the 4 KB a browser keeps of a cookie
 SAID_SECONDS = 120                  # a redirect follows at once: a later visit shows nothing
 ADMIN_GUARD_NAME = "/admin"         # the admin's name in the LoginGuard: no user name holds
                                     # a slash, so guessing the token paces no user, nor back
@@ -1139,6 +1140,15 @@ def b64_decode_nopad(text):
         return base64.b64decode(text + "=" * (-len(text) % 4))
     except (ValueError, TypeError):
         raise ValueError("bad base64")
+
+
+def b64url(data):
+    """Base64 for URLs and cookies (RFC 4648 5), unpadded: ACME's JWS, page cookies."""
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def b64url_decode(text):
+    return b64_decode_nopad(text.replace("-", "+").replace("_", "/"))
 
 
 def normalize_username(name):
@@ -5458,7 +5468,8 @@ def query_fields(query):
     try:
         if len(query) > QUERY_MAX:
             raise ValueError("over %d characters" % QUERY_MAX)
-        return dict(urllib.parse.parse_qsl(query, strict_parsing=bool(query),
+        return dict(urllib.parse.parse_qsl(query, keep_blank_values=True,
+                                           strict_parsing=bool(query),
                                            max_num_fields=PAGE_FORM_FIELDS, errors="strict"))
     except ValueError as e:             # UnicodeDecodeError too
         raise bad_request("a malformed query: %s" % str(e)[:QUOTED_MAX])
@@ -5579,8 +5590,7 @@ class Pages:
     def session_value(self, name, phc, expires):
         mac = hmac.new(self.key, ("session\0%s\0%d\0%s" % (name, expires, phc)).encode("utf-8"),
                        hashlib.sha256).hexdigest()
-        return "%s.%d.%s" % (b64_nopad(name.encode("utf-8")).replace("+", "-").replace(
-            "/", "_"), expires, mac)
+        return "%s.%d.%s" % (b64url(name.encode("utf-8")), expires, mac)
 
     @staticmethod
     def mac_and_expiry(session):
@@ -5592,7 +5602,7 @@ class Pages:
         value = req.cookies.get(self.session_cookie, "")
         try:
             encoded, expires, mac = value.split(".")
-            name = b64_decode_nopad(encoded.replace("-", "+").replace("_", "/")).decode("utf-8")
+            name = b64url_decode(encoded).decode("utf-8")
             expires = int(expires)
         except ValueError:                  # UnicodeDecodeError too
             return None, None
@@ -5675,8 +5685,7 @@ class Pages:
         """A change made: the page again by GET, which shows `said` (and a new token,
         `shown`) once. They ride in a cookie signed for this session: no one else's
         page, nor a link, can make ours say something."""
-        payload = b64_nopad(json.dumps([said[:SAID_MAX], shown]).encode("utf-8")).replace(
-            "+", "-").replace("/", "_")
+        payload = b64url(json.dumps([said[:SAID_MAX], shown], ensure_ascii=False).encode())
         value = "%s.%s" % (payload, self.said_mac(session, payload))
         return self.redirect(list(extra) + [self.cookie(self.said_cookie, value, req,
                                                         SAID_SECONDS)])
@@ -5690,7 +5699,7 @@ class Pages:
         payload, _, mac = req.cookies.get(self.said_cookie, "").partition(".")
         if not payload or not hmac.compare_digest(mac, self.said_mac(session, payload)):
             return "", None
-        said, shown = json.loads(b64_decode_nopad(payload.replace("-", "+").replace("_", "/")))
+        said, shown = json.loads(b64url_decode(payload))
         return said, shown
 
     def form(self, csrf, do, inner, button, name=None):
@@ -11170,10 +11179,6 @@ class AcmeError(Exception):
 
 class ChallengeFailed(AcmeError):
     """The CA could not see this server at the domain by one challenge type."""
-
-
-def b64url(data):
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
 def jwk_of(private):

@@ -8599,7 +8599,8 @@ def test_a_user_restores_and_downloads_only_their_own_restore_points(start_serve
         answer = form_post(srv, dict(fields, do="restore", csrf=token), cookies)
         assert answer.status == 400 and "has no restore point" in answer.body.decode()
     assert [why for _, why, _ in restore_points(srv, "bob")] == ["manual"]
-    for query, status in (("point=" + bobs, 404), ("point=nope", 404), ("point=%ff", 400),
+    for query, status in (("point=" + bobs, 404), ("point=nope", 404), ("point=", 404),
+                          ("point=%ff", 400), ("point", 400),
                           ("point=a&point=b&" + "x=1&" * 10, 400), ("p" * 300, 400)):
         answer = page_get(srv, cookies, path="/account/collection.colpkg?" + query)
         assert answer.status == status and not answer.body.startswith(b"PK"), query
