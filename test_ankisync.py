@@ -8592,7 +8592,9 @@ def test_a_user_restores_and_downloads_only_their_own_restore_points(start_serve
         device.do("add_notes", deck="Default", prefix=name, count=count)
         first_upload(device)
         admin(srv, "backup", name)
+        time.sleep(1.1)     # ids are seconds, each user's own: the two must differ here
     (bobs, _, _), = restore_points(srv, "bob")
+    assert bobs not in [point for point, _, _ in restore_points(srv)]
     cookies, _ = page_login(srv)
     token = page_form(page_get(srv, cookies))
     for fields in ({"id": bobs}, {"id": bobs, "name": "bob", "confirmed": "yes"}):
