@@ -214,6 +214,8 @@ USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # a folde
 USERNAME_MAX = 64                   # characters; the name, escaped, becomes a folder name
 USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")     # no file system takes these
 FOLDER_UNSAFE = re.compile(r'[<>:"|?*%]')  # refused by Windows; % because it escapes them
+# The server's own files beside the users' folders: a user of that name gets it escaped.
+DATA_FOLDER_FILES = ("auth.db", "auth.db-wal", "auth.db-shm", "auth.db-journal", "notice.txt")
 
 MEDIA_CHANGES_PAGE = 1000           # rows per mediaChanges reply (official)
 MEDIA_UPLOAD_MAX_FILES = 25         # entries in one uploadChanges zip (official)
@@ -1168,11 +1170,14 @@ def normalize_username(name):
 def folder_name(name):
     """The user's folder in the data folder: the name itself where every file system
     takes it (all ASCII names of ankisync 0.1.0 do), else with the characters that
-    some file system refuses written as %XX."""
-    if USERNAME_PATTERN.match(name):
-        return name
+    some file system refuses written as %XX; one of the server's own files' names (in
+    any case: macOS and Windows fold it) with its first character so written."""
     def escape(match):
         return "".join("%%%02X" % b for b in match.group().encode("utf-8"))
+    if name.casefold() in DATA_FOLDER_FILES:
+        return re.sub(r"^.", escape, name)
+    if USERNAME_PATTERN.match(name):
+        return name
     folder = FOLDER_UNSAFE.sub(escape, name)
     folder = re.sub(r"^\.|[. ]$", escape, folder)       # hidden, or dropped by Windows
     return folder

@@ -1888,6 +1888,22 @@ def test_a_user_named_jose_from_the_environment_syncs_and_passwd_says_where_it_c
     assert proc.returncode == 0 and "SYNC_USER" in proc.stdout and "José" in proc.stdout
 
 
+def test_users_named_as_the_servers_own_files_sync_beside_them(start_server, make_device):
+    """A user called auth.db or notice.txt (any case) gets a folder of their own: their
+    sync and a restore point leave the server's files alone."""
+    srv = start_server(users=(("auth.db", "pw1"), ("NOTICE.TXT", "pw2")))
+    for name, password in (("auth.db", "pw1"), ("NOTICE.TXT", "pw2")):
+        device = make_device("modern", name, user=name, password=password, on=srv)
+        device.do("add_notes", deck="Default", prefix=name, count=2)
+        first_upload(device)
+        assert device.sync() == "no_changes"
+        admin(srv, "backup", name)
+    assert os.path.isfile(os.path.join(srv.base, "auth.db"))
+    assert os.path.isfile(os.path.join(srv.base, "%61uth.db", "collection.anki2"))
+    assert os.path.isfile(os.path.join(srv.base, "%4EOTICE.TXT", "collection.anki2"))
+    assert "Traceback" not in srv.log()
+
+
 # --- secrets at rest ---
 
 
