@@ -4212,6 +4212,11 @@ class FolderBusy(ValueError):
     """A user's sync went on past the wait for it (a command's message, a page's 409)."""
 
 
+class CollectionChanged(ValueError):
+    """A restore confirmed on a page that showed another collection than today's: a sync,
+    or the same restore sent again from a second tab or by Back (a page's 409)."""
+
+
 class UserFolder:
     """A user's folder, for the commands that change it while the server may run: they
     take the same locks as the server's sync methods, collection and media."""
@@ -4248,13 +4253,27 @@ class UserFolder:
         with self.locked():
             return self.points.keep(self.collection.path, why, note)
 
-    def restore(self, point_id):
+    def stamp(self):
+        """Which collection file is here now: a sync that wrote, a restore or an upload
+        changes it."""
+        try:
+            st = os.stat(self.collection.path)
+        except FileNotFoundError:
+            return "none"
+        return "%d.%d.%d" % (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def restore(self, point_id, seen=None):
         """The point becomes the collection (the current one a point itself first), media
         deleted since it come back, and every device is asked for a full sync. The point
         that undoes it is kept first, or nothing happens (NoRoomForPoint); pruning after
-        it spares the point being restored, even the oldest."""
+        it spares the point being restored, even the oldest. With `seen` (a page's
+        stamp()), only the collection the person saw is replaced (CollectionChanged)."""
         with self.locked():
             point = self.points.find(point_id)
+            if seen is not None and seen != self.stamp():
+                raise CollectionChanged(
+                    "nothing was restored: the collection changed since the page that asked "
+                    "was shown (a sync, or this restore done already); look again")
             before = self.points.keep(self.collection.path, "restore",
                                       "before restoring %s" % point_id, spare=(point_id,),
                                       undo=True)
@@ -4913,7 +4932,8 @@ class SyncApp:
     def set_notice(self, text):
         """The admin page's notice: kept for the next start, and every sync from now on
         shows it; empty, the ini's notice comes back. What happened, to log and show."""
-        text = text.strip().replace("\r\n", "\n")
+        # A line break is a line on the device; other control characters show as boxes.
+        text = re.sub(r"[\x00-\x09\x0b-\x1f\x7f]", "", text.replace("\r\n", "\n")).strip()
         if len(text) > NOTICE_MAX:
             raise ValueError("a notice of %d characters: at most %d" % (len(text), NOTICE_MAX))
         path = os.path.join(self.config.data, NOTICE_FILE)
@@ -5486,7 +5506,8 @@ table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.2em .6e
 border-bottom:1px solid #ddd;vertical-align:top}code{background:#f3f3f3;overflow-wrap:anywhere}
 input{font-size:1em;max-width:100%}form{margin:.6em 0}.note{background:#fff3cd;padding:.6em}
 li{margin:.3em 0}.wide{overflow-x:auto}pre{white-space:pre-wrap;overflow-wrap:anywhere;
-font-size:.8em}textarea{width:100%;box-sizing:border-box;font:inherit}"""
+font-size:.8em}textarea{width:100%;box-sizing:border-box;font:inherit}
+h1,h3,li,td{overflow-wrap:anywhere}button{padding:.4em .8em}"""
 
 # No script, no frame, no outside resource: a page of ours can only be itself.
 PAGE_HEADERS = (
@@ -5568,7 +5589,11 @@ class Pages:
         return self.act(req, form, action, user, session)
 
     def home(self, req, user, session):
-        """The page by GET: with what the last form did, shown once (see done())."""
+        """The page by GET: with what the last form did, shown once (see done()); or,
+        asked by a button, what a restore would do: a GET, so Back comes back to it and
+        no form is sent again."""
+        if req.query:
+            return self.ask(req, user, session)
         said, shown = self.said_of(req, session)
         extra = [self.cookie(self.said_cookie, "", req, 0)] if said or shown else []
         return self.render(req, user, session, 200, said, extra, shown)
@@ -5578,17 +5603,25 @@ class Pages:
         row = self.users.find(name)
         return row[1] if row is not None and row[0] == name else None
 
+    def ask(self, req, user, session):
+        if req.query.get("ask") != "restore":
+            raise bad_request("this page asks only before a restore: ?ask=restore&id=ID")
+        return self.confirm_restore(req, user, session, user, req.query.get("id", ""))
+
     def act(self, req, form, action, user, session):
         if action == "password":
             return self.change_password(req, form, user, session)
         if action == "token":
             return self.new_token(req, form, user, session)
         if action == "revoke":
-            self.users.revoke_token(user, form.get("id", ""))
-            return self.redirect()
+            labels = {tid: label for tid, label, _ in self.users.tokens(user)}
+            if not self.users.revoke_token(user, form.get("id", "")):
+                return self.render(req, user, session, 404, "no such token: nothing revoked")
+            return self.done(req, session, "Revoked the token %s: a dashboard with it gets "
+                             "401 from now on." % labels.get(form.get("id"), ""))
         if action == "restore":
             return self.restore(req, form, user, session, user)
-        raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
+        raise unknown_action(action)
 
     # -- sessions, forms and their tokens --------------------------------------------
 
@@ -5707,6 +5740,14 @@ class Pages:
         said, shown = json.loads(b64url_decode(payload))
         return said, shown
 
+    def ask_form(self, ask, inner, button, name=None):
+        """A button that opens a page saying what a change would do: a GET, no token."""
+        named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
+            if name is not None else ""
+        return ('<form method="get" action="%s"><input type="hidden" name="ask" value="%s">'
+                '%s%s <button>%s</button></form>' % (html.escape(self.path), ask, named, inner,
+                                                     button))
+
     def form(self, csrf, do, inner, button, name=None):
         """One of the page's forms: its action, this browser's token, and (on the admin
         page) the user it acts on."""
@@ -5758,7 +5799,8 @@ class Pages:
         try:
             self.app.accounts.check_password(req.address, user, form.get("old", ""))
         except SyncError as e:
-            return self.render(req, user, session, e.status, "the old password: " + e.reason)
+            return self.render(req, user, session, e.status, "the old password is wrong: "
+                               "nothing changed" if e.status == 403 else e.reason)
         self.users.set_password(user, new)
         log.info("account page from %s: %s changed their password", req.address, user)
         cookie, session = self.new_session(req, user)      # the old one died with the hash
@@ -5778,28 +5820,37 @@ class Pages:
         return self.done(req, session, "", shown=(label, token))
 
     def restore(self, req, form, user, session, name):
-        """A restore point of `name` becomes their collection: first a page that says
-        what it holds and what each device will do (nothing changes), then, confirmed,
-        the restore, told in the log with who asked and from where."""
+        """A restore point of `name` becomes their collection, if it is still the one
+        the page that asked showed (`seen`): the same form sent again restores nothing.
+        Told in the log with who asked and from where."""
         folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
+        point_id = form.get("id", "")
         try:
-            point = folder.points.find(form.get("id", ""))
-            if form.get("confirmed") != "yes":
-                return self.confirm_restore(req, session, folder, point)
-            point, before, media = folder.restore(point["id"])
-        except FolderBusy as e:
+            folder.points.find(point_id)
+        except ValueError:
+            return self.render(req, user, session, 400, no_point(point_id))
+        try:
+            point, before, media = folder.restore(point_id, seen=form.get("seen", ""))
+        except (FolderBusy, CollectionChanged) as e:
             return self.render(req, user, session, 409, str(e))
         except NoRoomForPoint as e:
             return self.render(req, user, session, 507, str(e))
-        except ValueError as e:
-            return self.render(req, user, session, 400, str(e))
         said = restored_text(folder, point, before, media, on_page=True)
         log.info("%s from %s: %s", self.page, req.address, said.replace("\n", "; "))
         return self.done(req, session, said)
 
-    def confirm_restore(self, req, session, folder, point):
+    def confirm_restore(self, req, user, session, name, point_id):
+        """What restoring the point would do: what it holds beside today's collection,
+        what each device will do; the button that does it carries the collection's
+        stamp, so it replaces only the collection seen here."""
+        folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
+        try:
+            point = folder.points.find(point_id)
+        except ValueError:
+            return self.render(req, user, session, 404, no_point(point_id))
         headers = list(PAGE_HEADERS)
         csrf = self.page_token(req, session, headers)
+        seen = folder.stamp()
         notes, cards, _ = collection_counts(folder.collection.path)
         devices = self.users.devices(folder.name)
         lines = []
@@ -5828,9 +5879,9 @@ Changes a device made and did not sync before are lost.</li></ul>
                 point.get("note") or point["why"]), point["notes"], point["cards"], notes, cards,
             "<ul>%s</ul>" % "".join(lines) if lines else "<p>None has synced yet.</p>",
             self.form(csrf, "restore", '<input type="hidden" name="id" value="%s">'
-                      '<input type="hidden" name="confirmed" value="yes">'
-                      % html.escape(point["id"]), "Restore %s" % html.escape(point["id"]),
-                      folder.name),
+                      '<input type="hidden" name="seen" value="%s">'
+                      % (html.escape(point["id"]), seen), "Restore %s" % html.escape(
+                          point["id"]), folder.name),
             html.escape(self.path))
         return PageAnswer(200, page_html("ankisync: restore", body), headers=headers)
 
@@ -5857,13 +5908,16 @@ Changes a device made and did not sync before are lost.</li></ul>
 <tr><th>Last sync</th><td>%s</td></tr>
 <tr><th>Due today</th><td>%d</td></tr><tr><th>New</th><td>%d</td></tr>
 <tr><th>Reviewed today</th><td>%d</td></tr><tr><th>Streak</th><td>%s</td></tr></table>
-<p><a href="%s/collection.colpkg" download>Download the collection as .colpkg</a> (with its
-media; Anki imports it with File &rarr; Import)</p>""" % (
+%s""" % (
             stats["notes"], stats["cards"], human_size(stats["collection_bytes"]),
             stats["media_files"], human_size(stats["media_bytes"]),
             when(stats["last_sync"]) if stats["last_sync"] else "never", stats["due"],
             stats["new"], stats["reviewed_today"],
-            "1 day" if stats["streak"] == 1 else "%d days" % stats["streak"], action))
+            "1 day" if stats["streak"] == 1 else "%d days" % stats["streak"],
+            '<p><a href="%s/collection.colpkg" download>Download the collection as .colpkg</a> '
+            '(with its media; Anki imports it with File &rarr; Import)</p>' % action
+            if stats["collection_bytes"] else "<p>Nothing to download yet: a device's first "
+            "sync brings the collection here.</p>"))
         # Lists, not tables: a phone shows a line per device, not a table cut off.
         devices = "".join("<li><code>%s</code> from %s: last sync %s (%s), first %s</li>" % (
             html.escape(client), html.escape(address), when(last), html.escape(kind),
@@ -5924,9 +5978,9 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
         except FolderBusy as e:
             os.unlink(temp)
             raise SyncError(409, str(e))
-        except ValueError as e:         # no such restore point
+        except ValueError:              # no such restore point
             os.unlink(temp)
-            raise SyncError(404, str(e))
+            raise SyncError(404, no_point(point_id))
         except BaseException:
             os.unlink(temp)
             raise
@@ -5943,13 +5997,27 @@ media; Anki imports it with File &rarr; Import)</p>""" % (
         user = self.users.user_for_token(token.strip()) \
             if scheme.lower() == "bearer" and token.strip() else None
         if user is None:
-            return PageAnswer(401, b'{"error": "an API token is needed: Authorization: '
-                              b'Bearer TOKEN, made on the account page"}\n', "application/json",
+            said = ("this API token is unknown or revoked: make one on the account page"
+                    if token.strip() and scheme.lower() == "bearer" else
+                    "an API token is needed: Authorization: Bearer TOKEN, made on the "
+                    "account page")
+            return PageAnswer(401, (json.dumps({"error": said}) + "\n").encode(),
+                              "application/json",
                               [("WWW-Authenticate", 'Bearer realm="ankisync"'),
                                ("Cache-Control", "no-store")])
         data = dict(self.user_stats(user), user=user)
         return PageAnswer(200, (json.dumps(data, sort_keys=True) + "\n").encode("utf-8"),
                           "application/json", [("Cache-Control", "no-store")])
+
+
+def no_point(point_id):
+    return "no restore point %r here: the page lists them" % point_id[:QUOTED_MAX]
+
+
+def unknown_action(action):
+    if action is None:
+        return bad_request("a form without its action (do)")
+    return bad_request("unknown action %r" % action[:QUOTED_MAX])
 
 
 def restore_points_html(pages, csrf, points, name, download):
@@ -5963,8 +6031,8 @@ def restore_points_html(pages, csrf, points, name, download):
         p["notes"], p["cards"], human_size(p["size"]),
         '<a href="%s%s" download>Download</a> ' % (download, urllib.parse.quote(p["id"]))
         if download else "",
-        pages.form(csrf, "restore", '<input type="hidden" name="id" value="%s">'
-                   % html.escape(p["id"]), "Restore&hellip;", name)) for p in points)
+        pages.ask_form("restore", '<input type="hidden" name="id" value="%s">'
+                       % html.escape(p["id"]), "Restore&hellip;", name)) for p in points)
     return ("<p>A restore asks every device for a full sync: choose Download. The collection "
             "it replaces is kept as a restore point, so a restore can be undone.</p>"
             "<ul>%s</ul>" % items)
@@ -6019,9 +6087,21 @@ class AdminPage(Pages):
         log.info("admin from %s: logged in", req.address)
         return ADMIN_NAME
 
+    def ask(self, req, user, session):
+        """What a deletion or a restore would do, before it is done."""
+        try:
+            name = self.users.canonical(req.query.get("name", ""))
+        except ValueError as e:
+            return self.render(req, user, session, 400, str(e))
+        if req.query.get("ask") == "restore":
+            return self.confirm_restore(req, user, session, name, req.query.get("id", ""))
+        if req.query.get("ask") == "deluser":
+            return self.confirm_delete(req, session, name, req.query.get("data") == "on")
+        raise bad_request("this page asks only before a restore or a deletion")
+
     def act(self, req, form, action, user, session):
         """One change, as its CLI command makes it, logged; the page again with what
-        happened, or why nothing did. A deletion and a restore ask first."""
+        happened, or why nothing did. A deletion and a restore ask first (ask())."""
         name = form.get("name", "").strip()
         password = form.get("password", "")
         try:
@@ -6049,7 +6129,7 @@ class AdminPage(Pages):
             elif action == "notice":
                 said = self.app.set_notice(form.get("notice", ""))
             else:
-                raise bad_request("unknown action %r" % str(action)[:QUOTED_MAX])
+                raise unknown_action(action)
         except ValueError as e:
             return self.render(req, user, session, 400, str(e))
         log.info("admin from %s: %s", req.address, said.replace("\n", "; "))
@@ -6107,8 +6187,9 @@ class AdminPage(Pages):
             parts.append("<h3>%s</h3>" % html.escape(name) + self.form(
                 csrf, "passwd", '<label>New password <input name="password" type="password" '
                 'autocomplete="new-password" required></label>', "Set password", name)
-                + self.form(csrf, "deluser", '<label><input type="checkbox" name="data"> and '
-                            'their collection and media</label>', "Delete user&hellip;", name)
+                + self.ask_form("deluser", '<label><input type="checkbox" name="data"> and '
+                                'their collection and media</label>', "Delete user&hellip;",
+                                name)
                 + "<p>Restore points:</p>" + restore_points_html(self, csrf, points, name,
                                                                  None))
         parts.append(
@@ -7814,6 +7895,9 @@ def command_serve(config, args):
             log.info("ip_header is set, so clients come through a proxy: they use its "
                      "address; set public_url to have it shown here and on the page")
     log.info("open the address in a browser for each client's setup")
+    if config.admin_token:
+        log.info("admin page on at %sadmin, from %s", app.base_path,
+                 ", ".join(str(network) for network in config.admin_from))
     stop = threading.Event()
     threading.Thread(target=housekeeping, args=(app, stop, tls, renew), daemon=True).start()
     install_sigterm()

@@ -8390,6 +8390,7 @@ def test_a_stranger_sees_only_the_login_form_and_no_user_data(start_server, make
     for authorization in ("Bearer nonsense", "Bearer ", "Basic YTpi", ""):
         stats = post(srv, "/api/stats", method="GET", headers={"Authorization": authorization})
         assert stats.status == 401 and b"alice" not in stats.body
+        assert (b"unknown or revoked" in stats.body) == (authorization == "Bearer nonsense")
         assert stats.headers["WWW-Authenticate"].startswith("Bearer")
     # A host key is no API token, nor the other way round.
     key = modern(srv, "hostKey", {"u": "alice-private", "p": "pw-private"}).json()["key"]
@@ -8553,7 +8554,8 @@ def test_with_only_a_phone_browser_a_user_undoes_a_mistaken_upload(start_server,
     assert (why, notes) == ("upload", 30)
 
     url = "http://ankisync.lan:%d/account" % srv.port
-    page = browser.new_page(viewport={"width": 390, "height": 844})
+    phone_browser = browser.new_context(viewport={"width": 390, "height": 844})
+    page = phone_browser.new_page()
     page.goto(url)
     page.fill("input[name=name]", USER)
     page.fill("input[name=password]", PASSWORD)
@@ -8574,6 +8576,8 @@ def test_with_only_a_phone_browser_a_user_undoes_a_mistaken_upload(start_server,
     cells = page.locator("td").all_text_contents()
     assert cells == ["30", "30", "5", "5"]                   # the point's and today's
     assert len(restore_points(srv)) == 1                    # asking changed nothing
+    other_tab = phone_browser.new_page()                     # the same question, twice
+    other_tab.goto(page.url)
     page.click("button:has-text('Restore %s')" % point)
     said = page.locator(".note").text_content()
     assert "restored %s of %s: 30 notes" % (point, USER) in said
@@ -8582,6 +8586,9 @@ def test_with_only_a_phone_browser_a_user_undoes_a_mistaken_upload(start_server,
     assert page.url == url                                  # by GET, after a 303
     page.reload()
     assert page.locator(".note").count() == 0               # said once
+    other_tab.click("button:has-text('Restore %s')" % point)   # answers a page now stale
+    assert "nothing was restored" in other_tab.locator(".note").text_content()
+    other_tab.close()
     assert [why for _, why, _ in restore_points(srv)] == ["restore", "upload"]
     assert "account from 127.0.0.1: restored %s of %s" % (point, USER) in srv.log()
 
@@ -8594,7 +8601,7 @@ def test_with_only_a_phone_browser_a_user_undoes_a_mistaken_upload(start_server,
     page.click("button:has-text('Log out')")
     page.wait_for_selector("h1:text('Log in')")
     assert "<h1>Log in</h1>" in page_get(srv, cookies).body.decode()
-    page.close()
+    phone_browser.close()
 
 
 def test_a_user_restores_and_downloads_only_their_own_restore_points(start_server,
@@ -8613,10 +8620,22 @@ def test_a_user_restores_and_downloads_only_their_own_restore_points(start_serve
     assert bobs not in [point for point, _, _ in restore_points(srv)]
     cookies, _ = page_login(srv)
     token = page_form(page_get(srv, cookies))
-    for fields in ({"id": bobs}, {"id": bobs, "name": "bob", "confirmed": "yes"}):
+    for fields in ({"id": bobs}, {"id": bobs, "name": "bob", "seen": "x"}):
         answer = form_post(srv, dict(fields, do="restore", csrf=token), cookies)
-        assert answer.status == 400 and "has no restore point" in answer.body.decode()
+        assert answer.status == 400 and "no restore point" in answer.body.decode()
+    asked = page_get(srv, cookies, path="/account?ask=restore&id=%s&name=bob" % bobs)
+    assert asked.status == 404 and "no restore point" in asked.body.decode()
     assert [why for _, why, _ in restore_points(srv, "bob")] == ["manual"]
+    # Their own point: asked by GET, confirmed by the form it shows, once. The same form
+    # again (a second tab, Back and resubmit) restores nothing.
+    (own, _, _), = restore_points(srv)
+    asked = page_get(srv, cookies, path="/account?ask=restore&id=" + own).body.decode()
+    seen = re.search(r'name="seen" value="([^"]+)"', asked).group(1)
+    confirm = {"do": "restore", "csrf": page_form(asked), "id": own, "seen": seen}
+    assert followed(srv, form_post(srv, confirm, cookies), cookies).status == 200
+    again = form_post(srv, confirm, cookies)
+    assert again.status == 409 and "nothing was restored" in again.body.decode()
+    assert [why for _, why, _ in restore_points(srv)] == ["restore", "manual"]
     for query, status in (("point=" + bobs, 404), ("point=nope", 404), ("point=", 404),
                           ("point=%ff", 400), ("point", 400),
                           ("point=a&point=b&" + "x=1&" * 10, 400), ("p" * 300, 400)):
@@ -8863,6 +8882,7 @@ def test_the_admin_page_is_off_without_admin_token_and_refused_elsewhere_or_with
         assert refused.status == 403 and refused.body.decode().count("\n") == 1
         assert b"admin_from" in refused.body and b"<form" not in refused.body
     assert "admin page refused to 127.0.0.2" in srv.log()
+    assert "admin page on at /admin, from 127.0.0.1/32, ::1/128" in srv.log()
     # Through a proxy on this machine, without ip_header, everyone would be 127.0.0.1.
     proxied = post(srv, "/admin", method="GET", headers={"X-Forwarded-For": "203.0.113.5"})
     assert proxied.status == 403
@@ -8930,6 +8950,11 @@ def test_admin_forms_refuse_a_missing_token_another_site_and_the_account_page_s_
     reset = followed(srv, form_post(srv, {"do": "passwd", "csrf": token, "name": USER,
                                           "password": "x"}, cookies, path="/admin"), cookies)
     assert reset.status == 200 and "SYNC_USERn" in reset.body.decode()     # as `passwd` says
+    # A notice keeps its lines, not control characters a device would show as boxes.
+    followed(srv, form_post(srv, {"do": "notice", "csrf": token, "notice": "one\r\ntwo\x01"},
+                            cookies, path="/admin"), cookies)
+    with open(os.path.join(srv.base, ankisync.NOTICE_FILE), encoding="utf-8") as f:
+        assert f.read() == "one\ntwo"
     nobody = form_post(srv, {"do": "restore", "csrf": token, "name": "nobody", "id": "1"},
                        cookies, path="/admin")
     assert nobody.status == 400 and "no user" in nobody.body.decode()
