@@ -1293,11 +1293,20 @@ class UserStore:
                            (name, client, key_digest(hkey), address, now, now, kind))
 
     def devices(self, name, since=0):
-        """(client, address, first seen, last seen, last kind) of each device, newest first."""
+        """(client, address, first seen, last seen, last kind) of each device, newest first:
+        a line per client, for a device logged in again after a new password (a new host
+        key) is the device it was, not one more."""
         with self.connect() as db:
-            return db.execute("select client, address, first_seen, last_seen, last_kind from "
+            rows = db.execute("select client, address, first_seen, last_seen, last_kind from "
                               "devices where name=? and last_seen>=? order by last_seen desc",
                               (name, since)).fetchall()
+        newest = {}
+        for client, address, first, last, kind in rows:
+            if client in newest:
+                newest[client][2] = min(newest[client][2], first)
+            else:
+                newest[client] = [client, address, first, last, kind]
+        return [tuple(row) for row in newest.values()]
 
     def find(self, name):
         """(name, hash, source) of the user `name` means, in any case or Unicode form."""

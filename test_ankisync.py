@@ -9326,6 +9326,12 @@ def test_the_last_sync_is_the_latest_even_within_one_second(tmp_path):
     assert [d[0] for d in users.devices("ann")] == ["anki,2.1.54", "anki,26.9.3"]
     users.saw("ann", "key1", "anki,26.9.3", "10.0.0.2", "normal")
     assert [d[0] for d in users.devices("ann")] == ["anki,26.9.3", "anki,2.1.54"]
+    # A new password, a new host key: the same device, one line, seen since its first sync.
+    first = users.devices("ann")[0][2]
+    users.saw("ann", "key3", "anki,26.9.3", "10.0.0.9", "normal")
+    seen = users.devices("ann")
+    assert [d[:3] for d in seen] == [("anki,26.9.3", "10.0.0.9", first),
+                                     ("anki,2.1.54", "10.0.0.3", seen[1][2])]
 
 
 @pytest.mark.legacy
