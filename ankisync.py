@@ -213,6 +213,9 @@ HOT_WAIT = 0.005                    # seconds a worker waits for a sync's next r
 USERNAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # a folder name as it is
 USERNAME_MAX = 64                   # characters; the name, escaped, becomes a folder name
 USERNAME_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f/\\]")     # no file system takes these
+# Unicode's controls, formats (zero-width, right-to-left overrides), line and paragraph
+# separators, private and surrogate code points: a name a person could not tell apart.
+USERNAME_INVISIBLE = ("Cc", "Cf", "Zl", "Zp", "Co", "Cs")
 FOLDER_UNSAFE = re.compile(r'[<>:"|?*%]')  # refused by Windows; % because it escapes them
 # The server's own files beside the users' folders: a user of that name gets it escaped.
 DATA_FOLDER_FILES = ("auth.db", "auth.db-wal", "auth.db-shm", "auth.db-journal", "notice.txt")
@@ -1161,9 +1164,10 @@ def normalize_username(name):
     """
     name = unicodedata.normalize("NFC", (name or "").strip())
     if not 0 < len(name) <= USERNAME_MAX or USERNAME_FORBIDDEN.search(name) or \
-            name in (".", ".."):
+            name in (".", "..") or any(unicodedata.category(c) in USERNAME_INVISIBLE
+                                        for c in name):
         raise ValueError("bad user name %r: use 1 to %d characters, none of them a control "
-                         "character or / \\" % (name, USERNAME_MAX))
+                         "character, an invisible one or / \\" % (name, USERNAME_MAX))
     return name
 
 

@@ -1721,6 +1721,11 @@ def test_cli_manages_users(tmp_path):
     bad = cli(tmp_path, "adduser", "../evil", stdin="x\n")
     assert bad.returncode != 0 and "bad user name" in bad.stderr
     assert "Traceback" not in bad.stderr
+    # Names a person could not tell from another: zero-width, right-to-left override.
+    for hidden in ("al\u200bice", "\u202ealice", "ali\u2028ce"):
+        refused = cli(tmp_path, "adduser", hidden, stdin="x\n")
+        assert refused.returncode != 0 and "an invisible one" in refused.stderr, hidden
+    assert cli(tmp_path, "lsuser").stdout.split() == ["alice", "bob@example.com"]
     empty = cli(tmp_path, "adduser", "carol", stdin="\n")
     assert empty.returncode != 0 and "empty password" in empty.stderr
     missing = cli(tmp_path, "passwd", "nobody", stdin="x\n")
