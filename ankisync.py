@@ -7893,6 +7893,10 @@ def command_serve(config, args):
     if config.public_url:
         log.info("listening on %s port %d; clients use %s (public_url)", config.host,
                  config.port, config.public_address())
+    elif in_container() and (is_loopback(config.host) or config.host == "localhost"):
+        log.warning("listening on %s inside a container: nothing outside the container "
+                    "reaches it; set host = 0.0.0.0 (SYNC_HOST), as the image does",
+                    config.host)
     elif in_container():
         # The bridge address (10.88.0.2) is no phone's to reach: the host's is, which
         # the container cannot see.

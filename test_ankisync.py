@@ -8215,6 +8215,11 @@ def test_in_a_container_the_log_and_page_name_this_computers_address_and_docker_
         assert address not in page
     assert "docker exec -it &lt;container&gt; python ankisync.py adduser NAME" in page
     assert "this computer&#x27;s address" in page or "this computer's address" in page
+    # Bound to loopback inside a container, nothing outside reaches it: the log says so
+    # and gives no address to phones.
+    inside = start_server(env={"ANKISYNC_CONTAINER": "1", "SYNC_HOST": "127.0.0.1"})
+    assert "listening on 127.0.0.1 inside a container: nothing outside" in inside.log()
+    assert "phones and other computers use" not in inside.log()
     # The check itself: the runtimes' marker files, or ANKISYNC_CONTAINER.
     marker = tmp_path / ".dockerenv"
     monkeypatch.delenv("ANKISYNC_CONTAINER")
