@@ -1124,6 +1124,14 @@ def verify_password(password, phc):
     return hmac.compare_digest(digest, expected)
 
 
+def same_secret(shown, expected):
+    """A constant-time comparison of what a client sent with what it should have: as
+    bytes, since compare_digest refuses a str with a character past ASCII (a 500 for
+    one byte of a cookie), and a header's bytes arrive as latin-1."""
+    return hmac.compare_digest(shown.encode("utf-8", "surrogateescape"),
+                               expected.encode("utf-8", "surrogateescape"))
+
+
 def verify_ankisyncd_hash(password, phc):
     """ankisyncd's scheme: sha256 of name + password + salt, in hex (the name as it was
     stored there, kept in the string)."""
@@ -4466,22 +4474,30 @@ def export_package(folder, out_path, point_id=None):
         conn = connect_collection(snapshot)
         try:
             conf = json.loads(conn.execute("select conf from col").fetchone()[0])
+        except ValueError:
+            conf = {}               # Anki mends a config it cannot read; the package still goes
         finally:
             conn.close()
         # Anki 2.1 put a v2-scheduler collection under the name Anki 2.0 does not read.
-        entry = "collection.anki2" if conf.get("schedVer", 1) == 1 else "collection.anki21"
+        v1 = not isinstance(conf, dict) or conf.get("schedVer", 1) == 1
+        entry = "collection.anki2" if v1 else "collection.anki21"
         temp = out_path + ".partial"
         media = {}
-        with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-            archive.write(snapshot, entry)
-            for name, path in sorted(files.items()):
-                try:
-                    archive.write(path, str(len(media)), zipfile.ZIP_STORED)
-                except FileNotFoundError:       # deleted by a sync since the list was read
-                    continue
-                media[str(len(media))] = name
-            archive.writestr("media", json.dumps(media))
-        os.replace(temp, out_path)
+        try:
+            with zipfile.ZipFile(temp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+                archive.write(snapshot, entry)
+                for name, path in sorted(files.items()):
+                    try:
+                        archive.write(path, str(len(media)), zipfile.ZIP_STORED)
+                    except FileNotFoundError:   # deleted by a sync since the list was read
+                        continue
+                    media[str(len(media))] = name
+                archive.writestr("media", json.dumps(media))
+            os.replace(temp, out_path)
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
     finally:
         os.unlink(snapshot)
     return notes, cards, len(media)
@@ -5659,7 +5675,7 @@ class Pages:
             return None, None
         phc = self.phc_of(name)
         if phc is None or expires < time.time() or \
-                not hmac.compare_digest(value, self.session_value(name, phc, expires)) or \
+                not same_secret(value, self.session_value(name, phc, expires)) or \
                 self.users.page_session_ended(mac):
             return None, None
         return name, value
@@ -5697,8 +5713,8 @@ class Pages:
         if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             return "refused: this form was sent from another site"
         form_cookie = req.cookies.get(self.form_cookie_name, "")
-        if not form_cookie or not hmac.compare_digest(form.get("csrf", ""),
-                                                      self.csrf(form_cookie, session)):
+        if not form_cookie or not same_secret(form.get("csrf", ""),
+                                              self.csrf(form_cookie, session)):
             return "refused: the form's token is missing or stale: reload the page"
         return None
 
@@ -5748,7 +5764,7 @@ class Pages:
     def said_of(self, req, session):
         """(message, shown token) a done() left for this session, or ("", None)."""
         payload, _, mac = req.cookies.get(self.said_cookie, "").partition(".")
-        if not payload or not hmac.compare_digest(mac, self.said_mac(session, payload)):
+        if not payload or not same_secret(mac, self.said_mac(session, payload)):
             return "", None
         said, shown = json.loads(b64url_decode(payload))
         return said, shown
@@ -5844,10 +5860,10 @@ class Pages:
             return self.render(req, user, session, 400, no_point(point_id))
         try:
             point, before, media = folder.restore(point_id, seen=form.get("seen", ""))
-        except (FolderBusy, CollectionChanged) as e:
-            return self.render(req, user, session, 409, str(e))
         except NoRoomForPoint as e:
             return self.render(req, user, session, 507, str(e))
+        except ValueError as e:     # busy, changed, or the point pruned by a sync meanwhile
+            return self.render(req, user, session, 409, str(e))
         said = restored_text(folder, point, before, media, on_page=True)
         log.info("%s from %s: %s", self.page, req.address, said.replace("\n", "; "))
         return self.done(req, session, said)
@@ -5982,6 +5998,11 @@ Changes a device made and did not sync before are lost.</li></ul>
         if point_id is None and (not os.path.exists(folder.collection.path) or
                                  not os.path.getsize(folder.collection.path)):
             raise SyncError(404, "no collection yet: sync a device first")
+        if point_id is not None:
+            try:
+                folder.points.find(point_id)
+            except ValueError:
+                raise SyncError(404, no_point(point_id))
         fd, temp = tempfile.mkstemp(prefix=TEMP_SPOOL, suffix=".colpkg",
                                     dir=self.app.spool_folder)
         os.close(fd)
@@ -5991,9 +6012,6 @@ Changes a device made and did not sync before are lost.</li></ul>
         except FolderBusy as e:
             os.unlink(temp)
             raise SyncError(409, str(e))
-        except ValueError:              # no such restore point
-            os.unlink(temp)
-            raise SyncError(404, no_point(point_id))
         except BaseException:
             os.unlink(temp)
             raise
@@ -6488,25 +6506,28 @@ class Handler(BaseHTTPRequestHandler):
         answer = pages.answer(PageRequest(
             self.command, self.headers, app.client_address(self.headers, peer), secure, body,
             name, self.path.partition("?")[2]))
-        self.finish_body(body)
-        self.send_response(answer.status)
-        for header, value in answer.headers:
-            self.send_header(header, value)
-        self.send_header("Content-Type", answer.content_type)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        if answer.file is None:
-            self.send_header("Content-Length", str(len(answer.body)))
-            self.end_headers()
-            self.wfile.write(answer.body)
-            return answer.status, len(answer.body)
+        # A download's package is deleted whatever happens from here: a client gone
+        # while the rest of its body is read must not leave a copy of a collection.
         try:
+            self.finish_body(body)
+            self.send_response(answer.status)
+            for header, value in answer.headers:
+                self.send_header(header, value)
+            self.send_header("Content-Type", answer.content_type)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            if answer.file is None:
+                self.send_header("Content-Length", str(len(answer.body)))
+                self.end_headers()
+                self.wfile.write(answer.body)
+                return answer.status, len(answer.body)
             with open(answer.file, "rb") as f:
                 self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
                 self.end_headers()
                 return answer.status, copy_stream(f.read, self.wfile.write)
         finally:
-            os.unlink(answer.file)
+            if answer.file is not None:
+                os.unlink(answer.file)
 
     def send_ca(self, name):
         """The private CA's certificate, for devices to trust (appendix E): PEM for Anki
@@ -6537,7 +6558,7 @@ class Handler(BaseHTTPRequestHandler):
         token = app.config.metrics_token
         shown = self.headers.get("Authorization", "")
         address = app.client_address(self.headers, self.client_address[0])
-        allowed = (token and hmac.compare_digest(shown, "Bearer " + token)) or \
+        allowed = (token and same_secret(shown, "Bearer " + token)) or \
             is_loopback(address)
         if not allowed:
             return self.send_text(403, "metrics are for this machine, or with the token the "

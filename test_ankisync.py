@@ -9064,6 +9064,52 @@ def test_in_a_browser_the_admin_adds_a_user_who_syncs_resets_restores_and_delete
     page.close()
 
 
+def test_bytes_past_ascii_in_a_cookie_a_token_or_a_form_are_no_login_not_a_fault(
+        start_server, make_device):
+    """The fuzzer's finds: one byte past ASCII where a secret is compared (the form's
+    token, the session's or the message cookie's MAC, the metrics token) is a refusal
+    like any wrong secret, never a 500."""
+    srv = start_server(ini="metrics = on\nmetrics_token = m3trics\n")
+    cookies, _ = page_login(srv)
+    name = cookies["ankisync_session"].split(".")[0]
+    for sent in ({"Cookie": "ankisync_session=%s.9999999999.\xe9" % name},
+                 {"Cookie": "; ".join("%s=%s" % c for c in cookies.items())
+                  + "; ankisync_said=abc.\xe9"}):
+        answer = post(srv, "/account", method="GET", headers=sent)
+        assert answer.status == 200, answer
+    refused = form_post(srv, {"do": "login", "csrf": "\xe9"}, {"ankisync_form": "A" * 24})
+    assert refused.status == 403 and "refused" in refused.body.decode()
+    metrics = post(srv, "/metrics", method="GET", headers={"Authorization": "Bearer \xe9"})
+    assert metrics.status == 200            # this machine's, the token compared all the same
+    assert "Traceback" not in srv.log()
+
+
+def test_a_download_cut_off_while_its_body_is_read_leaves_no_package(start_server,
+                                                                     make_device):
+    """A logged-in browser that asks for the .colpkg with a body it never finishes:
+    the package made for it is deleted, not left in the spool to fill the disk."""
+    srv = start_server()
+    device = make_device("modern", "laptop", on=srv)
+    device.do("add_notes", deck="Default", prefix="n", count=3)
+    first_upload(device)
+    cookies, _ = page_login(srv)
+    spool = os.path.join(srv.base, ".tmp")
+    for _ in range(3):
+        conn = socket.create_connection(("127.0.0.1", srv.port))
+        conn.sendall(("GET /account/collection.colpkg HTTP/1.1\r\nHost: x\r\n"
+                      "Cookie: %s\r\nContent-Length: 200000\r\n\r\n"
+                      % "; ".join("%s=%s" % c for c in cookies.items())).encode())
+        conn.sendall(b"x" * 65536)
+        time.sleep(0.5)                 # the package is made while the rest is awaited
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()                    # a reset, not a goodbye
+    deadline = time.time() + 10
+    while time.time() < deadline and any(n.endswith(".colpkg") for n in os.listdir(spool)):
+        time.sleep(0.1)
+    assert not [n for n in os.listdir(spool) if n.endswith(".colpkg")]
+    assert page_get(srv, cookies).status == 200
+
+
 @pytest.fixture
 def logged_in_pages(start_server, admin_hash):
     """A server with an admin page, and a browser logged in to both pages: (server,
@@ -9091,9 +9137,10 @@ page_values = st.text(max_size=30)
                               | st.text(max_size=6), page_values, max_size=5),
        action=st.sampled_from(PAGE_ACTIONS) | page_values,
        raw=st.none() | st.binary(max_size=120), with_token=st.booleans(),
-       cookie=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=126),
-                                  max_size=120),
-       authorization=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=126),
+       cookie=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=255,
+                                                blacklist_characters="\x7f"), max_size=120),
+       authorization=st.none() | st.text(st.characters(min_codepoint=32, max_codepoint=255,
+                                                       blacklist_characters="\x7f"),
                                          max_size=60))
 def test_pages_answer_any_form_cookie_query_or_token_with_a_page_or_a_4xx(
         logged_in_pages, path, query, method, fields, action, raw, with_token, cookie,
