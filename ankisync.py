@@ -5505,10 +5505,12 @@ class PageRequest:
     """What Pages needs of a request: its verb, headers, client address, whether it came
     over TLS (directly, or to a trusted proxy that says so), and its body."""
 
-    def __init__(self, verb, headers, address, secure, body, page, query=""):
+    def __init__(self, verb, headers, address, secure, body, page, query="", host=None):
         self.verb, self.headers, self.address = verb, headers, address
         self.secure, self.body, self.page = secure, body, page
         self.query = query_fields(query)
+        # The host the browser asked for: its Host, or what a trusted proxy forwards.
+        self.host = headers.get("Host", "") if host is None else host
         self.cookies = {}
         for part in headers.get("Cookie", "").split(";"):
             name, sep, value = part.strip().partition("=")
@@ -5707,8 +5709,7 @@ class Pages:
         """Why a posted form is refused, or None: it comes from another site (Origin,
         Sec-Fetch-Site), or without the token the page gave this browser."""
         origin = req.headers.get("Origin")
-        host = req.headers.get("Host", "")
-        if origin is not None and urllib.parse.urlsplit(origin).netloc != host:
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != req.host:
             return "refused: this form was sent from another site"
         if req.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
             return "refused: this form was sent from another site"
@@ -6503,9 +6504,13 @@ class Handler(BaseHTTPRequestHandler):
         secure = isinstance(self.connection, ssl.SSLSocket) or (
             app.is_proxy(peer) and self.headers.get("X-Forwarded-Proto", "").lower() == "https")
         pages = app.admin if name == "admin" else app.pages
+        # The host the browser asked for, which its Origin names: behind a proxy that
+        # keeps its own Host (Apache), the one it forwards.
+        reached, _ = app.page_address(self.headers, peer, "https" if secure else "http")
         answer = pages.answer(PageRequest(
             self.command, self.headers, app.client_address(self.headers, peer), secure, body,
-            name, self.path.partition("?")[2]))
+            name, self.path.partition("?")[2], urllib.parse.urlsplit(reached).netloc
+            if reached else ""))
         # A download's package is deleted whatever happens from here: a client gone
         # while the rest of its body is read must not leave a copy of a collection.
         try:

@@ -8152,6 +8152,14 @@ def test_devices_sync_through_the_readmes_proxy_block_and_its_page_shows_the_pro
     answer = post(proxy, "/anki/sync/hostKey", ZSTD.compress(json.dumps(
         {"u": "ana", "p": "pw2"}).encode()), anki_sync_header(""))
     assert answer.status == 200, answer
+    # A browser logs in to the account page through it: its Origin is the proxy's, which
+    # the proxy tells in Host or X-Forwarded-Host (Apache keeps its own Host).
+    origin = {"Origin": proxy.url.rstrip("/").rsplit("/", 1)[0]}
+    first = page_get(proxy, {}, path="/anki/account")
+    cookies = {name: value for name, (value, _) in cookies_set(first).items()}
+    login = form_post(proxy, {"do": "login", "csrf": page_form(first), "name": "ana",
+                              "password": "pw2"}, cookies, origin, path="/anki/account")
+    assert login.status == 303, (login.status, login.body[:300])
 
 
 def test_a_trusted_proxys_forwarded_scheme_and_host_make_the_page_address(start_server):
