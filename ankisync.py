@@ -316,6 +316,8 @@ SERVER_CERT_DAYS = 397              # Apple's limit: 398 days for public CAs (82
                                     # ones), and Chrome's; 397 stays under both with a day spare
 CERT_RENEW_DAYS = 30                # a start this close to the end makes a new server certificate
 CERT_BACKDATE = datetime.timedelta(hours=1)    # a device whose clock is slow trusts it at once
+CERT_NAME_MAX = 64                  # characters of a common name (RFC 5280's ub-common-name):
+                                    # stricter clients refuse a longer one
 CERT_SERIAL_BITS = 64               # random serials: CA/Browser Forum asks 64 bits, RFC 5280 < 160
 PRIVATE_CA_CHECK = 86400            # seconds between a running server's checks that its private
                                     # certificate still serves: a year's, renewed 30 days early
@@ -11250,7 +11252,8 @@ def make_ca(hostname, now):
     device that trusted an earlier one tells the two apart."""
     key = new_private_key()
     point = public_point(key)
-    name = der_name("ankisync CA on %s, %s" % (hostname, now.strftime("%Y-%m-%d %H:%M")))
+    made = ", " + now.strftime("%Y-%m-%d %H:%M")      # kept whole: it tells CAs apart
+    name = der_name(("ankisync CA on " + hostname)[:CERT_NAME_MAX - len(made)] + made)
     extensions = [der_extension(OID_BASIC_CONSTRAINTS, der_seq(DER_TRUE, der_int(0)), True),
                   der_extension(OID_KEY_USAGE, KEY_USAGE_CERT_SIGN, True)]
     cert = certificate_der(name, name, point, point, key, now - CERT_BACKDATE,

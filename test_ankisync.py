@@ -4434,6 +4434,20 @@ def test_devices_that_trust_the_downloaded_ca_sync_over_https(start_server, make
     phone_keeps_syncing(laptop, "legacy", within=60)
 
 
+def test_a_private_ca_on_a_long_host_name_keeps_its_name_within_64_characters(tmp_path):
+    """RFC 5280 allows a common name 64 characters: a NAS's long host name is cut, the
+    date that tells one CA from the next is kept."""
+    now = datetime.datetime(2026, 12, 6, 2, 47, tzinfo=datetime.timezone.utc)
+    cert, _ = ankisync.make_ca("a-very-long-hostname-of-a-nas.in.a.home.network.example", now)
+    path = tmp_path / "ca.pem"
+    path.write_text(cert)
+    subject = dict(pair for rdn in ssl._ssl._test_decode_cert(str(path))["subject"]
+                   for pair in rdn)
+    assert len(subject["commonName"]) == 64
+    assert subject["commonName"].startswith("ankisync CA on a-very-long-hostname")
+    assert subject["commonName"].endswith(", 2026-12-06 02:47")
+
+
 def test_a_certificate_of_ones_own_wins_over_the_private_ca(start_server, tmp_path):
     srv = start_server(certificate=make_certificate(str(tmp_path / "own")),
                        ini="tls = self-signed\n")       # the make_certificate CA verifies
