@@ -3914,6 +3914,10 @@ def check_media_name(name):
 #   or an import each device is told to choose Download, until it has.
 # ---------------------------------------------------------------------------
 
+class NoSuchPoint(ValueError):
+    """A restore point asked for by an id that is not (or no longer) there."""
+
+
 class RestorePoints:
     """One user's restore points: `<id>.anki2.gz`, a consistent SQLite snapshot, and
     `<id>.json` (when, why, notes, cards, size), written last, so a point exists only
@@ -3951,7 +3955,7 @@ class RestorePoints:
         for point in self.list():
             if point["id"] == point_id:
                 return point
-        raise ValueError("%s has no restore point %r: `backups NAME` lists them"
+        raise NoSuchPoint("%s has no restore point %r: `backups NAME` lists them"
                          % (os.path.basename(self.user_folder), point_id))
 
     def daily_due(self):
@@ -5772,22 +5776,21 @@ class Pages:
         said, shown = json.loads(b64url_decode(payload))
         return said, shown
 
-    def ask_form(self, ask, inner, button, name=None):
-        """A button that opens a page saying what a change would do: a GET, no token."""
-        named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
-            if name is not None else ""
-        return ('<form method="get" action="%s"><input type="hidden" name="ask" value="%s">'
-                '%s%s <button>%s</button></form>' % (html.escape(self.path), ask, named, inner,
-                                                     button))
-
     def form(self, csrf, do, inner, button, name=None):
         """One of the page's forms: its action, this browser's token, and (on the admin
         page) the user it acts on."""
-        named = '<input type="hidden" name="name" value="%s">' % html.escape(name) \
-            if name is not None else ""
-        return ('<form method="post" action="%s"><input type="hidden" name="do" value="%s">'
-                '<input type="hidden" name="csrf" value="%s">%s%s <button>%s</button></form>'
-                % (html.escape(self.path), do, csrf, named, inner, button))
+        return self.form_html("post", (("do", do), ("csrf", csrf), ("name", name)), inner,
+                              button)
+
+    def ask_form(self, ask, inner, button, name=None):
+        """A button that opens a page saying what a change would do: a GET, no token."""
+        return self.form_html("get", (("ask", ask), ("name", name)), inner, button)
+
+    def form_html(self, method, hidden, inner, button):
+        fields = "".join('<input type="hidden" name="%s" value="%s">' % (key, html.escape(value))
+                         for key, value in hidden if value is not None)
+        return '<form method="%s" action="%s">%s%s <button>%s</button></form>' % (
+            method, html.escape(self.path), fields, inner, button)
 
     def page_token(self, req, session, headers):
         if session is None:
@@ -5858,14 +5861,12 @@ class Pages:
         folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
         point_id = form.get("id", "")
         try:
-            folder.points.find(point_id)
-        except ValueError:
-            return self.render(req, user, session, 400, no_point(point_id))
-        try:
             point, before, media = folder.restore(point_id, seen=form.get("seen", ""))
+        except NoSuchPoint:
+            return self.render(req, user, session, 400, no_point(point_id))
         except NoRoomForPoint as e:
             return self.render(req, user, session, 507, str(e))
-        except ValueError as e:     # busy, changed, or the point pruned by a sync meanwhile
+        except ValueError as e:     # busy, or the collection changed since the page asked
             return self.render(req, user, session, 409, str(e))
         said = restored_text(folder, point, before, media, on_page=True)
         log.info("%s from %s: %s", self.page, req.address, said.replace("\n", "; "))
@@ -5878,7 +5879,7 @@ class Pages:
         folder = UserFolder(self.app.config, name, wait=LOCK_WAIT)
         try:
             point = folder.points.find(point_id)
-        except ValueError:
+        except NoSuchPoint:
             return self.render(req, user, session, 404, no_point(point_id))
         headers = list(PAGE_HEADERS)
         csrf = self.page_token(req, session, headers)
@@ -6001,11 +6002,6 @@ Changes a device made and did not sync before are lost.</li></ul>
         if point_id is None and (not os.path.exists(folder.collection.path) or
                                  not os.path.getsize(folder.collection.path)):
             raise SyncError(404, "no collection yet: sync a device first")
-        if point_id is not None:
-            try:
-                folder.points.find(point_id)
-            except ValueError:
-                raise SyncError(404, no_point(point_id))
         fd, temp = tempfile.mkstemp(prefix=TEMP_SPOOL, suffix=".colpkg",
                                     dir=self.app.spool_folder)
         os.close(fd)
@@ -6015,6 +6011,9 @@ Changes a device made and did not sync before are lost.</li></ul>
         except FolderBusy as e:
             os.unlink(temp)
             raise SyncError(409, str(e))
+        except NoSuchPoint:
+            os.unlink(temp)
+            raise SyncError(404, no_point(point_id))
         except BaseException:
             os.unlink(temp)
             raise
@@ -6026,13 +6025,12 @@ Changes a device made and did not sync before are lost.</li></ul>
 
     def stats(self, req):
         """GET /api/stats with an API token: the user's counts as JSON, for dashboards."""
-        shown = req.headers.get("Authorization", "")
-        scheme, _, token = shown.partition(" ")
-        user = self.users.user_for_token(token.strip()) \
-            if scheme.lower() == "bearer" and token.strip() else None
+        scheme, _, token = req.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        user = self.users.user_for_token(token) if token else None
         if user is None:
             said = ("this API token is unknown or revoked: make one on the account page"
-                    if token.strip() and scheme.lower() == "bearer" else
+                    if token else
                     "an API token is needed: Authorization: Bearer TOKEN, made on the "
                     "account page")
             return PageAnswer(401, (json.dumps({"error": said}) + "\n").encode(),
